@@ -1,0 +1,521 @@
+"""Knowledge distillation: stage 3 of the SimCLR v2 recipe and the seed paper's Study 2.
+
+A fine-tuned teacher (any classifier checkpoint of this project) imputes soft labels on the
+distillation images -- the labeled task's training images with their labels hidden, optionally plus
+an unlabeled pool -- and a student minimises SimCLR v2's distillation loss (section 2.3, eq. 2):
+
+    L_distill = - sum_x sum_y P_T(y | x; tau) log P_S(y | x; tau),   P(y | x; tau) = softmax(logits / tau)
+
+optionally mixed with the label loss on the labeled images (eq. 3, weight 1 - alpha).
+
+Three students, one argument apart (`mode`; the architecture is `student`, e.g. resnet18 or vgg16):
+    scratch   encoder + linear classifier from random initialisation (v2 self-/big-to-small distillation)
+    finetune  encoder initialised from a SimCLR pretraining checkpoint of the student architecture,
+              then every weight trained
+    frozen    the seed paper's setting (their Figure 5, Table 2): a SimCLR-pretrained base of the
+              student architecture stays frozen (weights and batch-norm statistics) and only dense
+              layers on top learn. The base must not be the teacher's own pretrained encoder, or a
+              same-architecture student starts from the teacher's representation and the architecture
+              comparison is decided in advance: that is refused when it can be detected (same file as
+              the teacher's pretraining checkpoint, or the same weights as it or as the teacher's encoder).
+
+Soft labels: "online" runs the teacher on the very augmented view the student sees (as SimCLR v2);
+"precomputed" runs it once on the un-augmented images (fast; the student still sees augmented views).
+Without augmentation both are the same and the teacher runs once; in frozen mode without
+augmentation the base features are also computed once, so each step costs only the dense layers.
+
+Model selection: best student top-1 on the validation split (the seed paper's "stop at the best
+accuracy", Cho & Hariharan 2019); the test split is only reported.
+
+Command line:  python distill.py --teacher runs/finetune/best.pt --data shapes5 --out runs/distill
+               python distill.py --teacher T.pt --data shapes5 --mode frozen --student vgg16 \
+                   --student-checkpoint runs/pretrain_vgg16/checkpoint.pt --preset paper --out runs/kd_vgg
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import augment
+import data
+import losses
+import models
+import simclr
+from data import UserError
+
+MODES = ("scratch", "finetune", "frozen")
+SOFT_LABELS = ("online", "precomputed")
+
+# Every setting a preset fixes; arguments left as None take the preset's value.
+PRESETS: dict[str, dict] = {
+    # Short runs (tens of epochs, a laptop or one GPU): momentum SGD at lr 0.1 with simclr.fit's
+    # per-step cosine decay, the usual setting for training a ResNet from scratch at batch 128; the
+    # paper's 0.01 suits its 100 epochs of dense layers only. Online soft labels on crop + flip
+    # views, as SimCLR v2 distils.
+    "default": dict(epochs=30, batch_size=128, lr=0.1, momentum=0.9, weight_decay=1e-4, optimizer="sgd",
+                    temperature=1.0, crop=True, flip=True, color=False),
+    # The seed paper's Table 3: SGD, lr 0.01, momentum 0.9, weight decay 1e-4, temperature 1.0,
+    # 100 epochs, best epoch kept. The paper states no batch size and no augmentation for
+    # distillation: batch 64 (their Study 3 batch) and no augmentation, which in frozen mode means
+    # cached base features.
+    "paper": dict(epochs=100, batch_size=64, lr=0.01, momentum=0.9, weight_decay=1e-4, optimizer="sgd",
+                  temperature=1.0, crop=False, flip=False, color=False),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The student network: simclr.Classifier plus optional dense layers and a frozen base
+#
+# Interim: this is the generalisation of simclr.Classifier proposed to the lead (dense layers
+# between the features and fc, and freeze_base). Its checkpoints use the same dict format as
+# simclr.finetune's ('arch' gains 'dense_layers'); once simclr.Classifier has it, `DenseClassifier`
+# is simclr.Classifier and `load_classifier` is simclr.load_classifier.
+
+
+class DenseClassifier(simclr.Classifier):
+    """Base (encoder + the first `head_layer` projection-head layers) -> dense layers -> fc.
+
+    dense_layers: widths of Linear + ReLU layers between the base and the final Linear (the
+    seed paper's Figure 5: trainable dense layers on a frozen base); () is simclr.Classifier.
+    Shapes: x (B, 3, H, W) float in [0, 1] -> base (B, D) -> features (B, dense_layers[-1] or D)
+    -> logits (B, num_classes)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module | None, head_layer: int, num_classes: int,
+                 mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
+                 dense_layers: Sequence[int] = ()):
+        super().__init__(encoder, head, head_layer, num_classes, mean, std)
+        in_dim = self.fc.in_features
+        layers: list[nn.Module] = []
+        for width in dense_layers:
+            layers += [nn.Linear(in_dim, width), nn.ReLU(inplace=True)]
+            in_dim = width
+        # An empty Sequential is the identity and has no state, so plain classifiers keep their keys.
+        self.dense = nn.Sequential(*layers)
+        self.fc = nn.Linear(in_dim, num_classes)
+        self.dense_layers = [int(w) for w in dense_layers]
+        self.frozen_base = False
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, D): what a frozen base computes (cacheable)."""
+        return super().features(x)
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """Base features (B, D) -> logits (B, num_classes): the trainable part in frozen mode."""
+        return self.fc(self.dense(h))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.base(x))
+
+    def freeze_base(self) -> DenseClassifier:
+        """No gradients for the base, and its batch norm keeps its statistics even under .train():
+        simclr.fit calls model.train() every epoch, and a BN layer in training mode would update
+        running means although no weight has a gradient."""
+        self.frozen_base = True
+        for part in (self.encoder, self.head):
+            if part is not None:
+                part.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> DenseClassifier:
+        super().train(mode)
+        if getattr(self, "frozen_base", False):
+            for part in (self.encoder, self.head):
+                if part is not None:
+                    part.eval()
+        return self
+
+
+def load_classifier(path: str | os.PathLike, num_classes: int | None = None) -> tuple[simclr.Classifier, dict]:
+    """(classifier, checkpoint) from any classifier checkpoint of the project, dense layers included."""
+    ckpt = simclr.load_checkpoint(path)
+    dense = (ckpt.get("arch") or {}).get("dense_layers") or ()
+    if not dense:
+        return simclr.load_classifier(path, num_classes)
+    arch = ckpt["arch"]
+    if num_classes is not None and arch["num_classes"] != num_classes:
+        raise UserError(f"The classifier in '{path}' predicts {arch['num_classes']} classes but the "
+                        f"dataset has {num_classes}. Use a checkpoint trained on this dataset.")
+    parts = simclr.build_simclr_model(arch)
+    model = DenseClassifier(parts.encoder, parts.head, arch["head_layer"], arch["num_classes"], arch["mean"], arch["std"],
+                    dense)
+    simclr._load_state(model, ckpt["model"], "The classifier", path)
+    return model, ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher and student construction
+
+
+def load_teacher(path: str | os.PathLike, task: data.TaskData, device: torch.device) -> tuple[nn.Module, dict]:
+    """The teacher in eval mode without gradients, checked against the task's classes."""
+    teacher, ckpt = load_classifier(path, task.num_classes)
+    names = ckpt.get("classes")
+    if names is not None and list(names) != list(task.classes):
+        raise UserError(f"The teacher '{path}' was trained on classes {list(names)[:8]} but '{task.name}' has "
+                        f"{list(task.classes)[:8]} (same count, different names or order). Use a teacher "
+                        "fine-tuned on this dataset.")
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval(), ckpt
+
+
+def pretrained_encoder(path: str | os.PathLike, name: str, width: float, cifar_stem: bool) -> tuple[nn.Module, dict]:
+    """The encoder of a SimCLR pretraining checkpoint, built as the chosen student architecture, so
+    a checkpoint of another architecture is reported key by key and shape by shape."""
+    ckpt = simclr.load_checkpoint(path)
+    if ckpt["kind"] != "pretrain":
+        raise UserError(f"--student-checkpoint '{path}' is a '{ckpt['kind']}' checkpoint; a SimCLR pretraining "
+                        f"checkpoint of the student architecture is needed (python simclr.py pretrain --model {name}).")
+    encoder = models.create_model(name, num_classes=0, width=width, cifar_stem=cifar_stem)
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    try:
+        simclr._load_state(encoder, state, "The pretrained encoder", path)
+    except UserError as e:
+        a = ckpt["arch"]
+        raise UserError(f"{e} It was pretrained as {a['encoder']} width {a['width']} cifar_stem {a['cifar_stem']}; "
+                        f"this run asked for --student {name} --width {width} --cifar-stem {cifar_stem}.") from None
+    return encoder, ckpt
+
+
+def check_input_size(name: str, image_size: int) -> None:
+    """VGG halves the resolution five times without padding the last stage: it needs 32 px or more."""
+    if name.startswith("vgg") and image_size < 32:
+        raise UserError(f"{name} needs images of at least 32 px (five 2x2 max-pools); this run uses {image_size} px. "
+                        "Use a ResNet, or a teacher / --image-size of 32 px or more.")
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+def check_independent_base(student_checkpoint: str | os.PathLike, base: nn.Module, teacher: simclr.Classifier,
+                           teacher_ckpt: dict, teacher_path: str | os.PathLike) -> None:
+    """Refuse a frozen base that is the teacher's own pretrained encoder (issue 5): same file as the
+    teacher's pretraining checkpoint (recorded in the teacher's config), or the same weights as that
+    checkpoint's encoder or as the teacher's encoder (a teacher trained with a frozen encoder).
+    Undetectable when the teacher's config names no checkpoint that still exists and its encoder was
+    fine-tuned; then it is the user's responsibility (the comparison is stated in the docs)."""
+    config = json.loads(teacher_ckpt.get("config") or "{}")
+    origin = config.get("checkpoint")
+    origin = Path(origin) if origin and Path(origin).is_file() else None
+    refuse = (f"--student-checkpoint '{student_checkpoint}' is the teacher's own pretrained encoder ({{}}). In "
+              "frozen mode the student's base must be pretrained separately for the student architecture "
+              "(same data and budget), or a same-architecture student inherits the teacher's representation. "
+              "Pretrain one with python simclr.py pretrain --model <student> and pass that checkpoint.")
+    if origin is not None and origin.resolve() == Path(student_checkpoint).resolve():
+        raise UserError(refuse.format(f"the checkpoint the teacher '{teacher_path}' was fine-tuned from"))
+    state = base.state_dict()
+    if _same_weights(state, teacher.encoder.state_dict()):
+        raise UserError(refuse.format(f"identical weights to the encoder of '{teacher_path}'"))
+    if origin is not None:
+        origin_ckpt = simclr.load_checkpoint(origin)
+        origin_state = {k[len("encoder."):]: v for k, v in origin_ckpt.get("model", {}).items()
+                        if k.startswith("encoder.")}
+        if _same_weights(state, origin_state):
+            raise UserError(refuse.format(f"identical weights to '{origin}', the teacher's pretraining checkpoint"))
+
+
+def build_student(mode: str, name: str, width: float, cifar_stem: bool, num_classes: int,
+                  dense_layers: Sequence[int], student_checkpoint: str | os.PathLike | None) -> tuple[DenseClassifier, dict]:
+    """(student, its 'arch' description for the checkpoint). mean/std come from the pretraining
+    checkpoint (SimCLR models see raw [0, 1] inputs: 0 / 1); a scratch student uses 0 / 1 too."""
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if mode == "scratch":
+        if student_checkpoint is not None:
+            raise UserError("--student-checkpoint is only used by --mode finetune or frozen; scratch trains from "
+                            "random initialisation. Drop it or choose another mode.")
+        encoder = models.create_model(name, num_classes=0, width=width, cifar_stem=cifar_stem)
+    else:
+        if student_checkpoint is None:
+            raise UserError(f"--mode {mode} needs --student-checkpoint: a SimCLR pretraining checkpoint of the student "
+                            f"architecture (python simclr.py pretrain --model {name} --width {width} ..., on the "
+                            "teacher's unlabeled data with the same budget).")
+        encoder, ckpt = pretrained_encoder(student_checkpoint, name, width, cifar_stem)
+        mean, std = ckpt.get("mean", mean), ckpt.get("std", std)
+    # No projection head is used (features = encoder output); build_classifier still builds one
+    # from the description and drops it, so describe the smallest possible head.
+    arch = dict(encoder=name, width=width, cifar_stem=cifar_stem, head_layers=1, head_hidden=None, out_dim=1)
+    arch = simclr.classifier_arch(arch, 0, num_classes, mean, std)
+    arch["dense_layers"] = list(dense_layers)
+    student = DenseClassifier(encoder, None, 0, num_classes, mean, std, dense_layers)
+    if mode == "frozen":
+        student.freeze_base()
+    return student, arch
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation data and loss
+
+
+def distillation_set(task: data.TaskData, labeled: float, seed: int, extra: data.ImageSet | None
+                     ) -> tuple[data.ImageSet, np.ndarray]:
+    """(images to distil on, known labels): the task's train images (plus `extra`) whose `labels`
+    field holds each image's own index, so a batch tells which soft labels / cached features /
+    known labels belong to it; known labels are -1 where hidden. With `labeled` > 0 a class-balanced
+    fraction of the train labels stays known (used only when alpha < 1)."""
+    known = np.full(len(task.train), -1, dtype=np.int64)
+    if labeled > 0:
+        index = labeled_indices(task.train, labeled, seed)
+        known[index] = np.asarray(task.train.labels)[index]
+    images = task.train.images
+    if extra is not None:
+        images = np.concatenate([np.asarray(images), np.asarray(extra.images)])
+        known = np.concatenate([known, np.full(len(extra), -1, dtype=np.int64)])
+    return data.ImageSet(images, np.arange(len(images), dtype=np.int64), list(task.classes)), known
+
+
+def labeled_indices(split: data.ImageSet, fraction: float, seed: int) -> np.ndarray:
+    """Indices of data.labeled_fraction's class-balanced subset (the same images fine-tuning used)."""
+    picked = {}
+
+    class Recording(data.ImageSet):
+        def subset(self, index):
+            picked["index"] = np.asarray(index, dtype=np.int64)
+            return super().subset(index)
+    # data.labeled_fraction returns images, not indices; record the indices it picks, so distillation
+    # knows exactly the labels fine-tuning used (proposed to data.py: a labeled_indices function).
+    data.labeled_fraction(Recording(split.images, split.labels, split.classes), fraction, seed)
+    if "index" not in picked:
+        raise RuntimeError("data.labeled_fraction no longer selects through ImageSet.subset; update labeled_indices")
+    return picked["index"]
+
+
+def distillation_loss_fn(student: DenseClassifier, teacher: nn.Module, view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+                         temperature: float, alpha: float, known: torch.Tensor | None,
+                         soft_labels: torch.Tensor | None = None, base_features: torch.Tensor | None = None):
+    """The step's loss for simclr.fit: loss_fn(x uint8 (B,3,H,W), index (B,), generator) -> scalar.
+
+    alpha * L_distill (losses.distillation_loss, v2 eq. 2) + (1 - alpha) * cross-entropy on the
+    batch's images with known labels (v2 eq. 3); the label term is averaged over the known rows
+    only, and is 0 for a batch without any (no host sync to find out).
+    soft_labels (N, C): precomputed teacher logits; otherwise the teacher runs on the same view.
+    base_features (N, D): cached frozen-base features; then x is not used at all."""
+    def loss_fn(x: torch.Tensor, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        v = None if base_features is not None and soft_labels is not None else view(x, generator)
+        if soft_labels is not None:
+            teacher_logits = soft_labels[index]
+        else:
+            with torch.inference_mode():
+                teacher_logits = teacher(v)
+            # Inference tensors may not be saved for backward; a clone outside the mode is a normal one.
+            teacher_logits = teacher_logits.clone()
+        student_logits = (student.classify(base_features[index]) if base_features is not None else student(v)).float()
+        loss = losses.distillation_loss(student_logits, teacher_logits.float(), temperature)
+        if known is None or alpha == 1.0:
+            return loss
+        y = known[index]
+        mask = (y >= 0).float()
+        ce = F.cross_entropy(student_logits, y.clamp(min=0), reduction="none")
+        return alpha * loss + (1.0 - alpha) * (ce * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss_fn
+
+
+def agreement(a: list[int], b: list[int]) -> float:
+    """Fraction of images on which two classifiers predict the same class."""
+    return float(np.mean(np.asarray(a) == np.asarray(b))) if len(a) else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation
+
+
+def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, *, student: str = "resnet18",
+            width: float = 1.0, cifar_stem: bool | None = None, mode: str = "scratch",
+            student_checkpoint: str | os.PathLike | None = None, dense_layers: Sequence[int] | None = None,
+            temperature: float | None = None, alpha: float = 1.0, labeled_fraction: float = 0.0,
+            soft_labels: str = "online", crop: bool | None = None, flip: bool | None = None,
+            color: bool | None = None, extra_unlabeled: str | None = None, extra_n: int | None = None,
+            epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
+            momentum: float | None = None, weight_decay: float | None = None, optimizer: str | None = None,
+            preset: str = "default", seed: int = 0, device: str = "auto", root: str | None = None,
+            cache_dir: str | None = None, resume: bool = False, overwrite: bool = False, log_every: int = 20,
+            task: data.TaskData | None = None) -> dict:
+    """Distil `teacher` (a classifier checkpoint) into a `student` on `task_name`'s training images
+    with labels hidden (SimCLR v2 section 2.3; seed paper Study 2). Settings left as None come from
+    PRESETS[preset]; dense_layers None means (256,) in frozen mode and none otherwise.
+
+    Returns dict(student={val, test reports vs ground truth}, teacher={val, test}, agreement={val, test},
+    best=<best.pt path>, ...); best.pt is the student with the best val top-1 (never the test split),
+    loadable by load_classifier here (and by simclr.load_classifier once it knows dense layers)."""
+    if preset not in PRESETS:
+        raise UserError(f"Unknown --preset '{preset}'. Use one of: {', '.join(PRESETS)}.")
+    given = dict(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                 optimizer=optimizer, temperature=temperature, crop=crop, flip=flip, color=color)
+    s = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
+    if mode not in MODES:
+        raise UserError(f"Unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
+    if soft_labels not in SOFT_LABELS:
+        raise UserError(f"Unknown --soft-labels '{soft_labels}'. Use online or precomputed.")
+    if student not in models.MODEL_NAMES:
+        raise UserError(f"Unknown --student '{student}'. Use one of: {', '.join(models.MODEL_NAMES)}.")
+    simclr.check_positive(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], temperature=s["temperature"],
+                          width=width, extra_n=extra_n)
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1] (1: soft labels only); got {alpha}.")
+    if not 0.0 <= labeled_fraction <= 1.0:
+        raise UserError(f"--labeled-fraction must be in [0, 1]; got {labeled_fraction}.")
+    if alpha < 1.0 and labeled_fraction == 0.0:
+        raise UserError(f"--alpha {alpha} mixes in a label loss (weight {1 - alpha:g}) but --labeled-fraction is 0, "
+                        "so no label is known. Pass --labeled-fraction > 0 or --alpha 1.")
+    dense_layers = tuple(dense_layers) if dense_layers is not None else ((256,) if mode == "frozen" else ())
+    if any(int(w) != w or w < 1 for w in dense_layers):
+        raise UserError(f"--dense-layers must be positive integers; got {list(dense_layers)}.")
+
+    dev = simclr.select_device(device)
+    simclr.seed_everything(seed)
+    teacher_ckpt_meta = simclr.load_checkpoint(teacher)
+    image_size = int(teacher_ckpt_meta.get("image_size") or 32)
+    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir)
+    teacher_model, teacher_ckpt = load_teacher(teacher, task, dev)
+    extra = (data.load_unlabeled(extra_unlabeled, image_size=image_size, n=extra_n, root=root, seed=seed,
+                                 cache_dir=cache_dir) if extra_unlabeled else None)
+    if extra is not None and extra.image_size != task.train.image_size:
+        raise UserError(f"--extra-unlabeled '{extra_unlabeled}' gives {extra.image_size}px images but the task's are "
+                        f"{task.train.image_size}px; use sources of one resolution.")
+    images, known = distillation_set(task, labeled_fraction if alpha < 1.0 else 0.0, seed, extra)
+    if s["batch_size"] > len(images):
+        raise UserError(f"--batch-size {s['batch_size']} is larger than the {len(images)} distillation images "
+                        f"('{task.name}' train{' + ' + extra_unlabeled if extra else ''}). Use at most {len(images)}.")
+    cifar_stem = image_size <= 64 if cifar_stem is None else cifar_stem
+    check_input_size(student, image_size)
+    model, arch = build_student(mode, student, width, cifar_stem, task.num_classes, dense_layers, student_checkpoint)
+    if mode == "frozen":
+        check_independent_base(student_checkpoint, model.encoder, teacher_model, teacher_ckpt, teacher)
+    model = model.to(dev)
+    run = simclr.RunFolder(out, resume=resume, overwrite=overwrite)
+
+    augmentation = (augment.SimCLRAugment(image_size, crop=s["crop"], flip=s["flip"], color=s["color"], blur=False,
+                                          strength=0.5) if s["crop"] or s["flip"] or s["color"] else None)
+    view = ((lambda x, g: augmentation(x, g)) if augmentation is not None
+            else (lambda x, g: simclr.to_float(x, image_size)))
+    # Without augmentation the teacher would see the same un-augmented image every epoch: run it once.
+    effective_soft = "precomputed" if augmentation is None else soft_labels
+    cached = mode == "frozen" and augmentation is None
+    config = dict(stage="distill", teacher=str(teacher), task=task.name, mode=mode, student=student, width=width,
+                  cifar_stem=cifar_stem, student_checkpoint=str(student_checkpoint) if student_checkpoint else None,
+                  dense_layers=list(dense_layers), alpha=alpha, labeled_fraction=labeled_fraction,
+                  soft_labels=soft_labels, soft_labels_effective=effective_soft, cached_base_features=cached,
+                  augmentation=augmentation.describe() if augmentation else "none", extra_unlabeled=extra_unlabeled,
+                  distillation_images=len(images), known_labels=int((known >= 0).sum()), preset=preset, **s,
+                  seed=seed, device=str(dev), image_size=image_size)
+    if not run.resuming:
+        run.write_config(config)
+    print(f"distill: teacher {teacher} -> {student} (width {width}, {mode}) on {len(images)} images of {task.name}, "
+          f"T {s['temperature']}, alpha {alpha}, soft labels {effective_soft}, augment {config['augmentation']}, "
+          f"{s['optimizer']} lr {s['lr']} wd {s['weight_decay']}, {s['epochs']} epochs x batch {s['batch_size']}, "
+          f"device {dev}", file=sys.stderr)
+
+    table = None
+    if effective_soft == "precomputed":
+        with torch.inference_mode():
+            table = simclr.extract_features(teacher_model, images, dev, size=image_size, desc="teacher soft labels")
+        table = table.clone()  # a normal tensor, usable in autograd-recorded code
+    frozen_state = ({k: v.clone() for k, v in model.encoder.state_dict().items()} if mode == "frozen" else None)
+    base_features = val_features = None
+    if cached:
+        model.eval()
+        base_features = simclr.extract_features(model.base, images, dev, size=image_size, desc="base features")
+        val_features = simclr.extract_features(model.base, task.val, dev, size=image_size)
+    known_t = torch.as_tensor(known, device=dev) if alpha < 1.0 else None
+    loss_fn = distillation_loss_fn(model, teacher_model, view, s["temperature"], alpha, known_t, table, base_features)
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        if val_features is not None:
+            model.eval()
+            return dict(val_top1=simclr.accuracy_report(model.classify(val_features), task.val.labels,
+                                                        task.classes)["top1"])
+        return dict(val_top1=simclr.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
+
+    loader = data.BatchLoader(images, s["batch_size"], dev, shuffle=True, drop_last=True, seed=seed)
+    schedule = simclr.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
+                               weight_decay=s["weight_decay"], log_every=log_every)
+    meta = dict(kind="distill", arch=arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
+    simclr.fit(model, loss_fn, loader, run, schedule, device=dev, seed=seed, meta=meta, evaluate=evaluate,
+               select="val_top1", desc=f"distill {mode} {student}")
+    if frozen_state is not None:
+        simclr.check_frozen(frozen_state, model.encoder)
+
+    best, _ = load_classifier(run.path / "best.pt", task.num_classes)
+    best = best.to(dev)
+    result = dict(task=task.name, mode=mode, student_arch=student, teacher_path=str(teacher), best=str(run.path / "best.pt"),
+                  student={}, teacher={}, agreement={})
+    for split_name, split in (("val", task.val), ("test", task.test)):
+        result["student"][split_name] = simclr.evaluate_classifier(best, split, dev, size=image_size)
+        result["teacher"][split_name] = simclr.evaluate_classifier(teacher_model, split, dev, size=image_size)
+        result["agreement"][split_name] = agreement(result["student"][split_name].pop("predictions"),
+                                                    result["teacher"][split_name].pop("predictions"))
+    simclr.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
+    print(f"distill {task.name} ({mode} {student}): student test top-1 {result['student']['test']['top1']:.4f} "
+          f"(val {result['student']['val']['top1']:.4f}), teacher test top-1 {result['teacher']['test']['top1']:.4f}, "
+          f"agreement {result['agreement']['test']:.4f}; best: {result['best']}", file=sys.stderr)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    p.add_argument("--teacher", required=True, help="classifier checkpoint (best.pt of a finetune/distill/transfer run)")
+    p.add_argument("--data", default="shapes5", help="labeled task whose train images (labels hidden) are distilled on")
+    p.add_argument("--mode", default="scratch", choices=MODES, help="student: from scratch, fine-tuned from a "
+                   "pretrained encoder, or frozen pretrained base + dense layers (seed paper)")
+    p.add_argument("--student", default="resnet18", choices=models.MODEL_NAMES, help="student architecture")
+    p.add_argument("--width", type=float, default=1.0, help="student channel multiplier")
+    p.add_argument("--cifar-stem", type=simclr.bool_arg, default=None, help="3x3 stem; None: on up to 64 px")
+    p.add_argument("--student-checkpoint", default=None,
+                   help="SimCLR pretraining checkpoint of the student architecture (finetune and frozen modes)")
+    p.add_argument("--dense-layers", type=int, nargs="*", default=None,
+                   help="widths of the trainable Linear+ReLU layers before the classifier; None: 256 in frozen mode")
+    p.add_argument("--preset", default="default", choices=list(PRESETS),
+                   help="default: short runs; paper: the seed paper's Table 3")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature tau (preset: 1.0)")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the distillation term; 1 - alpha for labels")
+    p.add_argument("--labeled-fraction", type=float, default=0.0, help="fraction of train labels known (alpha < 1)")
+    p.add_argument("--soft-labels", default="online", choices=SOFT_LABELS,
+                   help="teacher on each augmented view (SimCLR v2) or once on un-augmented images")
+    for name in ("crop", "flip", "color"):
+        p.add_argument(f"--{name}", type=simclr.bool_arg, default=None, help=f"{name} augmentation; None: the preset's")
+    p.add_argument("--extra-unlabeled", default=None, help="extra unlabeled images, e.g. shapes-pool or a folder")
+    p.add_argument("--extra-n", type=int, default=None, help="how many extra unlabeled images")
+    p.add_argument("--epochs", type=int, default=None, help="None: the preset's")
+    p.add_argument("--batch-size", type=int, default=None, help="None: the preset's")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate, cosine decay; None: the preset's")
+    p.add_argument("--momentum", type=float, default=None, help="None: the preset's")
+    p.add_argument("--weight-decay", type=float, default=None, help="None: the preset's")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "lars"], help="None: the preset's")
+    p.add_argument("--log-every", type=int, default=20, help="steps between log lines (host syncs)")
+    simclr.add_common(p)
+    simclr.add_run(p)
+    return p
+
+
+def run_command(args: argparse.Namespace) -> None:
+    distill(args.teacher, args.data, args.out, student=args.student, width=args.width, cifar_stem=args.cifar_stem,
+            mode=args.mode, student_checkpoint=args.student_checkpoint, dense_layers=args.dense_layers,
+            temperature=args.temperature, alpha=args.alpha, labeled_fraction=args.labeled_fraction,
+            soft_labels=args.soft_labels, crop=args.crop, flip=args.flip, color=args.color,
+            extra_unlabeled=args.extra_unlabeled, extra_n=args.extra_n, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+            optimizer=args.optimizer, preset=args.preset, seed=args.seed, device=args.device, root=args.root,
+            cache_dir=args.cache_dir, resume=args.resume, overwrite=args.overwrite, log_every=args.log_every)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return simclr.main(argv, run=run_command, parser=build_parser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Losses for SimCLR pretraining and SimCLR v2 distillation (standard library and torch only).
+
+Holds:
+  nt_xent            the NT-Xent contrastive loss of SimCLR v1 (Chen et al. 2020, arXiv 2002.05709,
+                     eq. 1 with the mean over all 2N views of Algorithm 1) on one process.
+  nt_xent_global     the same loss for torch.distributed training: every rank's views are contrasted
+                     with the projections of the whole global batch, as the official code does.
+  distillation_loss  the SimCLR v2 distillation objective (Chen et al. 2020, arXiv 2006.10029,
+                     eq. 2, optionally mixed with the label loss as in eq. 3).
+
+All three compute in float32 (float64 inputs stay float64) even inside torch.autocast, because
+the softmax over thousands of cosine similarities divided by a small temperature loses too
+much precision in float16/bfloat16.
+
+The file imports nothing from its project, so it can be copied alone next to an installed torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["nt_xent", "nt_xent_global", "distillation_loss"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks (shapes, dtypes and Python scalars only: none of these waits for the device)
+# ----------------------------------------------------------------------------------------------
+
+def _check_positive_number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _check_projections(z1: torch.Tensor, z2: torch.Tensor) -> None:
+    for name, z in (("z1", z1), ("z2", z2)):
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape (N, D), got {type(z).__name__}")
+        if z.ndim != 2:
+            raise ValueError(
+                f"{name} must have shape (N, D) (a batch of N projections of dimension D), "
+                f"got shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
+    if z1.shape != z2.shape:
+        raise ValueError(
+            f"z1 and z2 must have the same shape (N, D): z1[i] and z2[i] are two views of image i; "
+            f"got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape[0] == 0 or z1.shape[1] == 0:
+        raise ValueError(f"z1 and z2 need N >= 1 images and D >= 1 dimensions, got shape {tuple(z1.shape)}")
+    if z1.device != z2.device:
+        raise ValueError(f"z1 and z2 must be on the same device, got {z1.device} and {z2.device}")
+
+
+def _check_finite(z: torch.Tensor, name: str) -> None:
+    # bool() of a device tensor waits for the device; that is why callers can switch this off.
+    if not bool(torch.isfinite(z).all()):
+        raise ValueError(
+            f"{name} contains NaN or infinite values; expected finite projections "
+            f"(the encoder or head has probably diverged)")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float16/bfloat16 go up to float32; float64 stays (gradient checks need it).
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    # Under autocast the matrix product would run in float16/bfloat16; casting the inputs alone
+    # is not enough because autocast re-casts them at the op.
+    is_available = getattr(torch.amp, "is_autocast_available", None)
+    if is_available is not None and not is_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _unit_rows(z: torch.Tensor) -> torch.Tensor:
+    """L2-normalise each row of z (in its own dtype).
+
+    Rows are first divided by their largest absolute entry, a factor the result does not depend
+    on, so that the sum of squares neither overflows (|z| above ~1e19 in float32) nor underflows
+    (|z| below ~1e-23), either of which would silently change the loss. The factor is detached:
+    the normalised vector is scale invariant, so its exact gradient is unaffected. An all-zero
+    row has no direction and stays zero (similarity 0 to every view).
+    """
+    scale = z.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    return F.normalize(z / scale, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# NT-Xent (SimCLR v1 eq. 1)
+# ----------------------------------------------------------------------------------------------
+
+def _nt_xent_from_unit(anchors: torch.Tensor, keys: torch.Tensor, offset: int,
+                       temperature: float) -> torch.Tensor:
+    """NT-Xent of 2n anchor views against K >= 2n key views (the one implementation of eq. 1).
+
+    anchors: (2n, D) unit rows ordered [view 1 of images 0..n-1, view 2 of images 0..n-1].
+    keys:    (K, D) unit rows that hold these same 2n views, in the same order, at rows
+             offset .. offset+2n-1; the other K-2n rows are further negatives.
+    Returns the mean over the 2n anchors of -log softmax(similarity / T)[positive], where the
+    softmax runs over every key except the anchor itself.
+    """
+    two_n = anchors.shape[0]
+    n = two_n // 2
+    # Dividing the (2n, D) anchors instead of the (2n, K) product saves one K-sized pass and copy.
+    logits = (anchors / temperature) @ keys.T
+    # Self-similarity (1/T, the largest possible logit) is no candidate: -inf makes its exp exactly 0.
+    # In place is safe for autograd, since the matrix product's backward needs only its inputs.
+    logits.diagonal(offset=offset).fill_(float("-inf"))
+    rows = torch.arange(two_n, device=anchors.device)
+    targets = offset + (rows + n) % two_n
+    return F.cross_entropy(logits, targets)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
+            check_finite: bool = True) -> torch.Tensor:
+    """NT-Xent loss of SimCLR v1 (eq. 1), averaged over all 2N views (Algorithm 1).
+
+    Args:
+        z1, z2: (N, D) projections of two augmented views; z1[i] and z2[i] come from image i.
+            Need not be normalised. Any floating dtype; computed in float32 (float64 stays).
+        temperature: T > 0 (SimCLR: 0.5 on CIFAR, 0.1 on ImageNet). Stable down to 0.05 and below.
+        check_finite: raise ValueError when a projection is NaN or infinite. The check reads a
+            value back from the device, which stalls a GPU pipeline once per call; a training
+            loop should pass False and test the returned loss on the device instead (a
+            non-finite projection makes the loss non-finite).
+
+    Returns:
+        Scalar tensor (float32, or float64 for float64 input).
+
+    With u = normalise([z1; z2]) (2N rows) and s_ik = u_i . u_k, the loss is
+
+        L = 1/(2N) sum_i -log( exp(s_i,p(i) / T) / sum_{k != i} exp(s_ik / T) ),
+
+    where p(i) is the other view of the same image.
+
+    Why the cross-entropy targets are i+N and i-N: row i of the 2N x 2N similarity matrix is a
+    2N-way classification "which column is my other view?". Rows 0..N-1 are first views, rows
+    N..2N-1 second views of the same images in the same order, so the answer for row i < N is
+    column i+N and for row i >= N it is column i-N. The diagonal (each view with itself) is
+    excluded by setting it to -inf before the softmax, so it is not a class the row can choose.
+
+    What the denominator counts: the 2N-1 other views, the positive included: 1 positive and
+    2N-2 negatives. (So with N = 1 the only term is the positive and the loss is exactly 0; when
+    all projections are equal the loss is log(2N-1).)
+
+    The official TensorFlow implementation reports twice this value: it averages the loss of
+    the first-view anchors and that of the second-view anchors and then adds the two.
+    """
+    _check_projections(z1, z2)
+    temperature = _check_positive_number(temperature, "temperature")
+    if check_finite:
+        _check_finite(z1, "z1")
+        _check_finite(z2, "z2")
+    dtype = _compute_dtype(torch.promote_types(z1.dtype, z2.dtype))
+    with _autocast_off(z1.device):
+        u = _unit_rows(torch.cat([z1, z2]).to(dtype))
+        return _nt_xent_from_unit(u, u, 0, temperature)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sends each rank the gradient of its own rows from every rank.
+
+    Forward: (m, D) on each of R ranks -> (R, m, D), the same tensor on every rank.
+    Backward: rank r's loss depends on rank q's rows through the gathered copy, so the gradient
+    for q's rows is the sum over ranks of the incoming gradients, slice q: all_reduce(SUM),
+    then slice. Each rank then holds d(sum_r loss_r)/dz_q = R * d(mean_r loss_r)/dz_q, and
+    DistributedDataParallel's division by R when it averages parameter gradients makes the
+    step exactly that of one process minimising the mean loss over the global batch.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: object) -> torch.Tensor:
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # all_reduce works in place; autograd may still own the incoming buffer.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad[ctx.rank], None
+
+
+def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
+                   check_finite: bool = True, group: object = None) -> torch.Tensor:
+    """NT-Xent with the whole global batch as keys, for torch.distributed data parallel training.
+
+    Each rank passes its local (n, D) projections; all ranks must pass the same n and D (as with
+    drop_last batches). The local 2n views are the anchors; the keys are the 2N = 2nR views of
+    all R ranks, so every anchor has 2N-1 terms in its denominator exactly as in nt_xent on the
+    concatenated batch. The returned per-rank loss is the mean over the local anchors; the mean
+    of these over ranks equals nt_xent(cat of all z1, cat of all z2). Gradients reach each
+    rank's own projections from every rank's loss (see _GatherWithGrad), so with DDP's gradient
+    averaging an update equals the single-process update on the global batch. Every rank must
+    call backward, since it runs a collective.
+
+    Without an initialised process group, or with world size 1, this is nt_xent.
+    `group` selects a process group (default: the whole world). Other arguments as nt_xent.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return nt_xent(z1, z2, temperature, check_finite=check_finite)
+    _check_projections(z1, z2)
+    temperature = _check_positive_number(temperature, "temperature")
+    if check_finite:
+        _check_finite(z1, "z1")
+        _check_finite(z2, "z2")
+    dtype = _compute_dtype(torch.promote_types(z1.dtype, z2.dtype))
+    with _autocast_off(z1.device):
+        u = _unit_rows(torch.cat([z1, z2]).to(dtype))
+        # Keys are rank-major blocks [z1_r; z2_r]; the loss does not depend on the key order.
+        keys = _GatherWithGrad.apply(u, group).flatten(0, 1)
+        offset = dist.get_rank(group) * u.shape[0]
+        return _nt_xent_from_unit(u, keys, offset, temperature)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distillation (SimCLR v2 eq. 2-3)
+# ----------------------------------------------------------------------------------------------
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 1.0, labels: torch.Tensor | None = None,
+                      alpha: float = 1.0) -> torch.Tensor:
+    """SimCLR v2 distillation loss (eq. 2), optionally mixed with the label loss (eq. 3).
+
+    Args:
+        student_logits, teacher_logits: (B, C) logits for the same B images. The teacher's get
+            no gradient (they are detached here).
+        temperature: tau > 0, applied to both teacher and student.
+        labels: optional (B,) integer class indices in [0, C) for the labelled images.
+        alpha: weight of the distillation term in [0, 1]; must be 1.0 without labels.
+
+    Returns:
+        Scalar float32 tensor (float64 for float64 input):
+
+        alpha * mean_x [ -sum_y P_T(y|x; tau) log P_S(y|x; tau) ]
+          + (1 - alpha) * mean_x [ -log P_S(y_x|x) ]          (label term at temperature 1)
+
+    with P(y|x; tau) = softmax(logits / tau). Like the paper, no tau^2 factor is applied.
+    Labels outside [0, C) are not checked here (that would wait for the device); cross_entropy
+    rejects them itself.
+    """
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape (B, C), got {type(t).__name__}")
+        if t.ndim != 2:
+            raise ValueError(f"{name} must have shape (B, C), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape (B, C), got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
+    if student_logits.shape[0] == 0 or student_logits.shape[1] == 0:
+        raise ValueError(f"logits need B >= 1 rows and C >= 1 classes, got {tuple(student_logits.shape)}")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            f"student_logits and teacher_logits must be on the same device, got "
+            f"{student_logits.device} and {teacher_logits.device}")
+    temperature = _check_positive_number(temperature, "temperature")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    alpha = float(alpha)
+    if labels is None:
+        if alpha != 1.0:
+            raise ValueError(
+                f"alpha={alpha} weights a label loss, but labels is None; pass labels or alpha=1.0")
+    else:
+        if not isinstance(labels, torch.Tensor) or labels.ndim != 1:
+            raise ValueError(
+                f"labels must be a (B,) tensor of class indices, got "
+                f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+        if labels.shape[0] != student_logits.shape[0]:
+            raise ValueError(
+                f"labels must have one entry per row of the logits ({student_logits.shape[0]}), "
+                f"got {labels.shape[0]}")
+        if labels.device != student_logits.device:
+            raise ValueError(
+                f"labels must be on the logits' device {student_logits.device}, got {labels.device}")
+
+    dtype = _compute_dtype(torch.promote_types(student_logits.dtype, teacher_logits.dtype))
+    with _autocast_off(student_logits.device):
+        student = student_logits.to(dtype)
+        teacher = teacher_logits.detach().to(dtype)
+        soft_targets = F.softmax(teacher / temperature, dim=1)
+        distill = -(soft_targets * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()
+        if labels is None or alpha == 1.0:
+            return alpha * distill
+        return alpha * distill + (1.0 - alpha) * F.cross_entropy(student, labels.long())

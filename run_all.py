@@ -1,0 +1,767 @@
+"""The seed paper's three studies end to end, in one process: pretrain -> Studies 1, 2, 3 -> tables, figures.
+
+Nguyen, Nguyen & Le, *Semi-Supervised Learning, Transfer Learning, and Knowledge Distillation with
+SimCLR* (../shared/STUDIES.md), on top of the SimCLR v2 recipe (Chen et al. 2020: pretrain ->
+fine-tune -> distill):
+
+    pretrain   SimCLR on the unlabeled pool (simclr.pretrain), or --pretrained CKPT
+    Study 1    fine-tune the whole network on the 5-class task (all its training labels) with each of
+               the seven augmentation settings of their Table 1; same steps and seed for every row
+    Study 2    a fine-tuned ResNet teacher distilled with soft labels only (alpha = 1, T = 1) into a
+               same-architecture ResNet and a VGG student, each with a frozen base that was
+               SimCLR-pretrained here (same pool, same budget; the ResNet base from another seed than
+               the teacher's) and trainable dense layers (their Table 2), and as full students
+               trained from scratch (extra rows)
+    Study 3    a linear layer on the frozen pretrained encoder, crop + flip, on the 2-, 5-, 47- and
+               100-class tasks at batch sizes 32 and 64, same epochs for both (their Table 4, Figure 6)
+
+Everything lands in the run folder (--out): results.json (every number, the settings, seeds,
+versions, device, wall time per stage), results.md (the tables beside the paper's numbers and a
+verdict per claim), figure2.png and figure6.png, stages/NAME.json (one completion record per
+stage, written atomically with its results: --resume skips finished stages and reuses them) and
+runs/NAME/ (each stage's own run folder: config, log, checkpoints).
+
+Command line:
+    python run_all.py                                  # default preset for the device, embedded data
+    python run_all.py --preset tiny --out /tmp/tiny    # the whole pipeline in seconds (the tests)
+    python run_all.py --seeds 3                        # mean +- std over 3 seeds per study
+    python run_all.py --preset paper --data study1=tf_flowers,study3=cats_vs_dogs:tf_flowers:dtd:cifar100
+    python run_all.py --resume --out runs/run_all      # continue an interrupted run
+
+--data maps studies to datasets: comma-separated KEY=VALUE pairs, KEY one of pool (unlabeled
+pretraining images), study1, study2 (labeled tasks; study2 follows study1 unless given) and study3
+(a colon-separated list of labeled tasks). A VALUE is an embedded name (shapes2, shapes5, shapes47,
+shapes100, shapes-pool), a dataset name data.py knows (cifar10, cifar100, tf_flowers, dtd, food101,
+cats_vs_dogs), or a folder (root/class/image for tasks, any image folder for the pool).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+import tqdm as tqdm_module
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import data
+import distill
+import simclr
+from data import UserError
+
+# ----------------------------------------------------------------------------------------------
+# Presets: every setting of a run, in one place. "default" picks "cpu" or "cuda" by the device.
+#
+# pretrain: simclr.PretrainConfig fields (data, eval_data, image_size, n_images and seed are
+#           filled in from --data / the preset's data / --seed).
+# tasks:    sizes of the embedded tasks: images per class with a floor on each split's total
+#           (real datasets keep their own splits).
+# finetune, distill, probe: arguments of simclr.finetune, distill.distill and the linear probe.
+
+_SMALL_PRETRAIN = dict(head_layers=3, optimizer="lars", temperature=0.5, knn_k=50)
+
+PRESETS: dict[str, dict] = {
+    # The tests: every stage runs, nothing is meant to be accurate. VGG needs 32 px inputs.
+    "tiny": dict(
+        image_size=32, seeds_cpu=1, seeds_cuda=1, knn_check=False,
+        data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
+        pool_images=128, tasks=dict(train_per_class=2, min_train=80, test_per_class=1, min_test=40),
+        pretrain=dict(_SMALL_PRETRAIN, model="resnet18", width=0.125, epochs=1, batch_size=64, log_every=1, knn_k=10),
+        vgg="vgg11_bn",
+        finetune=dict(head_layer=1, epochs=1, batch_size=16, lr=0.05, optimizer="sgd", weight_decay=0.0,
+                      strength=0.5),
+        distill=dict(preset="default", epochs=1, batch_size=16, lr=0.05, dense_layers=[32],
+                     augment=dict(frozen=False, scratch=True)),
+        probe=dict(epochs=1, lr=0.1, batch_sizes=[32, 64], weight_decay=0.0),
+    ),
+    # A 2-core CPU in under 15 minutes (measured: see README), every study clearly above chance.
+    "cpu": dict(
+        image_size=32, seeds_cpu=1, seeds_cuda=1, knn_check=True,
+        data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
+        pool_images=4096, tasks=dict(train_per_class=20, min_train=1000, test_per_class=10, min_test=500),
+        pretrain=dict(_SMALL_PRETRAIN, model="resnet18", width=0.25, epochs=15, batch_size=256, log_every=10),
+        vgg="vgg16_bn",
+        finetune=dict(head_layer=1, epochs=15, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=0.0,
+                      strength=0.5),
+        distill=dict(preset="default", epochs=15, batch_size=64, lr=0.05, dense_layers=[256],
+                     augment=dict(frozen=False, scratch=True)),
+        probe=dict(epochs=10, lr=0.1, batch_sizes=[32, 64], weight_decay=0.0),
+    ),
+    # One H100 in about 8 minutes: ResNet-18 at full width, enough pretraining for good features.
+    "cuda": dict(
+        image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check=True,
+        data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
+        pool_images=30000, tasks=dict(train_per_class=100, min_train=5000, test_per_class=20, min_test=1000),
+        pretrain=dict(_SMALL_PRETRAIN, model="resnet18", width=1.0, epochs=40, batch_size=512, log_every=20),
+        vgg="vgg16_bn",
+        finetune=dict(head_layer=1, epochs=20, batch_size=128, lr=0.05, optimizer="sgd", weight_decay=0.0,
+                      strength=0.5),
+        distill=dict(preset="default", epochs=20, batch_size=128, lr=0.05, dense_layers=[256],
+                     augment=dict(frozen=True, scratch=True)),
+        probe=dict(epochs=15, lr=0.1, batch_sizes=[32, 64], weight_decay=0.0),
+    ),
+    # The seed paper's settings on its real datasets (downloaded by data.py): ResNet-50 at 224 px,
+    # Table 3's distillation (SGD lr 0.01, momentum 0.9, wd 1e-4, T 1, 100 epochs, best epoch),
+    # Study 3's probe (lr 0.1, no weight decay, batch 32 / 64, 30 epochs). For users with a GPU;
+    # pass --pretrained to start from converted official SimCLR weights instead of pretraining here.
+    "paper": dict(
+        image_size=224, seeds_cpu=1, seeds_cuda=3, knn_check=True,
+        data=dict(pool="tf_flowers", study1="tf_flowers", study3=["cats_vs_dogs", "tf_flowers", "dtd", "cifar100"]),
+        pool_images=None, tasks=dict(train_per_class=0, min_train=0, test_per_class=0, min_test=0),
+        pretrain=dict(head_layers=3, optimizer="lars", temperature=0.1, knn_k=200, model="resnet50", width=1.0,
+                      epochs=100, batch_size=256, log_every=20),
+        vgg="vgg16_bn",
+        finetune=dict(head_layer=1, epochs=30, batch_size=64, lr=0.01, optimizer="sgd", weight_decay=1e-4,
+                      strength=1.0),
+        distill=dict(preset="paper", dense_layers=[256], augment=dict(frozen=False, scratch=True)),
+        probe=dict(epochs=30, lr=0.1, batch_sizes=[32, 64], weight_decay=0.0),
+    ),
+}
+PRESET_CHOICES = ("default", *PRESETS)
+DATA_KEYS = ("pool", "study1", "study2", "study3")
+
+# The seed paper's own numbers (STUDIES.md). Study 1 rows: key, their wording, augmentations used.
+STUDY1_ROWS: tuple[tuple[str, str, dict], ...] = (
+    ("crop", "cropping only", dict(crop=True, flip=False, color=False)),
+    ("flip", "flipping only", dict(crop=False, flip=True, color=False)),
+    ("color", "color distortion only", dict(crop=False, flip=False, color=True)),
+    ("crop+color", "cropping + color distortion", dict(crop=True, flip=False, color=True)),
+    ("flip+crop", "flipping + cropping", dict(crop=True, flip=True, color=False)),
+    ("all", "all (crop, flip, color distortion)", dict(crop=True, flip=True, color=True)),
+    ("none", "none", dict(crop=False, flip=False, color=False)),
+)
+PAPER_TABLE1 = {"crop": 0.840, "flip": 0.841, "color": 0.839, "crop+color": 0.870, "flip+crop": 0.873,
+                "all": 0.898, "none": 0.784}
+PAPER_TABLE2 = {"vgg": 0.65, "resnet": 0.71}  # frozen base + dense layers, ResNet-50 teacher
+PAPER_TABLE4 = {2: ("cats_vs_dogs", 1.0), 5: ("tf_flowers", 0.906), 47: ("dtd", 0.656), 100: ("cifar_100", 0.25),
+                101: ("food_101", 0.125)}  # classes: (dataset, accuracy at batch 64)
+STUDY2_ROWS = (("frozen", "resnet"), ("frozen", "vgg"), ("scratch", "resnet"), ("scratch", "vgg"))
+
+
+def resolve_preset(name: str, device: torch.device) -> tuple[str, dict]:
+    """(resolved name, a deep copy of the preset): 'default' is 'cuda' on a GPU, 'cpu' elsewhere."""
+    if name == "default":
+        name = "cuda" if device.type == "cuda" else "cpu"
+    if name not in PRESETS:
+        raise UserError(f"Unknown --preset '{name}'. Use one of: {', '.join(PRESET_CHOICES)}.")
+    return name, json.loads(json.dumps(PRESETS[name]))
+
+
+def parse_data(spec: str | None, defaults: dict) -> dict:
+    """--data 'study1=PATH,study3=a:b:c' over the preset's mapping -> {pool, study1, study2, study3: [...]}.
+
+    study2 follows study1 unless given, since the Study 2 teacher is Study 1's 'all' row when the
+    two studies share a task."""
+    mapping = dict(defaults)
+    given: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in DATA_KEYS or not value:
+            raise UserError(f"--data entry '{part}' is not KEY=VALUE with KEY one of {', '.join(DATA_KEYS)} "
+                            "(e.g. --data study1=tf_flowers,study3=shapes2:shapes5:shapes47:shapes100).")
+        if key in given:
+            raise UserError(f"--data names '{key}' twice ('{given[key]}' and '{value}'); give each study once.")
+        given[key] = value
+    mapping.update({k: v for k, v in given.items() if k != "study3"})
+    if "study3" in given:
+        mapping["study3"] = [v.strip() for v in given["study3"].split(":") if v.strip()]
+        if not mapping["study3"]:
+            raise UserError("--data study3= needs at least one task (colon-separated, e.g. shapes2:shapes5).")
+    if "study2" not in given:
+        mapping["study2"] = mapping["study1"]
+    return mapping
+
+
+# ----------------------------------------------------------------------------------------------
+# The rule that turns numbers into a verdict, and summaries over seeds
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    values = [float(v) for v in values]
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def verdict(higher: Sequence[float], lower: Sequence[float]) -> str:
+    """Does the claim 'higher > lower' hold over seeds (one value per seed on each side)?
+
+    'holds' when mean(higher) - mean(lower) exceeds the spread over seeds (the larger of the two
+    sample standard deviations); 'fails' when the opposite ordering holds by the same margin;
+    otherwise 'not conclusive'. With fewer than two seeds there is no spread to compare a gap with:
+    'not conclusive' whatever the gap."""
+    if min(len(higher), len(lower)) < 2:
+        return "not conclusive"
+    (mh, sh), (ml, sl) = mean_std(higher), mean_std(lower)
+    spread = max(sh, sl)
+    if mh - ml > spread:
+        return "holds"
+    if ml - mh > spread:
+        return "fails"
+    return "not conclusive"
+
+
+def combine(verdicts: Sequence[str]) -> str:
+    """A claim made of several orderings holds when all do and fails when any fails."""
+    if any(v == "fails" for v in verdicts):
+        return "fails"
+    return "holds" if verdicts and all(v == "holds" for v in verdicts) else "not conclusive"
+
+
+def _in_mean(pairs: Sequence[tuple[Sequence[float], Sequence[float]]]) -> bool:
+    return all(statistics.fmean(h) > statistics.fmean(l) for h, l in pairs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages: one completion record each, so an interrupted run continues where it stopped
+
+
+class Pipeline:
+    """Runs named stages in order under one outer progress bar.
+
+    A stage is fn(folder, resume) -> JSON-able dict; `folder` is its own run folder (runs/NAME)
+    and `resume` says whether that folder holds an interrupted run to continue. Its result is
+    written atomically to stages/NAME.json with its wall time; with resume=True a stage whose record
+    exists is not run again and its recorded result is returned."""
+
+    def __init__(self, out: Path, resume: bool, total: int):
+        self.out, self.resume = out, resume
+        (out / "stages").mkdir(parents=True, exist_ok=True)
+        (out / "runs").mkdir(exist_ok=True)
+        self.records: dict[str, dict] = {}
+        self.bar = tqdm(total=total, desc="run_all", unit="stage", position=0, dynamic_ncols=True)
+
+    def run(self, name: str, fn: Callable[[Path, bool], dict]) -> dict:
+        record_path = self.out / "stages" / f"{name}.json"
+        self.bar.set_postfix_str(name)
+        if self.resume and record_path.exists():
+            try:
+                record = json.loads(record_path.read_text())
+            except (OSError, json.JSONDecodeError):
+                record = None  # a damaged record means the stage did not finish: run it again
+            if record is not None and record.get("name") == name:
+                record["reused"] = True
+                self.records[name] = record
+                self.bar.update(1)
+                return record["result"]
+        folder = self.out / "runs" / name
+        sub_resume = self.resume and (folder / "checkpoint.pt").exists()
+        start = time.perf_counter()
+        result = fn(folder, sub_resume)
+        record = dict(name=name, result=result, wall_s=round(time.perf_counter() - start, 2),
+                      finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), resumed=sub_resume)
+        simclr.atomic_write_text(json.dumps(record, indent=2) + "\n", record_path)
+        self.records[name] = dict(record, reused=False)
+        self.bar.update(1)
+        return result
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _quiet_copy(result: dict, drop: Sequence[str] = ("per_class",)) -> dict:
+    """The result without per-class tables (kept in each stage's own results.json)."""
+    if isinstance(result, dict):
+        return {k: _quiet_copy(v, drop) for k, v in result.items() if k not in drop}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces each stage runs
+
+
+def load_tasks(names: Sequence[str], image_size: int, sizes: dict, seed: int, root: str | None,
+               cache_dir: str | None, download: bool) -> dict[str, data.TaskData]:
+    """Each labeled task once (shared by every seed and stage, so all rows see the same images).
+
+    sizes: for embedded tasks, train/test images per class with a floor on the totals
+    (train_per_class, min_train, test_per_class, min_test); real datasets keep their own splits."""
+    tasks = {}
+    for name in dict.fromkeys(names):
+        classes = data.EMBEDDED_TASKS.get(name)
+        n_train = max(sizes["min_train"], classes * sizes["train_per_class"]) if classes else None
+        n_test = max(sizes["min_test"], classes * sizes["test_per_class"]) if classes else None
+        tasks[name] = data.load_task(name, image_size=image_size, root=root, seed=seed, n_train=n_train,
+                                     n_test=n_test, download=download, cache_dir=cache_dir)
+    return tasks
+
+
+def pretrain_stage(cfg: dict, pool: str, eval_task: str | None, image_size: int, n_images: int | None,
+                   seed: int, data_seed: int, device: str, root: str | None, cache_dir: str | None
+                   ) -> Callable[[Path, bool], dict]:
+    fields = simclr.PretrainConfig.__dataclass_fields__
+    settings = dict(cfg, data=pool, eval_data=eval_task, image_size=image_size, n_images=n_images, seed=seed,
+                    device=device, root=root, cache_dir=cache_dir)
+    # The pool must be the same images for every base (issue 5: same pool, same budget); a
+    # PretrainConfig with `data_seed` draws the pool from it instead of from the training seed.
+    if "data_seed" in fields:
+        settings["data_seed"] = data_seed
+    settings.setdefault("knn_every", settings["epochs"])
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise UserError(f"The preset's pretrain settings {unknown} are not simclr.PretrainConfig fields.")
+
+    def run(folder: Path, resume: bool) -> dict:
+        summary = simclr.pretrain(simclr.PretrainConfig(**settings), folder, resume=resume, overwrite=not resume)
+        keep = {k: summary[k] for k in ("checkpoint", "knn_top1", "knn_top1_random_encoder") if k in summary}
+        loss = [r["loss"] for r in _read_log(folder) if "loss" in r]
+        return dict(keep, model=cfg["model"], width=cfg["width"], seed=seed,
+                    pool_seed=data_seed if "data_seed" in fields else seed, final_loss=loss[-1] if loss else None)
+    return run
+
+
+def _read_log(folder: Path) -> list[dict]:
+    path = folder / "log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def finetune_stage(checkpoint: str, task: data.TaskData, augmentation: dict, cfg: dict, seed: int,
+                   device: str) -> Callable[[Path, bool], dict]:
+    def run(folder: Path, resume: bool) -> dict:
+        head_layer = min(cfg["head_layer"], simclr.load_checkpoint(checkpoint)["arch"]["head_layers"])
+        result = simclr.finetune(checkpoint, task.name, folder, fraction=1.0, head_layer=head_layer,
+                                 crop=augmentation["crop"], flip=augmentation["flip"], color=augmentation["color"],
+                                 blur=False, strength=cfg["strength"], epochs=cfg["epochs"],
+                                 batch_size=cfg["batch_size"], lr=cfg["lr"], optimizer=cfg["optimizer"],
+                                 weight_decay=cfg["weight_decay"], seed=seed, device=device, task=task,
+                                 resume=resume, overwrite=not resume)
+        return dict(_quiet_copy(result), val_top1=result["val"]["top1"], test_top1=result["test"]["top1"])
+    return run
+
+
+def distill_stage(teacher: str, task: data.TaskData, mode: str, student: str, width: float,
+                  student_checkpoint: str | None, cfg: dict, seed: int, device: str) -> Callable[[Path, bool], dict]:
+    def run(folder: Path, resume: bool) -> dict:
+        augment = bool(cfg["augment"][mode])
+        extra = {k: cfg[k] for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer")
+                 if k in cfg}
+        result = distill.distill(teacher, task.name, folder, student=student, width=width, mode=mode,
+                                 student_checkpoint=student_checkpoint if mode != "scratch" else None,
+                                 dense_layers=cfg["dense_layers"] if mode == "frozen" else None,
+                                 temperature=1.0, alpha=1.0, soft_labels="online", crop=augment, flip=augment,
+                                 color=False, preset=cfg["preset"], seed=seed, device=device, task=task,
+                                 resume=resume, overwrite=not resume, **extra)
+        return dict(_quiet_copy(result), student_test_top1=result["student"]["test"]["top1"],
+                    teacher_test_top1=result["teacher"]["test"]["top1"], agreement_test=result["agreement"]["test"])
+    return run
+
+
+def probe_stage(checkpoint: str, task: data.TaskData, batch_size: int, cfg: dict, seed: int,
+                device: str) -> Callable[[Path, bool], dict]:
+    """Study 3: a linear layer on the frozen encoder, trained on crop + flip views (transfer.py's
+    'linear-aug' mode); the encoder's weights and batch-norm statistics never change."""
+    def run(folder: Path, resume: bool) -> dict:
+        import transfer  # written alongside; imported here so Studies 1-2 run without it
+        result = transfer.transfer(checkpoint, task.name, folder, mode="linear-aug", preset="paper",
+                                   crop=True, flip=True, color=False, epochs=cfg["epochs"], batch_size=batch_size,
+                                   lr=cfg["lr"], weight_decay=cfg["weight_decay"], seed=seed, device=device,
+                                   task=task, resume=resume, overwrite=not resume)
+        return dict(_quiet_copy(result), val_top1=result["val"]["top1"], test_top1=result["test"]["top1"],
+                    test_top5=result["test"].get("top5"))
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables, verdicts and results.md
+
+
+def _fmt(values: Sequence[float] | None) -> str:
+    if not values:
+        return "-"
+    m, s = mean_std(values)
+    return f"{m:.3f} ± {s:.3f}" if len(values) > 1 else f"{m:.3f}"
+
+
+def _verdict_text(v: str, pairs: Sequence[tuple[Sequence[float], Sequence[float]]], n_seeds: int) -> str:
+    if n_seeds < 2:
+        direction = "holds" if _in_mean(pairs) else "does not hold"
+        return f"**not conclusive** (one seed; the ordering {direction} in this single run)"
+    return f"**{v}**"
+
+
+def summarise(runs: dict, mapping: dict, tasks: dict[str, data.TaskData], seeds: list[int]) -> dict:
+    """Per-seed numbers -> the three tables (lists over seeds) and a verdict per claim."""
+    n = len(seeds)
+    t1 = {key: [runs[f"seed{s}-study1-{key}"]["test_top1"] for s in seeds] for key, _, _ in STUDY1_ROWS}
+    singles, combos = ("crop", "flip", "color"), ("crop+color", "flip+crop")
+    claims1 = {
+        "all is best": [(t1["all"], t1[k]) for k, _, _ in STUDY1_ROWS if k != "all"],
+        "none is worst": [(t1[k], t1["none"]) for k, _, _ in STUDY1_ROWS if k != "none"],
+        "combinations beat single operations": [(t1[c], t1[s]) for c in combos for s in singles],
+    }
+    t2 = {}
+    for mode, family in STUDY2_ROWS:
+        rs = [runs[f"seed{s}-study2-{mode}-{family}"] for s in seeds]
+        t2[f"{mode}-{family}"] = dict(student=[r["student_test_top1"] for r in rs],
+                                      teacher=[r["teacher_test_top1"] for r in rs],
+                                      agreement=[r["agreement_test"] for r in rs], arch=rs[0]["student_arch"])
+    claims2 = {f"same-architecture student beats VGG ({mode} student)":
+               [(t2[f"{mode}-resnet"]["student"], t2[f"{mode}-vgg"]["student"])] for mode in ("frozen", "scratch")}
+    study3 = sorted(dict.fromkeys(mapping["study3"]), key=lambda t: tasks[t].num_classes)
+    batch_sizes = sorted({int(k.rsplit("-b", 1)[1]) for k in runs if "-study3-" in k})
+    t4 = {t: {b: [runs[f"seed{s}-study3-{t}-b{b}"]["test_top1"] for s in seeds] for b in batch_sizes} for t in study3}
+    big = max(batch_sizes)
+    claims4 = {f"accuracy falls as the number of classes grows (batch {big})":
+               [(t4[a][big], t4[b][big]) for a, b in zip(study3, study3[1:])]}
+    if len(batch_sizes) > 1 and len(study3) > 1:
+        small = min(batch_sizes)
+        gain = {t: [x - y for x, y in zip(t4[t][big], t4[t][small])] for t in study3}
+        claims4[f"more classes gain more from batch {big} over {small} ({study3[-1]} vs {study3[0]})"] = \
+            [(gain[study3[-1]], gain[study3[0]])]
+    verdicts = {}
+    for study, claims in (("study1", claims1), ("study2", claims2), ("study3", claims4)):
+        verdicts[study] = {name: dict(verdict=combine([verdict(h, l) for h, l in pairs]),
+                                      ordering_in_mean=_in_mean(pairs), text=_verdict_text(
+                                          combine([verdict(h, l) for h, l in pairs]), pairs, n))
+                           for name, pairs in claims.items()}
+    return dict(table1=t1, table2=t2, table4={t: {str(b): v for b, v in d.items()} for t, d in t4.items()},
+                study3_tasks=study3, batch_sizes=batch_sizes, verdicts=verdicts)
+
+
+def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData], mapping: dict) -> str:
+    n = len(meta["seeds"])
+    spread = f"mean ± std over {n} seeds" if n > 1 else "one seed"
+    lines = [f"# The seed paper's three studies, reproduced ({meta['preset']} preset)", "",
+             f"Device: {meta['device']['name']}. Seeds: {meta['seeds']} ({spread}). Wall time: "
+             f"{meta['wall_s']:.0f} s. Command: `{meta['command']}`.", "",
+             "Verdict rule: a claim *holds* when its ordering holds in the mean over seeds and every gap exceeds "
+             "the spread over seeds (the larger sample standard deviation of the two sides); it *fails* when the "
+             "opposite ordering holds by the same rule; otherwise, and always with one seed, it is *not conclusive*. "
+             "Seeds vary fine-tuning, distillation and probe training; the pretrained encoders are shared.", ""]
+    pre = meta.get("pretrain") or {}
+    if pre.get("knn_top1") is not None:
+        lines += [f"Pretraining sanity check: kNN top-1 on {mapping['study1']} val {pre['knn_top1']:.3f} with the "
+                  f"pretrained encoder vs {pre['knn_top1_random_encoder']:.3f} with a random one.", ""]
+    t1 = tasks[mapping["study1"]]
+    lines += ["## Study 1: augmentation during fine-tuning (their Table 1, Figure 2)", "",
+              f"Whole network fine-tuned from the pretrained checkpoint on {t1.name} ({t1.num_classes} classes, "
+              f"{len(t1.train)} training labels, chance {1 / t1.num_classes:.3f}); test top-1 of the best-val epoch.", "",
+              "| operations used while fine-tuning | paper (tf_flowers) | here |", "|---|---|---|"]
+    lines += [f"| {label} | {PAPER_TABLE1[key]:.3f} | {_fmt(summary['table1'][key])} |" for key, label, _ in STUDY1_ROWS]
+    lines += [""] + [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"]["study1"].items()]
+    singles = [statistics.fmean(summary["table1"][k]) for k in ("crop", "flip", "color")]
+    lines += [f"- 'Each single operation helps about equally': here the three single-operation rows span "
+              f"{max(singles) - min(singles):.3f} (paper: 0.002).", ""]
+    t2 = tasks[mapping["study2"]]
+    rows2 = summary["table2"]
+    teacher = meta["teacher"]
+    lines += ["## Study 2: teacher and student architecture in distillation (their Table 2)", "",
+              f"Teacher: {teacher}. Soft labels only (alpha = 1, temperature 1), distilled on {t2.name}'s training "
+              f"images with their labels hidden; test top-1 of the best-val epoch (chance {1 / t2.num_classes:.3f}). "
+              "Frozen: a base SimCLR-pretrained here for that architecture (same pool and budget; the ResNet base "
+              "from another seed than the teacher's) with trainable dense layers, as the paper. Scratch: the whole "
+              "student trained from random initialisation (extra rows).", "",
+              "| student | teacher | mode | paper | student | teacher | agreement |", "|---|---|---|---|---|---|---|"]
+    for mode, family in STUDY2_ROWS:
+        r = rows2[f"{mode}-{family}"]
+        paper = f"{PAPER_TABLE2[family]:.2f}" if mode == "frozen" else "-"
+        lines.append(f"| {r['arch']} | {meta['teacher_arch']} | {mode} | {paper} | {_fmt(r['student'])} | "
+                     f"{_fmt(r['teacher'])} | {_fmt(r['agreement'])} |")
+    lines += [""] + [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"]["study2"].items()] + [""]
+    lines += ["## Study 3: transfer to tasks with different numbers of classes (their Table 4, Figure 6)", "",
+              "A linear layer on the frozen pretrained encoder, random crop + flip, lr "
+              f"{meta['probe']['lr']}, no weight decay, {meta['probe']['epochs']} epochs for every batch size; "
+              "test top-1 of the best-val epoch.", ""]
+    bs = summary["batch_sizes"]
+    lines += ["| dataset | classes | image size | chance | paper dataset | paper (batch 64) | "
+              + " | ".join(f"here (batch {b})" for b in bs) + " |", "|---" * (6 + len(bs)) + "|"]
+    for name in summary["study3_tasks"]:
+        task = tasks[name]
+        paper = PAPER_TABLE4.get(task.num_classes)
+        lines.append(f"| {name} | {task.num_classes} | {task.train.image_size} | {1 / task.num_classes:.3f} | "
+                     f"{paper[0] if paper else '-'} | {f'{paper[1]:.3f}' if paper else '-'} | "
+                     + " | ".join(_fmt(summary["table4"][name][str(b)]) for b in bs) + " |")
+    lines += [""] + [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"]["study3"].items()]
+    lines += ["", "Figures: figure2.png (Study 1), figure6.png (Study 3). Every number: results.json.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures with Pillow: a bar chart (Figure 2) and accuracy against number of classes (Figure 6)
+
+HERE_COLOURS, PAPER_COLOUR = ((31, 119, 180), (255, 127, 14), (44, 160, 44)), (160, 160, 160)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1 or no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def draw_chart(path: Path, title: str, xlabel: str, categories: Sequence[str],
+               series: Sequence[tuple[str, tuple[int, int, int], Sequence[float], Sequence[float] | None]],
+               kind: str = "bar") -> None:
+    """Accuracy (y, 0..1) per category: grouped bars, or lines with markers; error bars where given.
+
+    series: (label, RGB colour, values per category (nan: missing), standard deviations or None)."""
+    w, h, left, right, top, bottom = 960, 580, 90, 30, 90, 100
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    font, small = _font(18), _font(14)
+    pw, ph = w - left - right, h - top - bottom
+    y_of = lambda v: top + (1.0 - v) * ph  # noqa: E731 - accuracy in [0, 1] to a pixel row
+    d.text((w // 2, 22), title, fill="black", font=font, anchor="mm")
+    for k in range(6):
+        d.line([(left, y_of(k / 5)), (w - right, y_of(k / 5))], fill=(225, 225, 225))
+        d.text((left - 8, y_of(k / 5)), f"{k / 5:.1f}", fill="black", font=small, anchor="rm")
+    d.line([(left, top), (left, top + ph), (w - right, top + ph)], fill="black", width=2)
+    cw = pw / len(categories)
+    for i, c in enumerate(categories):
+        d.multiline_text((left + (i + 0.5) * cw, top + ph + 10), c, fill="black", font=small, anchor="ma", align="center")
+    d.text((left + pw / 2, h - 20), xlabel, fill="black", font=font, anchor="mm")
+    label = Image.new("RGB", (ph, 30), "white")
+    ImageDraw.Draw(label).text((ph // 2, 15), "test top-1 accuracy", fill="black", font=font, anchor="mm")
+    img.paste(label.rotate(90, expand=True), (8, top))
+    bw, legend_x = cw * 0.8 / len(series), left
+    for j, (name, colour, values, errors) in enumerate(series):
+        points = []
+        for i, v in enumerate(values):
+            if v is None or not math.isfinite(v):
+                continue
+            x = left + (i + 0.5) * cw + ((j - (len(series) - 1) / 2) * bw if kind == "bar" else 0)
+            if kind == "bar":
+                d.rectangle([x - bw / 2 + 2, y_of(v), x + bw / 2 - 2, y_of(0)], fill=colour)
+            else:
+                points.append((x, y_of(v)))
+                d.ellipse([x - 5, y_of(v) - 5, x + 5, y_of(v) + 5], fill=colour)
+            if errors is not None and errors[i]:
+                lo, hi = y_of(max(0.0, v - errors[i])), y_of(min(1.0, v + errors[i]))
+                for seg in ([(x, lo), (x, hi)], [(x - 5, lo), (x + 5, lo)], [(x - 5, hi), (x + 5, hi)]):
+                    d.line(seg, fill="black", width=2)
+        if len(points) > 1:
+            d.line(points, fill=colour, width=3)
+        d.rectangle([legend_x, 50, legend_x + 16, 66], fill=colour)  # legend: one row under the title
+        d.text((legend_x + 22, 58), name, fill="black", font=small, anchor="lm")
+        legend_x += 22 + d.textlength(name, font=small) + 30
+    img.save(path)
+
+
+def draw_figures(out: Path, summary: dict, tasks: dict[str, data.TaskData], n_seeds: int) -> list[str]:
+    """figure2.png (Table 1 as bars beside the paper's) and figure6.png (Table 4 against classes)."""
+    here = f"here (mean ± std, {n_seeds} seeds)" if n_seeds > 1 else "here (one seed)"
+    keys = [k for k, _, _ in STUDY1_ROWS]
+    stats = [mean_std(summary["table1"][k]) for k in keys]
+    draw_chart(out / "figure2.png", "Figure 2: augmentation during fine-tuning (Table 1)",
+               "operations used while fine-tuning", keys,
+               [(here, HERE_COLOURS[0], [m for m, _ in stats], [s for _, s in stats]),
+                ("paper (tf_flowers)", PAPER_COLOUR, [PAPER_TABLE1[k] for k in keys], None)])
+    names = summary["study3_tasks"]
+    series = []
+    for j, b in enumerate(summary["batch_sizes"]):
+        stats = [mean_std(summary["table4"][t][str(b)]) for t in names]
+        series.append((f"batch {b}, {here}", HERE_COLOURS[j % 3], [m for m, _ in stats], [s for _, s in stats]))
+    paper = [PAPER_TABLE4.get(tasks[t].num_classes, (None, float("nan")))[1] for t in names]
+    series.append(("paper, batch 64 (their datasets)", PAPER_COLOUR, paper, None))
+    draw_chart(out / "figure6.png", "Figure 6: linear transfer vs number of classes (Table 4)",
+               "number of classes (task)", [f"{tasks[t].num_classes}\n{t}" for t in names], series, kind="line")
+    return ["figure2.png", "figure6.png"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run
+
+
+def _versions() -> dict:
+    return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                pillow=PIL.__version__, tqdm=tqdm_module.__version__, platform=platform.platform())
+
+
+def _device_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+               f"{torch.get_num_threads()} torch threads)"
+    return dict(type=device.type, name=name)
+
+
+def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix runs: a folder holding a run needs --resume (same settings) or --overwrite."""
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"Output folder '{out}' cannot be created: '{parent}' is a file. Choose another --out.")
+    config = out / "config.json"
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other: pass one of them.")
+    if config.exists() and not (resume or overwrite):
+        raise UserError(f"Output folder '{out}' already holds a run_all run (config.json). Pass --resume to continue "
+                        "it, --overwrite to replace it, or choose another --out.")
+    if resume and config.exists():
+        old = json.loads(config.read_text()).get("settings", {})
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed:
+            raise UserError(f"--resume: '{out}' was started with other settings ({', '.join(changed)} differ). Resume "
+                            "with the original options, or pass --overwrite to start again.")
+    if overwrite:
+        for name in ("stages", "results.json", "results.md", "figure2.png", "figure6.png"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"Output folder '{out}' cannot be created: {e.strerror}.") from None
+    simclr.atomic_write_text(json.dumps(dict(settings=settings), indent=2) + "\n", config)
+
+
+def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *, data_spec: str | None = None,
+            seed: int = 0, seeds: int | None = None, device: str = "auto", pretrained: str | None = None,
+            resume: bool = False, overwrite: bool = False, root: str | None = None, cache_dir: str | None = None,
+            download: bool | None = None, command: str = "") -> dict:
+    """Pretrain, the three studies for each seed, then results.json / results.md / figures in `out`."""
+    start = time.perf_counter()
+    dev = simclr.select_device(device)
+    preset_name, p = resolve_preset(preset, dev)
+    mapping = parse_data(data_spec, p["data"])
+    n_seeds = seeds if seeds is not None else p["seeds_cuda" if dev.type == "cuda" else "seeds_cpu"]
+    if n_seeds < 1:
+        raise UserError(f"--seeds must be at least 1; got {n_seeds}.")
+    seed_list = [seed + k for k in range(n_seeds)]
+    download = preset_name == "paper" if download is None else download
+    out = Path(out)
+    settings = dict(preset=preset_name, values=p, data=mapping, seeds=seed_list, device=str(dev),
+                    pretrained=str(pretrained) if pretrained else None)
+    prepare_folder(out, settings, resume, overwrite)
+
+    size = p["image_size"]
+    simclr.seed_everything(seed)
+    tasks = load_tasks([mapping["study1"], mapping["study2"], *mapping["study3"]], size, p["tasks"], seed, root,
+                       cache_dir, download)
+    pre_cfg, res_arch = p["pretrain"], p["pretrain"]["model"]
+    if pretrained is not None:
+        ckpt = simclr.load_checkpoint(pretrained)
+        if ckpt["kind"] != "pretrain":
+            raise UserError(f"--pretrained '{pretrained}' is a '{ckpt['kind']}' checkpoint; pass a pretraining "
+                            "checkpoint (simclr.py pretrain, or a torchvision-layout encoder converted by transfer.py).")
+        res_arch = ckpt["arch"]["encoder"]
+    vgg = p["vgg"]
+    separate_teacher = mapping["study2"] != mapping["study1"]
+    n_stages = ((pretrained is None) + 2 + n_seeds * (len(STUDY1_ROWS) + separate_teacher + len(STUDY2_ROWS)
+                + len(mapping["study3"]) * len(p["probe"]["batch_sizes"])))
+    pipe = Pipeline(out, resume, n_stages)
+    dev_name = str(dev)
+    runs: dict[str, dict] = {}
+    common = dict(image_size=size, n_images=p["pool_images"], device=dev_name, root=root, cache_dir=cache_dir,
+                  data_seed=seed)
+    try:
+        if pretrained is None:
+            knn_task = mapping["study1"] if p["knn_check"] else None
+            runs["pretrain"] = pipe.run("pretrain", pretrain_stage(pre_cfg, mapping["pool"], knn_task, seed=seed,
+                                                                   **common))
+            checkpoint = runs["pretrain"]["checkpoint"]
+        else:
+            checkpoint = str(pretrained)
+        for s in seed_list:
+            for key, _, aug in STUDY1_ROWS:
+                name = f"seed{s}-study1-{key}"
+                runs[name] = pipe.run(name, finetune_stage(checkpoint, tasks[mapping["study1"]], aug, p["finetune"],
+                                                           s, dev_name))
+        # Student bases: SimCLR-pretrained here for each student architecture on the same pool with the
+        # same budget; the ResNet one from another seed, so it is not the teacher's own encoder.
+        width = simclr.load_checkpoint(checkpoint)["arch"]["width"] if pretrained else pre_cfg["width"]
+        student_cfg = dict(pre_cfg, model=res_arch, width=width)
+        bases = {}
+        for family, arch, base_seed in (("resnet", res_arch, seed + 10_000), ("vgg", vgg, seed)):
+            name = f"pretrain-student-{family}"
+            runs[name] = pipe.run(name, pretrain_stage(dict(student_cfg, model=arch), mapping["pool"], None,
+                                                       seed=base_seed, **common))
+            bases[family] = runs[name]["checkpoint"]
+        for s in seed_list:
+            if separate_teacher:
+                name = f"seed{s}-study2-teacher"
+                runs[name] = pipe.run(name, finetune_stage(checkpoint, tasks[mapping["study2"]], STUDY1_ROWS[5][2],
+                                                           p["finetune"], s, dev_name))
+            else:
+                name = f"seed{s}-study1-all"
+            teacher = runs[name]["best"]
+            for mode, family in STUDY2_ROWS:
+                name = f"seed{s}-study2-{mode}-{family}"
+                arch = res_arch if family == "resnet" else vgg
+                runs[name] = pipe.run(name, distill_stage(teacher, tasks[mapping["study2"]], mode, arch, width,
+                                                          bases[family], p["distill"], s, dev_name))
+        for s in seed_list:
+            for task_name in mapping["study3"]:
+                for b in p["probe"]["batch_sizes"]:
+                    name = f"seed{s}-study3-{task_name}-b{b}"
+                    runs[name] = pipe.run(name, probe_stage(checkpoint, tasks[task_name], b, p["probe"], s, dev_name))
+    finally:
+        pipe.close()
+
+    summary = summarise(runs, mapping, tasks, seed_list)
+    teacher_desc = (f"{res_arch} fine-tuned with all three augmentations on {mapping['study2']} "
+                    + ("in its own run per seed" if separate_teacher else "(the 'all' row of Study 1, same seed)"))
+    meta = dict(preset=preset_name, seeds=seed_list, device=_device_info(dev), wall_s=time.perf_counter() - start,
+                command=command or f"run_all(preset={preset!r})", pretrain=runs.get("pretrain"), teacher=teacher_desc,
+                teacher_arch=res_arch, probe=p["probe"])
+    results = dict(meta, settings=settings, versions=_versions(), data=mapping,
+                   tasks={k: dict(classes=t.num_classes, train=len(t.train), val=len(t.val), test=len(t.test),
+                                  image_size=t.train.image_size) for k, t in tasks.items()},
+                   stages={k: dict(wall_s=v["wall_s"], reused=v["reused"], finished=v["finished"])
+                           for k, v in pipe.records.items()},
+                   runs=runs, **summary)
+    simclr.atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out / "results.json")
+    markdown = results_markdown(summary, meta, tasks, mapping)
+    simclr.atomic_write_text(markdown, out / "results.md")
+    draw_figures(out, summary, tasks, n_seeds)
+    print(markdown)
+    print(f"Wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'figure2.png'}, {out / 'figure6.png'} "
+          f"in {results['wall_s']:.0f} s.", file=sys.stderr)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="default", choices=PRESET_CHOICES,
+                   help="default: cuda on a GPU, cpu otherwise; tiny: seconds (tests); paper: the seed paper's settings")
+    p.add_argument("--data", default=None, help="study-to-dataset map, e.g. study1=tf_flowers,study3=a:b:c (see below)")
+    p.add_argument("--out", default="runs/run_all", help="run folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; seed k is SEED + k (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per study, mean ± std (default: 3 on GPU, 1 on CPU)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
+    p.add_argument("--pretrained", default=None, help="a SimCLR pretraining checkpoint to use instead of pretraining")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished stage")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--root", default=None, help="folder for downloaded datasets (default: data.py's default)")
+    p.add_argument("--cache-dir", default=None, help="cache for decoded image folders (default: data.py's default)")
+    p.add_argument("--download", type=simclr.bool_arg, default=None,
+                   help="download named datasets that are missing (default: on for --preset paper)")
+    return p
+
+
+def run_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
+    run_all(args.preset, args.out, data_spec=args.data, seed=args.seed, seeds=args.seeds, device=args.device,
+            pretrained=args.pretrained, resume=args.resume, overwrite=args.overwrite, root=args.root,
+            cache_dir=args.cache_dir, download=args.download, command=" ".join(["python run_all.py", *argv]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return simclr.main(argv, run=lambda args: run_command(args, argv), parser=build_parser())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
