@@ -71,6 +71,14 @@ class UserError(Exception):
     """
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help of every command line of the project: each option with its default, said once."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "default" in text.lower() else super()._get_help_string(action)
+
+
 # ----------------------------------------------------------------------------------------------
 # Containers
 # ----------------------------------------------------------------------------------------------
@@ -1989,30 +1997,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python data.py",
         description="Data for the SimCLR studies: look at, inspect, download and benchmark datasets.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("grid", help="save a PNG grid of samples per class", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("grid", help="save a PNG grid of samples per class", formatter_class=HelpFormatter)
     p.add_argument("name", help=f"dataset name ({', '.join(known_names())}) or folder")
     p.add_argument("--out", default="grid.png", help="PNG file to write")
     p.add_argument("--size", type=int, default=32, help="image size")
     p.add_argument("--per-class", type=int, default=8, help="images per class (row)")
     p.add_argument("--max-classes", type=int, default=20, help="rows to show at most")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--root", default=None, help="data root for named datasets; None: $SIMCLR_DATA, else ~/.local/share/simclr")
     p.add_argument("--cache-dir", default=None, help="decode cache; None: $SIMCLR_CACHE, else ~/.cache/simclr")
-    p = sub.add_parser("info", help="print splits, classes and channel statistics", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("info", help="print splits, classes and channel statistics", formatter_class=HelpFormatter)
     p.add_argument("name", help="dataset name or folder")
     p.add_argument("--size", type=int, default=32, help="image size")
     p.add_argument("--root", default=None, help="data root for named datasets")
     p.add_argument("--cache-dir", default=None, help="decode cache")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images with a warning")
     p.add_argument("--download", action="store_true", help="download a named dataset if missing")
-    p = sub.add_parser("download", help="download and extract a named dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("download", help="download and extract a named dataset", formatter_class=HelpFormatter)
     p.add_argument("name", choices=list(DATASETS))
     p.add_argument("--root", default=None, help="data root; None: $SIMCLR_DATA, else ~/.local/share/simclr")
     p.add_argument("--mirror", default=None, help="base URL serving the archives by file name; None: $SIMCLR_MIRROR, else the publisher")
-    p = sub.add_parser("bench", help="generator speed on one CPU core", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("bench", help="generator speed on one CPU core", formatter_class=HelpFormatter)
     p.add_argument("--n", type=int, default=20000, help="images to generate")
     p.add_argument("--size", type=int, default=32, help="image size")
     p.add_argument("--name", default=POOL_NAME, help="embedded dataset to render")

@@ -336,8 +336,8 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
             epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
             momentum: float | None = None, weight_decay: float | None = None, optimizer: str | None = None,
             preset: str = "default", seed: int = 0, device: str = "auto", root: str | None = None,
-            cache_dir: str | None = None, resume: bool = False, overwrite: bool = False, log_every: int = 20,
-            task: data.TaskData | None = None) -> dict:
+            cache_dir: str | None = None, skip_bad: bool = False, resume: bool = False, overwrite: bool = False,
+            log_every: int = 20, task: data.TaskData | None = None) -> dict:
     """Distil `teacher` (a classifier checkpoint) into a `student` on `task_name`'s training images
     with labels hidden (SimCLR v2 section 2.3; seed paper Study 2). Settings left as None come from
     PRESETS[preset]; dense_layers None means (256,) in frozen mode and none otherwise.
@@ -373,10 +373,11 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
     simclr.seed_everything(seed)
     teacher_ckpt_meta = simclr.load_checkpoint(teacher)
     image_size = int(teacher_ckpt_meta.get("image_size") or 32)
-    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir)
+    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir,
+                                  skip_bad=skip_bad)
     teacher_model, teacher_ckpt = load_teacher(teacher, task, dev)
     extra = (data.load_unlabeled(extra_unlabeled, image_size=image_size, n=extra_n, root=root, seed=seed,
-                                 cache_dir=cache_dir) if extra_unlabeled else None)
+                                 cache_dir=cache_dir, skip_bad=skip_bad) if extra_unlabeled else None)
     if extra is not None and extra.image_size != task.train.image_size:
         raise UserError(f"--extra-unlabeled '{extra_unlabeled}' gives {extra.image_size}px images but the task's are "
                         f"{task.train.image_size}px; use sources of one resolution.")
@@ -466,7 +467,7 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=data.HelpFormatter,
                                 epilog="presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     p.add_argument("--teacher", required=True, help="classifier checkpoint (best.pt of a finetune/distill/transfer run)")
     p.add_argument("--data", default="shapes5", help="labeled task whose train images (labels hidden) are distilled on")
@@ -510,7 +511,8 @@ def run_command(args: argparse.Namespace) -> None:
             extra_unlabeled=args.extra_unlabeled, extra_n=args.extra_n, epochs=args.epochs,
             batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
             optimizer=args.optimizer, preset=args.preset, seed=args.seed, device=args.device, root=args.root,
-            cache_dir=args.cache_dir, resume=args.resume, overwrite=args.overwrite, log_every=args.log_every)
+            cache_dir=args.cache_dir, skip_bad=args.skip_bad, resume=args.resume, overwrite=args.overwrite,
+            log_every=args.log_every)
 
 
 def main(argv: list[str] | None = None) -> int:

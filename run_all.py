@@ -93,7 +93,7 @@ PRESETS: dict[str, dict] = {
         image_size=32, seeds_cpu=1, seeds_cuda=1, knn_check=True,
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
         pool_images=4096, tasks=dict(train_per_class=20, min_train=1000, test_per_class=10, min_test=500),
-        pretrain=dict(_SMALL_PRETRAIN, model="resnet18", width=0.25, epochs=15, batch_size=256, log_every=10),
+        pretrain=dict(_SMALL_PRETRAIN, model="resnet18", width=0.125, epochs=15, batch_size=256, log_every=10),
         vgg="vgg16_bn",
         finetune=dict(head_layer=1, epochs=15, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=0.0,
                       strength=0.5),
@@ -285,7 +285,7 @@ def _quiet_copy(result: dict, drop: Sequence[str] = ("per_class",)) -> dict:
 
 
 def load_tasks(names: Sequence[str], image_size: int, sizes: dict, seed: int, root: str | None,
-               cache_dir: str | None, download: bool) -> dict[str, data.TaskData]:
+               cache_dir: str | None, download: bool, skip_bad: bool = False) -> dict[str, data.TaskData]:
     """Each labeled task once (shared by every seed and stage, so all rows see the same images).
 
     sizes: for embedded tasks, train/test images per class with a floor on the totals
@@ -296,20 +296,19 @@ def load_tasks(names: Sequence[str], image_size: int, sizes: dict, seed: int, ro
         n_train = max(sizes["min_train"], classes * sizes["train_per_class"]) if classes else None
         n_test = max(sizes["min_test"], classes * sizes["test_per_class"]) if classes else None
         tasks[name] = data.load_task(name, image_size=image_size, root=root, seed=seed, n_train=n_train,
-                                     n_test=n_test, download=download, cache_dir=cache_dir)
+                                     n_test=n_test, download=download, cache_dir=cache_dir,
+                                     skip_bad=skip_bad)
     return tasks
 
 
 def pretrain_stage(cfg: dict, pool: str, eval_task: str | None, image_size: int, n_images: int | None,
-                   seed: int, data_seed: int, device: str, root: str | None, cache_dir: str | None
-                   ) -> Callable[[Path, bool], dict]:
+                   seed: int, data_seed: int, device: str, root: str | None, cache_dir: str | None,
+                   skip_bad: bool = False) -> Callable[[Path, bool], dict]:
     fields = simclr.PretrainConfig.__dataclass_fields__
+    # Every base sees the same pool (same images, same budget): the pool is drawn from data_seed,
+    # only the training seed differs.
     settings = dict(cfg, data=pool, eval_data=eval_task, image_size=image_size, n_images=n_images, seed=seed,
-                    device=device, root=root, cache_dir=cache_dir)
-    # The pool must be the same images for every base (issue 5: same pool, same budget); a
-    # PretrainConfig with `data_seed` draws the pool from it instead of from the training seed.
-    if "data_seed" in fields:
-        settings["data_seed"] = data_seed
+                    data_seed=data_seed, device=device, root=root, cache_dir=cache_dir, skip_bad=skip_bad)
     settings.setdefault("knn_every", settings["epochs"])
     unknown = sorted(set(settings) - set(fields))
     if unknown:
@@ -320,7 +319,7 @@ def pretrain_stage(cfg: dict, pool: str, eval_task: str | None, image_size: int,
         keep = {k: summary[k] for k in ("checkpoint", "knn_top1", "knn_top1_random_encoder") if k in summary}
         loss = [r["loss"] for r in _read_log(folder) if "loss" in r]
         return dict(keep, model=cfg["model"], width=cfg["width"], seed=seed,
-                    pool_seed=data_seed if "data_seed" in fields else seed, final_loss=loss[-1] if loss else None)
+                    pool_seed=data_seed, final_loss=loss[-1] if loss else None)
     return run
 
 
@@ -626,7 +625,7 @@ def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> 
 def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *, data_spec: str | None = None,
             seed: int = 0, seeds: int | None = None, device: str = "auto", pretrained: str | None = None,
             resume: bool = False, overwrite: bool = False, root: str | None = None, cache_dir: str | None = None,
-            download: bool | None = None, command: str = "") -> dict:
+            download: bool | None = None, skip_bad: bool = False, command: str = "") -> dict:
     """Pretrain, the three studies for each seed, then results.json / results.md / figures in `out`."""
     start = time.perf_counter()
     dev = simclr.select_device(device)
@@ -645,7 +644,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     size = p["image_size"]
     simclr.seed_everything(seed)
     tasks = load_tasks([mapping["study1"], mapping["study2"], *mapping["study3"]], size, p["tasks"], seed, root,
-                       cache_dir, download)
+                       cache_dir, download, skip_bad)
     pre_cfg, res_arch = p["pretrain"], p["pretrain"]["model"]
     if pretrained is not None:
         ckpt = simclr.load_checkpoint(pretrained)
@@ -661,7 +660,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     dev_name = str(dev)
     runs: dict[str, dict] = {}
     common = dict(image_size=size, n_images=p["pool_images"], device=dev_name, root=root, cache_dir=cache_dir,
-                  data_seed=seed)
+                  data_seed=seed, skip_bad=skip_bad)
     try:
         if pretrained is None:
             knn_task = mapping["study1"] if p["knn_check"] else None
@@ -732,9 +731,13 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
 # Command line
 
 
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, data.HelpFormatter):
+    """The module docstring's stage list kept as written, each option with its default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=RawHelpFormatter)
     p.add_argument("--preset", default="default", choices=PRESET_CHOICES,
                    help="default: cuda on a GPU, cpu otherwise; tiny: seconds (tests); paper: the seed paper's settings")
     p.add_argument("--data", default=None, help="study-to-dataset map, e.g. study1=tf_flowers,study3=a:b:c (see below)")
@@ -747,6 +750,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--root", default=None, help="folder for downloaded datasets (default: data.py's default)")
     p.add_argument("--cache-dir", default=None, help="cache for decoded image folders (default: data.py's default)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave unreadable images of a folder out with a warning, instead of stopping")
     p.add_argument("--download", type=simclr.bool_arg, default=None,
                    help="download named datasets that are missing (default: on for --preset paper)")
     return p
@@ -755,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
     run_all(args.preset, args.out, data_spec=args.data, seed=args.seed, seeds=args.seeds, device=args.device,
             pretrained=args.pretrained, resume=args.resume, overwrite=args.overwrite, root=args.root,
-            cache_dir=args.cache_dir, download=args.download, command=" ".join(["python run_all.py", *argv]))
+            cache_dir=args.cache_dir, download=args.download, skip_bad=args.skip_bad, command=" ".join(["python run_all.py", *argv]))
 
 
 def main(argv: list[str] | None = None) -> int:

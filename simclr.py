@@ -114,36 +114,39 @@ def seed_everything(seed: int) -> None:
 # Run folders and atomic checkpoints
 
 
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+def _atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode: str) -> None:
+    """write(file) into a temporary file in the same folder, fsync, then rename over `path`.
 
     A crash at any moment leaves either the previous file or the new one, never half of one:
     os.replace is atomic on POSIX and Windows when source and target share a file system."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(e, OSError):  # a full disk or a vanished folder is the user's to fix, not a bug
+            kept = f" The previous '{path.name}' is unchanged." if path.exists() else ""
+            raise UserError(f"Could not write '{path}': {e.strerror or e}. Free some space or choose another "
+                            f"--out, then run again (with --resume to continue a run).{kept}") from e
         raise
+
+
+def atomic_save(obj: object, path: str | os.PathLike) -> None:
+    """torch.save(obj) to `path` atomically (see _atomic_write); an OSError becomes a UserError."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write `text` to `path` atomically (see _atomic_write)."""
+    _atomic_write(path, lambda f: f.write(text), "w")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -711,9 +714,11 @@ class PretrainConfig:
     checkpoint_every: int = 0
     compile: bool = False
     seed: int = 0
+    data_seed: int | None = None       # seed that draws a generated or subsampled pool; None: `seed`
     device: str = "auto"
     root: str | None = None
     cache_dir: str | None = None
+    skip_bad: bool = False             # leave unreadable images of a folder out (with a warning)
 
 
 def resolve_defaults(cfg: PretrainConfig) -> PretrainConfig:
@@ -768,8 +773,10 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     distributed = init_distributed(device)
     run = RunFolder(out, resume=resume, overwrite=overwrite, is_main=distributed.is_main)
     seed_everything(cfg.seed)
+    # A separate data seed lets runs with different training seeds share one pool (run_all.py's student bases).
+    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     pool = data.load_unlabeled(cfg.data, image_size=cfg.image_size, n=cfg.n_images, root=cfg.root,
-                               seed=cfg.seed, cache_dir=cfg.cache_dir)
+                               seed=data_seed, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
     global_batch = cfg.batch_size
     if global_batch % distributed.world_size:
         raise UserError(f"--batch-size {global_batch} must divide evenly among {distributed.world_size} processes.")
@@ -807,8 +814,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
               f"world {distributed.world_size}; {cfg.optimizer} lr {lr:.4g} (= {cfg.base_lr} x {global_batch}/256), "
               f"wd {cfg.weight_decay}, warm-up {cfg.warmup_epochs} epochs, T {cfg.temperature}, "
               f"augment {augmentation.describe()}, {cfg.epochs} epochs x {len(loader)} steps", file=sys.stderr)
-    task = data.load_task(cfg.eval_data, image_size=cfg.image_size, root=cfg.root, seed=cfg.seed,
-                          cache_dir=cfg.cache_dir) if cfg.eval_data and distributed.is_main else None
+    task = data.load_task(cfg.eval_data, image_size=cfg.image_size, root=cfg.root, seed=data_seed,
+                          cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad) if cfg.eval_data and distributed.is_main else None
     encoder = unwrap(model).encoder
     evaluate = (lambda: dict(knn_top1=knn_monitor(encoder, task.train, task.val, device, cfg.knn_k))) if task else None
     loss_fn = contrastive_loss_fn(train_model, augmentation, cfg.temperature, distributed)
@@ -875,14 +882,15 @@ def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
 def linear_eval(checkpoint: str | os.PathLike, task_name: str, out: str | os.PathLike | None = None, *,
                 epochs: int = 100, lr: float = 0.1, batch_size: int = 256, head_layer: int = 0,
                 seed: int = 0, device: str = "auto", root: str | None = None, cache_dir: str | None = None,
-                resume: bool = False, overwrite: bool = False) -> dict:
+                skip_bad: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
     """Linear evaluation (SimCLR v1 section 4): frozen encoder, features of the un-augmented train,
     val and test images computed once, a linear layer trained on them; top-1/top-5 on val and test."""
     check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
     dev = select_device(device)
     seed_everything(seed)
     model, ckpt = load_pretrained(checkpoint)
-    task = data.load_task(task_name, image_size=ckpt["image_size"], root=root, seed=seed, cache_dir=cache_dir)
+    task = data.load_task(task_name, image_size=ckpt["image_size"], root=root, seed=seed, cache_dir=cache_dir,
+                          skip_bad=skip_bad)
     classifier = Classifier(model.encoder, model.head, head_layer, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev)
     classifier.eval()
     frozen = {k: v.clone() for k, v in classifier.encoder.state_dict().items()}
@@ -922,7 +930,7 @@ def finetune(checkpoint: str | os.PathLike | None, task_name: str, out: str | os
              color: bool = False, blur: bool = False, strength: float = 0.5, epochs: int = 30,
              batch_size: int = 128, lr: float = 0.05, optimizer: str = "sgd", weight_decay: float = 0.0,
              momentum: float = 0.9, seed: int = 0, device: str = "auto", root: str | None = None,
-             cache_dir: str | None = None, arch: dict | None = None, image_size: int = 32,
+             cache_dir: str | None = None, skip_bad: bool = False, arch: dict | None = None, image_size: int = 32,
              resume: bool = False, overwrite: bool = False, log_every: int = 20,
              task: data.TaskData | None = None) -> dict:
     """Supervised fine-tuning of the whole network (SimCLR v2 section 2.2) on `fraction` of the
@@ -943,7 +951,8 @@ def finetune(checkpoint: str | os.PathLike | None, task_name: str, out: str | os
         if arch is None:
             raise ValueError("finetune from scratch needs `arch`")
         pretrained, mean, std = build_simclr_model(arch), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir)
+    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir,
+                                  skip_bad=skip_bad)
     if head_layer > arch["head_layers"]:
         raise UserError(f"--head-layer {head_layer} is deeper than the {arch['head_layers']}-layer projection head.")
     train = data.labeled_fraction(task.train, fraction, seed) if fraction < 1 else task.train
@@ -1060,6 +1069,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--root", default=None, help="folder for downloaded datasets (default: data.py's default)")
     p.add_argument("--cache-dir", default=None, help="cache for decoded image folders (default: data.py's default)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave unreadable images of a folder out with a warning, instead of stopping")
 
 
 def add_run(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -1078,34 +1089,36 @@ def bool_arg(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=data.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     d = PretrainConfig()
     p = sub.add_parser("pretrain", help="SimCLR contrastive pretraining",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     p.add_argument("--data", default=d.data, help="unlabeled images: shapes-pool, a folder, or a dataset name")
     p.add_argument("--eval-data", default=d.eval_data, help="labeled task for the kNN monitor ('' for none)")
-    p.add_argument("--image-size", type=int, default=d.image_size)
+    p.add_argument("--image-size", type=int, default=d.image_size, help="working resolution in pixels")
     p.add_argument("--n-images", type=int, default=d.n_images, help="pool size (generated) or cap (folder)")
-    p.add_argument("--model", default=d.model, choices=models.MODEL_NAMES)
+    p.add_argument("--model", default=d.model, choices=models.MODEL_NAMES, help="encoder (models.py)")
     p.add_argument("--width", type=float, default=d.width, help="channel multiplier (SimCLR 2x, 4x; 0.25 for CPU)")
     p.add_argument("--cifar-stem", type=bool_arg, default=None, help="3x3 stem, no max-pool (default: on up to 64 px)")
     p.add_argument("--head-layers", type=int, default=d.head_layers, help="2 (SimCLR v1) or 3 (v2)")
     p.add_argument("--head-hidden", type=int, default=None, help="head width (default: the encoder's feature width)")
-    p.add_argument("--out-dim", type=int, default=d.out_dim)
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--out-dim", type=int, default=d.out_dim, help="projection size z (the loss's input)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the unlabeled images")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all processes)")
-    p.add_argument("--optimizer", default=d.optimizer, choices=["lars", "sgd"])
+    p.add_argument("--optimizer", default=d.optimizer, choices=["lars", "sgd"],
+                   help="LARS (SimCLR) or SGD with momentum")
     p.add_argument("--base-lr", type=float, default=None, help="scaled by batch/256 (default: 1.0 up to 64 px, else 0.3)")
-    p.add_argument("--lr-scaling", default=d.lr_scaling, choices=["linear", "sqrt"])
+    p.add_argument("--lr-scaling", default=d.lr_scaling, choices=["linear", "sqrt"],
+                   help="lr = base-lr x batch/256 (linear) or base-lr x sqrt(batch) (sqrt; SimCLR v2 uses 0.075)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-4 up to 64 px, else 1e-6")
-    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--momentum", type=float, default=d.momentum, help="momentum of LARS / SGD")
     p.add_argument("--warmup-epochs", type=float, default=None, help="default: 10, at most a tenth of the run")
-    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
     p.add_argument("--strength", type=float, default=None, help="colour distortion strength (default: 0.5 up to 64 px, else 1.0)")
     p.add_argument("--blur", type=bool_arg, default=None, help="Gaussian blur (default: off up to 64 px)")
     p.add_argument("--knn-every", type=int, default=d.knn_every, help="epochs between kNN monitor evaluations")
-    p.add_argument("--knn-k", type=int, default=d.knn_k)
+    p.add_argument("--knn-k", type=int, default=d.knn_k, help="neighbours of the kNN monitor")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines (host syncs)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (0: each epoch)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -1113,41 +1126,41 @@ def build_parser() -> argparse.ArgumentParser:
     add_run(p)
 
     e = sub.add_parser("linear-eval", help="linear classifier on frozen features",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     e.add_argument("--checkpoint", required=True, help="a pretraining checkpoint.pt")
     e.add_argument("--data", default="shapes5", help="labeled task: an embedded name, a dataset name or a folder")
-    e.add_argument("--epochs", type=int, default=100)
-    e.add_argument("--lr", type=float, default=0.1)
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--epochs", type=int, default=100, help="epochs of the linear layer on cached features")
+    e.add_argument("--lr", type=float, default=0.1, help="learning rate (SGD, momentum 0.9, cosine)")
+    e.add_argument("--batch-size", type=int, default=256, help="batch of cached features")
     e.add_argument("--head-layer", type=int, default=0, help="0: encoder output; k: after head layer k")
     add_common(e)
     add_run(e, required=False)
 
     f = sub.add_parser("finetune", help="supervised fine-tuning from a head layer",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     f.add_argument("--checkpoint", required=True, help="a pretraining checkpoint.pt")
-    f.add_argument("--data", default="shapes5")
+    f.add_argument("--data", default="shapes5", help="labeled task: an embedded name, a dataset name or a folder")
     f.add_argument("--fraction", type=float, default=1.0, help="fraction of training labels (0.01, 0.1, 1)")
     f.add_argument("--head-layer", type=int, default=1, help="fine-tune from this head layer (SimCLR v2: 1)")
     for name, default in (("crop", True), ("flip", True), ("color", False), ("blur", False)):
         f.add_argument(f"--{name}", type=bool_arg, default=default, help=f"use {name} augmentation while fine-tuning")
-    f.add_argument("--strength", type=float, default=0.5)
-    f.add_argument("--epochs", type=int, default=30)
-    f.add_argument("--batch-size", type=int, default=128)
-    f.add_argument("--lr", type=float, default=0.05)
-    f.add_argument("--optimizer", default="sgd", choices=["lars", "sgd"])
-    f.add_argument("--weight-decay", type=float, default=0.0)
+    f.add_argument("--strength", type=float, default=0.5, help="colour distortion strength when --color is on")
+    f.add_argument("--epochs", type=int, default=30, help="passes over the labeled subset")
+    f.add_argument("--batch-size", type=int, default=128, help="labeled images per step")
+    f.add_argument("--lr", type=float, default=0.05, help="peak learning rate (warm-up, then cosine)")
+    f.add_argument("--optimizer", default="sgd", choices=["lars", "sgd"], help="optimiser")
+    f.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (not on biases and BN)")
     add_common(f)
     add_run(f)
 
-    b = sub.add_parser("bench", help="pretraining throughput", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    b.add_argument("--model", default="resnet18", choices=models.MODEL_NAMES)
-    b.add_argument("--size", type=int, default=32)
-    b.add_argument("--batch", type=int, default=512)
-    b.add_argument("--width", type=float, default=1.0)
-    b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--compile", choices=["off", "on", "both"], default="off")
-    b.add_argument("--device", default="auto")
+    b = sub.add_parser("bench", help="pretraining throughput", formatter_class=data.HelpFormatter)
+    b.add_argument("--model", default="resnet18", choices=models.MODEL_NAMES, help="encoder")
+    b.add_argument("--size", type=int, default=32, help="image size in pixels")
+    b.add_argument("--batch", type=int, default=512, help="source images per step (two views each)")
+    b.add_argument("--width", type=float, default=1.0, help="channel multiplier")
+    b.add_argument("--steps", type=int, default=20, help="timed steps (after 5 warm-up steps)")
+    b.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     return parser
 
 
@@ -1160,13 +1173,13 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "linear-eval":
         linear_eval(args.checkpoint, args.data, args.out, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                     head_layer=args.head_layer, seed=args.seed, device=args.device, root=args.root,
-                    cache_dir=args.cache_dir, resume=args.resume, overwrite=args.overwrite)
+                    cache_dir=args.cache_dir, skip_bad=args.skip_bad, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "finetune":
         finetune(args.checkpoint, args.data, args.out, fraction=args.fraction, head_layer=args.head_layer,
                  crop=args.crop, flip=args.flip, color=args.color, blur=args.blur, strength=args.strength,
                  epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                  weight_decay=args.weight_decay, seed=args.seed, device=args.device, root=args.root,
-                 cache_dir=args.cache_dir, resume=args.resume, overwrite=args.overwrite)
+                 cache_dir=args.cache_dir, skip_bad=args.skip_bad, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "bench":
         modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
         rows = [bench(args.model, args.size, args.batch, args.width, args.steps, device=args.device, compile=c)

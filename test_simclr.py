@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -1735,9 +1736,9 @@ def test_atomic_save_crash_between_write_and_rename_keeps_old_file(tmp_path, mon
     simclr.atomic_save({"kind": "test", "v": torch.tensor([1.0])}, path)
 
     def crash(src, dst):
-        raise OSError("simulated crash before rename")
+        raise KeyboardInterrupt("simulated crash before rename")
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(KeyboardInterrupt):
         simclr.atomic_save({"kind": "test", "v": torch.tensor([2.0])}, path)
     monkeypatch.undo()
     assert simclr.load_checkpoint(path)["v"].item() == 1.0
@@ -2369,7 +2370,7 @@ def test_tiny_writes_all_three_studies_tables_and_figures(tiny_run):
         with Image.open(tiny_run / name) as im:
             im.load()
             assert im.size[0] >= 600 and im.size[1] >= 400
-            assert len(set(im.convert("RGB").getdata())) > 10  # something was drawn
+            assert len(im.convert("RGB").getcolors(maxcolors=1 << 24)) > 10  # something was drawn
 
 
 def test_existing_run_is_refused_without_resume_or_overwrite(tiny_run, capsys):
@@ -2407,3 +2408,260 @@ def test_resume_reruns_only_the_stage_without_a_record(tiny_run, monkeypatch):
     assert record["resumed"] is True  # its own run folder held a checkpoint: continued, not restarted
     assert after["table1"] == before["table1"] and after["table4"] == before["table4"]
     assert after["table2"][f"frozen-vgg"]["student"] == pytest.approx(before["table2"]["frozen-vgg"]["student"])
+
+
+# ==================================================================================================
+# Faults and bad input, through the real command lines (issue 8)
+# ==================================================================================================
+#
+# Every case runs a real `python <file>.py ...` process. The table's processes start together (2 cores
+# share them), and the user's input folders are snapshotted before and compared after all of them.
+
+NO_GPU = not torch.cuda.is_available()
+
+
+def _script(name: str, args: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.join(HERE, name), *args], env=env, cwd=HERE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _user_files(user: Path, world: dict) -> None:
+    """What a user owns: image folders in every state, checkpoints, a finished run, a plain file."""
+    _odd_mode_folder(user / "modes")
+    _bad_files(_odd_mode_folder(user / "broken") / "a")
+    (user / "empty").mkdir()
+    (user / "notes").mkdir()
+    (user / "notes" / "readme.txt").write_text("no images here")
+    cifar = _cifar10_folder(user / "cifar")
+    (cifar / "data_batch_5").unlink()
+    ckpts = user / "ckpts"
+    ckpts.mkdir()
+    for name in ("origin", "teacher"):
+        (ckpts / f"{name}.pt").write_bytes(Path(world[name]).read_bytes())
+    (ckpts / "truncated.pt").write_bytes(Path(world["origin"]).read_bytes()[:5000])
+    torch.save(models.resnet18(num_classes=10).state_dict(), ckpts / "torchvision_resnet18.pth")
+    (user / "finished_run").mkdir()
+    (user / "finished_run" / "config.json").write_text('{"kind": "pretrain"}\n')
+    (user / "a_file.txt").write_text("not a folder")
+
+
+def _bad_input_table(u: Path, o: Path) -> list[tuple[str, str, list[str], list[str]]]:
+    """(case, script, argv, what stderr must say). Every case must exit 2 with one paragraph."""
+    small = ["--image-size", "16", "--width", "0.125", "--epochs", "1", "--eval-data", "", "--device", "cpu"]
+    pre = lambda case, *args: ["pretrain", *small, "--out", str(o / case), *args]  # noqa: E731
+    origin, teacher = str(u / "ckpts" / "origin.pt"), str(u / "ckpts" / "teacher.pt")
+    rows = [
+        ("missing folder", "simclr.py", pre("missing", "--data", str(u / "missing")), ["missing", "not found"]),
+        ("empty folder", "simclr.py", pre("empty", "--data", str(u / "empty")), ["empty", "no image files"]),
+        ("folder without images", "simclr.py", pre("notes", "--data", str(u / "notes")), ["notes", "no image files"]),
+        ("a file given as the data folder", "simclr.py", pre("afile", "--data", str(u / "a_file.txt")),
+         ["a_file.txt"]),
+        ("corrupt and truncated images", "simclr.py", pre("broken", "--data", str(u / "broken")),
+         ["corrupt.jpg", "truncated.jpg", "--skip-bad"]),
+        ("CIFAR folder with a batch missing", "simclr.py",
+         ["linear-eval", "--checkpoint", origin, "--data", str(u / "cifar" / "cifar-10-batches-py"),
+          "--device", "cpu"], ["data_batch_5"]),
+        ("checkpoint of another architecture", "transfer.py",
+         ["train", "--source", str(u / "ckpts" / "torchvision_resnet18.pth"), "--arch", "resnet34", "--data", "shapes2",
+          "--out", str(o / "arch"), "--device", "cpu"], ["torchvision_resnet18.pth", "resnet34", "layer"]),
+        ("teacher with another number of classes", "distill.py",
+         ["--teacher", teacher, "--data", "shapes5", "--out", str(o / "classes"), "--device", "cpu"],
+         ["predicts 2 classes but the dataset has 5"]),
+        ("checkpoint truncated on disk", "simclr.py",
+         ["finetune", "--checkpoint", str(u / "ckpts" / "truncated.pt"), "--out", str(o / "trunc"), "--device", "cpu"],
+         ["truncated.pt", "could not be read"]),
+        ("output folder holding another run", "simclr.py", ["pretrain", *small, "--out", str(u / "finished_run")],
+         ["finished_run", "--resume", "--overwrite"]),
+        ("output folder whose parent is a file", "simclr.py",
+         ["pretrain", *small, "--out", str(u / "a_file.txt" / "run")], ["a_file.txt", "is a file"]),
+        ("batch size zero", "simclr.py", pre("b0", "--batch-size", "0"), ["--batch-size must be positive"]),
+        ("batch larger than the dataset", "simclr.py", pre("big", "--n-images", "64", "--batch-size", "128"),
+         ["--batch-size 128 is larger"]),
+        ("batch larger than the labeled set", "distill.py",
+         ["--teacher", teacher, "--data", "shapes2", "--batch-size", "100000", "--out", str(o / "dbig"),
+          "--device", "cpu"], ["--batch-size 100000"]),
+        ("negative learning rate", "simclr.py", pre("lr", "--base-lr", "-1"), ["--base-lr must be positive"]),
+        ("learning rate that is not a number", "simclr.py",
+         ["finetune", "--checkpoint", origin, "--lr", "nan", "--out", str(o / "lrnan"), "--device", "cpu"],
+         ["--lr must be positive"]),
+        ("zero temperature", "simclr.py", pre("t0", "--temperature", "0"), ["--temperature must be positive"]),
+        ("negative distillation temperature", "distill.py",
+         ["--teacher", teacher, "--data", "shapes2", "--temperature", "-1", "--out", str(o / "dt"), "--device", "cpu"],
+         ["--temperature must be positive"]),
+        ("unknown device", "simclr.py", pre("tpu", "--device", "tpu"), ["Unknown device 'tpu'"]),
+        ("unknown dataset name", "run_all.py",
+         ["--preset", "tiny", "--data", "study1=imagenet22k", "--out", str(o / "ra"), "--device", "cpu"],
+         ["imagenet22k"]),
+        ("zero seeds", "run_all.py", ["--preset", "tiny", "--seeds", "0", "--out", str(o / "ra0"), "--device", "cpu"],
+         ["--seeds must be at least 1"]),
+    ]
+    if NO_GPU:
+        rows.append(("CUDA requested on a machine without a GPU", "simclr.py", pre("cuda", "--device", "cuda"),
+                     ["no usable CUDA GPU", "--device cpu"]))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    user, outputs = root / "user", root / "outputs"
+    _user_files(user, world)
+    before = _snapshot(user)
+    env = dict(os.environ, OMP_NUM_THREADS="1", SIMCLR_CACHE=str(root / "cache"), SIMCLR_DATA=str(root / "data"))
+    env.pop("SIMCLR_MIRROR", None)
+    table = _bad_input_table(user, outputs)
+    good = {  # the same folders, where they are fine to use: every Pillow mode, and --skip-bad
+        "every Pillow mode": ["pretrain", "--data", str(user / "modes"), "--image-size", "16", "--width", "0.125",
+                              "--epochs", "1", "--batch-size", "8", "--eval-data", "", "--device", "cpu",
+                              "--out", str(outputs / "modes")],
+        "--skip-bad": ["pretrain", "--data", str(user / "broken"), "--skip-bad", "--image-size", "16", "--width",
+                       "0.125", "--epochs", "1", "--batch-size", "8", "--eval-data", "", "--device", "cpu",
+                       "--out", str(outputs / "skip")],
+    }
+    procs = {case: _script(script, args, env) for case, script, args, _ in table}
+    procs.update({case: _script("simclr.py", args, env) for case, args in good.items()})
+    results = {case: (p.wait(timeout=600), *p.communicate()) for case, p in procs.items()}
+    return dict(results=results, table={row[0]: row for row in table}, before=before, after=_snapshot(user),
+                outputs=outputs)
+
+
+BAD_INPUT_CASES = [
+    "missing folder", "empty folder", "folder without images", "a file given as the data folder",
+    "corrupt and truncated images", "CIFAR folder with a batch missing", "checkpoint of another architecture",
+    "teacher with another number of classes", "checkpoint truncated on disk", "output folder holding another run",
+    "output folder whose parent is a file", "batch size zero", "batch larger than the dataset",
+    "batch larger than the labeled set", "negative learning rate", "learning rate that is not a number",
+    "zero temperature", "negative distillation temperature", "unknown device", "unknown dataset name", "zero seeds",
+    pytest.param("CUDA requested on a machine without a GPU",
+                 marks=pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUT_CASES)
+def test_bad_input_exits_2_with_one_paragraph(bad_input_runs, case):
+    code, out, err = bad_input_runs["results"][case]
+    expected = bad_input_runs["table"][case][3]
+    assert code == 2, (case, code, err[-2000:])
+    assert "Traceback" not in err, err
+    message = err[err.rindex("error: "):].strip()
+    assert "\n\n" not in message and len(message) < 1200, message  # one paragraph
+    for text in expected:
+        assert text in message, (case, text, message)
+
+
+def test_good_inputs_of_every_mode_and_skip_bad_run(bad_input_runs):
+    for case in ("every Pillow mode", "--skip-bad"):
+        code, out, err = bad_input_runs["results"][case]
+        assert code == 0, (case, err[-2000:])
+    assert "2 unreadable" in bad_input_runs["results"]["--skip-bad"][2]
+    for run in ("modes", "skip"):
+        assert simclr.load_checkpoint(bad_input_runs["outputs"] / run / "checkpoint.pt")["kind"] == "pretrain"
+
+
+def test_no_case_modified_anything_of_the_user(bad_input_runs):
+    assert bad_input_runs["after"] == bad_input_runs["before"]
+
+
+def test_write_error_while_saving_is_a_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    real_save, calls = torch.save, {"n": 0}
+
+    def disk_full_on_second_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_on_second_save)
+    code = simclr.main(["pretrain", "--data", "shapes-pool", "--n-images", "64", "--image-size", "16", "--width",
+                        "0.125", "--batch-size", "32", "--epochs", "3", "--eval-data", "", "--device", "cpu",
+                        "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "No space left on device" in err and "checkpoint.pt" in err and "is unchanged" in err, err
+    monkeypatch.undo()
+    assert simclr.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2  # the epoch-1 checkpoint
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_inf_in_a_batch_stops_at_that_step(tmp_path, monkeypatch):
+    original = simclr.contrastive_loss_fn
+    views = {"n": 0}
+
+    def poisoned(model, augmentation, *rest):
+        def augment_then_poison(images, generator):
+            out = augmentation(images, generator)
+            views["n"] += 1
+            if views["n"] == 2 * 5 - 1:  # the first view of step 5
+                out = out.clone()
+                out[0, 0, 0, 0] = float("inf")
+            return out
+        return original(model, augment_then_poison, *rest)
+
+    monkeypatch.setattr(simclr, "contrastive_loss_fn", poisoned)
+    cfg = tiny_pretrain_config(eval_data=None, n_images=128, batch_size=32, epochs=3, log_every=3)
+    with pytest.raises(simclr.NonFiniteLoss, match=r"at step 5 .*checkpoint\.pt"):
+        simclr.pretrain(cfg, tmp_path / "run")
+    assert simclr.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+
+
+def test_too_high_learning_rate_stops_at_the_first_bad_step(tmp_path):
+    cfg = tiny_pretrain_config(eval_data=None, n_images=128, batch_size=32, epochs=3, log_every=2,
+                               optimizer="sgd", base_lr=1e30)
+    with pytest.raises(simclr.NonFiniteLoss) as err:
+        simclr.pretrain(cfg, tmp_path / "run")
+    step = int(re.search(r"at step (\d+)", str(err.value)).group(1))
+    log = tmp_path / "run" / "log.jsonl"
+    logged = [json.loads(line) for line in open(log) if '"loss"' in line] if log.exists() else []
+    assert all(math.isfinite(r["loss"]) for r in logged if r["step"] < step)
+    assert 1 <= step <= 12 and "Last good checkpoint" in str(err.value)
+    if (tmp_path / "run" / "checkpoint.pt").exists():  # whatever was saved holds finite weights
+        saved = simclr.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+        assert saved["step"] < step and all(torch.isfinite(v).all() for v in saved["model"].values())
+
+
+def test_non_finite_check_reads_the_device_once_per_log_interval(tmp_path, monkeypatch):
+    """Host reads (item, tolist, float, bool) in the training loop do not grow with the number of
+    steps: the loss and its finiteness are read at the log interval only."""
+    reads = {"n": 0}
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            reads["n"] += 1
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = {}
+    for n_images in (128, 256):  # one epoch of 4 or 8 steps, one log line at the end
+        reads["n"] = 0
+        cfg = tiny_pretrain_config(eval_data=None, n_images=n_images, batch_size=32, epochs=1, log_every=8)
+        simclr.pretrain(cfg, tmp_path / f"run{n_images}")
+        counts[n_images] = reads["n"]
+    assert counts[128] == counts[256], counts
+
+
+@pytest.mark.slow
+def test_run_all_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", SIMCLR_CACHE=str(tmp_path / "cache"))
+    args = ["--preset", "tiny", "--device", "cpu"]
+    straight = _script("run_all.py", [*args, "--out", str(tmp_path / "straight")], env)
+    assert straight.wait(timeout=600) == 0, straight.communicate()[1][-3000:]
+    killed = _script("run_all.py", [*args, "--out", str(tmp_path / "killed")], env)
+    stages = tmp_path / "killed" / "stages"
+    deadline = time.time() + 300
+    while not (stages / "seed0-study1-color.json").exists():  # killed inside Study 1
+        assert killed.poll() is None and time.time() < deadline, killed.communicate()[1][-3000:]
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done_before = {p.name for p in stages.iterdir()}
+    assert "pretrain.json" in done_before and "seed0-study3-shapes2-b32.json" not in done_before
+    resumed = _script("run_all.py", [*args, "--out", str(tmp_path / "killed"), "--resume"], env)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    b = json.loads((tmp_path / "killed" / "results.json").read_text())
+    for name in done_before:
+        assert b["stages"][name[:-5]]["reused"], name
+    assert {k: v for k, v in b["stages"].items() if not v["reused"]}  # the rest ran after the kill
+    for key in ("table1", "table2", "table4"):
+        assert b[key] == a[key], key

@@ -251,7 +251,7 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
              color: bool | None = None, epochs: int | None = None, batch_size: int | None = None,
              lr: float | None = None, momentum: float | None = None, weight_decay: float | None = None,
              seed: int = 0, device: str = "auto", root: str | None = None, cache_dir: str | None = None,
-             resume: bool = False, overwrite: bool = False, log_every: int = 20,
+             skip_bad: bool = False, resume: bool = False, overwrite: bool = False, log_every: int = 20,
              task: data.TaskData | None = None) -> dict:
     """Train a new linear layer (or fine-tune everything) on `task_name` from the encoder in `source`.
 
@@ -282,7 +282,8 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
                        head_layer=head_layer)
     image_size = image_size or enc.image_size
     distill.check_input_size(enc.arch["encoder"], image_size)
-    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir)
+    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir,
+                                  skip_bad=skip_bad)
     if batch_size > len(task.train):
         raise UserError(f"--batch-size {batch_size} is larger than the {len(task.train)} training images of "
                         f"'{task.name}'. Use a batch of at most {len(task.train)}.")
@@ -355,7 +356,7 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
             what: str = "features", arch: str | None = None, width: float | None = None,
             cifar_stem: bool | None = None, normalize: str | None = None, head_layer: int | None = None,
             image_size: int | None = None, batch_size: int = 256, device: str = "auto",
-            cache_dir: str | None = None, overwrite: bool = False) -> dict:
+            cache_dir: str | None = None, skip_bad: bool = False, overwrite: bool = False) -> dict:
     """Features (B, D) or predictions (logits (B, C)) for every image under the folder `images`
     (recursive; each image's centred square resized to the working size), saved as <out>.npy (float32,
     one row per file) with <out>.json: the files in row order (relative to the folder) and, for
@@ -375,7 +376,7 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
     dev = simclr.select_device(device)
     image_size = image_size or enc.image_size
     distill.check_input_size(enc.arch["encoder"], image_size)
-    pixels, files = data.load_folder_images(images, image_size, cache_dir=cache_dir)
+    pixels, files = data.load_folder_images(images, image_size, cache_dir=cache_dir, skip_bad=skip_bad)
     folder = data.ImageSet(pixels, None, [])
     if enc.classifier is not None:
         net = enc.classifier.to(dev).eval()
@@ -442,9 +443,9 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=data.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="transfer to a labeled dataset", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    t = sub.add_parser("train", help="transfer to a labeled dataset", formatter_class=data.HelpFormatter,
                        epilog="presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     _source_args(t)
     t.add_argument("--data", default="shapes47", help="labeled task: an embedded name, a dataset name or a folder")
@@ -465,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     simclr.add_run(t)
 
     e = sub.add_parser("extract", help="features or predictions for a folder of images",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     _source_args(e)
     e.add_argument("--images", required=True, help="folder of images (searched recursively)")
     e.add_argument("--out", required=True, help="output prefix: writes <out>.npy and <out>.json")
@@ -474,11 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--image-size", type=int, default=None, help="working size; None: the source's")
     e.add_argument("--batch-size", type=int, default=256)
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    e.add_argument("--skip-bad", action="store_true", help="leave unreadable images out with a warning")
     e.add_argument("--cache-dir", default=None, help="cache for decoded image folders; None: data.py's default")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     x = sub.add_parser("export", help="an encoder as a plain torchvision-layout state dict",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=data.HelpFormatter)
     _source_args(x)
     x.add_argument("--out", required=True, help="the .pt file to write (plus <out>.json with its normalisation)")
     x.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -491,12 +493,12 @@ def run_command(args: argparse.Namespace) -> None:
         transfer(args.source, args.data, args.out, mode=args.mode, preset=args.preset, head_layer=args.head_layer,
                  image_size=args.image_size, crop=args.crop, flip=args.flip, color=args.color, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                 seed=args.seed, device=args.device, root=args.root, cache_dir=args.cache_dir, resume=args.resume,
+                 seed=args.seed, device=args.device, root=args.root, cache_dir=args.cache_dir, skip_bad=args.skip_bad, resume=args.resume,
                  overwrite=args.overwrite, log_every=args.log_every, **source)
     elif args.command == "extract":
         extract(args.source, args.images, args.out, what=args.what, head_layer=args.head_layer,
                 image_size=args.image_size, batch_size=args.batch_size, device=args.device,
-                cache_dir=args.cache_dir, overwrite=args.overwrite, **source)
+                cache_dir=args.cache_dir, skip_bad=args.skip_bad, overwrite=args.overwrite, **source)
     elif args.command == "export":
         export(args.source, args.out, overwrite=args.overwrite, **source)
 
