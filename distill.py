@@ -66,7 +66,8 @@ PRESETS: dict[str, dict] = {
     # The seed paper's Table 3: SGD, lr 0.01, momentum 0.9, weight decay 1e-4, temperature 1.0,
     # 100 epochs, best epoch kept. The paper states no batch size and no augmentation for
     # distillation: batch 64 (their Study 3 batch) and no augmentation, which in frozen mode means
-    # cached base features.
+    # cached base features. Two differences remain from their Keras SGD: momentum is Nesterov (the
+    # official SimCLR optimiser, simclr.make_optimizer) and the rate decays per step (cosine).
     "paper": dict(epochs=100, batch_size=64, lr=0.01, momentum=0.9, weight_decay=1e-4, optimizer="sgd",
                   temperature=1.0, crop=False, flip=False, color=False),
 }
@@ -75,10 +76,9 @@ PRESETS: dict[str, dict] = {
 # ----------------------------------------------------------------------------------------------
 # The student network: simclr.Classifier plus optional dense layers and a frozen base
 #
-# Interim: this is the generalisation of simclr.Classifier proposed to the lead (dense layers
-# between the features and fc, and freeze_base). Its checkpoints use the same dict format as
-# simclr.finetune's ('arch' gains 'dense_layers'); once simclr.Classifier has it, `DenseClassifier`
-# is simclr.Classifier and `load_classifier` is simclr.load_classifier.
+# simclr.Classifier with optional dense layers between the features and fc, and a frozen base
+# (the seed paper's Figure 5). Its checkpoints use simclr.finetune's format ('arch' gains
+# 'dense_layers'), so a student can be a teacher or a transfer source in turn.
 
 
 class DenseClassifier(simclr.Classifier):
@@ -147,7 +147,7 @@ def load_classifier(path: str | os.PathLike, num_classes: int | None = None) -> 
     parts = simclr.build_simclr_model(arch)
     model = DenseClassifier(parts.encoder, parts.head, arch["head_layer"], arch["num_classes"], arch["mean"], arch["std"],
                     dense)
-    simclr._load_state(model, ckpt["model"], "The classifier", path)
+    simclr.load_state(model, ckpt["model"], "The classifier", path)
     return model, ckpt
 
 
@@ -177,7 +177,7 @@ def pretrained_encoder(path: str | os.PathLike, name: str, width: float, cifar_s
     encoder = models.create_model(name, num_classes=0, width=width, cifar_stem=cifar_stem)
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     try:
-        simclr._load_state(encoder, state, "The pretrained encoder", path)
+        simclr.load_state(encoder, state, "The pretrained encoder", path)
     except UserError as e:
         a = ckpt["arch"]
         raise UserError(f"{e} It was pretrained as {a['encoder']} width {a['width']} cifar_stem {a['cifar_stem']}; "
@@ -198,9 +198,10 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 def check_independent_base(student_checkpoint: str | os.PathLike, base: nn.Module, teacher: simclr.Classifier,
                            teacher_ckpt: dict, teacher_path: str | os.PathLike) -> None:
-    """Refuse a frozen base that is the teacher's own pretrained encoder (issue 5): same file as the
-    teacher's pretraining checkpoint (recorded in the teacher's config), or the same weights as that
-    checkpoint's encoder or as the teacher's encoder (a teacher trained with a frozen encoder).
+    """Refuse a frozen base that is the teacher's own pretrained encoder, which would decide the
+    architecture comparison in advance: the same file as the teacher's pretraining checkpoint
+    (recorded in the teacher's config), or the same weights as that checkpoint's encoder or as the
+    teacher's encoder (a teacher trained with a frozen encoder).
     Undetectable when the teacher's config names no checkpoint that still exists and its encoder was
     fine-tuned; then it is the user's responsibility (the comparison is stated in the docs)."""
     config = json.loads(teacher_ckpt.get("config") or "{}")
@@ -281,7 +282,7 @@ def labeled_indices(split: data.ImageSet, fraction: float, seed: int) -> np.ndar
             picked["index"] = np.asarray(index, dtype=np.int64)
             return super().subset(index)
     # data.labeled_fraction returns images, not indices; record the indices it picks, so distillation
-    # knows exactly the labels fine-tuning used (proposed to data.py: a labeled_indices function).
+    # knows exactly which labels fine-tuning used.
     data.labeled_fraction(Recording(split.images, split.labels, split.classes), fraction, seed)
     if "index" not in picked:
         raise RuntimeError("data.labeled_fraction no longer selects through ImageSet.subset; update labeled_indices")
@@ -373,7 +374,10 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
     simclr.seed_everything(seed)
     teacher_ckpt_meta = simclr.load_checkpoint(teacher)
     image_size = int(teacher_ckpt_meta.get("image_size") or 32)
-    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir,
+    # The split seed is the teacher's: with another seed the validation carve (and a generated task's
+    # images) would differ, and the teacher's training images would select the student's best epoch.
+    data_seed = json.loads(teacher_ckpt_meta.get("config") or "{}").get("seed", seed)
+    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=data_seed, cache_dir=cache_dir,
                                   skip_bad=skip_bad)
     teacher_model, teacher_ckpt = load_teacher(teacher, task, dev)
     extra = (data.load_unlabeled(extra_unlabeled, image_size=image_size, n=extra_n, root=root, seed=seed,
@@ -481,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-layers", type=int, nargs="*", default=None,
                    help="widths of the trainable Linear+ReLU layers before the classifier; None: 256 in frozen mode")
     p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="default: short runs; paper: the seed paper's Table 3")
+                   help="'default' (short runs) or 'paper' (the seed paper's Table 3) (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature tau (preset: 1.0)")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the distillation term; 1 - alpha for labels")
     p.add_argument("--labeled-fraction", type=float, default=0.0, help="fraction of train labels known (alpha < 1)")

@@ -114,7 +114,7 @@ def seed_everything(seed: int) -> None:
 # Run folders and atomic checkpoints
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode: str) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode: str = "wb") -> None:
     """write(file) into a temporary file in the same folder, fsync, then rename over `path`.
 
     A crash at any moment leaves either the previous file or the new one, never half of one:
@@ -123,6 +123,9 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the user's group
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -140,13 +143,13 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save(obj) to `path` atomically (see _atomic_write); an OSError becomes a UserError."""
-    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
+    """torch.save(obj) to `path` atomically (see atomic_write); an OSError becomes a UserError."""
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write `text` to `path` atomically (see _atomic_write)."""
-    _atomic_write(path, lambda f: f.write(text), "w")
+    """Write `text` to `path` atomically (see atomic_write)."""
+    atomic_write(path, lambda f: f.write(text), "w")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -286,7 +289,8 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(module: nn.Module, name: str, lr: float, weight_decay: float,
                    momentum: float = 0.9) -> torch.optim.Optimizer:
-    """'lars' (SimCLR pretraining) or 'sgd' (momentum SGD, BN and biases excluded from decay)."""
+    """'lars' (SimCLR pretraining) or 'sgd': momentum SGD with Nesterov momentum, as the official SimCLR
+    code's 'momentum' optimiser; batch-norm parameters and biases are excluded from weight decay."""
     groups = parameter_groups(module, weight_decay)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -555,7 +559,7 @@ def build_classifier(arch: dict) -> Classifier:
     return Classifier(simclr.encoder, simclr.head, arch["head_layer"], arch["num_classes"], arch["mean"], arch["std"])
 
 
-def _load_state(module: nn.Module, state: dict, what: str, path) -> None:
+def load_state(module: nn.Module, state: dict, what: str, path) -> None:
     """load_state_dict(strict=True) with a readable report instead of a wall of keys."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
@@ -563,7 +567,7 @@ def _load_state(module: nn.Module, state: dict, what: str, path) -> None:
     wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
-        lines = [f"{what} in '{path}' does not fit the model built for it."]
+        lines = [f"{what} in '{path}': the checkpoint does not fit the model built for it."]
         for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
             if items:
                 lines.append(f"{len(items)} {title}: " + "; ".join(items[:6]) + (" ..." if len(items) > 6 else ""))
@@ -579,7 +583,7 @@ def load_pretrained(path: str | os.PathLike) -> tuple[models.SimCLRModel, dict]:
         raise UserError(f"'{path}' is a '{ckpt['kind']}' checkpoint; a pretraining checkpoint "
                         "(written by simclr.py pretrain) is needed here.")
     model = build_simclr_model(ckpt["arch"])
-    _load_state(model, ckpt["model"], "The pretrained model", path)
+    load_state(model, ckpt["model"], "The pretrained model", path)
     return model, ckpt
 
 
@@ -594,7 +598,7 @@ def load_classifier(path: str | os.PathLike, num_classes: int | None = None) -> 
         raise UserError(f"The classifier in '{path}' predicts {ckpt['arch']['num_classes']} classes but the "
                         f"dataset has {num_classes}. Use a checkpoint trained on this dataset.")
     model = build_classifier(ckpt["arch"])
-    _load_state(model, ckpt["model"], "The classifier", path)
+    load_state(model, ckpt["model"], "The classifier", path)
     return model, ckpt
 
 
@@ -707,6 +711,7 @@ class PretrainConfig:
     warmup_epochs: float | None = None  # None: 10, at most a tenth of the run
     temperature: float = 0.5
     strength: float | None = None      # None: 0.5 (<= 64 px) or 1.0
+    crop_min_scale: float = 0.08       # smallest crop area (fraction of the image), SimCLR's 0.08
     blur: bool | None = None           # None: off up to 64 px
     knn_every: int = 10
     knn_k: int = 200
@@ -768,7 +773,9 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     checkpoint path, the final loss and the kNN accuracy of the learned and of a random encoder."""
     cfg = resolve_defaults(cfg)
     check_positive(epochs=cfg.epochs, batch_size=cfg.batch_size, base_lr=cfg.base_lr, temperature=cfg.temperature,
-                   width=cfg.width, image_size=cfg.image_size)
+                   width=cfg.width, image_size=cfg.image_size, crop_min_scale=cfg.crop_min_scale)
+    if cfg.crop_min_scale > 1:
+        raise UserError(f"--crop-min-scale is a fraction of the image area in (0, 1]; got {cfg.crop_min_scale}.")
     device = select_device(cfg.device)
     distributed = init_distributed(device)
     run = RunFolder(out, resume=resume, overwrite=overwrite, is_main=distributed.is_main)
@@ -798,7 +805,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     train_model = torch.compile(model) if cfg.compile else model
     augmentation = augment.SimCLRAugment(cfg.image_size, crop=True, flip=True, color=True, blur=cfg.blur,
-                                         strength=cfg.strength)
+                                         strength=cfg.strength, scale=(cfg.crop_min_scale, 1.0))
     lr = scaled_lr(cfg.base_lr, global_batch, cfg.lr_scaling)
     schedule = Schedule(epochs=cfg.epochs, lr=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                         weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, log_every=cfg.log_every,
@@ -817,7 +824,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     task = data.load_task(cfg.eval_data, image_size=cfg.image_size, root=cfg.root, seed=data_seed,
                           cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad) if cfg.eval_data and distributed.is_main else None
     encoder = unwrap(model).encoder
-    evaluate = (lambda: dict(knn_top1=knn_monitor(encoder, task.train, task.val, device, cfg.knn_k))) if task else None
+    evaluate = (lambda: dict(knn_top1=knn_monitor(encoder, task.train, task.val, device, cfg.knn_k,
+                                                  cfg.image_size))) if task else None
     loss_fn = contrastive_loss_fn(train_model, augmentation, cfg.temperature, distributed)
     meta = dict(kind="pretrain", arch=arch, config=json.dumps(config), image_size=cfg.image_size,
                 mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
@@ -825,10 +833,12 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
                   evaluate=evaluate, distributed=distributed, desc="pretrain")
     summary = dict(checkpoint=str(run.checkpoint), history=history)
     if task is not None:
-        summary["knn_top1"] = history[-1]["knn_top1"] if history else knn_monitor(encoder, task.train, task.val, device)
+        summary["knn_top1"] = (history[-1]["knn_top1"] if history else
+                               knn_monitor(encoder, task.train, task.val, device, cfg.knn_k, cfg.image_size))
         torch.manual_seed(cfg.seed + 1)
         random_encoder = build_simclr_model(arch).encoder.to(device)
-        summary["knn_top1_random_encoder"] = knn_monitor(random_encoder, task.train, task.val, device, cfg.knn_k)
+        summary["knn_top1_random_encoder"] = knn_monitor(random_encoder, task.train, task.val, device, cfg.knn_k,
+                                                         cfg.image_size)
         print(f"kNN (k={cfg.knn_k}) top-1 on {cfg.eval_data} val: pretrained {summary['knn_top1']:.4f}, "
               f"random encoder {summary['knn_top1_random_encoder']:.4f}", file=sys.stderr)
         atomic_write_text(json.dumps({k: v for k, v in summary.items()}, indent=2) + "\n", run.path / "summary.json")
@@ -849,15 +859,16 @@ def check_frozen(before: dict, module: nn.Module) -> None:
 
 def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int = 100,
                  batch_size: int = 256, lr: float = 0.1, weight_decay: float = 0.0, seed: int = 0,
-                 val: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Linear:
+                 val: tuple[torch.Tensor, torch.Tensor] | None = None, momentum: float = 0.9) -> nn.Linear:
     """A linear classifier on cached features (standardised with the training set's statistics,
     which a linear layer could absorb, but which makes one learning rate fit every encoder).
-    Momentum SGD with a cosine schedule; returns the layer with the standardisation folded in."""
+    Nesterov momentum SGD with a cosine schedule; returns the layer with the standardisation folded in."""
     mean, std = train_x.mean(0), train_x.std(0) + 1e-6
     xs = (train_x - mean) / std
     g = torch.Generator(device="cpu").manual_seed(seed)
     linear = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
-    opt = torch.optim.SGD(linear.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    opt = torch.optim.SGD(linear.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                          nesterov=momentum > 0)
     steps_per_epoch = max(1, math.ceil(len(xs) / batch_size))
     total = epochs * steps_per_epoch
     step = 0
@@ -887,6 +898,9 @@ def linear_eval(checkpoint: str | os.PathLike, task_name: str, out: str | os.Pat
     val and test images computed once, a linear layer trained on them; top-1/top-5 on val and test."""
     check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
     dev = select_device(device)
+    # Checked before any work; linear evaluation is minutes at most and keeps no checkpoint.pt, so
+    # --resume simply redoes it.
+    run = RunFolder(out, resume=False, overwrite=overwrite or resume) if out is not None else None
     seed_everything(seed)
     model, ckpt = load_pretrained(checkpoint)
     task = data.load_task(task_name, image_size=ckpt["image_size"], root=root, seed=seed, cache_dir=cache_dir,
@@ -894,7 +908,8 @@ def linear_eval(checkpoint: str | os.PathLike, task_name: str, out: str | os.Pat
     classifier = Classifier(model.encoder, model.head, head_layer, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev)
     classifier.eval()
     frozen = {k: v.clone() for k, v in classifier.encoder.state_dict().items()}
-    feats = {name: extract_features(classifier.features, split, dev, desc=f"features {name}")
+    feats = {name: extract_features(classifier.features, split, dev, size=ckpt["image_size"],
+                                    desc=f"features {name}")
              for name, split in (("train", task.train), ("val", task.val), ("test", task.test))}
     label = lambda s: torch.as_tensor(np.asarray(s.labels), device=dev, dtype=torch.long)
     classifier.fc = train_linear(feats["train"], label(task.train), task.num_classes, epochs, batch_size, lr,
@@ -907,8 +922,7 @@ def linear_eval(checkpoint: str | os.PathLike, task_name: str, out: str | os.Pat
         result[split].pop("predictions")
     print(f"linear eval on {task.name}: val top-1 {result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}",
           file=sys.stderr)
-    if out is not None:
-        run = RunFolder(out, resume=resume, overwrite=overwrite)
+    if run is not None:
         run.write_config(dict(stage="linear-eval", checkpoint=str(checkpoint), task=task_name, epochs=epochs,
                               lr=lr, batch_size=batch_size, head_layer=head_layer, seed=seed))
         arch = classifier_arch(ckpt["arch"], head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
@@ -975,15 +989,15 @@ def finetune(checkpoint: str | os.PathLike | None, task_name: str, out: str | os
     loader = data.BatchLoader(train, batch_size, dev, shuffle=True, drop_last=True, seed=seed)
     schedule = Schedule(epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
                         log_every=log_every)
-    evaluate = lambda: dict(val_top1=evaluate_classifier(model, task.val, dev)["top1"])
+    evaluate = lambda: dict(val_top1=evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
     meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
     fit(model, supervised_loss_fn(model, augmentation), loader, run, schedule, device=dev, seed=seed, meta=meta,
         evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")
     best, _ = load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
     result = dict(task=task.name, fraction=fraction, head_layer=head_layer, augmentation=augmentation.describe(),
-                  best=str(run.path / "best.pt"), val=evaluate_classifier(best, task.val, dev),
-                  test=evaluate_classifier(best, task.test, dev))
+                  best=str(run.path / "best.pt"), val=evaluate_classifier(best, task.val, dev, size=image_size),
+                  test=evaluate_classifier(best, task.test, dev, size=image_size))
     for split in ("val", "test"):
         result[split].pop("predictions")
     atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
@@ -1116,6 +1130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-epochs", type=float, default=None, help="default: 10, at most a tenth of the run")
     p.add_argument("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
     p.add_argument("--strength", type=float, default=None, help="colour distortion strength (default: 0.5 up to 64 px, else 1.0)")
+    p.add_argument("--crop-min-scale", type=float, default=d.crop_min_scale,
+                   help="smallest random-crop area as a fraction of the image (SimCLR: 0.08)")
     p.add_argument("--blur", type=bool_arg, default=None, help="Gaussian blur (default: off up to 64 px)")
     p.add_argument("--knn-every", type=int, default=d.knn_every, help="epochs between kNN monitor evaluations")
     p.add_argument("--knn-k", type=int, default=d.knn_k, help="neighbours of the kNN monitor")

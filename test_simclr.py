@@ -2,7 +2,7 @@
 
 Run: python -m pytest test_simclr.py          (default, a few minutes on 2 CPU cores)
      python -m pytest test_simclr.py -m slow  (kill/resume and other slow fault cases)
-No network and no ../shared: all data is generated here or by data.py.
+No network and no external dataset: all data is generated here or by data.py.
 """
 from __future__ import annotations
 
@@ -42,10 +42,30 @@ import run_all
 import simclr
 import transfer
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 # ==================================================================================================
 # losses.py and models.py
 # ==================================================================================================
+
+STANDALONE_USE = {
+    "augment.py": "import augment, torch; x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8); "
+                  "assert augment.SimCLRAugment(32)(x).shape == (4, 3, 32, 32)",
+    "losses.py": "import losses, torch; assert losses.nt_xent(torch.randn(4, 8), torch.randn(4, 8)) > 0",
+    "models.py": "import models, torch; assert models.resnet18(num_classes=3).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 3)",
+}
+
+
+@pytest.mark.parametrize("name", sorted(STANDALONE_USE))
+def test_file_works_copied_alone_next_to_torch(name, tmp_path):
+    """Copied into an empty folder, with numpy made unimportable: only torch and the standard library."""
+    (tmp_path / name).write_bytes(Path(HERE, name).read_bytes())
+    code = "import sys; sys.modules['numpy'] = None; " + STANDALONE_USE[name]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
 
 # ----------------------------------------------------------------------------------------------
 # NT-Xent
@@ -1909,7 +1929,6 @@ def test_two_process_gloo_pretraining_keeps_ranks_identical(tmp_path):
 # --- faults in a real command-line run (slow) -------------------------------------------------------
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_CLI = ["pretrain", "--data", "shapes-pool", "--n-images", "128", "--image-size", "16", "--width", "0.125",
             "--batch-size", "32", "--epochs", "3", "--log-every", "1", "--checkpoint-every", "1", "--eval-data", "",
             "--device", "cpu"]
@@ -1935,17 +1954,26 @@ def _wait_for_step(run_dir, step, proc, timeout=120):
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_after", [3, 8])
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, kill_after):
-    straight = _cli([*TINY_CLI, "--out", str(tmp_path / "straight")])
+    # The user's own folder of photos, which no run, killed or not, may change.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, image in enumerate(data.generate("shapes-pool", 128, "pool", 20, 0).images):
+        Image.fromarray(image).save(photos / f"{i:03d}.png")
+    before = _snapshot(photos)
+    cli = [*TINY_CLI[:TINY_CLI.index("--data")], "--data", str(photos), *TINY_CLI[TINY_CLI.index("--image-size"):]]
+    straight = _cli([*cli, "--out", str(tmp_path / "straight")])
     assert straight.wait(timeout=300) == 0, straight.communicate()
-    proc = _cli([*TINY_CLI, "--out", str(tmp_path / "killed")])
+    proc = _cli([*cli, "--out", str(tmp_path / "killed")])
     _wait_for_step(tmp_path / "killed", kill_after, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     ckpt = simclr.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")  # never unreadable
     assert kill_after - 1 <= ckpt["step"] <= kill_after + 2
-    resumed = _cli([*TINY_CLI, "--out", str(tmp_path / "killed"), "--resume"])
+    assert _snapshot(photos) == before
+    resumed = _cli([*cli, "--out", str(tmp_path / "killed"), "--resume"])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
+    assert _snapshot(photos) == before
     a = simclr.load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
     b = simclr.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["model"]
     for k in a:
@@ -2411,7 +2439,7 @@ def test_resume_reruns_only_the_stage_without_a_record(tiny_run, monkeypatch):
 
 
 # ==================================================================================================
-# Faults and bad input, through the real command lines (issue 8)
+# Faults and bad input, through the real command lines
 # ==================================================================================================
 #
 # Every case runs a real `python <file>.py ...` process. The table's processes start together (2 cores

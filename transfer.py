@@ -194,7 +194,7 @@ def _check_requested(path, have: dict, arch, width, cifar_stem, encoder: nn.Modu
         return
     try:
         target = models.create_model(want["encoder"], 0, want["width"], want["cifar_stem"])
-        simclr._load_state(target, encoder.state_dict(), "The encoder", path)
+        simclr.load_state(target, encoder.state_dict(), "The encoder", path)
     except UserError as e:
         raise UserError(f"{e} The checkpoint holds {have['encoder']} width {have['width']} cifar_stem "
                         f"{have['cifar_stem']}; asked for {want['encoder']} width {want['width']} cifar_stem "
@@ -220,7 +220,7 @@ def _torchvision_encoder(path, state: dict, arch, width, cifar_stem, normalize, 
     encoder = models.create_model(arch, num_classes=0, width=width, cifar_stem=cifar_stem)
     kept = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
     try:
-        simclr._load_state(encoder, kept, f"The {arch} weights", path)
+        simclr.load_state(encoder, kept, f"The {arch} weights", path)
     except UserError as e:
         raise UserError(f"{e} (Loaded as --arch {arch} --width {width} --cifar-stem {cifar_stem}; the classifier "
                         "keys fc.* / classifier.* are ignored.)") from None
@@ -293,7 +293,9 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
         model.freeze_base()
     frozen_parts = nn.ModuleDict({"encoder": model.encoder, **({"head": model.head} if model.head is not None else {})})
     frozen = {k: v.clone() for k, v in frozen_parts.state_dict().items()} if mode != "finetune" else None
-    run = simclr.RunFolder(out, resume=resume, overwrite=overwrite)
+    # A cached probe is seconds of work and keeps no checkpoint.pt: resuming one simply redoes it.
+    cached = mode == "linear-cached"
+    run = simclr.RunFolder(out, resume=resume and not cached, overwrite=overwrite or (resume and cached))
     augmentation = (augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=False, strength=0.5)
                     if mode != "linear-cached" and (crop or flip or color) else None)
     described = augmentation.describe() if augmentation else "none"
@@ -315,7 +317,7 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
                  for name, split in (("train", task.train), ("val", task.val), ("test", task.test))}
         labels = torch.as_tensor(np.asarray(task.train.labels), device=dev, dtype=torch.long)
         model.fc = simclr.train_linear(feats["train"], labels, task.num_classes, epochs, batch_size, lr,
-                                       weight_decay=weight_decay, seed=seed)
+                                       weight_decay=weight_decay, seed=seed, momentum=momentum)
         run.save(dict(meta, format=simclr.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
         with torch.no_grad():
             reports = {name: simclr.accuracy_report(model.fc(feats[name]), split.labels, task.classes)
@@ -392,7 +394,7 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
         record["classes"] = list(enc.classes or [])
         record["predicted"] = [record["classes"][i] if record["classes"] else int(i) for i in values.argmax(1)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(npy, values.astype(np.float32))
+    simclr.atomic_write(npy, lambda f: np.save(f, values.astype(np.float32)))
     simclr.atomic_write_text(json.dumps(record, indent=1) + "\n", index)
     print(f"extract: {what} {values.shape} of {len(files)} images under '{images}' -> {npy}, {index}", file=sys.stderr)
     return dict(npy=str(npy), index=str(index), shape=list(values.shape))
@@ -470,10 +472,11 @@ def build_parser() -> argparse.ArgumentParser:
     _source_args(e)
     e.add_argument("--images", required=True, help="folder of images (searched recursively)")
     e.add_argument("--out", required=True, help="output prefix: writes <out>.npy and <out>.json")
-    e.add_argument("--what", default="features", choices=["features", "predictions"])
+    e.add_argument("--what", default="features", choices=["features", "predictions"],
+                   help="encoder features, or class predictions of a classifier checkpoint")
     e.add_argument("--head-layer", type=int, default=None, help="features after this projection-head layer")
     e.add_argument("--image-size", type=int, default=None, help="working size; None: the source's")
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     e.add_argument("--skip-bad", action="store_true", help="leave unreadable images out with a warning")
     e.add_argument("--cache-dir", default=None, help="cache for decoded image folders; None: data.py's default")
