@@ -391,6 +391,11 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
                         f"('{task.name}' train{' + ' + extra_unlabeled if extra else ''}). Use at most {len(images)}.")
     cifar_stem = image_size <= 64 if cifar_stem is None else cifar_stem
     check_input_size(student, image_size)
+    if student_checkpoint is not None and mode != "scratch":
+        base_size = simclr.load_checkpoint(student_checkpoint).get("image_size")
+        if base_size is not None and int(base_size) != image_size:
+            raise UserError(f"--student-checkpoint '{student_checkpoint}' was pretrained on {base_size} px images but "
+                            f"the teacher works at {image_size} px. Pretrain the student base at {image_size} px.")
     model, arch = build_student(mode, student, width, cifar_stem, task.num_classes, dense_layers, student_checkpoint)
     if mode == "frozen":
         check_independent_base(student_checkpoint, model.encoder, teacher_model, teacher_ckpt, teacher)

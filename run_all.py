@@ -472,8 +472,11 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
     lines += ["## Study 2: teacher and student architecture in distillation (their Table 2)", "",
               f"Teacher: {teacher}. Soft labels only (alpha = 1, temperature 1), distilled on {t2.name}'s training "
               f"images with their labels hidden; test top-1 of the best-val epoch (chance {1 / t2.num_classes:.3f}). "
-              "Frozen: a base SimCLR-pretrained here for that architecture (same pool and budget; the ResNet base "
-              "from another seed than the teacher's) with trainable dense layers, as the paper. Scratch: the whole "
+              "Frozen: a base SimCLR-pretrained here for that architecture ("
+              + ("the preset's pool and budget; the teacher's encoder came from --pretrained"
+                 if meta.get("pretrained_given") else
+                 "same pool and budget as the teacher's encoder; the ResNet base from another seed")
+              + ") with trainable dense layers, as the paper. Scratch: the whole "
               "student trained from random initialisation (extra rows).", "",
               "| student | teacher | mode | paper | student | teacher | agreement |", "|---|---|---|---|---|---|---|"]
     for mode, family in STUDY2_ROWS:
@@ -719,6 +722,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                     + ("in its own run per seed" if separate_teacher else "(the 'all' row of Study 1, same seed)"))
     meta = dict(preset=preset_name, seeds=seed_list, device=_device_info(dev), wall_s=time.perf_counter() - start,
                 command=command or f"run_all(preset={preset!r})", pretrain=runs.get("pretrain"), teacher=teacher_desc,
+                pretrained_given=pretrained is not None,
                 teacher_arch=res_arch, probe=p["probe"])
     results = dict(meta, settings=settings, versions=_versions(), data=mapping,
                    tasks={k: dict(classes=t.num_classes, train=len(t.train), val=len(t.val), test=len(t.test),

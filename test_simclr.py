@@ -1812,24 +1812,29 @@ def test_pretrain_lowers_loss_and_beats_random_encoder(tmp_path):
     assert ckpt["kind"] == "pretrain" and ckpt["step"] == len(steps)
 
 
+def _change_loss_at_step(monkeypatch, step: int, change) -> None:
+    """Make pretraining's loss at training step `step` (1-based) change(loss_fn, x, y, g) instead."""
+    original, calls = simclr.contrastive_loss_fn, {"n": 0}
+
+    def patched(*args, **kwargs):
+        inner = original(*args, **kwargs)
+
+        def loss_fn(x, y, g):
+            calls["n"] += 1
+            return change(inner, x, y, g) if calls["n"] == step else inner(x, y, g)
+        return loss_fn
+    monkeypatch.setattr(simclr, "contrastive_loss_fn", patched)
+
+
 def test_resume_after_sigint_equals_uninterrupted_run(tmp_path, monkeypatch):
     cfg = tiny_pretrain_config(eval_data=None, n_images=128, batch_size=32, epochs=2)
     simclr.pretrain(cfg, tmp_path / "straight")
     reference = simclr.load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
 
-    original = simclr.contrastive_loss_fn
-    calls = {"n": 0}
-
-    def interrupting(*args, **kwargs):
-        inner = original(*args, **kwargs)
-
-        def loss_fn(x, y, g):
-            calls["n"] += 1
-            if calls["n"] == 5:  # mid-epoch (4 steps per epoch): step 5 is the first of epoch 2
-                os.kill(os.getpid(), signal.SIGINT)
-            return inner(x, y, g)
-        return loss_fn
-    monkeypatch.setattr(simclr, "contrastive_loss_fn", interrupting)
+    def interrupt(loss_fn, x, y, g):
+        os.kill(os.getpid(), signal.SIGINT)
+        return loss_fn(x, y, g)
+    _change_loss_at_step(monkeypatch, 5, interrupt)  # 4 steps per epoch: step 5 is the first of epoch 2
     with pytest.raises(data.UserError, match="--resume"):
         simclr.pretrain(cfg, tmp_path / "resumed")
     monkeypatch.undo()
@@ -1845,18 +1850,7 @@ def test_resume_after_sigint_equals_uninterrupted_run(tmp_path, monkeypatch):
 
 
 def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, monkeypatch):
-    original = simclr.contrastive_loss_fn
-    calls = {"n": 0}
-
-    def poisoned(*args, **kwargs):
-        inner = original(*args, **kwargs)
-
-        def loss_fn(x, y, g):
-            calls["n"] += 1
-            loss = inner(x, y, g)
-            return loss * float("nan") if calls["n"] == 7 else loss
-        return loss_fn
-    monkeypatch.setattr(simclr, "contrastive_loss_fn", poisoned)
+    _change_loss_at_step(monkeypatch, 7, lambda loss_fn, x, y, g: loss_fn(x, y, g) * float("nan"))
     cfg = tiny_pretrain_config(eval_data=None, n_images=128, batch_size=32, epochs=3, log_every=3)
     with pytest.raises(simclr.NonFiniteLoss, match=r"at step 7 .*checkpoint\.pt"):
         simclr.pretrain(cfg, tmp_path / "run")
