@@ -693,6 +693,7 @@ class PretrainConfig:
     (resolved by `resolve_defaults`; None means 'choose by image size')."""
     data: str = "shapes-pool"
     eval_data: str | None = "shapes5"  # labeled task for the kNN monitor (its train = bank, val = queries)
+    eval_images: int | None = None     # an embedded eval_data's train size (val carved from it); None: default
     image_size: int = 32
     n_images: int | None = None        # size of a generated pool / cap on a folder
     model: str = "resnet18"
@@ -773,7 +774,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     checkpoint path, the final loss and the kNN accuracy of the learned and of a random encoder."""
     cfg = resolve_defaults(cfg)
     check_positive(epochs=cfg.epochs, batch_size=cfg.batch_size, base_lr=cfg.base_lr, temperature=cfg.temperature,
-                   width=cfg.width, image_size=cfg.image_size, crop_min_scale=cfg.crop_min_scale)
+                   width=cfg.width, image_size=cfg.image_size, crop_min_scale=cfg.crop_min_scale,
+                   eval_images=cfg.eval_images)
     if cfg.crop_min_scale > 1:
         raise UserError(f"--crop-min-scale is a fraction of the image area in (0, 1]; got {cfg.crop_min_scale}.")
     device = select_device(cfg.device)
@@ -821,8 +823,12 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
               f"world {distributed.world_size}; {cfg.optimizer} lr {lr:.4g} (= {cfg.base_lr} x {global_batch}/256), "
               f"wd {cfg.weight_decay}, warm-up {cfg.warmup_epochs} epochs, T {cfg.temperature}, "
               f"augment {augmentation.describe()}, {cfg.epochs} epochs x {len(loader)} steps", file=sys.stderr)
+    # A generated task can be as large as wanted: a 100-image val split measures kNN accuracy to about
+    # +-5 points, too coarse to tell a short pretraining from a random encoder.
+    eval_size = dict(n_train=cfg.eval_images) if cfg.eval_images and cfg.eval_data in data.EMBEDDED_TASKS else {}
     task = data.load_task(cfg.eval_data, image_size=cfg.image_size, root=cfg.root, seed=data_seed,
-                          cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad) if cfg.eval_data and distributed.is_main else None
+                          cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
+                          **eval_size) if cfg.eval_data and distributed.is_main else None
     encoder = unwrap(model).encoder
     evaluate = (lambda: dict(knn_top1=knn_monitor(encoder, task.train, task.val, device, cfg.knn_k,
                                                   cfg.image_size))) if task else None
@@ -1110,6 +1116,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=data.HelpFormatter)
     p.add_argument("--data", default=d.data, help="unlabeled images: shapes-pool, a folder, or a dataset name")
     p.add_argument("--eval-data", default=d.eval_data, help="labeled task for the kNN monitor ('' for none)")
+    p.add_argument("--eval-images", type=int, default=d.eval_images,
+                   help="train images of an embedded --eval-data (10%% become its val queries); None: its default")
     p.add_argument("--image-size", type=int, default=d.image_size, help="working resolution in pixels")
     p.add_argument("--n-images", type=int, default=d.n_images, help="pool size (generated) or cap (folder)")
     p.add_argument("--model", default=d.model, choices=models.MODEL_NAMES, help="encoder (models.py)")
