@@ -203,6 +203,21 @@ class RunFolder:
                     with contextlib.suppress(FileNotFoundError):
                         (self.path / name).unlink()
 
+    @staticmethod
+    def redo(path: str | os.PathLike, stage: str, resume: bool, overwrite: bool) -> "RunFolder":
+        """A run folder for a stage that keeps no checkpoint.pt (seconds of work): --resume redoes it,
+        but only over a run of the same stage, never over another run's checkpoints."""
+        config = Path(path) / "config.json"
+        if resume and not overwrite and config.exists():
+            try:
+                found = json.loads(config.read_text()).get("stage")
+            except (OSError, ValueError):
+                found = None
+            if found != stage:
+                raise UserError(f"--resume was given but '{path}' holds a '{found}' run, not a {stage} run. "
+                                "Choose another --out.")
+        return RunFolder(path, resume=False, overwrite=overwrite or resume)
+
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
@@ -904,9 +919,7 @@ def linear_eval(checkpoint: str | os.PathLike, task_name: str, out: str | os.Pat
     val and test images computed once, a linear layer trained on them; top-1/top-5 on val and test."""
     check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
     dev = select_device(device)
-    # Checked before any work; linear evaluation is minutes at most and keeps no checkpoint.pt, so
-    # --resume simply redoes it.
-    run = RunFolder(out, resume=False, overwrite=overwrite or resume) if out is not None else None
+    run = RunFolder.redo(out, "linear-eval", resume, overwrite) if out is not None else None  # before any work
     seed_everything(seed)
     model, ckpt = load_pretrained(checkpoint)
     task = data.load_task(task_name, image_size=ckpt["image_size"], root=root, seed=seed, cache_dir=cache_dir,

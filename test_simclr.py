@@ -1866,6 +1866,16 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
     assert code == 2 and "does not exist" in capsys.readouterr().err
 
 
+def test_resume_of_a_redo_stage_never_replaces_another_run(tmp_path, capsys):
+    run = tmp_path / "pretrain-run"
+    simclr.RunFolder(run).write_config({"stage": "pretrain"})
+    (run / "checkpoint.pt").write_bytes(b"the user's pretraining")
+    code = simclr.main(["linear-eval", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(run), "--resume",
+                        "--device", "cpu"])
+    assert code == 2 and "holds a 'pretrain' run" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == b"the user's pretraining"
+
+
 def test_linear_eval_and_finetune_from_pretrained(tmp_path):
     simclr.pretrain(tiny_pretrain_config(eval_data=None, epochs=1), tmp_path / "pre")
     ckpt = tmp_path / "pre" / "checkpoint.pt"

@@ -293,9 +293,8 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
         model.freeze_base()
     frozen_parts = nn.ModuleDict({"encoder": model.encoder, **({"head": model.head} if model.head is not None else {})})
     frozen = {k: v.clone() for k, v in frozen_parts.state_dict().items()} if mode != "finetune" else None
-    # A cached probe is seconds of work and keeps no checkpoint.pt: resuming one simply redoes it.
-    cached = mode == "linear-cached"
-    run = simclr.RunFolder(out, resume=resume and not cached, overwrite=overwrite or (resume and cached))
+    run = (simclr.RunFolder.redo(out, "transfer", resume, overwrite) if mode == "linear-cached"
+           else simclr.RunFolder(out, resume=resume, overwrite=overwrite))
     augmentation = (augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=False, strength=0.5)
                     if mode != "linear-cached" and (crop or flip or color) else None)
     described = augmentation.describe() if augmentation else "none"
