@@ -167,13 +167,19 @@ def load_teacher(path: str | os.PathLike, task: data.TaskData, device: torch.dev
     return teacher.to(device).eval(), ckpt
 
 
-def pretrained_encoder(path: str | os.PathLike, name: str, width: float, cifar_stem: bool) -> tuple[nn.Module, dict]:
+def pretrained_encoder(path: str | os.PathLike, name: str, width: float, cifar_stem: bool,
+                       image_size: int) -> tuple[nn.Module, dict]:
     """The encoder of a SimCLR pretraining checkpoint, built as the chosen student architecture, so
-    a checkpoint of another architecture is reported key by key and shape by shape."""
+    a checkpoint of another architecture is reported key by key and shape by shape; it must have been
+    pretrained at the run's image size."""
     ckpt = simclr.load_checkpoint(path)
     if ckpt["kind"] != "pretrain":
         raise UserError(f"--student-checkpoint '{path}' is a '{ckpt['kind']}' checkpoint; a SimCLR pretraining "
                         f"checkpoint of the student architecture is needed (python simclr.py pretrain --model {name}).")
+    base_size = ckpt.get("image_size")
+    if base_size is not None and int(base_size) != image_size:
+        raise UserError(f"--student-checkpoint '{path}' was pretrained on {base_size} px images but the teacher "
+                        f"works at {image_size} px. Pretrain the student base at {image_size} px.")
     encoder = models.create_model(name, num_classes=0, width=width, cifar_stem=cifar_stem)
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     try:
@@ -225,7 +231,8 @@ def check_independent_base(student_checkpoint: str | os.PathLike, base: nn.Modul
 
 
 def build_student(mode: str, name: str, width: float, cifar_stem: bool, num_classes: int,
-                  dense_layers: Sequence[int], student_checkpoint: str | os.PathLike | None) -> tuple[DenseClassifier, dict]:
+                  dense_layers: Sequence[int], student_checkpoint: str | os.PathLike | None,
+                  image_size: int) -> tuple[DenseClassifier, dict]:
     """(student, its 'arch' description for the checkpoint). mean/std come from the pretraining
     checkpoint (SimCLR models see raw [0, 1] inputs: 0 / 1); a scratch student uses 0 / 1 too."""
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
@@ -239,7 +246,7 @@ def build_student(mode: str, name: str, width: float, cifar_stem: bool, num_clas
             raise UserError(f"--mode {mode} needs --student-checkpoint: a SimCLR pretraining checkpoint of the student "
                             f"architecture (python simclr.py pretrain --model {name} --width {width} ..., on the "
                             "teacher's unlabeled data with the same budget).")
-        encoder, ckpt = pretrained_encoder(student_checkpoint, name, width, cifar_stem)
+        encoder, ckpt = pretrained_encoder(student_checkpoint, name, width, cifar_stem, image_size)
         mean, std = ckpt.get("mean", mean), ckpt.get("std", std)
     # No projection head is used (features = encoder output); build_classifier still builds one
     # from the description and drops it, so describe the smallest possible head.
@@ -391,12 +398,8 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
                         f"('{task.name}' train{' + ' + extra_unlabeled if extra else ''}). Use at most {len(images)}.")
     cifar_stem = image_size <= 64 if cifar_stem is None else cifar_stem
     check_input_size(student, image_size)
-    if student_checkpoint is not None and mode != "scratch":
-        base_size = simclr.load_checkpoint(student_checkpoint).get("image_size")
-        if base_size is not None and int(base_size) != image_size:
-            raise UserError(f"--student-checkpoint '{student_checkpoint}' was pretrained on {base_size} px images but "
-                            f"the teacher works at {image_size} px. Pretrain the student base at {image_size} px.")
-    model, arch = build_student(mode, student, width, cifar_stem, task.num_classes, dense_layers, student_checkpoint)
+    model, arch = build_student(mode, student, width, cifar_stem, task.num_classes, dense_layers, student_checkpoint,
+                                image_size)
     if mode == "frozen":
         check_independent_base(student_checkpoint, model.encoder, teacher_model, teacher_ckpt, teacher)
     model = model.to(dev)

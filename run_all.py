@@ -776,7 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
     run_all(args.preset, args.out, data_spec=args.data, seed=args.seed, seeds=args.seeds, device=args.device,
             pretrained=args.pretrained, resume=args.resume, overwrite=args.overwrite, root=args.root,
-            cache_dir=args.cache_dir, download=args.download, skip_bad=args.skip_bad, command=" ".join(["python run_all.py", *argv]))
+            cache_dir=args.cache_dir, download=args.download, skip_bad=args.skip_bad,
+            command=" ".join(["python run_all.py", *argv]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -845,8 +845,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
                           cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
                           **eval_size) if cfg.eval_data and distributed.is_main else None
     encoder = unwrap(model).encoder
-    evaluate = (lambda: dict(knn_top1=knn_monitor(encoder, task.train, task.val, device, cfg.knn_k,
-                                                  cfg.image_size))) if task else None
+    knn = lambda enc: knn_monitor(enc, task.train, task.val, device, cfg.knn_k, cfg.image_size)  # noqa: E731
+    evaluate = (lambda: dict(knn_top1=knn(encoder))) if task else None
     loss_fn = contrastive_loss_fn(train_model, augmentation, cfg.temperature, distributed)
     meta = dict(kind="pretrain", arch=arch, config=json.dumps(config), image_size=cfg.image_size,
                 mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
@@ -854,12 +854,10 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
                   evaluate=evaluate, distributed=distributed, desc="pretrain")
     summary = dict(checkpoint=str(run.checkpoint), history=history)
     if task is not None:
-        summary["knn_top1"] = (history[-1]["knn_top1"] if history else
-                               knn_monitor(encoder, task.train, task.val, device, cfg.knn_k, cfg.image_size))
+        summary["knn_top1"] = history[-1]["knn_top1"] if history else knn(encoder)
         torch.manual_seed(cfg.seed + 1)
         random_encoder = build_simclr_model(arch).encoder.to(device)
-        summary["knn_top1_random_encoder"] = knn_monitor(random_encoder, task.train, task.val, device, cfg.knn_k,
-                                                         cfg.image_size)
+        summary["knn_top1_random_encoder"] = knn(random_encoder)
         print(f"kNN (k={cfg.knn_k}) top-1 on {cfg.eval_data} val: pretrained {summary['knn_top1']:.4f}, "
               f"random encoder {summary['knn_top1_random_encoder']:.4f}", file=sys.stderr)
         atomic_write_text(json.dumps({k: v for k, v in summary.items()}, indent=2) + "\n", run.path / "summary.json")

@@ -495,8 +495,8 @@ def run_command(args: argparse.Namespace) -> None:
         transfer(args.source, args.data, args.out, mode=args.mode, preset=args.preset, head_layer=args.head_layer,
                  image_size=args.image_size, crop=args.crop, flip=args.flip, color=args.color, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                 seed=args.seed, device=args.device, root=args.root, cache_dir=args.cache_dir, skip_bad=args.skip_bad, resume=args.resume,
-                 overwrite=args.overwrite, log_every=args.log_every, **source)
+                 seed=args.seed, device=args.device, root=args.root, cache_dir=args.cache_dir, skip_bad=args.skip_bad,
+                 resume=args.resume, overwrite=args.overwrite, log_every=args.log_every, **source)
     elif args.command == "extract":
         extract(args.source, args.images, args.out, what=args.what, head_layer=args.head_layer,
                 image_size=args.image_size, batch_size=args.batch_size, device=args.device,
