@@ -837,19 +837,24 @@ def test_random_resized_crop_matches_torchvision_on_its_boxes():
         torch.testing.assert_close(ours[i], reference, rtol=0, atol=ATOL)
 
 
+def _jitter_in_order(image, params, i: int, ops):
+    """Image i (as `image`) with the four jitter ops applied one at a time, in its sampled order.
+    ops: brightness, contrast, saturation, hue functions taking (image, factor)."""
+    factors = [params.brightness, params.contrast, params.saturation, params.hue]
+    if params.applied[i]:
+        for op in params.order[i].tolist():
+            image = ops[op](image, factors[op][i].item())
+    return image
+
+
 def test_color_jitter_matches_torchvision_in_each_images_order():
     tvf = _tvf()
     x = _images(24, 9, 10)
     params = A.sample_color_jitter(24, strength=1.0, p=0.8, generator=torch.Generator().manual_seed(4))
     ours = A.apply_color_jitter(x, params)
     ops = [tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation, tvf.adjust_hue]
-    factors = [params.brightness, params.contrast, params.saturation, params.hue]
     for i in range(24):
-        reference = x[i]
-        if params.applied[i]:
-            for op in params.order[i].tolist():
-                reference = ops[op](reference, factors[op][i].item())
-        torch.testing.assert_close(ours[i], reference, rtol=0, atol=ATOL)
+        torch.testing.assert_close(ours[i], _jitter_in_order(x[i], params, i, ops), rtol=0, atol=ATOL)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -861,13 +866,8 @@ def test_jitter_equals_primitives_in_each_images_order():
     params = A.sample_color_jitter(24, strength=1.0, p=0.8, generator=torch.Generator().manual_seed(5))
     ours = A.apply_color_jitter(x, params)
     ops = [A.adjust_brightness, A.adjust_contrast, A.adjust_saturation, A.adjust_hue]
-    factors = [params.brightness, params.contrast, params.saturation, params.hue]
     for i in range(24):
-        expected = x[i:i + 1]
-        if params.applied[i]:
-            for op in params.order[i].tolist():
-                expected = ops[op](expected, factors[op][i].item())
-        torch.testing.assert_close(ours[i:i + 1], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(ours[i:i + 1], _jitter_in_order(x[i:i + 1], params, i, ops), rtol=0, atol=1e-6)
 
 
 def test_jitter_order_is_random_and_matters():
