@@ -80,9 +80,7 @@ from data import UserError
 #   two images apart (SimCLR v1 section 3, Figure 6) unless the distortion is strong;
 # - crops of at least 40% of the image, not 8%: the class is an outline, and at 32 px a crop of 8%
 #   (9x9 pixels) keeps only texture.
-# Measured on the CPU preset (kNN top-1, random encoder 0.294): SimCLR's settings 0.326; lr 4 0.360;
-# + strength 1.0 0.430; + crops from 25% 0.462 (0.436 with another seed), from 40% 0.470 (README,
-# "How the CPU preset was chosen").
+# The measurements behind both: README, "How the CPU preset was chosen".
 _SMALL_PRETRAIN = dict(head_layers=3, optimizer="lars", knn_k=50, strength=1.0, crop_min_scale=0.4)
 
 PRESETS: dict[str, dict] = {
@@ -100,10 +98,8 @@ PRESETS: dict[str, dict] = {
         probe=dict(epochs=1, lr=0.1, batch_sizes=[32, 64], weight_decay=0.0),
     ),
     # A 2-core CPU in under 15 minutes (measured 12 min 44 s: see README); every number above chance
-    # but the frozen VGG student's.
-    # 240 SimCLR steps learn more at 4x SimCLR's CIFAR learning rate (kNN check 0.326 at base lr 1,
-    # 0.360 at 4, 0.372 at 8, 0.310 at 16, with SimCLR's CIFAR augmentations). The probe runs the
-    # paper's 30 epochs.
+    # but the frozen VGG student's. 240 SimCLR steps learn more at 4x SimCLR's CIFAR learning rate
+    # (same README section); the probe runs the paper's 30 epochs.
     "cpu": dict(
         image_size=32, seeds_cpu=1, seeds_cuda=1, knn_check=True,
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
