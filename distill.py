@@ -49,15 +49,15 @@ import augment
 import data
 import losses
 import models
-import simclr
-from data import UserError
+import train
+from train import UserError
 
 MODES = ("scratch", "finetune", "frozen")
 SOFT_LABELS = ("online", "precomputed")
 
 # Every setting a preset fixes; arguments left as None take the preset's value.
 PRESETS: dict[str, dict] = {
-    # Short runs (tens of epochs, a laptop or one GPU): momentum SGD at lr 0.1 with simclr.fit's
+    # Short runs (tens of epochs, a laptop or one GPU): momentum SGD at lr 0.1 with train.fit's
     # per-step cosine decay, the usual setting for training a ResNet from scratch at batch 128; the
     # paper's 0.01 suits its 100 epochs of dense layers only. Online soft labels on crop + flip
     # views, as SimCLR v2 distils.
@@ -67,25 +67,25 @@ PRESETS: dict[str, dict] = {
     # 100 epochs, best epoch kept. The paper states no batch size and no augmentation for
     # distillation: batch 64 (their Study 3 batch) and no augmentation, which in frozen mode means
     # cached base features. Two differences remain from their Keras SGD: momentum is Nesterov (the
-    # official SimCLR optimiser, simclr.make_optimizer) and the rate decays per step (cosine).
+    # official SimCLR optimiser, train.make_optimizer) and the rate decays per step (cosine).
     "paper": dict(epochs=100, batch_size=64, lr=0.01, momentum=0.9, weight_decay=1e-4, optimizer="sgd",
                   temperature=1.0, crop=False, flip=False, color=False),
 }
 
 
 # ----------------------------------------------------------------------------------------------
-# The student network: simclr.Classifier plus optional dense layers and a frozen base
+# The student network: train.Classifier plus optional dense layers and a frozen base
 #
-# simclr.Classifier with optional dense layers between the features and fc, and a frozen base
+# train.Classifier with optional dense layers between the features and fc, and a frozen base
 # (the seed paper's Figure 5). Its checkpoints use simclr.finetune's format ('arch' gains
 # 'dense_layers'), so a student can be a teacher or a transfer source in turn.
 
 
-class DenseClassifier(simclr.Classifier):
+class DenseClassifier(train.Classifier):
     """Base (encoder + the first `head_layer` projection-head layers) -> dense layers -> fc.
 
     dense_layers: widths of Linear + ReLU layers between the base and the final Linear (the
-    seed paper's Figure 5: trainable dense layers on a frozen base); () is simclr.Classifier.
+    seed paper's Figure 5: trainable dense layers on a frozen base); () is train.Classifier.
     Shapes: x (B, 3, H, W) float in [0, 1] -> base (B, D) -> features (B, dense_layers[-1] or D)
     -> logits (B, num_classes)."""
 
@@ -117,7 +117,7 @@ class DenseClassifier(simclr.Classifier):
 
     def freeze_base(self) -> DenseClassifier:
         """No gradients for the base, and its batch norm keeps its statistics even under .train():
-        simclr.fit calls model.train() every epoch, and a BN layer in training mode would update
+        train.fit calls model.train() every epoch, and a BN layer in training mode would update
         running means although no weight has a gradient."""
         self.frozen_base = True
         for part in (self.encoder, self.head):
@@ -134,20 +134,20 @@ class DenseClassifier(simclr.Classifier):
         return self
 
 
-def load_classifier(path: str | os.PathLike, num_classes: int | None = None) -> tuple[simclr.Classifier, dict]:
+def load_classifier(path: str | os.PathLike, num_classes: int | None = None) -> tuple[train.Classifier, dict]:
     """(classifier, checkpoint) from any classifier checkpoint of the project, dense layers included."""
-    ckpt = simclr.load_checkpoint(path)
+    ckpt = train.load_checkpoint(path)
     dense = (ckpt.get("arch") or {}).get("dense_layers") or ()
     if not dense:
-        return simclr.load_classifier(path, num_classes)
+        return train.load_classifier(path, num_classes)
     arch = ckpt["arch"]
     if num_classes is not None and arch["num_classes"] != num_classes:
         raise UserError(f"The classifier in '{path}' predicts {arch['num_classes']} classes but the "
                         f"dataset has {num_classes}. Use a checkpoint trained on this dataset.")
-    parts = simclr.build_simclr_model(arch)
+    parts = train.build_simclr_model(arch)
     model = DenseClassifier(parts.encoder, parts.head, arch["head_layer"], arch["num_classes"], arch["mean"], arch["std"],
                     dense)
-    simclr.load_state(model, ckpt["model"], "The classifier", path)
+    train.load_state(model, ckpt["model"], "The classifier", path)
     return model, ckpt
 
 
@@ -172,7 +172,7 @@ def pretrained_encoder(path: str | os.PathLike, name: str, width: float, cifar_s
     """The encoder of a SimCLR pretraining checkpoint, built as the chosen student architecture, so
     a checkpoint of another architecture is reported key by key and shape by shape; it must have been
     pretrained at the run's image size."""
-    ckpt = simclr.load_checkpoint(path)
+    ckpt = train.load_checkpoint(path)
     if ckpt["kind"] != "pretrain":
         raise UserError(f"--student-checkpoint '{path}' is a '{ckpt['kind']}' checkpoint; a SimCLR pretraining "
                         f"checkpoint of the student architecture is needed (python simclr.py pretrain --model {name}).")
@@ -183,7 +183,7 @@ def pretrained_encoder(path: str | os.PathLike, name: str, width: float, cifar_s
     encoder = models.create_model(name, num_classes=0, width=width, cifar_stem=cifar_stem)
     state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
     try:
-        simclr.load_state(encoder, state, "The pretrained encoder", path)
+        train.load_state(encoder, state, "The pretrained encoder", path)
     except UserError as e:
         a = ckpt["arch"]
         raise UserError(f"{e} It was pretrained as {a['encoder']} width {a['width']} cifar_stem {a['cifar_stem']}; "
@@ -202,7 +202,7 @@ def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
-def check_independent_base(student_checkpoint: str | os.PathLike, base: nn.Module, teacher: simclr.Classifier,
+def check_independent_base(student_checkpoint: str | os.PathLike, base: nn.Module, teacher: train.Classifier,
                            teacher_ckpt: dict, teacher_path: str | os.PathLike) -> None:
     """Refuse a frozen base that is the teacher's own pretrained encoder, which would decide the
     architecture comparison in advance: the same file as the teacher's pretraining checkpoint
@@ -223,7 +223,7 @@ def check_independent_base(student_checkpoint: str | os.PathLike, base: nn.Modul
     if _same_weights(state, teacher.encoder.state_dict()):
         raise UserError(refuse.format(f"identical weights to the encoder of '{teacher_path}'"))
     if origin is not None:
-        origin_ckpt = simclr.load_checkpoint(origin)
+        origin_ckpt = train.load_checkpoint(origin)
         origin_state = {k[len("encoder."):]: v for k, v in origin_ckpt.get("model", {}).items()
                         if k.startswith("encoder.")}
         if _same_weights(state, origin_state):
@@ -251,7 +251,7 @@ def build_student(mode: str, name: str, width: float, cifar_stem: bool, num_clas
     # No projection head is used (features = encoder output); build_classifier still builds one
     # from the description and drops it, so describe the smallest possible head.
     arch = dict(encoder=name, width=width, cifar_stem=cifar_stem, head_layers=1, head_hidden=None, out_dim=1)
-    arch = simclr.classifier_arch(arch, 0, num_classes, mean, std)
+    arch = train.classifier_arch(arch, 0, num_classes, mean, std)
     arch["dense_layers"] = list(dense_layers)
     student = DenseClassifier(encoder, None, 0, num_classes, mean, std, dense_layers)
     if mode == "frozen":
@@ -299,7 +299,7 @@ def labeled_indices(split: data.ImageSet, fraction: float, seed: int) -> np.ndar
 def distillation_loss_fn(student: DenseClassifier, teacher: nn.Module, view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
                          temperature: float, alpha: float, known: torch.Tensor | None,
                          soft_labels: torch.Tensor | None = None, base_features: torch.Tensor | None = None):
-    """The step's loss for simclr.fit: loss_fn(x uint8 (B,3,H,W), index (B,), generator) -> scalar.
+    """The step's loss for train.fit: loss_fn(x uint8 (B,3,H,W), index (B,), generator) -> scalar.
 
     alpha * L_distill (losses.distillation_loss, v2 eq. 2) + (1 - alpha) * cross-entropy on the
     batch's images with known labels (v2 eq. 3); the label term is averaged over the known rows
@@ -352,7 +352,7 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
 
     Returns dict(student={val, test reports vs ground truth}, teacher={val, test}, agreement={val, test},
     best=<best.pt path>, ...); best.pt is the student with the best val top-1 (never the test split),
-    loadable by load_classifier here (and by simclr.load_classifier once it knows dense layers)."""
+    loadable by load_classifier here (and by train.load_classifier once it knows dense layers)."""
     if preset not in PRESETS:
         raise UserError(f"Unknown --preset '{preset}'. Use one of: {', '.join(PRESETS)}.")
     given = dict(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -364,7 +364,7 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
         raise UserError(f"Unknown --soft-labels '{soft_labels}'. Use online or precomputed.")
     if student not in models.MODEL_NAMES:
         raise UserError(f"Unknown --student '{student}'. Use one of: {', '.join(models.MODEL_NAMES)}.")
-    simclr.check_positive(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], temperature=s["temperature"],
+    train.check_positive(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], temperature=s["temperature"],
                           width=width, extra_n=extra_n)
     if not 0.0 <= alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1] (1: soft labels only); got {alpha}.")
@@ -377,9 +377,9 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
     if any(int(w) != w or w < 1 for w in dense_layers):
         raise UserError(f"--dense-layers must be positive integers; got {list(dense_layers)}.")
 
-    dev = simclr.select_device(device)
-    simclr.seed_everything(seed)
-    teacher_ckpt_meta = simclr.load_checkpoint(teacher)
+    dev = train.select_device(device)
+    train.seed_everything(seed)
+    teacher_ckpt_meta = train.load_checkpoint(teacher)
     image_size = int(teacher_ckpt_meta.get("image_size") or 32)
     # The split seed is the teacher's: with another seed the validation carve (and a generated task's
     # images) would differ, and the teacher's training images would select the student's best epoch.
@@ -403,12 +403,12 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
     if mode == "frozen":
         check_independent_base(student_checkpoint, model.encoder, teacher_model, teacher_ckpt, teacher)
     model = model.to(dev)
-    run = simclr.RunFolder(out, resume=resume, overwrite=overwrite)
+    run = train.RunFolder(out, resume=resume, overwrite=overwrite)
 
     augmentation = (augment.SimCLRAugment(image_size, crop=s["crop"], flip=s["flip"], color=s["color"], blur=False,
                                           strength=0.5) if s["crop"] or s["flip"] or s["color"] else None)
     view = ((lambda x, g: augmentation(x, g)) if augmentation is not None
-            else (lambda x, g: simclr.to_float(x, image_size)))
+            else (lambda x, g: train.to_float(x, image_size)))
     # Without augmentation the teacher would see the same un-augmented image every epoch: run it once.
     effective_soft = "precomputed" if augmentation is None else soft_labels
     cached = mode == "frozen" and augmentation is None
@@ -429,14 +429,14 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
     table = None
     if effective_soft == "precomputed":
         with torch.inference_mode():
-            table = simclr.extract_features(teacher_model, images, dev, size=image_size, desc="teacher soft labels")
+            table = train.extract_features(teacher_model, images, dev, size=image_size, desc="teacher soft labels")
         table = table.clone()  # a normal tensor, usable in autograd-recorded code
     frozen_state = ({k: v.clone() for k, v in model.encoder.state_dict().items()} if mode == "frozen" else None)
     base_features = val_features = None
     if cached:
         model.eval()
-        base_features = simclr.extract_features(model.base, images, dev, size=image_size, desc="base features")
-        val_features = simclr.extract_features(model.base, task.val, dev, size=image_size)
+        base_features = train.extract_features(model.base, images, dev, size=image_size, desc="base features")
+        val_features = train.extract_features(model.base, task.val, dev, size=image_size)
     known_t = torch.as_tensor(known, device=dev) if alpha < 1.0 else None
     loss_fn = distillation_loss_fn(model, teacher_model, view, s["temperature"], alpha, known_t, table, base_features)
 
@@ -444,29 +444,29 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
     def evaluate() -> dict:
         if val_features is not None:
             model.eval()
-            return dict(val_top1=simclr.accuracy_report(model.classify(val_features), task.val.labels,
+            return dict(val_top1=train.accuracy_report(model.classify(val_features), task.val.labels,
                                                         task.classes)["top1"])
-        return dict(val_top1=simclr.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
+        return dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
 
     loader = data.BatchLoader(images, s["batch_size"], dev, shuffle=True, drop_last=True, seed=seed)
-    schedule = simclr.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
+    schedule = train.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
                                weight_decay=s["weight_decay"], log_every=log_every)
     meta = dict(kind="distill", arch=arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
-    simclr.fit(model, loss_fn, loader, run, schedule, device=dev, seed=seed, meta=meta, evaluate=evaluate,
+    train.fit(model, loss_fn, loader, run, schedule, device=dev, seed=seed, meta=meta, evaluate=evaluate,
                select="val_top1", desc=f"distill {mode} {student}")
     if frozen_state is not None:
-        simclr.check_frozen(frozen_state, model.encoder)
+        train.check_frozen(frozen_state, model.encoder)
 
     best, _ = load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
     result = dict(task=task.name, mode=mode, student_arch=student, teacher_path=str(teacher), best=str(run.path / "best.pt"),
                   student={}, teacher={}, agreement={})
     for split_name, split in (("val", task.val), ("test", task.test)):
-        result["student"][split_name] = simclr.evaluate_classifier(best, split, dev, size=image_size)
-        result["teacher"][split_name] = simclr.evaluate_classifier(teacher_model, split, dev, size=image_size)
+        result["student"][split_name] = train.evaluate_classifier(best, split, dev, size=image_size)
+        result["teacher"][split_name] = train.evaluate_classifier(teacher_model, split, dev, size=image_size)
         result["agreement"][split_name] = agreement(result["student"][split_name].pop("predictions"),
                                                     result["teacher"][split_name].pop("predictions"))
-    simclr.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
+    train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     print(f"distill {task.name} ({mode} {student}): student test top-1 {result['student']['test']['top1']:.4f} "
           f"(val {result['student']['val']['top1']:.4f}), teacher test top-1 {result['teacher']['test']['top1']:.4f}, "
           f"agreement {result['agreement']['test']:.4f}; best: {result['best']}", file=sys.stderr)
@@ -479,7 +479,7 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=data.HelpFormatter,
+                                formatter_class=train.HelpFormatter,
                                 epilog="presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     p.add_argument("--teacher", required=True, help="classifier checkpoint (best.pt of a finetune/distill/transfer run)")
     p.add_argument("--data", default="shapes5", help="labeled task whose train images (labels hidden) are distilled on")
@@ -487,7 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "pretrained encoder, or frozen pretrained base + dense layers (seed paper)")
     p.add_argument("--student", default="resnet18", choices=models.MODEL_NAMES, help="student architecture")
     p.add_argument("--width", type=float, default=1.0, help="student channel multiplier")
-    p.add_argument("--cifar-stem", type=simclr.bool_arg, default=None, help="3x3 stem; None: on up to 64 px")
+    p.add_argument("--cifar-stem", type=train.bool_arg, default=None, help="3x3 stem; None: on up to 64 px")
     p.add_argument("--student-checkpoint", default=None,
                    help="SimCLR pretraining checkpoint of the student architecture (finetune and frozen modes)")
     p.add_argument("--dense-layers", type=int, nargs="*", default=None,
@@ -500,7 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soft-labels", default="online", choices=SOFT_LABELS,
                    help="teacher on each augmented view (SimCLR v2) or once on un-augmented images")
     for name in ("crop", "flip", "color"):
-        p.add_argument(f"--{name}", type=simclr.bool_arg, default=None, help=f"{name} augmentation; None: the preset's")
+        p.add_argument(f"--{name}", type=train.bool_arg, default=None, help=f"{name} augmentation; None: the preset's")
     p.add_argument("--extra-unlabeled", default=None, help="extra unlabeled images, e.g. shapes-pool or a folder")
     p.add_argument("--extra-n", type=int, default=None, help="how many extra unlabeled images")
     p.add_argument("--epochs", type=int, default=None, help="None: the preset's")
@@ -510,8 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=None, help="None: the preset's")
     p.add_argument("--optimizer", default=None, choices=["sgd", "lars"], help="None: the preset's")
     p.add_argument("--log-every", type=int, default=20, help="steps between log lines (host syncs)")
-    simclr.add_common(p)
-    simclr.add_run(p)
+    train.add_common(p)
+    train.add_run(p)
     return p
 
 
@@ -528,7 +528,7 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return simclr.main(argv, run=run_command, parser=build_parser())
+    return train.main(argv, run=run_command, parser=build_parser())
 
 
 if __name__ == "__main__":

@@ -37,8 +37,6 @@ cats_vs_dogs), or a folder (root/class/image for tasks, any image folder for the
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -62,8 +60,9 @@ from tqdm import tqdm
 import data
 import distill
 import simclr
+import train
 import transfer
-from data import UserError
+from train import UserError
 
 # ----------------------------------------------------------------------------------------------
 # Presets: every setting of a run, in one place. "default" picks "cpu" or "cuda" by the device.
@@ -280,7 +279,7 @@ class Pipeline:
         result = fn(folder, sub_resume)
         record = dict(name=name, result=result, wall_s=round(time.perf_counter() - start, 2),
                       finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), resumed=sub_resume)
-        simclr.atomic_write_text(json.dumps(record, indent=2) + "\n", record_path)
+        train.atomic_write_text(json.dumps(record, indent=2) + "\n", record_path)
         self.records[name] = dict(record, reused=False)
         self.bar.update(1)
         return result
@@ -351,7 +350,7 @@ def _read_log(folder: Path) -> list[dict]:
 def finetune_stage(checkpoint: str, task: data.TaskData, augmentation: dict, cfg: dict, seed: int,
                    device: str) -> Callable[[Path, bool], dict]:
     def run(folder: Path, resume: bool) -> dict:
-        head_layer = min(cfg["head_layer"], simclr.load_checkpoint(checkpoint)["arch"]["head_layers"])
+        head_layer = min(cfg["head_layer"], train.load_checkpoint(checkpoint)["arch"]["head_layers"])
         result = simclr.finetune(checkpoint, task.name, folder, fraction=1.0, head_layer=head_layer,
                                  crop=augmentation["crop"], flip=augmentation["flip"], color=augmentation["color"],
                                  blur=False, strength=cfg["strength"], epochs=cfg["epochs"],
@@ -569,7 +568,7 @@ def draw_chart(path: Path, title: str, xlabel: str, categories: Sequence[str],
         d.rectangle([legend_x, 50, legend_x + 16, 66], fill=colour)  # legend: one row under the title
         d.text((legend_x + 22, 58), name, fill="black", font=small, anchor="lm")
         legend_x += 22 + d.textlength(name, font=small) + 30
-    simclr.atomic_write(path, lambda f: img.save(f, format="PNG"))
+    train.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def draw_figures(out: Path, summary: dict, tasks: dict[str, data.TaskData], n_seeds: int) -> list[str]:
@@ -639,7 +638,7 @@ def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"Output folder '{out}' cannot be created: {e.strerror}.") from None
-    simclr.atomic_write_text(json.dumps(dict(settings=settings), indent=2) + "\n", config)
+    train.atomic_write_text(json.dumps(dict(settings=settings), indent=2) + "\n", config)
 
 
 def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *, data_spec: str | None = None,
@@ -648,7 +647,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
             download: bool | None = None, skip_bad: bool = False, command: str = "") -> dict:
     """Pretrain, the three studies for each seed, then results.json / results.md / figures in `out`."""
     start = time.perf_counter()
-    dev = simclr.select_device(device)
+    dev = train.select_device(device)
     preset_name, p = resolve_preset(preset, dev)
     mapping = parse_data(data_spec, p["data"])
     n_seeds = seeds if seeds is not None else p["seeds_cuda" if dev.type == "cuda" else "seeds_cpu"]
@@ -662,12 +661,12 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     prepare_folder(out, settings, resume, overwrite)
 
     size = p["image_size"]
-    simclr.seed_everything(seed)
+    train.seed_everything(seed)
     tasks = load_tasks([mapping["study1"], mapping["study2"], *mapping["study3"]], size, p["tasks"], seed, root,
                        cache_dir, download, skip_bad)
     pre_cfg, res_arch = p["pretrain"], p["pretrain"]["model"]
     if pretrained is not None:
-        ckpt = simclr.load_checkpoint(pretrained)
+        ckpt = train.load_checkpoint(pretrained)
         if ckpt["kind"] != "pretrain":
             raise UserError(f"--pretrained '{pretrained}' is a '{ckpt['kind']}' checkpoint; pass a pretraining "
                             "checkpoint written by simclr.py pretrain (its checkpoint.pt).")
@@ -696,7 +695,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                                                            s, dev_name))
         # Student bases: SimCLR-pretrained here for each student architecture on the same pool with the
         # same budget; the ResNet one from another seed, so it is not the teacher's own encoder.
-        width = simclr.load_checkpoint(checkpoint)["arch"]["width"] if pretrained else pre_cfg["width"]
+        width = train.load_checkpoint(checkpoint)["arch"]["width"] if pretrained else pre_cfg["width"]
         student_cfg = dict(pre_cfg, model=res_arch, width=width)
         bases = {}
         for family, arch, base_seed in (("resnet", res_arch, seed + 10_000), ("vgg", vgg, seed)):
@@ -738,9 +737,9 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                    stages={k: dict(wall_s=v["wall_s"], reused=v["reused"], finished=v["finished"])
                            for k, v in pipe.records.items()},
                    runs=runs, **summary)
-    simclr.atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out / "results.json")
+    train.atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out / "results.json")
     markdown = results_markdown(summary, meta, tasks, mapping)
-    simclr.atomic_write_text(markdown, out / "results.md")
+    train.atomic_write_text(markdown, out / "results.md")
     draw_figures(out, summary, tasks, n_seeds)
     print(markdown)
     print(f"Wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'figure2.png'}, {out / 'figure6.png'} "
@@ -752,7 +751,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
 # Command line
 
 
-class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, data.HelpFormatter):
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, train.HelpFormatter):
     """The module docstring's stage list kept as written, each option with its default."""
 
 
@@ -773,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache for decoded image folders (default: data.py's default)")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave unreadable images of a folder out with a warning, instead of stopping")
-    p.add_argument("--download", type=simclr.bool_arg, default=None,
+    p.add_argument("--download", type=train.bool_arg, default=None,
                    help="download named datasets that are missing (default: on for --preset paper)")
     return p
 
@@ -787,7 +786,7 @@ def run_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    return simclr.main(argv, run=lambda args: run_command(args, argv), parser=build_parser())
+    return train.main(argv, run=lambda args: run_command(args, argv), parser=build_parser())
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@
     finetune     supervised fine-tuning from a middle layer of the projection head (v2 section 2.2)
     bench        throughput: network alone, augmentation alone, end to end
 
-This file also holds the pieces the other stages share, so that distill.py and transfer.py do not
-copy them: device choice, run folders, atomic checkpoints, LARS, the warm-up + cosine schedule, the
-training loop (resume, non-finite detection, Ctrl-C), the classifier wrapper and its evaluation.
+The engine these stages share with distill.py and transfer.py (devices, run folders, checkpoints,
+LARS, the schedule, the training loop) lives in train.py.
 
 Command line:  python simclr.py pretrain --data shapes-pool --out runs/pretrain
                python simclr.py linear-eval --checkpoint runs/pretrain/checkpoint.pt --data shapes5
@@ -17,685 +16,25 @@ Command line:  python simclr.py pretrain --data shapes-pool --out runs/pretrain
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import math
 import os
-import signal
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import augment
 import data
 import losses
 import models
-from data import UserError
-
-CHECKPOINT_FORMAT = 1
-
-# ----------------------------------------------------------------------------------------------
-# Devices, distributed set-up, precision
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """Resolve 'auto' | 'cpu' | 'cuda' | 'cuda:N' | 'mps' to a device that exists here."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UserError(f"Unknown device '{name}'. Use auto, cpu, cuda, cuda:N or mps.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"Device '{name}' was requested but this machine has no usable CUDA GPU "
-                        "(torch.cuda.is_available() is False). Use --device cpu or --device auto.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"Device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s).")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError(f"Device '{name}' was requested but MPS is not available here. Use --device cpu.")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UserError(f"Unsupported device '{name}'. Use auto, cpu, cuda, cuda:N or mps.")
-    return device
-
-
-@dataclass
-class Distributed:
-    """Where this process sits in a torchrun launch (rank 0 of 1 when launched alone)."""
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> Distributed:
-    """Join the process group torchrun describes in the environment; a single process needs none.
-
-    NCCL on CUDA, gloo on CPU. Each rank then owns one GPU (LOCAL_RANK)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Distributed()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return Distributed(dist.get_rank(), dist.get_world_size())
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (tensor cores, no loss scaling needed); float32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Run folders and atomic checkpoints
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode: str = "wb") -> None:
-    """write(file) into a temporary file in the same folder, fsync, then rename over `path`.
-
-    A crash at any moment leaves either the previous file or the new one, never half of one:
-    os.replace is atomic on POSIX and Windows when source and target share a file system."""
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide results from the user's group
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if isinstance(e, OSError):  # a full disk or a vanished folder is the user's to fix, not a bug
-            kept = f" The previous '{path.name}' is unchanged." if path.exists() else ""
-            raise UserError(f"Could not write '{path}': {e.strerror or e}. Free some space or choose another "
-                            f"--out, then run again (with --resume to continue a run).{kept}") from e
-        raise
-
-
-def atomic_save(obj: object, path: str | os.PathLike) -> None:
-    """torch.save(obj) to `path` atomically (see atomic_write); an OSError becomes a UserError."""
-    atomic_write(path, lambda f: torch.save(obj, f), "wb")
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write `text` to `path` atomically (see atomic_write)."""
-    atomic_write(path, lambda f: f.write(text), "w")
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by this project with weights_only=True (plain types and tensors
-    only, so a downloaded file cannot run code). Missing or damaged files give a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"Checkpoint '{path}' does not exist (or is not a file). Pass the checkpoint.pt "
-                        "of a finished or interrupted run.")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated zip archives
-        raise UserError(f"Checkpoint '{path}' could not be read ({type(e).__name__}: {str(e)[:200]}). "
-                        "It may be truncated or not a PyTorch checkpoint; use an earlier copy or rerun.") from None
-    if not isinstance(ckpt, dict) or "kind" not in ckpt:
-        raise UserError(f"'{path}' is not a checkpoint of this project (no 'kind' entry). For a plain "
-                        "torchvision-layout state dict use transfer.py --encoder-weights.")
-    return ckpt
-
-
-class RunFolder:
-    """One folder per run: config.json, log.jsonl, checkpoint.pt (latest), best.pt, results.
-
-    A folder that already holds a run is refused unless resume (continue it) or overwrite
-    (start again) is asked for, so nobody's results are replaced by accident. Only rank 0 writes."""
-
-    def __init__(self, path: str | os.PathLike, resume: bool = False, overwrite: bool = False,
-                 is_main: bool = True):
-        self.path = Path(path)
-        self.is_main = is_main
-        for parent in [self.path, *self.path.parents]:
-            if parent.exists() and not parent.is_dir():
-                raise UserError(f"Output folder '{self.path}' cannot be created: '{parent}' is a file. "
-                                "Choose another --out.")
-        holds_run = (self.path / "config.json").exists()
-        if holds_run and not (resume or overwrite):
-            raise UserError(f"Output folder '{self.path}' already holds a run (config.json). Pass --resume to "
-                            "continue it, --overwrite to replace it, or choose another --out.")
-        if resume and not (self.path / "checkpoint.pt").exists():
-            if holds_run:
-                raise UserError(f"--resume was given but '{self.path}' holds no checkpoint.pt yet. "
-                                "Start again with --overwrite.")
-        self.resuming = resume and (self.path / "checkpoint.pt").exists()
-        if is_main:
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"Output folder '{self.path}' cannot be created: {e.strerror}.") from None
-            if overwrite and not resume:
-                for name in ("checkpoint.pt", "best.pt", "log.jsonl", "config.json"):
-                    with contextlib.suppress(FileNotFoundError):
-                        (self.path / name).unlink()
-
-    @staticmethod
-    def redo(path: str | os.PathLike, stage: str, resume: bool, overwrite: bool) -> "RunFolder":
-        """A run folder for a stage that keeps no checkpoint.pt (seconds of work): --resume redoes it,
-        but only over a run of the same stage, never over another run's checkpoints."""
-        config = Path(path) / "config.json"
-        if resume and not overwrite and config.exists():
-            try:
-                found = json.loads(config.read_text()).get("stage")
-            except (OSError, ValueError):
-                found = None
-            if found != stage:
-                raise UserError(f"--resume was given but '{path}' holds a '{found}' run, not a {stage} run. "
-                                "Choose another --out.")
-        return RunFolder(path, resume=False, overwrite=overwrite or resume)
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / "checkpoint.pt"
-
-    def write_config(self, config: dict) -> None:
-        if self.is_main:
-            atomic_write_text(json.dumps(config, indent=2, default=str) + "\n", self.path / "config.json")
-
-    def log(self, record: dict) -> None:
-        if self.is_main:
-            with open(self.path / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def save(self, state: dict, name: str = "checkpoint.pt") -> None:
-        if self.is_main:
-            try:
-                atomic_save(state, self.path / name)
-            except OSError as e:
-                raise UserError(f"Could not write '{self.path / name}': {e}. The previous checkpoint, if any, "
-                                "is intact; free space or choose another --out, then --resume.") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimisation: LARS, parameter groups, the learning-rate schedule
-
-
-class LARS(torch.optim.Optimizer):
-    """LARS (You et al. 2017) as SimCLR uses it: SGD with momentum where each weight tensor's step
-    is scaled by trust = eta * ||w|| / ||g + wd * w||.
-
-    Groups with `lars=False` (biases and batch-norm parameters) get neither weight decay nor the
-    trust ratio, as in SimCLR: their norms say nothing about a good step size, and decaying a BN
-    scale only fights the normalisation. The update is vectorised over tensors with torch._foreach.
-
-        g' = g + wd * w;   r = eta * ||w|| / ||g'|| (1 where a norm is 0);   v = m * v + lr * r * g';   w -= v
-    """
-
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 trust_coefficient: float = 0.001):
-        if lr < 0 or weight_decay < 0 or not 0 <= momentum < 1:
-            raise ValueError(f"LARS: need lr >= 0, weight_decay >= 0, 0 <= momentum < 1; got {lr}, {weight_decay}, {momentum}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                      trust_coefficient=trust_coefficient, lars=True))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            grads = [p.grad for p in params]
-            if group["lars"]:
-                if group["weight_decay"]:
-                    grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                w_norms = torch._foreach_norm(params)
-                g_norms = torch._foreach_norm(grads)
-                eta = group["trust_coefficient"]
-                trust = [torch.where((w > 0) & (g > 0), eta * w / g, torch.ones_like(w))
-                         for w, g in zip(w_norms, g_norms)]
-                grads = torch._foreach_mul(grads, trust)
-            bufs = []
-            for p, g in zip(params, grads):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
-            torch._foreach_mul_(bufs, group["momentum"])
-            torch._foreach_add_(bufs, grads, alpha=group["lr"])
-            torch._foreach_sub_(params, bufs)
-        return loss
-
-
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Split parameters into those that get weight decay and LARS adaptation (weights of conv and
-    linear layers) and those that do not (biases and batch-norm parameters: every tensor of ndim <= 1)."""
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (decay if p.ndim > 1 else no_decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay, lars=True),
-            dict(params=no_decay, weight_decay=0.0, lars=False)]
-
-
-def make_optimizer(module: nn.Module, name: str, lr: float, weight_decay: float,
-                   momentum: float = 0.9) -> torch.optim.Optimizer:
-    """'lars' (SimCLR pretraining) or 'sgd': momentum SGD with Nesterov momentum, as the official SimCLR
-    code's 'momentum' optimiser; batch-norm parameters and biases are excluded from weight decay."""
-    groups = parameter_groups(module, weight_decay)
-    if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "sgd":
-        for g in groups:
-            g.pop("lars")
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
-    raise UserError(f"Unknown optimizer '{name}'. Use lars or sgd.")
-
-
-def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
-    """Linear warm-up from 0 to `peak` over `warmup_steps`, then cosine decay to 0 at `total_steps`.
-
-    Evaluated every iteration (SimCLR v1 appendix B.1), never once per epoch."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def scaled_lr(base_lr: float, batch_size: int, scaling: str = "linear") -> float:
-    """SimCLR's learning-rate scaling: linear base * B/256, or square-root base * sqrt(B)."""
-    return base_lr * batch_size / 256 if scaling == "linear" else base_lr * math.sqrt(batch_size)
-
-
-# ----------------------------------------------------------------------------------------------
-# The training loop shared by pretraining, fine-tuning, distillation and transfer
-
-
-@dataclass
-class Schedule:
-    """What the loop needs to know about optimisation; `lr` is the peak, already batch-scaled."""
-    epochs: int
-    lr: float
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    warmup_epochs: float = 0.0
-    log_every: int = 20          # steps between host syncs (loss read, non-finite check, progress bar)
-    checkpoint_every: int = 0    # steps between checkpoints (0: at the end of each epoch only)
-    eval_every: int = 1          # epochs between evaluate() calls
-
-
-class NonFiniteLoss(UserError):
-    pass
-
-
-class Interrupted(Exception):
-    pass
-
-
-def _rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "augment": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(generator: torch.Generator, state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["augment"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module inside DDP and/or torch.compile wrappers (their state-dict keys differ)."""
-    while True:
-        if isinstance(module, nn.parallel.DistributedDataParallel):
-            module = module.module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
-
-
-def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor],
-        loader: data.BatchLoader, run: RunFolder, schedule: Schedule, *, device: torch.device,
-        seed: int = 0, meta: dict | None = None, evaluate: Callable[[], dict] | None = None,
-        select: str | None = None, optimizer: torch.optim.Optimizer | None = None,
-        distributed: Distributed = Distributed(), desc: str = "train") -> list[dict]:
-    """Train `model` by minimising loss_fn(x_uint8, y, generator) over `loader` for schedule.epochs.
-
-    - The learning rate follows `learning_rate` per iteration.
-    - The loss stays on the device; every `log_every` steps the host reads the buffered losses once
-      (the only sync), logs them, updates the progress bar and stops on the first non-finite value,
-      naming that step and the last good checkpoint (checkpoints are only written after a check).
-    - checkpoint.pt holds model, optimiser, step, RNG and data position, so resuming (run.resuming)
-      gives the same losses as an uninterrupted run on CPU. Ctrl-C / SIGTERM save and exit.
-    - After each `eval_every` epochs `evaluate()` returns metrics; with `select` (e.g. 'val_top1')
-      the best state by that metric is kept in best.pt (selection never looks at the test split).
-    Returns the list of evaluation records.
-    """
-    meta = dict(meta or {})
-    base = unwrap(model)
-    optimizer = optimizer or make_optimizer(base, schedule.optimizer, schedule.lr, schedule.weight_decay,
-                                            schedule.momentum)
-    steps_per_epoch = len(loader)
-    total_steps = schedule.epochs * steps_per_epoch
-    warmup_steps = round(schedule.warmup_epochs * steps_per_epoch)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed * 1000 + distributed.rank)
-    step, history, best = 0, [], None
-    if run.resuming:
-        ckpt = load_checkpoint(run.checkpoint)
-        base.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(generator, ckpt["rng"])
-        step, history, best = ckpt["step"], json.loads(ckpt["history"]), ckpt.get("best")
-        if distributed.is_main:
-            print(f"Resuming {run.path} at step {step} of {total_steps}.", file=sys.stderr)
-
-    def state(tag: str) -> dict:
-        return dict(kind=meta.get("kind", "run"), format=CHECKPOINT_FORMAT, tag=tag, step=step,
-                    model=base.state_dict(), optimizer=optimizer.state_dict(), rng=_rng_state(generator),
-                    history=json.dumps(history), best=best, **{k: v for k, v in meta.items() if k != "kind"})
-
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    handlers = {}
-    if distributed.is_main and hasattr(signal, "SIGTERM"):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: keep default handling
-                handlers[s] = signal.signal(s, on_signal)
-
-    losses_buffer: list[torch.Tensor] = []
-    last_good = run.checkpoint if run.checkpoint.exists() else None
-    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not distributed.is_main, leave=False,
-               dynamic_ncols=True, mininterval=1.0)
-    tick, tick_step = time.perf_counter(), step
-
-    def flush() -> None:
-        """The one host sync per log interval."""
-        nonlocal tick, tick_step
-        if not losses_buffer:
-            return
-        values = torch.stack(losses_buffer).float().cpu().tolist()
-        first = step - len(values)
-        for i, v in enumerate(values):
-            if not math.isfinite(v):
-                where = f"'{last_good}'" if last_good else "none was written yet"
-                raise NonFiniteLoss(f"The loss became {v} at step {first + i + 1} (of {total_steps}); the run "
-                                    f"was stopped there. Last good checkpoint: {where}. Lower the learning rate "
-                                    "or check the input data, then resume or start again.")
-        now = time.perf_counter()
-        rate = (step - tick_step) * loader.batch_size * distributed.world_size / max(now - tick, 1e-9)
-        tick, tick_step = now, step
-        lr = optimizer.param_groups[0]["lr"]
-        record = dict(step=step, epoch=step / steps_per_epoch, loss=sum(values) / len(values), lr=lr,
-                      images_per_s=round(rate, 1))
-        run.log(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:,.0f}")
-        losses_buffer.clear()
-
-    def checkpoint(tag: str = "checkpoint") -> None:
-        nonlocal last_good
-        flush()  # never save weights that a non-finite loss already touched
-        run.save(state(tag))
-        last_good = run.checkpoint
-
-    try:
-        model.train()
-        while step < total_steps:
-            epoch, start = divmod(step, steps_per_epoch)
-            loader_seed_epoch = epoch
-            for x, y in loader.epoch(loader_seed_epoch, start):
-                lr = learning_rate(step, total_steps, warmup_steps, schedule.lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                with autocast(device):
-                    loss = loss_fn(x, y, generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses_buffer.append(loss.detach())
-                step += 1
-                bar.update(1)
-                if step % schedule.log_every == 0:
-                    flush()
-                if schedule.checkpoint_every and step % schedule.checkpoint_every == 0:
-                    checkpoint()
-                if stop["signal"] is not None:
-                    raise Interrupted
-            epoch_done = step // steps_per_epoch
-            if evaluate is not None and (epoch_done % schedule.eval_every == 0 or step == total_steps):
-                flush()
-                metrics = evaluate()
-                model.train()
-                record = dict(epoch=epoch_done, step=step, **metrics)
-                history.append(record)
-                run.log(record)
-                if distributed.is_main:
-                    tqdm.write(f"[{desc}] epoch {epoch_done}: " + ", ".join(
-                        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-                if select is not None and (best is None or metrics[select] > best):
-                    best = metrics[select]
-                    run.save(dict(state("best"), optimizer={}), "best.pt")
-            checkpoint()
-        flush()
-    except Interrupted:
-        checkpoint()
-        name = signal.Signals(stop["signal"]).name
-        raise UserError(f"Stopped by {name} at step {step} of {total_steps}; checkpoint saved to "
-                        f"'{run.checkpoint}'. Resume with the same command plus --resume.") from None
-    finally:
-        bar.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    return history
-
-
-# ----------------------------------------------------------------------------------------------
-# Models built from a description (so checkpoints carry their own architecture)
-
-
-def build_simclr_model(arch: dict) -> models.SimCLRModel:
-    """arch: encoder, width, cifar_stem, head_layers, head_hidden, out_dim."""
-    encoder = models.create_model(arch["encoder"], num_classes=0, width=arch["width"],
-                                  cifar_stem=arch["cifar_stem"])
-    hidden = arch.get("head_hidden") or encoder.feature_dim
-    head = models.ProjectionHead(encoder.feature_dim, hidden, arch["out_dim"], arch["head_layers"])
-    return models.SimCLRModel(encoder, head)
-
-
-class Classifier(nn.Module):
-    """Encoder (+ the first `head_layer` layers of a projection head) + a linear layer.
-
-    Inputs are float images in [0, 1]; `mean`/`std` are buffers that belong to the checkpoint
-    (zeros/ones for SimCLR's own models, which see raw [0, 1] inputs; ImageNet statistics for
-    torchvision's supervised weights), so normalisation is never a hidden constant.
-    SimCLR v2 section 2.2: fine-tuning from the first layer of a 3-layer head beats the encoder output."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module | None, head_layer: int, num_classes: int,
-                 mean: Iterable[float] = (0.0, 0.0, 0.0), std: Iterable[float] = (1.0, 1.0, 1.0)):
-        super().__init__()
-        if head_layer > 0 and head is None:
-            raise ValueError("head_layer > 0 needs a projection head")
-        self.encoder = encoder
-        self.head = head if head_layer > 0 else None
-        self.head_layer = head_layer
-        in_dim = head.dims[head_layer] if head_layer > 0 else encoder.feature_dim
-        self.fc = nn.Linear(in_dim, num_classes)
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float in [0, 1] -> (B, fc.in_features)."""
-        h = self.encoder((x - self.mean) / self.std)
-        return self.head.features(h, self.head_layer) if self.head is not None else h
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
-
-
-def classifier_arch(arch: dict, head_layer: int, num_classes: int, mean=(0.0, 0.0, 0.0),
-                    std=(1.0, 1.0, 1.0)) -> dict:
-    return dict(arch, head_layer=head_layer, num_classes=num_classes, mean=list(mean), std=list(std))
-
-
-def build_classifier(arch: dict) -> Classifier:
-    """A Classifier from its description (the 'arch' entry of a classifier checkpoint)."""
-    simclr = build_simclr_model(arch)
-    return Classifier(simclr.encoder, simclr.head, arch["head_layer"], arch["num_classes"], arch["mean"], arch["std"])
-
-
-def load_state(module: nn.Module, state: dict, what: str, path) -> None:
-    """load_state_dict(strict=True) with a readable report instead of a wall of keys."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        lines = [f"{what} in '{path}': the checkpoint does not fit the model built for it."]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-            if items:
-                lines.append(f"{len(items)} {title}: " + "; ".join(items[:6]) + (" ..." if len(items) > 6 else ""))
-        lines.append("Check --model/--width/--cifar-stem against the run that wrote it.")
-        raise UserError(" ".join(lines))
-    module.load_state_dict(state)
-
-
-def load_pretrained(path: str | os.PathLike) -> tuple[models.SimCLRModel, dict]:
-    """(SimCLRModel with the pretrained weights, checkpoint metadata) from a pretraining checkpoint."""
-    ckpt = load_checkpoint(path)
-    if ckpt["kind"] != "pretrain":
-        raise UserError(f"'{path}' is a '{ckpt['kind']}' checkpoint; a pretraining checkpoint "
-                        "(written by simclr.py pretrain) is needed here.")
-    model = build_simclr_model(ckpt["arch"])
-    load_state(model, ckpt["model"], "The pretrained model", path)
-    return model, ckpt
-
-
-def load_classifier(path: str | os.PathLike, num_classes: int | None = None) -> tuple[Classifier, dict]:
-    """(Classifier, checkpoint) from a fine-tuning / distillation / transfer checkpoint (best.pt or
-    checkpoint.pt); `num_classes` checks it fits the dataset it will be used on."""
-    ckpt = load_checkpoint(path)
-    if "arch" not in ckpt or "num_classes" not in ckpt["arch"]:
-        raise UserError(f"'{path}' is a '{ckpt['kind']}' checkpoint without a classifier; pass the "
-                        "best.pt or checkpoint.pt of a finetune, distill or transfer run.")
-    if num_classes is not None and ckpt["arch"]["num_classes"] != num_classes:
-        raise UserError(f"The classifier in '{path}' predicts {ckpt['arch']['num_classes']} classes but the "
-                        f"dataset has {num_classes}. Use a checkpoint trained on this dataset.")
-    model = build_classifier(ckpt["arch"])
-    load_state(model, ckpt["model"], "The classifier", path)
-    return model, ckpt
-
-
-# ----------------------------------------------------------------------------------------------
-# Evaluation: features, kNN monitor, classifier accuracy
-
-
-def to_float(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float in [0, 1], resized to `size` if given and different."""
-    x = x.float().div_(255)
-    if size is not None and x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x
-
-
-@torch.no_grad()
-def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], images: data.ImageSet, device: torch.device,
-                     batch_size: int = 512, size: int | None = None, desc: str | None = None) -> torch.Tensor:
-    """Apply fn (e.g. an encoder in eval mode) to every image, un-augmented: (N, D) float32 on device."""
-    loader = data.BatchLoader(images, min(batch_size, len(images)), device, shuffle=False, drop_last=False)
-    out = []
-    for x, _ in tqdm(loader.epoch(0), total=len(loader), desc=desc, disable=desc is None, leave=False):
-        with autocast(device):
-            out.append(fn(to_float(x, size)).float())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
-                 num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> float:
-    """Weighted kNN top-1 (Wu et al. 2018, the usual SSL monitor): cosine similarity to the bank,
-    the k nearest vote for their class with weight exp(sim / temperature)."""
-    bank = F.normalize(bank, dim=1)
-    query = F.normalize(query, dim=1)
-    k = min(k, len(bank))
-    correct = 0
-    for i in range(0, len(query), chunk):
-        sim, idx = (query[i:i + chunk] @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=bank.device)
-        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
-        correct += (votes.argmax(1) == query_labels[i:i + chunk]).sum()
-    return float(correct) / len(query)
-
-
-def knn_monitor(encoder: nn.Module, train: data.ImageSet, val: data.ImageSet, device: torch.device,
-                k: int = 200, size: int | None = None) -> float:
-    """kNN accuracy of `encoder`'s features: train images as the bank, val images as queries."""
-    was_training = encoder.training
-    encoder.eval()
-    bank = extract_features(encoder, train, device, size=size)
-    query = extract_features(encoder, val, device, size=size)
-    encoder.train(was_training)
-    to = lambda a: torch.as_tensor(np.asarray(a), device=device, dtype=torch.long)
-    return knn_accuracy(bank, to(train.labels), query, to(val.labels), len(train.classes), k=k)
-
-
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, images: data.ImageSet, device: torch.device, batch_size: int = 512,
-                        size: int | None = None) -> dict:
-    """top1, top5 (when more than 5 classes), per-class accuracy and predictions on un-augmented images."""
-    was_training = model.training
-    model.eval()
-    logits = extract_features(model, images, device, batch_size, size)
-    model.train(was_training)
-    return accuracy_report(logits, images.labels, images.classes)
-
-
-def accuracy_report(logits: torch.Tensor, labels, classes: list[str]) -> dict:
-    labels = torch.as_tensor(np.asarray(labels), device=logits.device, dtype=torch.long)
-    pred = logits.argmax(1)
-    report = dict(top1=float((pred == labels).float().mean()))
-    if logits.shape[1] > 5:
-        top5 = logits.topk(5, dim=1).indices
-        report["top5"] = float((top5 == labels[:, None]).any(1).float().mean())
-    per_class = {}
-    for c, name in enumerate(classes):
-        mask = labels == c
-        if mask.any():
-            per_class[name] = float((pred[mask] == c).float().mean())
-    report["per_class"] = per_class
-    report["predictions"] = pred.cpu().tolist()
-    return report
+import train
+from train import UserError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -760,14 +99,8 @@ def resolve_defaults(cfg: PretrainConfig) -> PretrainConfig:
     return cfg
 
 
-def check_positive(**values) -> None:
-    for name, v in values.items():
-        if v is not None and not (v > 0):
-            raise UserError(f"--{name.replace('_', '-')} must be positive; got {v}.")
-
-
 def contrastive_loss_fn(model: nn.Module, augmentation: augment.SimCLRAugment, temperature: float,
-                        distributed: Distributed):
+                        distributed: train.Distributed):
     """The SimCLR step's loss: two augmented views, one forward pass of both, NT-Xent.
 
     Both views go through the network as one batch of 2B, so batch norm sees both (as SimCLR's
@@ -788,15 +121,15 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     """SimCLR pretraining (v1 Algorithm 1 with v2's deeper head); returns a summary dict with the
     checkpoint path, the final loss and the kNN accuracy of the learned and of a random encoder."""
     cfg = resolve_defaults(cfg)
-    check_positive(epochs=cfg.epochs, batch_size=cfg.batch_size, base_lr=cfg.base_lr, temperature=cfg.temperature,
+    train.check_positive(epochs=cfg.epochs, batch_size=cfg.batch_size, base_lr=cfg.base_lr, temperature=cfg.temperature,
                    width=cfg.width, image_size=cfg.image_size, crop_min_scale=cfg.crop_min_scale,
                    eval_images=cfg.eval_images)
     if cfg.crop_min_scale > 1:
         raise UserError(f"--crop-min-scale is a fraction of the image area in (0, 1]; got {cfg.crop_min_scale}.")
-    device = select_device(cfg.device)
-    distributed = init_distributed(device)
-    run = RunFolder(out, resume=resume, overwrite=overwrite, is_main=distributed.is_main)
-    seed_everything(cfg.seed)
+    device = train.select_device(cfg.device)
+    distributed = train.init_distributed(device)
+    run = train.RunFolder(out, resume=resume, overwrite=overwrite, is_main=distributed.is_main)
+    train.seed_everything(cfg.seed)
     # A separate data seed lets runs with different training seeds share one pool (run_all.py's student bases).
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     pool = data.load_unlabeled(cfg.data, image_size=cfg.image_size, n=cfg.n_images, root=cfg.root,
@@ -811,7 +144,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
                               seed=cfg.seed, rank=distributed.rank, world_size=distributed.world_size)
     arch = dict(encoder=cfg.model, width=cfg.width, cifar_stem=cfg.cifar_stem, head_layers=cfg.head_layers,
                 head_hidden=cfg.head_hidden, out_dim=cfg.out_dim)
-    model = build_simclr_model(arch).to(device)
+    model = train.build_simclr_model(arch).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if distributed.world_size > 1:
@@ -823,8 +156,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     train_model = torch.compile(model) if cfg.compile else model
     augmentation = augment.SimCLRAugment(cfg.image_size, crop=True, flip=True, color=True, blur=cfg.blur,
                                          strength=cfg.strength, scale=(cfg.crop_min_scale, 1.0))
-    lr = scaled_lr(cfg.base_lr, global_batch, cfg.lr_scaling)
-    schedule = Schedule(epochs=cfg.epochs, lr=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
+    lr = train.scaled_lr(cfg.base_lr, global_batch, cfg.lr_scaling)
+    schedule = train.Schedule(epochs=cfg.epochs, lr=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                         weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, log_every=cfg.log_every,
                         checkpoint_every=cfg.checkpoint_every, eval_every=cfg.knn_every)
     config = dict(stage="pretrain", **asdict(cfg), effective_lr=lr, world_size=distributed.world_size,
@@ -844,69 +177,57 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     task = data.load_task(cfg.eval_data, image_size=cfg.image_size, root=cfg.root, seed=data_seed,
                           cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
                           **eval_size) if cfg.eval_data and distributed.is_main else None
-    encoder = unwrap(model).encoder
+    encoder = train.unwrap(model).encoder
     knn = lambda enc: knn_monitor(enc, task.train, task.val, device, cfg.knn_k, cfg.image_size)  # noqa: E731
     evaluate = (lambda: dict(knn_top1=knn(encoder))) if task else None
     loss_fn = contrastive_loss_fn(train_model, augmentation, cfg.temperature, distributed)
     meta = dict(kind="pretrain", arch=arch, config=json.dumps(config), image_size=cfg.image_size,
                 mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
-    history = fit(train_model, loss_fn, loader, run, schedule, device=device, seed=cfg.seed, meta=meta,
+    history = train.fit(train_model, loss_fn, loader, run, schedule, device=device, seed=cfg.seed, meta=meta,
                   evaluate=evaluate, distributed=distributed, desc="pretrain")
     summary = dict(checkpoint=str(run.checkpoint), history=history)
     if task is not None:
         summary["knn_top1"] = history[-1]["knn_top1"] if history else knn(encoder)
         torch.manual_seed(cfg.seed + 1)
-        random_encoder = build_simclr_model(arch).encoder.to(device)
+        random_encoder = train.build_simclr_model(arch).encoder.to(device)
         summary["knn_top1_random_encoder"] = knn(random_encoder)
         print(f"kNN (k={cfg.knn_k}) top-1 on {cfg.eval_data} val: pretrained {summary['knn_top1']:.4f}, "
               f"random encoder {summary['knn_top1_random_encoder']:.4f}", file=sys.stderr)
-        atomic_write_text(json.dumps({k: v for k, v in summary.items()}, indent=2) + "\n", run.path / "summary.json")
+        train.atomic_write_text(json.dumps({k: v for k, v in summary.items()}, indent=2) + "\n", run.path / "summary.json")
     return summary
+
+
+@torch.no_grad()
+def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
+                 num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> float:
+    """Weighted kNN top-1 (Wu et al. 2018, the usual SSL monitor): cosine similarity to the bank,
+    the k nearest vote for their class with weight exp(sim / temperature)."""
+    bank = F.normalize(bank, dim=1)
+    query = F.normalize(query, dim=1)
+    k = min(k, len(bank))
+    correct = 0
+    for i in range(0, len(query), chunk):
+        sim, idx = (query[i:i + chunk] @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_labels[idx], (sim / temperature).exp())
+        correct += (votes.argmax(1) == query_labels[i:i + chunk]).sum()
+    return float(correct) / len(query)
+
+
+def knn_monitor(encoder: nn.Module, bank_set: data.ImageSet, val: data.ImageSet, device: torch.device,
+                k: int = 200, size: int | None = None) -> float:
+    """kNN accuracy of `encoder`'s features: train images as the bank, val images as queries."""
+    was_training = encoder.training
+    encoder.eval()
+    bank = train.extract_features(encoder, bank_set, device, size=size)
+    query = train.extract_features(encoder, val, device, size=size)
+    encoder.train(was_training)
+    to = lambda a: torch.as_tensor(np.asarray(a), device=device, dtype=torch.long)
+    return knn_accuracy(bank, to(bank_set.labels), query, to(val.labels), len(bank_set.classes), k=k)
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage 2: linear evaluation and fine-tuning
-
-
-def check_frozen(before: dict, module: nn.Module) -> None:
-    """Fail loudly if any parameter or batch-norm statistic of a frozen module changed: inflated
-    linear-evaluation numbers from a backbone that was not really frozen are a known failure."""
-    changed = [k for k, v in module.state_dict().items() if not torch.equal(before[k], v)]
-    if changed:
-        raise RuntimeError(f"The frozen encoder changed during linear evaluation: {changed[:5]}")
-
-
-def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int = 100,
-                 batch_size: int = 256, lr: float = 0.1, weight_decay: float = 0.0, seed: int = 0,
-                 val: tuple[torch.Tensor, torch.Tensor] | None = None, momentum: float = 0.9) -> nn.Linear:
-    """A linear classifier on cached features (standardised with the training set's statistics,
-    which a linear layer could absorb, but which makes one learning rate fit every encoder).
-    Nesterov momentum SGD with a cosine schedule; returns the layer with the standardisation folded in."""
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    xs = (train_x - mean) / std
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    linear = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
-    opt = torch.optim.SGD(linear.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                          nesterov=momentum > 0)
-    steps_per_epoch = max(1, math.ceil(len(xs) / batch_size))
-    total = epochs * steps_per_epoch
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(len(xs), generator=g).to(xs.device)
-        for i in range(0, len(xs), batch_size):
-            idx = order[i:i + batch_size]
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(step, total, 0, lr)
-            loss = F.cross_entropy(linear(xs[idx]), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-    with torch.no_grad():  # fold the standardisation: W((x - m)/s) + b = (W/s) x + (b - W m/s)
-        folded = nn.Linear(train_x.shape[1], num_classes).to(train_x.device)
-        folded.weight.copy_(linear.weight / std)
-        folded.bias.copy_(linear.bias - (linear.weight * (mean / std)).sum(1))
-    return folded
 
 
 def linear_eval(checkpoint: str | os.PathLike, task_name: str, out: str | os.PathLike | None = None, *,
@@ -915,26 +236,26 @@ def linear_eval(checkpoint: str | os.PathLike, task_name: str, out: str | os.Pat
                 skip_bad: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
     """Linear evaluation (SimCLR v1 section 4): frozen encoder, features of the un-augmented train,
     val and test images computed once, a linear layer trained on them; top-1/top-5 on val and test."""
-    check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
-    dev = select_device(device)
-    run = RunFolder.redo(out, "linear-eval", resume, overwrite) if out is not None else None  # before any work
-    seed_everything(seed)
-    model, ckpt = load_pretrained(checkpoint)
+    train.check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
+    dev = train.select_device(device)
+    run = train.RunFolder.redo(out, "linear-eval", resume, overwrite) if out is not None else None  # before any work
+    train.seed_everything(seed)
+    model, ckpt = train.load_pretrained(checkpoint)
     task = data.load_task(task_name, image_size=ckpt["image_size"], root=root, seed=seed, cache_dir=cache_dir,
                           skip_bad=skip_bad)
-    classifier = Classifier(model.encoder, model.head, head_layer, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev)
+    classifier = train.Classifier(model.encoder, model.head, head_layer, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev)
     classifier.eval()
     frozen = {k: v.clone() for k, v in classifier.encoder.state_dict().items()}
-    feats = {name: extract_features(classifier.features, split, dev, size=ckpt["image_size"],
+    feats = {name: train.extract_features(classifier.features, split, dev, size=ckpt["image_size"],
                                     desc=f"features {name}")
              for name, split in (("train", task.train), ("val", task.val), ("test", task.test))}
     label = lambda s: torch.as_tensor(np.asarray(s.labels), device=dev, dtype=torch.long)
-    classifier.fc = train_linear(feats["train"], label(task.train), task.num_classes, epochs, batch_size, lr,
+    classifier.fc = train.train_linear(feats["train"], label(task.train), task.num_classes, epochs, batch_size, lr,
                                  seed=seed)
-    check_frozen(frozen, classifier.encoder)
+    train.check_frozen(frozen, classifier.encoder)
     result = dict(task=task.name, checkpoint=str(checkpoint), head_layer=head_layer,
-                  val=accuracy_report(classifier.fc(feats["val"]), task.val.labels, task.classes),
-                  test=accuracy_report(classifier.fc(feats["test"]), task.test.labels, task.classes))
+                  val=train.accuracy_report(classifier.fc(feats["val"]), task.val.labels, task.classes),
+                  test=train.accuracy_report(classifier.fc(feats["test"]), task.test.labels, task.classes))
     for split in ("val", "test"):
         result[split].pop("predictions")
     print(f"linear eval on {task.name}: val top-1 {result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}",
@@ -942,18 +263,11 @@ def linear_eval(checkpoint: str | os.PathLike, task_name: str, out: str | os.Pat
     if run is not None:
         run.write_config(dict(stage="linear-eval", checkpoint=str(checkpoint), task=task_name, epochs=epochs,
                               lr=lr, batch_size=batch_size, head_layer=head_layer, seed=seed))
-        arch = classifier_arch(ckpt["arch"], head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
-        run.save(dict(kind="linear-eval", format=CHECKPOINT_FORMAT, arch=arch, model=classifier.state_dict(),
+        arch = train.classifier_arch(ckpt["arch"], head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
+        run.save(dict(kind="linear-eval", format=train.CHECKPOINT_FORMAT, arch=arch, model=classifier.state_dict(),
                       classes=task.classes, image_size=ckpt["image_size"]), "best.pt")
-        atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
+        train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     return result
-
-
-def supervised_loss_fn(model: nn.Module, augmentation: augment.SimCLRAugment):
-    """Cross-entropy on one augmented view per image (fine-tuning and transfer)."""
-    def loss_fn(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return F.cross_entropy(model(augmentation(x, generator)).float(), y)
-    return loss_fn
 
 
 def finetune(checkpoint: str | os.PathLike | None, task_name: str, out: str | os.PathLike, *,
@@ -970,54 +284,54 @@ def finetune(checkpoint: str | os.PathLike | None, task_name: str, out: str | os
     `checkpoint=None` with `arch` trains the same network from random initialisation (the
     supervised baseline). Model selection: best val top-1 (best.pt); the test split is reported
     for that model only. Returns val/test reports and the best.pt path (a distillation teacher)."""
-    check_positive(epochs=epochs, lr=lr, batch_size=batch_size, fraction=fraction)
+    train.check_positive(epochs=epochs, lr=lr, batch_size=batch_size, fraction=fraction)
     if fraction > 1:
         raise UserError(f"--fraction must be in (0, 1]; got {fraction}.")
-    dev = select_device(device)
-    seed_everything(seed)
+    dev = train.select_device(device)
+    train.seed_everything(seed)
     if checkpoint is not None:
-        pretrained, ckpt = load_pretrained(checkpoint)
+        pretrained, ckpt = train.load_pretrained(checkpoint)
         arch, image_size, mean, std = ckpt["arch"], ckpt["image_size"], ckpt["mean"], ckpt["std"]
     else:
         if arch is None:
             raise ValueError("finetune from scratch needs `arch`")
-        pretrained, mean, std = build_simclr_model(arch), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        pretrained, mean, std = train.build_simclr_model(arch), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir,
                                   skip_bad=skip_bad)
     if head_layer > arch["head_layers"]:
         raise UserError(f"--head-layer {head_layer} is deeper than the {arch['head_layers']}-layer projection head.")
-    train = data.labeled_fraction(task.train, fraction, seed) if fraction < 1 else task.train
-    if batch_size > len(train):
-        raise UserError(f"--batch-size {batch_size} is larger than the {len(train)} labeled training images "
-                        f"of '{task.name}' at fraction {fraction}. Use a batch of at most {len(train)}.")
-    run = RunFolder(out, resume=resume, overwrite=overwrite)
-    model = Classifier(pretrained.encoder, pretrained.head, head_layer, task.num_classes, mean, std).to(dev)
+    labeled = data.labeled_fraction(task.train, fraction, seed) if fraction < 1 else task.train
+    if batch_size > len(labeled):
+        raise UserError(f"--batch-size {batch_size} is larger than the {len(labeled)} labeled training images "
+                        f"of '{task.name}' at fraction {fraction}. Use a batch of at most {len(labeled)}.")
+    run = train.RunFolder(out, resume=resume, overwrite=overwrite)
+    model = train.Classifier(pretrained.encoder, pretrained.head, head_layer, task.num_classes, mean, std).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     augmentation = augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=blur, strength=strength,
                                          scale=(0.08, 1.0))
-    cls_arch = classifier_arch(arch, head_layer, task.num_classes, mean, std)
+    cls_arch = train.classifier_arch(arch, head_layer, task.num_classes, mean, std)
     config = dict(stage="finetune", checkpoint=str(checkpoint), task=task.name, fraction=fraction,
-                  labeled_images=len(train), head_layer=head_layer, augmentation=augmentation.describe(),
+                  labeled_images=len(labeled), head_layer=head_layer, augmentation=augmentation.describe(),
                   epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
                   momentum=momentum, seed=seed, device=str(dev))
     if not run.resuming:
         run.write_config(config)
-    loader = data.BatchLoader(train, batch_size, dev, shuffle=True, drop_last=True, seed=seed)
-    schedule = Schedule(epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
+    loader = data.BatchLoader(labeled, batch_size, dev, shuffle=True, drop_last=True, seed=seed)
+    schedule = train.Schedule(epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
                         log_every=log_every)
-    evaluate = lambda: dict(val_top1=evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
+    evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
     meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
-    fit(model, supervised_loss_fn(model, augmentation), loader, run, schedule, device=dev, seed=seed, meta=meta,
+    train.fit(model, train.supervised_loss_fn(model, augmentation), loader, run, schedule, device=dev, seed=seed, meta=meta,
         evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")
-    best, _ = load_classifier(run.path / "best.pt", task.num_classes)
+    best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
     result = dict(task=task.name, fraction=fraction, head_layer=head_layer, augmentation=augmentation.describe(),
-                  best=str(run.path / "best.pt"), val=evaluate_classifier(best, task.val, dev, size=image_size),
-                  test=evaluate_classifier(best, task.test, dev, size=image_size))
+                  best=str(run.path / "best.pt"), val=train.evaluate_classifier(best, task.val, dev, size=image_size),
+                  test=train.evaluate_classifier(best, task.test, dev, size=image_size))
     for split in ("val", "test"):
         result[split].pop("predictions")
-    atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
+    train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     print(f"finetune {task.name} ({fraction:.0%} labels, {augmentation.describe()}): val top-1 "
           f"{result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}", file=sys.stderr)
     return result
@@ -1045,23 +359,23 @@ def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, w
           blur: bool | None = None) -> dict:
     """Pretraining throughput in source images/s (each is two views): the network alone on batches
     already augmented, the augmentation alone, and the whole step from uint8 images on the device."""
-    dev = select_device(device)
+    dev = train.select_device(device)
     torch.manual_seed(0)
     blur = size > 64 if blur is None else blur
     arch = dict(encoder=model_name, width=width, cifar_stem=size <= 64, head_layers=2, head_hidden=None, out_dim=128)
-    model = build_simclr_model(arch).to(dev)
+    model = train.build_simclr_model(arch).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compile else model
-    optimizer = make_optimizer(model, "lars", 0.1, 1e-6)
+    optimizer = train.make_optimizer(model, "lars", 0.1, 1e-6)
     augmentation = augment.SimCLRAugment(size, blur=blur, strength=0.5 if size <= 64 else 1.0)
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=dev)
     g = torch.Generator(device=dev).manual_seed(0)
-    loss_fn = contrastive_loss_fn(step_model, augmentation, 0.5, Distributed())
+    loss_fn = contrastive_loss_fn(step_model, augmentation, 0.5, train.Distributed())
     fixed_views = torch.cat([augmentation(images, g), augmentation(images, g)])
 
     def network_step():
-        with autocast(dev):
+        with train.autocast(dev):
             _, z = step_model(fixed_views)
             loss = losses.nt_xent(*z.float().chunk(2), 0.5, check_finite=False)
         optimizer.zero_grad(set_to_none=True)
@@ -1069,7 +383,7 @@ def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, w
         optimizer.step()
 
     def full_step():
-        with autocast(dev):
+        with train.autocast(dev):
             loss = loss_fn(images, None, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -1095,36 +409,13 @@ def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, w
 # Command line
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--root", default=None, help="folder for downloaded datasets (default: data.py's default)")
-    p.add_argument("--cache-dir", default=None, help="cache for decoded image folders (default: data.py's default)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave unreadable images of a folder out with a warning, instead of stopping")
-
-
-def add_run(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--out", required=required, help="run folder: config, log, checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-
-
-def bool_arg(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=data.HelpFormatter)
+                                     formatter_class=train.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     d = PretrainConfig()
     p = sub.add_parser("pretrain", help="SimCLR contrastive pretraining",
-                       formatter_class=data.HelpFormatter)
+                       formatter_class=train.HelpFormatter)
     p.add_argument("--data", default=d.data, help="unlabeled images: shapes-pool, a folder, or a dataset name")
     p.add_argument("--eval-data", default=d.eval_data, help="labeled task for the kNN monitor ('' for none)")
     p.add_argument("--eval-images", type=int, default=d.eval_images,
@@ -1133,62 +424,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int, default=d.n_images, help="pool size (generated) or cap (folder)")
     p.add_argument("--model", default=d.model, choices=models.MODEL_NAMES, help="encoder (models.py)")
     p.add_argument("--width", type=float, default=d.width, help="channel multiplier (SimCLR 2x, 4x; 0.25 for CPU)")
-    p.add_argument("--cifar-stem", type=bool_arg, default=None, help="3x3 stem, no max-pool (default: on up to 64 px)")
+    p.add_argument("--cifar-stem", type=train.bool_arg, default=None, help="3x3 stem, no max-pool (default: on up to 64 px)")
     p.add_argument("--head-layers", type=int, default=d.head_layers, help="2 (SimCLR v1) or 3 (v2)")
     p.add_argument("--head-hidden", type=int, default=None, help="head width (default: the encoder's feature width)")
     p.add_argument("--out-dim", type=int, default=d.out_dim, help="projection size z (the loss's input)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the unlabeled images")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all processes)")
     p.add_argument("--optimizer", default=d.optimizer, choices=["lars", "sgd"],
-                   help="LARS (SimCLR) or SGD with momentum")
+                   help="train.LARS (SimCLR) or SGD with momentum")
     p.add_argument("--base-lr", type=float, default=None, help="scaled by batch/256 (default: 1.0 up to 64 px, else 0.3)")
     p.add_argument("--lr-scaling", default=d.lr_scaling, choices=["linear", "sqrt"],
                    help="lr = base-lr x batch/256 (linear) or base-lr x sqrt(batch) (sqrt; SimCLR v2 uses 0.075)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-4 up to 64 px, else 1e-6")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="momentum of LARS / SGD")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="momentum of train.LARS / SGD")
     p.add_argument("--warmup-epochs", type=float, default=None, help="default: 10, at most a tenth of the run")
     p.add_argument("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
     p.add_argument("--strength", type=float, default=None, help="colour distortion strength (default: 0.5 up to 64 px, else 1.0)")
     p.add_argument("--crop-min-scale", type=float, default=d.crop_min_scale,
                    help="smallest random-crop area as a fraction of the image (SimCLR: 0.08)")
-    p.add_argument("--blur", type=bool_arg, default=None, help="Gaussian blur (default: off up to 64 px)")
+    p.add_argument("--blur", type=train.bool_arg, default=None, help="Gaussian blur (default: off up to 64 px)")
     p.add_argument("--knn-every", type=int, default=d.knn_every, help="epochs between kNN monitor evaluations")
     p.add_argument("--knn-k", type=int, default=d.knn_k, help="neighbours of the kNN monitor")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines (host syncs)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (0: each epoch)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    add_common(p)
-    add_run(p)
+    train.add_common(p)
+    train.add_run(p)
 
     e = sub.add_parser("linear-eval", help="linear classifier on frozen features",
-                       formatter_class=data.HelpFormatter)
+                       formatter_class=train.HelpFormatter)
     e.add_argument("--checkpoint", required=True, help="a pretraining checkpoint.pt")
     e.add_argument("--data", default="shapes5", help="labeled task: an embedded name, a dataset name or a folder")
     e.add_argument("--epochs", type=int, default=100, help="epochs of the linear layer on cached features")
     e.add_argument("--lr", type=float, default=0.1, help="learning rate (SGD, momentum 0.9, cosine)")
     e.add_argument("--batch-size", type=int, default=256, help="batch of cached features")
     e.add_argument("--head-layer", type=int, default=0, help="0: encoder output; k: after head layer k")
-    add_common(e)
-    add_run(e, required=False)
+    train.add_common(e)
+    train.add_run(e, required=False)
 
     f = sub.add_parser("finetune", help="supervised fine-tuning from a head layer",
-                       formatter_class=data.HelpFormatter)
+                       formatter_class=train.HelpFormatter)
     f.add_argument("--checkpoint", required=True, help="a pretraining checkpoint.pt")
     f.add_argument("--data", default="shapes5", help="labeled task: an embedded name, a dataset name or a folder")
     f.add_argument("--fraction", type=float, default=1.0, help="fraction of training labels (0.01, 0.1, 1)")
     f.add_argument("--head-layer", type=int, default=1, help="fine-tune from this head layer (SimCLR v2: 1)")
     for name, default in (("crop", True), ("flip", True), ("color", False), ("blur", False)):
-        f.add_argument(f"--{name}", type=bool_arg, default=default, help=f"use {name} augmentation while fine-tuning")
+        f.add_argument(f"--{name}", type=train.bool_arg, default=default, help=f"use {name} augmentation while fine-tuning")
     f.add_argument("--strength", type=float, default=0.5, help="colour distortion strength when --color is on")
     f.add_argument("--epochs", type=int, default=30, help="passes over the labeled subset")
     f.add_argument("--batch-size", type=int, default=128, help="labeled images per step")
     f.add_argument("--lr", type=float, default=0.05, help="peak learning rate (warm-up, then cosine)")
     f.add_argument("--optimizer", default="sgd", choices=["lars", "sgd"], help="optimiser")
     f.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (not on biases and BN)")
-    add_common(f)
-    add_run(f)
+    train.add_common(f)
+    train.add_run(f)
 
-    b = sub.add_parser("bench", help="pretraining throughput", formatter_class=data.HelpFormatter)
+    b = sub.add_parser("bench", help="pretraining throughput", formatter_class=train.HelpFormatter)
     b.add_argument("--model", default="resnet18", choices=models.MODEL_NAMES, help="encoder")
     b.add_argument("--size", type=int, default=32, help="image size in pixels")
     b.add_argument("--batch", type=int, default=512, help="source images per step (two views each)")
@@ -1228,20 +519,8 @@ def run_command(args: argparse.Namespace) -> None:
                   f"{r['augment_img_s']:,.0f} | {mem} |")
 
 
-def main(argv: list[str] | None = None, run: Callable[[argparse.Namespace], None] = run_command,
-         parser: argparse.ArgumentParser | None = None) -> int:
-    """Parse, run, and turn user errors into one paragraph on stderr and exit code 2 (tracebacks
-    stay for bugs). Shared by every command line of the project."""
-    args = (parser or build_parser()).parse_args(argv)
-    try:
-        run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    return train.main(argv, run=run_command, parser=build_parser())
 
 
 if __name__ == "__main__":

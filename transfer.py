@@ -6,7 +6,7 @@ linear layers on a frozen SimCLR ResNet-50 with random crop + flip, lr 0.1, no w
 32 or 64, a short schedule. Three modes:
 
     linear-cached  frozen encoder, features of the un-augmented images computed once, a linear layer
-                   trained on them (simclr.train_linear; the fastest; v1's linear transfer uses no
+                   trained on them (train.train_linear; the fastest; v1's linear transfer uses no
                    augmentation)
     linear-aug     frozen encoder (weights and batch-norm statistics), features recomputed every step
                    on augmented inputs, only the linear layer learns (the seed paper's Study 3)
@@ -48,8 +48,8 @@ import augment
 import data
 import distill
 import models
-import simclr
-from data import UserError
+import train
+from train import UserError
 
 MODES = ("linear-cached", "linear-aug", "finetune")
 
@@ -86,7 +86,7 @@ PRESETS: dict[str, dict] = {
 class Encoder:
     """A pretrained encoder and what is needed to use and describe it.
 
-    arch: simclr.build_simclr_model's description (encoder, width, cifar_stem, head_layers,
+    arch: train.build_simclr_model's description (encoder, width, cifar_stem, head_layers,
     head_hidden, out_dim); head/head_layer: features after that many projection-head layers
     (0: the encoder output); mean/std: the input normalisation the weights expect."""
     encoder: nn.Module
@@ -165,7 +165,7 @@ def _project_encoder(path, ckpt: dict, arch, width, cifar_stem, normalize, head_
         raise UserError(f"--normalize applies to torchvision-layout files only; '{path}' records its own "
                         f"normalisation (mean {ckpt.get('mean', ckpt.get('arch', {}).get('mean'))}).")
     if ckpt["kind"] == "pretrain":
-        model, ckpt = simclr.load_pretrained(path)
+        model, ckpt = train.load_pretrained(path)
         a = ckpt["arch"]
         _check_requested(path, a, arch, width, cifar_stem, model.encoder)
         head_layer = head_layer or 0
@@ -194,7 +194,7 @@ def _check_requested(path, have: dict, arch, width, cifar_stem, encoder: nn.Modu
         return
     try:
         target = models.create_model(want["encoder"], 0, want["width"], want["cifar_stem"])
-        simclr.load_state(target, encoder.state_dict(), "The encoder", path)
+        train.load_state(target, encoder.state_dict(), "The encoder", path)
     except UserError as e:
         raise UserError(f"{e} The checkpoint holds {have['encoder']} width {have['width']} cifar_stem "
                         f"{have['cifar_stem']}; asked for {want['encoder']} width {want['width']} cifar_stem "
@@ -220,7 +220,7 @@ def _torchvision_encoder(path, state: dict, arch, width, cifar_stem, normalize, 
     encoder = models.create_model(arch, num_classes=0, width=width, cifar_stem=cifar_stem)
     kept = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
     try:
-        simclr.load_state(encoder, kept, f"The {arch} weights", path)
+        train.load_state(encoder, kept, f"The {arch} weights", path)
     except UserError as e:
         raise UserError(f"{e} (Loaded as --arch {arch} --width {width} --cifar-stem {cifar_stem}; the classifier "
                         "keys fc.* / classifier.* are ignored.)") from None
@@ -236,7 +236,7 @@ def _torchvision_encoder(path, state: dict, arch, width, cifar_stem, normalize, 
 def classifier_for(enc: Encoder, num_classes: int) -> tuple[distill.DenseClassifier, dict]:
     """A new linear classifier on `enc` and its checkpoint description (mean/std included)."""
     model = distill.DenseClassifier(enc.encoder, enc.head, enc.head_layer, num_classes, enc.mean, enc.std)
-    arch = simclr.classifier_arch(enc.arch, enc.head_layer, num_classes, enc.mean, enc.std)
+    arch = train.classifier_arch(enc.arch, enc.head_layer, num_classes, enc.mean, enc.std)
     return model, arch
 
 
@@ -257,7 +257,7 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
 
     Settings left as None come from PRESETS[preset]. Returns dict(val=..., test=... reports with top1,
     top5 (more than 5 classes) and per_class, best=<best.pt>, ...); best.pt is a classifier checkpoint
-    (simclr.load_classifier) chosen by val top-1 in the trained modes (linear-cached keeps the last)."""
+    (train.load_classifier) chosen by val top-1 in the trained modes (linear-cached keeps the last)."""
     if preset not in PRESETS:
         raise UserError(f"Unknown --preset '{preset}'. Use one of: {', '.join(PRESETS)}.")
     p = PRESETS[preset]
@@ -274,10 +274,10 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
     momentum = p["momentum"] if momentum is None else momentum
     weight_decay = p["weight_decay"] if weight_decay is None else weight_decay
     crop, flip, color = (p[k] if v is None else v for k, v in (("crop", crop), ("flip", flip), ("color", color)))
-    simclr.check_positive(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size)
+    train.check_positive(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size)
 
-    dev = simclr.select_device(device)
-    simclr.seed_everything(seed)
+    dev = train.select_device(device)
+    train.seed_everything(seed)
     enc = load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize,
                        head_layer=head_layer)
     image_size = image_size or enc.image_size
@@ -293,8 +293,8 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
         model.freeze_base()
     frozen_parts = nn.ModuleDict({"encoder": model.encoder, **({"head": model.head} if model.head is not None else {})})
     frozen = {k: v.clone() for k, v in frozen_parts.state_dict().items()} if mode != "finetune" else None
-    run = (simclr.RunFolder.redo(out, "transfer", resume, overwrite) if mode == "linear-cached"
-           else simclr.RunFolder(out, resume=resume, overwrite=overwrite))
+    run = (train.RunFolder.redo(out, "transfer", resume, overwrite) if mode == "linear-cached"
+           else train.RunFolder(out, resume=resume, overwrite=overwrite))
     augmentation = (augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=False, strength=0.5)
                     if mode != "linear-cached" and (crop or flip or color) else None)
     described = augmentation.describe() if augmentation else "none"
@@ -312,34 +312,34 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
 
     if mode == "linear-cached":
         model.eval()
-        feats = {name: simclr.extract_features(model.base, split, dev, size=image_size, desc=f"features {name}")
+        feats = {name: train.extract_features(model.base, split, dev, size=image_size, desc=f"features {name}")
                  for name, split in (("train", task.train), ("val", task.val), ("test", task.test))}
         labels = torch.as_tensor(np.asarray(task.train.labels), device=dev, dtype=torch.long)
-        model.fc = simclr.train_linear(feats["train"], labels, task.num_classes, epochs, batch_size, lr,
+        model.fc = train.train_linear(feats["train"], labels, task.num_classes, epochs, batch_size, lr,
                                        weight_decay=weight_decay, seed=seed, momentum=momentum)
-        run.save(dict(meta, format=simclr.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
+        run.save(dict(meta, format=train.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
         with torch.no_grad():
-            reports = {name: simclr.accuracy_report(model.fc(feats[name]), split.labels, task.classes)
+            reports = {name: train.accuracy_report(model.fc(feats[name]), split.labels, task.classes)
                        for name, split in (("val", task.val), ("test", task.test))}
     else:
-        view = augmentation if augmentation is not None else (lambda x, g: simclr.to_float(x, image_size))
+        view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, image_size))
         loader = data.BatchLoader(task.train, batch_size, dev, shuffle=True, drop_last=True, seed=seed)
-        schedule = simclr.Schedule(epochs=epochs, lr=lr, optimizer="sgd", momentum=momentum,
+        schedule = train.Schedule(epochs=epochs, lr=lr, optimizer="sgd", momentum=momentum,
                                    weight_decay=weight_decay, log_every=log_every)
-        evaluate = lambda: dict(val_top1=simclr.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
-        simclr.fit(model, simclr.supervised_loss_fn(model, view), loader, run, schedule, device=dev, seed=seed,
+        evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
+        train.fit(model, train.supervised_loss_fn(model, view), loader, run, schedule, device=dev, seed=seed,
                    meta=meta, evaluate=evaluate, select="val_top1", desc=f"transfer {mode} {task.name}")
         best, _ = distill.load_classifier(run.path / "best.pt", task.num_classes)
         best = best.to(dev)
-        reports = {name: simclr.evaluate_classifier(best, split, dev, size=image_size)
+        reports = {name: train.evaluate_classifier(best, split, dev, size=image_size)
                    for name, split in (("val", task.val), ("test", task.test))}
     if frozen is not None:
-        simclr.check_frozen(frozen, frozen_parts)
+        train.check_frozen(frozen, frozen_parts)
     for r in reports.values():
         r.pop("predictions")
     result = dict(task=task.name, mode=mode, preset=preset, source=str(source), classes=task.num_classes,
                   best=str(run.path / "best.pt"), **reports)
-    simclr.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
+    train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     test = reports["test"]
     top5 = f", top-5 {test['top5']:.4f}" if "top5" in test else ""
     worst = sorted(test["per_class"].items(), key=lambda kv: kv[1])[:3]
@@ -364,7 +364,7 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
     predictions, the classes and each file's predicted class. Predictions need a classifier checkpoint."""
     if what not in ("features", "predictions"):
         raise UserError(f"Unknown --what '{what}'. Use features or predictions.")
-    simclr.check_positive(batch_size=batch_size, image_size=image_size)
+    train.check_positive(batch_size=batch_size, image_size=image_size)
     out = Path(out)
     npy, index = out.with_name(out.name + ".npy"), out.with_name(out.name + ".json")
     for f in (npy, index):
@@ -374,7 +374,7 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
     if what == "predictions" and enc.classifier is None:
         raise UserError(f"--what predictions needs a classifier checkpoint (best.pt of a finetune, distill or "
                         f"transfer run); '{source}' is a {enc.kind} encoder. Use --what features.")
-    dev = simclr.select_device(device)
+    dev = train.select_device(device)
     image_size = image_size or enc.image_size
     distill.check_input_size(enc.arch["encoder"], image_size)
     pixels, files = data.load_folder_images(images, image_size, cache_dir=cache_dir, skip_bad=skip_bad)
@@ -386,15 +386,15 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
         net, _ = classifier_for(enc, 1)  # the fc is never used: features only
         net = net.to(dev).eval()
         fn = net.base
-    values = simclr.extract_features(fn, folder, dev, batch_size, size=image_size, desc="extract").cpu().numpy()
+    values = train.extract_features(fn, folder, dev, batch_size, size=image_size, desc="extract").cpu().numpy()
     record = dict(source=str(source), images=str(images), what=what, shape=list(values.shape), image_size=image_size,
                   mean=enc.mean, std=enc.std, files=list(files))
     if what == "predictions":
         record["classes"] = list(enc.classes or [])
         record["predicted"] = [record["classes"][i] if record["classes"] else int(i) for i in values.argmax(1)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    simclr.atomic_write(npy, lambda f: np.save(f, values.astype(np.float32)))
-    simclr.atomic_write_text(json.dumps(record, indent=1) + "\n", index)
+    train.atomic_write(npy, lambda f: np.save(f, values.astype(np.float32)))
+    train.atomic_write_text(json.dumps(record, indent=1) + "\n", index)
     print(f"extract: {what} {values.shape} of {len(files)} images under '{images}' -> {npy}, {index}", file=sys.stderr)
     return dict(npy=str(npy), index=str(index), shape=list(values.shape))
 
@@ -415,11 +415,11 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, arch: str | Non
     enc = load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize)
     state = {k: v.detach().cpu().clone() for k, v in enc.encoder.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    simclr.atomic_save(state, out)
+    train.atomic_save(state, out)
     description = dict(format="torchvision-state-dict", arch=enc.arch["encoder"], width=enc.arch["width"],
                        cifar_stem=enc.arch["cifar_stem"], mean=enc.mean, std=enc.std, image_size=enc.image_size,
                        source=str(source))
-    simclr.atomic_write_text(json.dumps(description, indent=2) + "\n", side)
+    train.atomic_write_text(json.dumps(description, indent=2) + "\n", side)
     print(f"export: {len(state)} tensors of {description['arch']} (width {description['width']}) -> {out} "
           f"(+ {side.name}: normalisation mean {enc.mean} std {enc.std})", file=sys.stderr)
     return dict(path=str(out), description=str(side), keys=len(state))
@@ -435,7 +435,7 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=None, choices=models.MODEL_NAMES,
                    help="network of a torchvision-layout file; None: its export side-car")
     p.add_argument("--width", type=float, default=None, help="channel multiplier of a torchvision-layout file (1)")
-    p.add_argument("--cifar-stem", type=simclr.bool_arg, default=None,
+    p.add_argument("--cifar-stem", type=train.bool_arg, default=None,
                    help="3x3 stem in a torchvision-layout file; None: off, as torchvision")
     p.add_argument("--normalize", default=None, choices=list(NORMALIZATIONS),
                    help="input normalisation of a torchvision-layout file; None: imagenet "
@@ -444,9 +444,9 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=data.HelpFormatter)
+                                     formatter_class=train.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="transfer to a labeled dataset", formatter_class=data.HelpFormatter,
+    t = sub.add_parser("train", help="transfer to a labeled dataset", formatter_class=train.HelpFormatter,
                        epilog="presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     _source_args(t)
     t.add_argument("--data", default="shapes47", help="labeled task: an embedded name, a dataset name or a folder")
@@ -456,18 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--head-layer", type=int, default=None, help="features after this projection-head layer (0: encoder)")
     t.add_argument("--image-size", type=int, default=None, help="working size; None: the source's")
     for name in ("crop", "flip", "color"):
-        t.add_argument(f"--{name}", type=simclr.bool_arg, default=None, help=f"{name} augmentation; None: the preset's")
+        t.add_argument(f"--{name}", type=train.bool_arg, default=None, help=f"{name} augmentation; None: the preset's")
     t.add_argument("--epochs", type=int, default=None, help="None: the preset's")
     t.add_argument("--batch-size", type=int, default=None, help="None: the preset's")
     t.add_argument("--lr", type=float, default=None, help="peak lr, used as given; None: preset's, scaled by batch")
     t.add_argument("--momentum", type=float, default=None, help="None: the preset's")
     t.add_argument("--weight-decay", type=float, default=None, help="None: the preset's")
     t.add_argument("--log-every", type=int, default=20, help="steps between log lines (host syncs)")
-    simclr.add_common(t)
-    simclr.add_run(t)
+    train.add_common(t)
+    train.add_run(t)
 
     e = sub.add_parser("extract", help="features or predictions for a folder of images",
-                       formatter_class=data.HelpFormatter)
+                       formatter_class=train.HelpFormatter)
     _source_args(e)
     e.add_argument("--images", required=True, help="folder of images (searched recursively)")
     e.add_argument("--out", required=True, help="output prefix: writes <out>.npy and <out>.json")
@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     x = sub.add_parser("export", help="an encoder as a plain torchvision-layout state dict",
-                       formatter_class=data.HelpFormatter)
+                       formatter_class=train.HelpFormatter)
     _source_args(x)
     x.add_argument("--out", required=True, help="the .pt file to write (plus <out>.json with its normalisation)")
     x.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -506,7 +506,7 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return simclr.main(argv, run=run_command, parser=build_parser())
+    return train.main(argv, run=run_command, parser=build_parser())
 
 
 if __name__ == "__main__":
