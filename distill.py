@@ -74,90 +74,12 @@ PRESETS: dict[str, dict] = {
 
 
 # ----------------------------------------------------------------------------------------------
-# The student network: train.Classifier plus optional dense layers and a frozen base
-#
-# train.Classifier with optional dense layers between the features and fc, and a frozen base
-# (the seed paper's Figure 5). Its checkpoints use simclr.finetune's format ('arch' gains
-# 'dense_layers'), so a student can be a teacher or a transfer source in turn.
-
-
-class DenseClassifier(train.Classifier):
-    """Base (encoder + the first `head_layer` projection-head layers) -> dense layers -> fc.
-
-    dense_layers: widths of Linear + ReLU layers between the base and the final Linear (the
-    seed paper's Figure 5: trainable dense layers on a frozen base); () is train.Classifier.
-    Shapes: x (B, 3, H, W) float in [0, 1] -> base (B, D) -> features (B, dense_layers[-1] or D)
-    -> logits (B, num_classes)."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module | None, head_layer: int, num_classes: int,
-                 mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
-                 dense_layers: Sequence[int] = ()):
-        super().__init__(encoder, head, head_layer, num_classes, mean, std)
-        in_dim = self.fc.in_features
-        layers: list[nn.Module] = []
-        for width in dense_layers:
-            layers += [nn.Linear(in_dim, width), nn.ReLU(inplace=True)]
-            in_dim = width
-        # An empty Sequential is the identity and has no state, so plain classifiers keep their keys.
-        self.dense = nn.Sequential(*layers)
-        self.fc = nn.Linear(in_dim, num_classes)
-        self.dense_layers = [int(w) for w in dense_layers]
-        self.frozen_base = False
-
-    def base(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, D): what a frozen base computes (cacheable)."""
-        return super().features(x)
-
-    def classify(self, h: torch.Tensor) -> torch.Tensor:
-        """Base features (B, D) -> logits (B, num_classes): the trainable part in frozen mode."""
-        return self.fc(self.dense(h))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense(self.base(x))
-
-    def freeze_base(self) -> DenseClassifier:
-        """No gradients for the base, and its batch norm keeps its statistics even under .train():
-        train.fit calls model.train() every epoch, and a BN layer in training mode would update
-        running means although no weight has a gradient."""
-        self.frozen_base = True
-        for part in (self.encoder, self.head):
-            if part is not None:
-                part.requires_grad_(False)
-        return self.train(self.training)
-
-    def train(self, mode: bool = True) -> DenseClassifier:
-        super().train(mode)
-        if getattr(self, "frozen_base", False):
-            for part in (self.encoder, self.head):
-                if part is not None:
-                    part.eval()
-        return self
-
-
-def load_classifier(path: str | os.PathLike, num_classes: int | None = None) -> tuple[train.Classifier, dict]:
-    """(classifier, checkpoint) from any classifier checkpoint of the project, dense layers included."""
-    ckpt = train.load_checkpoint(path)
-    dense = (ckpt.get("arch") or {}).get("dense_layers") or ()
-    if not dense:
-        return train.load_classifier(path, num_classes)
-    arch = ckpt["arch"]
-    if num_classes is not None and arch["num_classes"] != num_classes:
-        raise UserError(f"The classifier in '{path}' predicts {arch['num_classes']} classes but the "
-                        f"dataset has {num_classes}. Use a checkpoint trained on this dataset.")
-    parts = train.build_simclr_model(arch)
-    model = DenseClassifier(parts.encoder, parts.head, arch["head_layer"], arch["num_classes"], arch["mean"], arch["std"],
-                    dense)
-    train.load_state(model, ckpt["model"], "The classifier", path)
-    return model, ckpt
-
-
-# ----------------------------------------------------------------------------------------------
 # Teacher and student construction
 
 
 def load_teacher(path: str | os.PathLike, task: data.TaskData, device: torch.device) -> tuple[nn.Module, dict]:
     """The teacher in eval mode without gradients, checked against the task's classes."""
-    teacher, ckpt = load_classifier(path, task.num_classes)
+    teacher, ckpt = train.load_classifier(path, task.num_classes)
     names = ckpt.get("classes")
     if names is not None and list(names) != list(task.classes):
         raise UserError(f"The teacher '{path}' was trained on classes {list(names)[:8]} but '{task.name}' has "
@@ -167,42 +89,11 @@ def load_teacher(path: str | os.PathLike, task: data.TaskData, device: torch.dev
     return teacher.to(device).eval(), ckpt
 
 
-def pretrained_encoder(path: str | os.PathLike, name: str, width: float, cifar_stem: bool,
-                       image_size: int) -> tuple[nn.Module, dict]:
-    """The encoder of a SimCLR pretraining checkpoint, built as the chosen student architecture, so
-    a checkpoint of another architecture is reported key by key and shape by shape; it must have been
-    pretrained at the run's image size."""
-    ckpt = train.load_checkpoint(path)
-    if ckpt["kind"] != "pretrain":
-        raise UserError(f"--student-checkpoint '{path}' is a '{ckpt['kind']}' checkpoint; a SimCLR pretraining "
-                        f"checkpoint of the student architecture is needed (python simclr.py pretrain --model {name}).")
-    base_size = ckpt.get("image_size")
-    if base_size is not None and int(base_size) != image_size:
-        raise UserError(f"--student-checkpoint '{path}' was pretrained on {base_size} px images but the teacher "
-                        f"works at {image_size} px. Pretrain the student base at {image_size} px.")
-    encoder = models.create_model(name, num_classes=0, width=width, cifar_stem=cifar_stem)
-    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    try:
-        train.load_state(encoder, state, "The pretrained encoder", path)
-    except UserError as e:
-        a = ckpt["arch"]
-        raise UserError(f"{e} It was pretrained as {a['encoder']} width {a['width']} cifar_stem {a['cifar_stem']}; "
-                        f"this run asked for --student {name} --width {width} --cifar-stem {cifar_stem}.") from None
-    return encoder, ckpt
-
-
-def check_input_size(name: str, image_size: int) -> None:
-    """VGG halves the resolution five times without padding the last stage: it needs 32 px or more."""
-    if name.startswith("vgg") and image_size < 32:
-        raise UserError(f"{name} needs images of at least 32 px (five 2x2 max-pools); this run uses {image_size} px. "
-                        "Use a ResNet, or a teacher / --image-size of 32 px or more.")
-
-
 def _same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
-def check_independent_base(student_checkpoint: str | os.PathLike, base: nn.Module, teacher: train.Classifier,
+def check_independent_base(student_checkpoint: str | os.PathLike, base: nn.Module, teacher: models.Classifier,
                            teacher_ckpt: dict, teacher_path: str | os.PathLike) -> None:
     """Refuse a frozen base that is the teacher's own pretrained encoder, which would decide the
     architecture comparison in advance: the same file as the teacher's pretraining checkpoint
@@ -232,7 +123,7 @@ def check_independent_base(student_checkpoint: str | os.PathLike, base: nn.Modul
 
 def build_student(mode: str, name: str, width: float, cifar_stem: bool, num_classes: int,
                   dense_layers: Sequence[int], student_checkpoint: str | os.PathLike | None,
-                  image_size: int) -> tuple[DenseClassifier, dict]:
+                  image_size: int) -> tuple[models.Classifier, dict]:
     """(student, its 'arch' description for the checkpoint). mean/std come from the pretraining
     checkpoint (SimCLR models see raw [0, 1] inputs: 0 / 1); a scratch student uses 0 / 1 too."""
     mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
@@ -246,14 +137,11 @@ def build_student(mode: str, name: str, width: float, cifar_stem: bool, num_clas
             raise UserError(f"--mode {mode} needs --student-checkpoint: a SimCLR pretraining checkpoint of the student "
                             f"architecture (python simclr.py pretrain --model {name} --width {width} ..., on the "
                             "teacher's unlabeled data with the same budget).")
-        encoder, ckpt = pretrained_encoder(student_checkpoint, name, width, cifar_stem, image_size)
+        encoder, ckpt = train.pretrained_encoder(student_checkpoint, name, width, cifar_stem, image_size)
         mean, std = ckpt.get("mean", mean), ckpt.get("std", std)
-    # No projection head is used (features = encoder output); build_classifier still builds one
-    # from the description and drops it, so describe the smallest possible head.
-    arch = dict(encoder=name, width=width, cifar_stem=cifar_stem, head_layers=1, head_hidden=None, out_dim=1)
-    arch = train.classifier_arch(arch, 0, num_classes, mean, std)
-    arch["dense_layers"] = list(dense_layers)
-    student = DenseClassifier(encoder, None, 0, num_classes, mean, std, dense_layers)
+    arch = dict(encoder=name, width=width, cifar_stem=cifar_stem)  # the student uses no projection head
+    arch = train.classifier_arch(arch, 0, num_classes, mean, std, dense_layers)
+    student = models.Classifier(encoder, None, 0, num_classes, mean, std, dense_layers)
     if mode == "frozen":
         student.freeze_base()
     return student, arch
@@ -296,7 +184,7 @@ def labeled_indices(split: data.ImageSet, fraction: float, seed: int) -> np.ndar
     return picked["index"]
 
 
-def distillation_loss_fn(student: DenseClassifier, teacher: nn.Module, view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+def distillation_loss_fn(student: models.Classifier, teacher: nn.Module, view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
                          temperature: float, alpha: float, known: torch.Tensor | None,
                          soft_labels: torch.Tensor | None = None, base_features: torch.Tensor | None = None):
     """The step's loss for train.fit: loss_fn(x uint8 (B,3,H,W), index (B,), generator) -> scalar.
@@ -397,7 +285,7 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
         raise UserError(f"--batch-size {s['batch_size']} is larger than the {len(images)} distillation images "
                         f"('{task.name}' train{' + ' + extra_unlabeled if extra else ''}). Use at most {len(images)}.")
     cifar_stem = image_size <= 64 if cifar_stem is None else cifar_stem
-    check_input_size(student, image_size)
+    train.check_input_size(student, image_size)
     model, arch = build_student(mode, student, width, cifar_stem, task.num_classes, dense_layers, student_checkpoint,
                                 image_size)
     if mode == "frozen":
@@ -457,7 +345,7 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
     if frozen_state is not None:
         train.check_frozen(frozen_state, model.encoder)
 
-    best, _ = load_classifier(run.path / "best.pt", task.num_classes)
+    best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
     result = dict(task=task.name, mode=mode, student_arch=student, teacher_path=str(teacher), best=str(run.path / "best.pt"),
                   student={}, teacher={}, agreement={})

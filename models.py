@@ -13,6 +13,9 @@ Holds:
                          but the last, any depth (v1: 2 layers, v2: 3), and the output after any
                          layer for fine-tuning from the middle of the head.
   SimCLRModel            encoder f and head g together: h = f(x), z = g(h) (SimCLR v1 sec. 2.1).
+  Classifier             every labeled network: encoder, optionally the head cut at layer k
+                         (SimCLR v2 sec. 2.2), optional dense layers, a linear layer; the base can
+                         be frozen (the seed paper's students).
   MODEL_NAMES, create_model  the encoders by name.
 
 With their default arguments the ResNet and VGG constructors have exactly torchvision's
@@ -27,6 +30,8 @@ The file imports nothing from its project, so it can be copied alone next to an 
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -406,6 +411,74 @@ class SimCLRModel(nn.Module):
             raise ValueError(f"the encoder must return flat features (B, D), got shape {tuple(h.shape)}; "
                              f"create it with num_classes=0")
         return h, self.head(h)
+
+
+class Classifier(nn.Module):
+    """Every labeled network of the recipe: the fine-tuned model, the linear probe, the student.
+
+    base: encoder + the first `head_layer` projection-head layers (SimCLR v2 section 2.2 fine-tunes
+    from head layer 1; 0 is the encoder output), then optional `dense_layers` (Linear + ReLU; the
+    seed paper's Figure 5 puts trainable dense layers on a frozen base), then the linear layer fc.
+    x (B, 3, H, W) float in [0, 1] -> (x - mean) / std -> base (B, D) -> dense (B, D') -> (B, C).
+    mean/std are buffers: the normalisation belongs to the weights (zeros/ones for SimCLR's own
+    models, ImageNet statistics for torchvision's supervised ones), never a hidden constant.
+    """
+
+    def __init__(self, encoder: nn.Module, head: ProjectionHead | None, head_layer: int, num_classes: int,
+                 mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
+                 dense_layers: Sequence[int] = ()) -> None:
+        super().__init__()
+        if head_layer > 0 and head is None:
+            raise ValueError("head_layer > 0 needs a projection head")
+        self.encoder = encoder
+        self.head = head if head_layer > 0 else None
+        self.head_layer = head_layer
+        in_dim = head.dims[head_layer] if head_layer > 0 else encoder.feature_dim
+        layers: list[nn.Module] = []
+        for width in dense_layers:
+            layers += [nn.Linear(in_dim, width), nn.ReLU(inplace=True)]
+            in_dim = width
+        # An empty Sequential is the identity and has no state, so a plain classifier keeps its keys.
+        self.dense = nn.Sequential(*layers)
+        self.dense_layers = [int(w) for w in dense_layers]
+        self.fc = nn.Linear(in_dim, num_classes)
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
+        self.frozen_base = False
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, D): what a frozen base computes (cacheable)."""
+        h = self.encoder((x - self.mean) / self.std)
+        return self.head.features(h, self.head_layer) if self.head is not None else h
+
+    def classify(self, h: torch.Tensor) -> torch.Tensor:
+        """Base features (B, D) -> logits (B, num_classes): the trainable part of a frozen base."""
+        return self.fc(self.dense(h))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, fc.in_features): the input of the last linear layer."""
+        return self.dense(self.base(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.base(x))
+
+    def freeze_base(self) -> Classifier:
+        """No gradients for the base, and its batch norm keeps its statistics even under .train():
+        a training loop calls model.train() every epoch, and BN in training mode would update its
+        running means although no weight has a gradient."""
+        self.frozen_base = True
+        for part in (self.encoder, self.head):
+            if part is not None:
+                part.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if getattr(self, "frozen_base", False):
+            for part in (self.encoder, self.head):
+                if part is not None:
+                    part.eval()
+        return self
 
 
 # ----------------------------------------------------------------------------------------------

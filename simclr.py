@@ -243,7 +243,7 @@ def linear_eval(checkpoint: str | os.PathLike, task_name: str, out: str | os.Pat
     model, ckpt = train.load_pretrained(checkpoint)
     task = data.load_task(task_name, image_size=ckpt["image_size"], root=root, seed=seed, cache_dir=cache_dir,
                           skip_bad=skip_bad)
-    classifier = train.Classifier(model.encoder, model.head, head_layer, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev)
+    classifier = models.Classifier(model.encoder, model.head, head_layer, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev)
     classifier.eval()
     frozen = {k: v.clone() for k, v in classifier.encoder.state_dict().items()}
     feats = {name: train.extract_features(classifier.features, split, dev, size=ckpt["image_size"],
@@ -305,7 +305,7 @@ def finetune(checkpoint: str | os.PathLike | None, task_name: str, out: str | os
         raise UserError(f"--batch-size {batch_size} is larger than the {len(labeled)} labeled training images "
                         f"of '{task.name}' at fraction {fraction}. Use a batch of at most {len(labeled)}.")
     run = train.RunFolder(out, resume=resume, overwrite=overwrite)
-    model = train.Classifier(pretrained.encoder, pretrained.head, head_layer, task.num_classes, mean, std).to(dev)
+    model = models.Classifier(pretrained.encoder, pretrained.head, head_layer, task.num_classes, mean, std).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     augmentation = augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=blur, strength=strength,

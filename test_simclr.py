@@ -1779,6 +1779,26 @@ def test_truncated_checkpoint_is_a_user_error(tmp_path):
         train.load_checkpoint(path)
 
 
+def test_checkpoints_in_the_earlier_layout_still_load(tmp_path):
+    """Students and torchvision-sourced classifiers were saved with a one-unit projection head in
+    their 'arch' (unused, head_layer 0) and dense layers under 'dense.'; they load into models.Classifier."""
+    torch.manual_seed(0)
+    encoder = models.create_model("resnet18", 0, width=0.125, cifar_stem=True)
+    student = models.Classifier(encoder, None, 0, 3, dense_layers=(5,)).eval()
+    earlier_arch = dict(encoder="resnet18", width=0.125, cifar_stem=True, head_layers=1, head_hidden=None, out_dim=1,
+                        head_layer=0, num_classes=3, mean=[0.0] * 3, std=[1.0] * 3, dense_layers=[5])
+    state = student.state_dict()
+    assert any(k.startswith("dense.0.") for k in state) and not any(k.startswith("head.") for k in state)
+    train.atomic_save(dict(kind="distill", format=1, tag="best", step=4, arch=earlier_arch, model=state,
+                           classes=["a", "b", "c"], image_size=32), tmp_path / "student.pt")
+    loaded, ckpt = train.load_classifier(tmp_path / "student.pt", 3)
+    x = torch.rand(2, 3, 32, 32)
+    assert loaded.head is None and loaded.dense_layers == [5]
+    assert torch.equal(loaded.eval()(x), student(x))
+    enc = train.load_encoder(tmp_path / "student.pt")  # a student as a transfer source
+    assert enc.kind == "classifier" and enc.head_layer == 0 and torch.equal(enc.classifier.eval()(x), student(x))
+
+
 def test_run_folder_refuses_existing_run(tmp_path):
     run = train.RunFolder(tmp_path / "r")
     run.write_config({"a": 1})
@@ -2037,7 +2057,7 @@ def save_teacher(path, origin, task: data.TaskData, sharpness: float = 4.0):
     brightness. A simple, smooth function of the image, so a small student can learn it from ~200
     images; its predictions are spread evenly over the classes."""
     pre, ckpt = train.load_pretrained(origin)
-    clf = train.Classifier(pre.encoder, None, 0, task.num_classes).eval()
+    clf = models.Classifier(pre.encoder, None, 0, task.num_classes).eval()
     with torch.no_grad():
         f = clf.features(as_float(task.train.images)).double()
         mu = f.mean(0)
@@ -2119,7 +2139,7 @@ def test_frozen_base_never_changes_and_dense_layers_learn(world, tmp_path):
                           width=0.125, student_checkpoint=world["base"], dense_layers=(32,), epochs=3,
                           batch_size=32, lr=0.1, crop=False, flip=True, device="cpu", task=task, log_every=100)
     base = train.load_checkpoint(world["base"])["model"]
-    student, meta = distill.load_classifier(res["best"], 2)
+    student, meta = train.load_classifier(res["best"], 2)
     for k, v in student.encoder.state_dict().items():
         assert torch.equal(v, base["encoder." + k]), k
     assert meta["arch"]["dense_layers"] == [32] and isinstance(student.dense[0], nn.Linear)
@@ -2178,8 +2198,8 @@ def test_label_term_uses_known_rows_only():
         e.feature_dim = 4
         return e
     torch.manual_seed(0)
-    student = distill.DenseClassifier(encoder(), None, 0, 3, dense_layers=(5,))
-    teacher = distill.DenseClassifier(encoder(), None, 0, 3)
+    student = models.Classifier(encoder(), None, 0, 3, dense_layers=(5,))
+    teacher = models.Classifier(encoder(), None, 0, 3)
     view = lambda x, g: train.to_float(x)
     x = torch.randint(0, 256, (4, 3, 2, 2), dtype=torch.uint8)
     index = torch.arange(4)
@@ -2215,8 +2235,8 @@ def test_torchvision_state_dict_loads_and_linear_aug_keeps_encoder_frozen(tmp_pa
     torch.manual_seed(0)
     net = models.resnet18(num_classes=1000, width=0.125)  # torchvision's layout, fc included
     torch.save(net.state_dict(), tmp_path / "tv.pth")
-    enc = transfer.load_encoder(tmp_path / "tv.pth", arch="resnet18", width=0.125)
-    assert enc.kind == "torchvision" and enc.mean == list(transfer.NORMALIZATIONS["imagenet"][0])
+    enc = train.load_encoder(tmp_path / "tv.pth", arch="resnet18", width=0.125)
+    assert enc.kind == "torchvision" and enc.mean == list(train.NORMALIZATIONS["imagenet"][0])
     x = torch.rand(2, 3, 32, 32)
     net.fc = nn.Identity()
     torch.testing.assert_close(enc.encoder.eval()(x), net.eval()(x))
@@ -2232,15 +2252,15 @@ def test_torchvision_state_dict_loads_and_linear_aug_keeps_encoder_frozen(tmp_pa
 def test_encoder_file_that_does_not_fit_is_reported(tmp_path):
     torch.save(models.resnet18(num_classes=10, width=0.125).state_dict(), tmp_path / "r18.pth")
     with pytest.raises(train.UserError, match=r"missing keys: layer1\.2\.") as e:
-        transfer.load_encoder(tmp_path / "r18.pth", arch="resnet34", width=0.125)
+        train.load_encoder(tmp_path / "r18.pth", arch="resnet34", width=0.125)
     assert "r18.pth" in str(e.value)
     with pytest.raises(train.UserError, match=r"wrong shapes: conv1\.weight: checkpoint \(8, 3, 7, 7\) vs model \(16, 3, 7, 7\)"):
-        transfer.load_encoder(tmp_path / "r18.pth", arch="resnet18", width=0.25)
+        train.load_encoder(tmp_path / "r18.pth", arch="resnet18", width=0.25)
     with pytest.raises(train.UserError, match="--arch"):
-        transfer.load_encoder(tmp_path / "r18.pth")
+        train.load_encoder(tmp_path / "r18.pth")
     torch.save({"backbone.w": torch.zeros(2)}, tmp_path / "odd.pt")
     with pytest.raises(train.UserError, match="unknown layout"):
-        transfer.load_encoder(tmp_path / "odd.pt", arch="resnet18")
+        train.load_encoder(tmp_path / "odd.pt", arch="resnet18")
 
 
 def test_export_then_reload_round_trip(world, tmp_path):
@@ -2251,7 +2271,7 @@ def test_export_then_reload_round_trip(world, tmp_path):
     missing, unexpected = net.load_state_dict(state, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     original = train.load_pretrained(world["base"])[0].encoder.eval()
-    back = transfer.load_encoder(tmp_path / "enc.pt")  # arch, stem and normalisation from the side-car
+    back = train.load_encoder(tmp_path / "enc.pt")  # arch, stem and normalisation from the side-car
     assert back.mean == [0.0, 0.0, 0.0] and back.arch["cifar_stem"] is True
     for k, v in original.state_dict().items():
         assert torch.equal(back.encoder.state_dict()[k], v), k
@@ -2445,7 +2465,7 @@ def test_resume_reruns_only_the_stage_without_a_record(tiny_run, monkeypatch):
     record = json.loads((tiny_run / "stages" / f"{lost}.json").read_text())
     assert record["resumed"] is True  # its own run folder held a checkpoint: continued, not restarted
     assert after["table1"] == before["table1"] and after["table4"] == before["table4"]
-    assert after["table2"][f"frozen-vgg"]["student"] == pytest.approx(before["table2"]["frozen-vgg"]["student"])
+    assert after["table2"]["frozen-vgg"]["student"] == pytest.approx(before["table2"]["frozen-vgg"]["student"])
 
 
 # ==================================================================================================

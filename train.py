@@ -539,45 +539,29 @@ def build_simclr_model(arch: dict) -> models.SimCLRModel:
     return models.SimCLRModel(encoder, head)
 
 
-class Classifier(nn.Module):
-    """Encoder (+ the first `head_layer` layers of a projection head) + a linear layer.
-
-    Inputs are float images in [0, 1]; `mean`/`std` are buffers that belong to the checkpoint
-    (zeros/ones for SimCLR's own models, which see raw [0, 1] inputs; ImageNet statistics for
-    torchvision's supervised weights), so normalisation is never a hidden constant.
-    SimCLR v2 section 2.2: fine-tuning from the first layer of a 3-layer head beats the encoder output."""
-
-    def __init__(self, encoder: nn.Module, head: nn.Module | None, head_layer: int, num_classes: int,
-                 mean: Iterable[float] = (0.0, 0.0, 0.0), std: Iterable[float] = (1.0, 1.0, 1.0)):
-        super().__init__()
-        if head_layer > 0 and head is None:
-            raise ValueError("head_layer > 0 needs a projection head")
-        self.encoder = encoder
-        self.head = head if head_layer > 0 else None
-        self.head_layer = head_layer
-        in_dim = head.dims[head_layer] if head_layer > 0 else encoder.feature_dim
-        self.fc = nn.Linear(in_dim, num_classes)
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float in [0, 1] -> (B, fc.in_features)."""
-        h = self.encoder((x - self.mean) / self.std)
-        return self.head.features(h, self.head_layer) if self.head is not None else h
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x))
-
-
 def classifier_arch(arch: dict, head_layer: int, num_classes: int, mean=(0.0, 0.0, 0.0),
-                    std=(1.0, 1.0, 1.0)) -> dict:
-    return dict(arch, head_layer=head_layer, num_classes=num_classes, mean=list(mean), std=list(std))
+                    std=(1.0, 1.0, 1.0), dense_layers: Iterable[int] = ()) -> dict:
+    """A classifier checkpoint's 'arch': the encoder (and head) description of `arch` plus what the
+    Classifier adds on top; build_classifier reads it back."""
+    out = dict(arch, head_layer=head_layer, num_classes=num_classes, mean=list(mean), std=list(std))
+    if dense_layers:
+        out["dense_layers"] = [int(w) for w in dense_layers]
+    return out
 
 
-def build_classifier(arch: dict) -> Classifier:
-    """A Classifier from its description (the 'arch' entry of a classifier checkpoint)."""
-    simclr = build_simclr_model(arch)
-    return Classifier(simclr.encoder, simclr.head, arch["head_layer"], arch["num_classes"], arch["mean"], arch["std"])
+def build_classifier(arch: dict) -> models.Classifier:
+    """A models.Classifier from its description (the 'arch' entry of a classifier checkpoint).
+
+    The projection head is built when the description has one (a SimCLR encoder fine-tuned from a
+    head layer, or an older checkpoint describing an unused head) and kept only for head_layer > 0."""
+    encoder = models.create_model(arch["encoder"], num_classes=0, width=arch["width"],
+                                  cifar_stem=arch["cifar_stem"])
+    head = None
+    if arch.get("head_layers"):
+        hidden = arch.get("head_hidden") or encoder.feature_dim
+        head = models.ProjectionHead(encoder.feature_dim, hidden, arch["out_dim"], arch["head_layers"])
+    return models.Classifier(encoder, head, arch["head_layer"], arch["num_classes"], arch["mean"], arch["std"],
+                             arch.get("dense_layers") or ())
 
 
 def load_state(module: nn.Module, state: dict, what: str, path) -> None:
@@ -608,9 +592,10 @@ def load_pretrained(path: str | os.PathLike) -> tuple[models.SimCLRModel, dict]:
     return model, ckpt
 
 
-def load_classifier(path: str | os.PathLike, num_classes: int | None = None) -> tuple[Classifier, dict]:
-    """(Classifier, checkpoint) from a fine-tuning / distillation / transfer checkpoint (best.pt or
-    checkpoint.pt); `num_classes` checks it fits the dataset it will be used on."""
+def load_classifier(path: str | os.PathLike, num_classes: int | None = None) -> tuple[models.Classifier, dict]:
+    """(models.Classifier, checkpoint) from any classifier checkpoint of the project (finetune,
+    linear-eval, distill, transfer: best.pt or checkpoint.pt), dense layers included; `num_classes`
+    checks it fits the dataset it will be used on."""
     ckpt = load_checkpoint(path)
     if "arch" not in ckpt or "num_classes" not in ckpt["arch"]:
         raise UserError(f"'{path}' is a '{ckpt['kind']}' checkpoint without a classifier; pass the "
@@ -621,6 +606,206 @@ def load_classifier(path: str | os.PathLike, num_classes: int | None = None) -> 
     model = build_classifier(ckpt["arch"])
     load_state(model, ckpt["model"], "The classifier", path)
     return model, ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoders from files: pretraining checkpoints, classifiers, torchvision-layout state dicts
+
+
+# name -> (mean, std) of the inputs a network was trained on, in [0, 1] units.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's supervised weights
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),                  # SimCLR: raw [0, 1] inputs
+}
+
+
+@dataclass
+class Encoder:
+    """A pretrained encoder and what is needed to use and describe it.
+
+    arch: build_simclr_model's description (encoder, width, cifar_stem, head_layers,
+    head_hidden, out_dim); head/head_layer: features after that many projection-head layers
+    (0: the encoder output); mean/std: the input normalisation the weights expect."""
+    encoder: nn.Module
+    head: nn.Module | None
+    head_layer: int
+    arch: dict
+    mean: list[float]
+    std: list[float]
+    image_size: int
+    kind: str            # "pretrain", "classifier" or "torchvision"
+    path: str
+    classifier: nn.Module | None = None  # the whole classifier when the source is one (for predictions)
+    classes: list[str] | None = None
+
+
+_ARCH_KEYS = ("encoder", "width", "cifar_stem", "head_layers", "head_hidden", "out_dim")
+_CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+
+
+def _sidecar(path: str | os.PathLike) -> dict:
+    """The JSON that `export` writes next to a state dict (arch, width, stem, mean, std), or {}."""
+    side = Path(str(path) + ".json")
+    if not side.is_file():
+        return {}
+    try:
+        return json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"'{side}' (the description next to '{path}') could not be read: {e}. Fix or delete it.") from None
+
+
+def state_dict_from(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The torchvision-layout state dict in a loaded file: tensors by name, possibly inside a
+    'state_dict' or 'model' entry and with DDP's 'module.' prefix. Anything else is an unknown layout."""
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"'{path}' is in an unknown layout: expected a state dict (names -> tensors) of a "
+                        "torchvision ResNet or VGG, or a checkpoint of this project.")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    if not any(k.startswith(("conv1.", "layer1.", "features.")) for k in obj):
+        raise UserError(f"'{path}' is in an unknown layout: its keys ({', '.join(list(obj)[:5])}, ...) are not "
+                        "torchvision's ResNet names (conv1.weight, layer1.0.conv1.weight, ...) or VGG names "
+                        "(features.0.weight, ...). Convert it to torchvision's layout first.")
+    return obj
+
+
+def load_encoder(path: str | os.PathLike, *, arch: str | None = None, width: float | None = None,
+                 cifar_stem: bool | None = None, normalize: str | None = None, head_layer: int | None = None
+                 ) -> Encoder:
+    """An Encoder from a checkpoint of this project or a torchvision-layout state dict (see module doc).
+
+    arch/width/cifar_stem/normalize describe a torchvision-layout file (defaults: its export side-car,
+    else width 1, ImageNet stem, ImageNet normalisation); for a project checkpoint they come from the
+    checkpoint, and a different --arch/--width is reported as a mismatch."""
+    if normalize is not None and normalize not in NORMALIZATIONS:
+        raise UserError(f"Unknown --normalize '{normalize}'. Use one of: {', '.join(NORMALIZATIONS)}.")
+    if arch is not None and arch not in models.MODEL_NAMES:
+        raise UserError(f"Unknown --arch '{arch}'. Use one of: {', '.join(models.MODEL_NAMES)}.")
+    if not Path(path).is_file():
+        raise UserError(f"Encoder source '{path}' does not exist (or is not a file). Pass a checkpoint of this "
+                        "project or a torchvision-layout state dict.")
+    try:  # weights_only: plain types and tensors only, so a downloaded file cannot run code
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for damaged or non-torch files
+        raise UserError(f"'{path}' could not be read as a PyTorch file ({type(e).__name__}: {str(e)[:200]}). "
+                        "Expected a checkpoint of this project or a torchvision-layout state dict.") from None
+    if isinstance(raw, dict) and "kind" in raw:
+        return _project_encoder(path, raw, arch, width, cifar_stem, normalize, head_layer)
+    return _torchvision_encoder(path, state_dict_from(raw, path), arch, width, cifar_stem, normalize, head_layer)
+
+
+def _project_encoder(path, ckpt: dict, arch, width, cifar_stem, normalize, head_layer) -> Encoder:
+    if normalize is not None:
+        raise UserError(f"--normalize applies to torchvision-layout files only; '{path}' records its own "
+                        f"normalisation (mean {ckpt.get('mean', ckpt.get('arch', {}).get('mean'))}).")
+    if ckpt["kind"] == "pretrain":
+        model, ckpt = load_pretrained(path)
+        a = ckpt["arch"]
+        _check_requested(path, a, arch, width, cifar_stem, model.encoder)
+        head_layer = head_layer or 0
+        if head_layer > a["head_layers"]:
+            raise UserError(f"--head-layer {head_layer} is deeper than the {a['head_layers']}-layer projection "
+                            f"head of '{path}'.")
+        return Encoder(model.encoder, model.head if head_layer else None, head_layer, a, list(ckpt["mean"]),
+                       list(ckpt["std"]), int(ckpt["image_size"]), "pretrain", str(path))
+    model, ckpt = load_classifier(path)
+    a = {k: ckpt["arch"][k] for k in _ARCH_KEYS if k in ckpt["arch"]}  # a student has no head
+    _check_requested(path, a, arch, width, cifar_stem, model.encoder)
+    if head_layer not in (None, model.head_layer):
+        raise UserError(f"'{path}' is a classifier using projection-head layer {model.head_layer}; "
+                        f"--head-layer {head_layer} cannot be chosen for it.")
+    return Encoder(model.encoder, model.head, model.head_layer, a, model.mean.flatten().tolist(),
+                   model.std.flatten().tolist(), int(ckpt.get("image_size") or 32), "classifier", str(path),
+                   classifier=model, classes=ckpt.get("classes"))
+
+
+def _check_requested(path, have: dict, arch, width, cifar_stem, encoder: nn.Module) -> None:
+    """A project checkpoint carries its architecture; a different one asked for is reported with the
+    keys and shapes that do not fit, as for a torchvision file."""
+    want = dict(encoder=arch or have["encoder"], width=have["width"] if width is None else width,
+                cifar_stem=have["cifar_stem"] if cifar_stem is None else cifar_stem)
+    if all(want[k] == have[k] for k in want):
+        return
+    try:
+        target = models.create_model(want["encoder"], 0, want["width"], want["cifar_stem"])
+        load_state(target, encoder.state_dict(), "The encoder", path)
+    except UserError as e:
+        raise UserError(f"{e} The checkpoint holds {have['encoder']} width {have['width']} cifar_stem "
+                        f"{have['cifar_stem']}; asked for {want['encoder']} width {want['width']} cifar_stem "
+                        f"{want['cifar_stem']}.") from None
+
+
+def _torchvision_encoder(path, state: dict, arch, width, cifar_stem, normalize, head_layer) -> Encoder:
+    side = _sidecar(path)
+    arch = arch or side.get("arch")
+    if arch is None:
+        raise UserError(f"'{path}' is a torchvision-layout state dict; say which network it is with --arch "
+                        f"({', '.join(models.MODEL_NAMES)}) and --width if not 1.")
+    if head_layer:
+        raise UserError(f"'{path}' holds an encoder only (no projection head); --head-layer must be 0.")
+    width = side.get("width", 1.0) if width is None else width
+    cifar_stem = side.get("cifar_stem", False) if cifar_stem is None else cifar_stem
+    if normalize is not None:
+        mean, std = NORMALIZATIONS[normalize]
+    elif "mean" in side:
+        mean, std = side["mean"], side["std"]
+    else:
+        mean, std = NORMALIZATIONS["imagenet"]
+    encoder = models.create_model(arch, num_classes=0, width=width, cifar_stem=cifar_stem)
+    kept = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
+    try:
+        load_state(encoder, kept, f"The {arch} weights", path)
+    except UserError as e:
+        raise UserError(f"{e} (Loaded as --arch {arch} --width {width} --cifar-stem {cifar_stem}; the classifier "
+                        "keys fc.* / classifier.* are ignored.)") from None
+    dropped = [k for k in state if k not in kept]
+    print(f"'{path}': {len(kept)} tensors loaded strictly into {arch} (width {width}); the classifier's "
+          f"{len(dropped)} ignored ({', '.join(dropped[:4])}{' ...' if len(dropped) > 4 else ''}); input "
+          f"normalisation mean {list(mean)} std {list(std)}.", file=sys.stderr)
+    a = dict(encoder=arch, width=width, cifar_stem=cifar_stem)
+    return Encoder(encoder, None, 0, a, list(mean), list(std), int(side.get("image_size", 224)), "torchvision",
+                   str(path))
+
+
+def classifier_for(enc: Encoder, num_classes: int) -> tuple[models.Classifier, dict]:
+    """A new linear classifier on `enc` and its checkpoint description (mean/std included)."""
+    model = models.Classifier(enc.encoder, enc.head, enc.head_layer, num_classes, enc.mean, enc.std)
+    arch = classifier_arch(enc.arch, enc.head_layer, num_classes, enc.mean, enc.std)
+    return model, arch
+
+
+def pretrained_encoder(path: str | os.PathLike, name: str, width: float, cifar_stem: bool,
+                       image_size: int) -> tuple[nn.Module, dict]:
+    """The encoder of a SimCLR pretraining checkpoint, built as the chosen student architecture, so
+    a checkpoint of another architecture is reported key by key and shape by shape; it must have been
+    pretrained at the run's image size."""
+    ckpt = load_checkpoint(path)
+    if ckpt["kind"] != "pretrain":
+        raise UserError(f"--student-checkpoint '{path}' is a '{ckpt['kind']}' checkpoint; a SimCLR pretraining "
+                        f"checkpoint of the student architecture is needed (python simclr.py pretrain --model {name}).")
+    base_size = ckpt.get("image_size")
+    if base_size is not None and int(base_size) != image_size:
+        raise UserError(f"--student-checkpoint '{path}' was pretrained on {base_size} px images but the teacher "
+                        f"works at {image_size} px. Pretrain the student base at {image_size} px.")
+    encoder = models.create_model(name, num_classes=0, width=width, cifar_stem=cifar_stem)
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    try:
+        load_state(encoder, state, "The pretrained encoder", path)
+    except UserError as e:
+        a = ckpt["arch"]
+        raise UserError(f"{e} It was pretrained as {a['encoder']} width {a['width']} cifar_stem {a['cifar_stem']}; "
+                        f"this run asked for --student {name} --width {width} --cifar-stem {cifar_stem}.") from None
+    return encoder, ckpt
+
+
+def check_input_size(name: str, image_size: int) -> None:
+    """VGG halves the resolution five times without padding the last stage: it needs 32 px or more."""
+    if name.startswith("vgg") and image_size < 32:
+        raise UserError(f"{name} needs images of at least 32 px (five 2x2 max-pools); this run uses {image_size} px. "
+                        "Use a ResNet, or a teacher / --image-size of 32 px or more.")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ linear layers on a frozen SimCLR ResNet-50 with random crop + flip, lr 0.1, no w
                    on augmented inputs, only the linear layer learns (the seed paper's Study 3)
     finetune       every weight trained (v1's fine-tuning protocol)
 
-Encoder sources:
+train.Encoder sources:
     * a checkpoint of this project: a SimCLR pretraining checkpoint (optionally features from a
       projection-head layer), or any classifier checkpoint (its encoder is reused);
     * a torchvision-layout ResNet/VGG state dict (torchvision's ImageNet weights, official SimCLR v1
@@ -37,7 +37,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,18 +45,11 @@ import torch.nn as nn
 
 import augment
 import data
-import distill
 import models
 import train
 from train import UserError
 
 MODES = ("linear-cached", "linear-aug", "finetune")
-
-# name -> (mean, std) of the inputs a network was trained on, in [0, 1] units.
-NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # torchvision's supervised weights
-    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),                  # SimCLR: raw [0, 1] inputs
-}
 
 # Every setting a preset fixes; arguments left as None take the preset's value. `lr_scaling`
 # "linear" means lr = base_lr * batch / 256 (SimCLR's rule); an explicit --lr is used as given.
@@ -76,168 +68,6 @@ PRESETS: dict[str, dict] = {
     "paper": dict(mode="linear-aug", epochs=30, batch_size=64, base_lr=0.1, lr_scaling="none",
                   momentum=0.9, weight_decay=0.0, crop=True, flip=True, color=False),
 }
-
-
-# ----------------------------------------------------------------------------------------------
-# Encoder sources
-
-
-@dataclass
-class Encoder:
-    """A pretrained encoder and what is needed to use and describe it.
-
-    arch: train.build_simclr_model's description (encoder, width, cifar_stem, head_layers,
-    head_hidden, out_dim); head/head_layer: features after that many projection-head layers
-    (0: the encoder output); mean/std: the input normalisation the weights expect."""
-    encoder: nn.Module
-    head: nn.Module | None
-    head_layer: int
-    arch: dict
-    mean: list[float]
-    std: list[float]
-    image_size: int
-    kind: str            # "pretrain", "classifier" or "torchvision"
-    path: str
-    classifier: nn.Module | None = None  # the whole classifier when the source is one (for predictions)
-    classes: list[str] | None = None
-
-
-_ARCH_KEYS = ("encoder", "width", "cifar_stem", "head_layers", "head_hidden", "out_dim")
-_CLASSIFIER_PREFIXES = ("fc.", "classifier.")
-
-
-def _sidecar(path: str | os.PathLike) -> dict:
-    """The JSON that `export` writes next to a state dict (arch, width, stem, mean, std), or {}."""
-    side = Path(str(path) + ".json")
-    if not side.is_file():
-        return {}
-    try:
-        return json.loads(side.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"'{side}' (the description next to '{path}') could not be read: {e}. Fix or delete it.") from None
-
-
-def state_dict_from(obj: object, path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The torchvision-layout state dict in a loaded file: tensors by name, possibly inside a
-    'state_dict' or 'model' entry and with DDP's 'module.' prefix. Anything else is an unknown layout."""
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"'{path}' is in an unknown layout: expected a state dict (names -> tensors) of a "
-                        "torchvision ResNet or VGG, or a checkpoint of this project.")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    if not any(k.startswith(("conv1.", "layer1.", "features.")) for k in obj):
-        raise UserError(f"'{path}' is in an unknown layout: its keys ({', '.join(list(obj)[:5])}, ...) are not "
-                        "torchvision's ResNet names (conv1.weight, layer1.0.conv1.weight, ...) or VGG names "
-                        "(features.0.weight, ...). Convert it to torchvision's layout first.")
-    return obj
-
-
-def load_encoder(path: str | os.PathLike, *, arch: str | None = None, width: float | None = None,
-                 cifar_stem: bool | None = None, normalize: str | None = None, head_layer: int | None = None
-                 ) -> Encoder:
-    """An Encoder from a checkpoint of this project or a torchvision-layout state dict (see module doc).
-
-    arch/width/cifar_stem/normalize describe a torchvision-layout file (defaults: its export side-car,
-    else width 1, ImageNet stem, ImageNet normalisation); for a project checkpoint they come from the
-    checkpoint, and a different --arch/--width is reported as a mismatch."""
-    if normalize is not None and normalize not in NORMALIZATIONS:
-        raise UserError(f"Unknown --normalize '{normalize}'. Use one of: {', '.join(NORMALIZATIONS)}.")
-    if arch is not None and arch not in models.MODEL_NAMES:
-        raise UserError(f"Unknown --arch '{arch}'. Use one of: {', '.join(models.MODEL_NAMES)}.")
-    if not Path(path).is_file():
-        raise UserError(f"Encoder source '{path}' does not exist (or is not a file). Pass a checkpoint of this "
-                        "project or a torchvision-layout state dict.")
-    try:  # weights_only: plain types and tensors only, so a downloaded file cannot run code
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for damaged or non-torch files
-        raise UserError(f"'{path}' could not be read as a PyTorch file ({type(e).__name__}: {str(e)[:200]}). "
-                        "Expected a checkpoint of this project or a torchvision-layout state dict.") from None
-    if isinstance(raw, dict) and "kind" in raw:
-        return _project_encoder(path, raw, arch, width, cifar_stem, normalize, head_layer)
-    return _torchvision_encoder(path, state_dict_from(raw, path), arch, width, cifar_stem, normalize, head_layer)
-
-
-def _project_encoder(path, ckpt: dict, arch, width, cifar_stem, normalize, head_layer) -> Encoder:
-    if normalize is not None:
-        raise UserError(f"--normalize applies to torchvision-layout files only; '{path}' records its own "
-                        f"normalisation (mean {ckpt.get('mean', ckpt.get('arch', {}).get('mean'))}).")
-    if ckpt["kind"] == "pretrain":
-        model, ckpt = train.load_pretrained(path)
-        a = ckpt["arch"]
-        _check_requested(path, a, arch, width, cifar_stem, model.encoder)
-        head_layer = head_layer or 0
-        if head_layer > a["head_layers"]:
-            raise UserError(f"--head-layer {head_layer} is deeper than the {a['head_layers']}-layer projection "
-                            f"head of '{path}'.")
-        return Encoder(model.encoder, model.head if head_layer else None, head_layer, a, list(ckpt["mean"]),
-                       list(ckpt["std"]), int(ckpt["image_size"]), "pretrain", str(path))
-    model, ckpt = distill.load_classifier(path)
-    a = {k: ckpt["arch"][k] for k in _ARCH_KEYS}
-    _check_requested(path, a, arch, width, cifar_stem, model.encoder)
-    if head_layer not in (None, model.head_layer):
-        raise UserError(f"'{path}' is a classifier using projection-head layer {model.head_layer}; "
-                        f"--head-layer {head_layer} cannot be chosen for it.")
-    return Encoder(model.encoder, model.head, model.head_layer, a, model.mean.flatten().tolist(),
-                   model.std.flatten().tolist(), int(ckpt.get("image_size") or 32), "classifier", str(path),
-                   classifier=model, classes=ckpt.get("classes"))
-
-
-def _check_requested(path, have: dict, arch, width, cifar_stem, encoder: nn.Module) -> None:
-    """A project checkpoint carries its architecture; a different one asked for is reported with the
-    keys and shapes that do not fit, as for a torchvision file."""
-    want = dict(encoder=arch or have["encoder"], width=have["width"] if width is None else width,
-                cifar_stem=have["cifar_stem"] if cifar_stem is None else cifar_stem)
-    if all(want[k] == have[k] for k in want):
-        return
-    try:
-        target = models.create_model(want["encoder"], 0, want["width"], want["cifar_stem"])
-        train.load_state(target, encoder.state_dict(), "The encoder", path)
-    except UserError as e:
-        raise UserError(f"{e} The checkpoint holds {have['encoder']} width {have['width']} cifar_stem "
-                        f"{have['cifar_stem']}; asked for {want['encoder']} width {want['width']} cifar_stem "
-                        f"{want['cifar_stem']}.") from None
-
-
-def _torchvision_encoder(path, state: dict, arch, width, cifar_stem, normalize, head_layer) -> Encoder:
-    side = _sidecar(path)
-    arch = arch or side.get("arch")
-    if arch is None:
-        raise UserError(f"'{path}' is a torchvision-layout state dict; say which network it is with --arch "
-                        f"({', '.join(models.MODEL_NAMES)}) and --width if not 1.")
-    if head_layer:
-        raise UserError(f"'{path}' holds an encoder only (no projection head); --head-layer must be 0.")
-    width = side.get("width", 1.0) if width is None else width
-    cifar_stem = side.get("cifar_stem", False) if cifar_stem is None else cifar_stem
-    if normalize is not None:
-        mean, std = NORMALIZATIONS[normalize]
-    elif "mean" in side:
-        mean, std = side["mean"], side["std"]
-    else:
-        mean, std = NORMALIZATIONS["imagenet"]
-    encoder = models.create_model(arch, num_classes=0, width=width, cifar_stem=cifar_stem)
-    kept = {k: v for k, v in state.items() if not k.startswith(_CLASSIFIER_PREFIXES)}
-    try:
-        train.load_state(encoder, kept, f"The {arch} weights", path)
-    except UserError as e:
-        raise UserError(f"{e} (Loaded as --arch {arch} --width {width} --cifar-stem {cifar_stem}; the classifier "
-                        "keys fc.* / classifier.* are ignored.)") from None
-    dropped = [k for k in state if k not in kept]
-    print(f"'{path}': {len(kept)} tensors loaded strictly into {arch} (width {width}); the classifier's "
-          f"{len(dropped)} ignored ({', '.join(dropped[:4])}{' ...' if len(dropped) > 4 else ''}); input "
-          f"normalisation mean {list(mean)} std {list(std)}.", file=sys.stderr)
-    a = dict(encoder=arch, width=width, cifar_stem=cifar_stem, head_layers=1, head_hidden=None, out_dim=1)
-    return Encoder(encoder, None, 0, a, list(mean), list(std), int(side.get("image_size", 224)), "torchvision",
-                   str(path))
-
-
-def classifier_for(enc: Encoder, num_classes: int) -> tuple[distill.DenseClassifier, dict]:
-    """A new linear classifier on `enc` and its checkpoint description (mean/std included)."""
-    model = distill.DenseClassifier(enc.encoder, enc.head, enc.head_layer, num_classes, enc.mean, enc.std)
-    arch = train.classifier_arch(enc.arch, enc.head_layer, num_classes, enc.mean, enc.std)
-    return model, arch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,16 +108,16 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
 
     dev = train.select_device(device)
     train.seed_everything(seed)
-    enc = load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize,
+    enc = train.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize,
                        head_layer=head_layer)
     image_size = image_size or enc.image_size
-    distill.check_input_size(enc.arch["encoder"], image_size)
+    train.check_input_size(enc.arch["encoder"], image_size)
     task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir,
                                   skip_bad=skip_bad)
     if batch_size > len(task.train):
         raise UserError(f"--batch-size {batch_size} is larger than the {len(task.train)} training images of "
                         f"'{task.name}'. Use a batch of at most {len(task.train)}.")
-    model, cls_arch = classifier_for(enc, task.num_classes)
+    model, cls_arch = train.classifier_for(enc, task.num_classes)
     model = model.to(dev)
     if mode != "finetune":
         model.freeze_base()
@@ -329,7 +159,7 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
         evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
         train.fit(model, train.supervised_loss_fn(model, view), loader, run, schedule, device=dev, seed=seed,
                    meta=meta, evaluate=evaluate, select="val_top1", desc=f"transfer {mode} {task.name}")
-        best, _ = distill.load_classifier(run.path / "best.pt", task.num_classes)
+        best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
         best = best.to(dev)
         reports = {name: train.evaluate_classifier(best, split, dev, size=image_size)
                    for name, split in (("val", task.val), ("test", task.test))}
@@ -370,20 +200,20 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
     for f in (npy, index):
         if f.exists() and not overwrite:
             raise UserError(f"'{f}' exists already. Pass --overwrite to replace it, or choose another --out.")
-    enc = load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize, head_layer=head_layer)
+    enc = train.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize, head_layer=head_layer)
     if what == "predictions" and enc.classifier is None:
         raise UserError(f"--what predictions needs a classifier checkpoint (best.pt of a finetune, distill or "
                         f"transfer run); '{source}' is a {enc.kind} encoder. Use --what features.")
     dev = train.select_device(device)
     image_size = image_size or enc.image_size
-    distill.check_input_size(enc.arch["encoder"], image_size)
+    train.check_input_size(enc.arch["encoder"], image_size)
     pixels, files = data.load_folder_images(images, image_size, cache_dir=cache_dir, skip_bad=skip_bad)
     folder = data.ImageSet(pixels, None, [])
     if enc.classifier is not None:
         net = enc.classifier.to(dev).eval()
         fn = net if what == "predictions" else net.features
     else:
-        net, _ = classifier_for(enc, 1)  # the fc is never used: features only
+        net, _ = train.classifier_for(enc, 1)  # the fc is never used: features only
         net = net.to(dev).eval()
         fn = net.base
     values = train.extract_features(fn, folder, dev, batch_size, size=image_size, desc="extract").cpu().numpy()
@@ -403,7 +233,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, arch: str | Non
            cifar_stem: bool | None = None, normalize: str | None = None, overwrite: bool = False) -> dict:
     """Write the encoder of `source` as a plain torchvision-layout state dict (names -> tensors, no
     classifier) to `out`, and its description (arch, width, cifar_stem, mean, std, image_size) to
-    <out>.json, which load_encoder reads back. torchvision's resnetXX() / vggXX() of the same width
+    <out>.json, which train.load_encoder reads back. torchvision's resnetXX() / vggXX() of the same width
     loads the file with strict=False, reporting only the classifier (fc.* / classifier.*) as missing;
     an encoder with the CIFAR stem (3x3 conv1) needs that conv1 swapped in first. Projection-head
     layers are not part of the export."""
@@ -412,7 +242,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, arch: str | Non
     for f in (out, side):
         if f.exists() and not overwrite:
             raise UserError(f"'{f}' exists already. Pass --overwrite to replace it, or choose another --out.")
-    enc = load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize)
+    enc = train.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize)
     state = {k: v.detach().cpu().clone() for k, v in enc.encoder.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
     train.atomic_save(state, out)
@@ -437,7 +267,7 @@ def _source_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=float, default=None, help="channel multiplier of a torchvision-layout file (1)")
     p.add_argument("--cifar-stem", type=train.bool_arg, default=None,
                    help="3x3 stem in a torchvision-layout file; None: off, as torchvision")
-    p.add_argument("--normalize", default=None, choices=list(NORMALIZATIONS),
+    p.add_argument("--normalize", default=None, choices=list(train.NORMALIZATIONS),
                    help="input normalisation of a torchvision-layout file; None: imagenet "
                         "(converted SimCLR weights need none); project checkpoints carry their own")
 
