@@ -38,6 +38,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ import data
 import losses
 import models
 import train
-from train import UserError
+from train import UserError, option
 
 MODES = ("scratch", "finetune", "frozen")
 SOFT_LABELS = ("online", "precomputed")
@@ -223,73 +224,100 @@ def agreement(a: list[int], b: list[int]) -> float:
 # Distillation
 
 
-def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, *, student: str = "resnet18",
-            width: float = 1.0, cifar_stem: bool | None = None, mode: str = "scratch",
-            student_checkpoint: str | os.PathLike | None = None, dense_layers: Sequence[int] | None = None,
-            temperature: float | None = None, alpha: float = 1.0, labeled_fraction: float = 0.0,
-            soft_labels: str = "online", crop: bool | None = None, flip: bool | None = None,
-            color: bool | None = None, extra_unlabeled: str | None = None, extra_n: int | None = None,
-            epochs: int | None = None, batch_size: int | None = None, lr: float | None = None,
-            momentum: float | None = None, weight_decay: float | None = None, optimizer: str | None = None,
-            preset: str = "default", seed: int = 0, device: str = "auto", root: str | None = None,
-            cache_dir: str | None = None, skip_bad: bool = False, resume: bool = False, overwrite: bool = False,
-            log_every: int = 20, task: data.TaskData | None = None) -> dict:
-    """Distil `teacher` (a classifier checkpoint) into a `student` on `task_name`'s training images
+@dataclass
+class DistillConfig(train.StageConfig):
+    """Every setting of a distillation run; settings left as None take PRESETS[preset]'s value, and
+    dense_layers None means (256,) in frozen mode and none otherwise."""
+    teacher: str = option(None, "classifier checkpoint (best.pt of a finetune/distill/transfer run)", required=True)
+    data: str = option("shapes5", "labeled task whose train images (labels hidden) are distilled on")
+    mode: str = option("scratch", "student: from scratch, fine-tuned from a pretrained encoder, or frozen pretrained "
+                       "base + dense layers (seed paper)", choices=MODES)
+    student: str = option("resnet18", "student architecture", choices=models.MODEL_NAMES)
+    width: float = option(1.0, "student channel multiplier")
+    cifar_stem: bool | None = option(None, "3x3 stem; None: on up to 64 px")
+    student_checkpoint: str | None = option(None, "SimCLR pretraining checkpoint of the student architecture "
+                                            "(finetune and frozen modes)")
+    dense_layers: list[int] | None = option(None, "widths of the trainable Linear+ReLU layers before the classifier; "
+                                            "None: 256 in frozen mode")
+    preset: str = option("default", "'default' (short runs) or 'paper' (the seed paper's Table 3) "
+                         "(default: %(default)s)", choices=list(PRESETS))
+    temperature: float | None = option(None, "softmax temperature tau (preset: 1.0)")
+    alpha: float = option(1.0, "weight of the distillation term; 1 - alpha for labels")
+    labeled_fraction: float = option(0.0, "fraction of train labels known (alpha < 1)")
+    soft_labels: str = option("online", "teacher on each augmented view (SimCLR v2) or once on un-augmented images",
+                              choices=SOFT_LABELS)
+    crop: bool | None = option(None, "crop augmentation; None: the preset's")
+    flip: bool | None = option(None, "flip augmentation; None: the preset's")
+    color: bool | None = option(None, "color augmentation; None: the preset's")
+    extra_unlabeled: str | None = option(None, "extra unlabeled images, e.g. shapes-pool or a folder")
+    extra_n: int | None = option(None, "how many extra unlabeled images")
+    epochs: int | None = option(None, "None: the preset's")
+    batch_size: int | None = option(None, "None: the preset's")
+    lr: float | None = option(None, "peak learning rate, cosine decay; None: the preset's")
+    momentum: float | None = option(None, "None: the preset's")
+    weight_decay: float | None = option(None, "None: the preset's")
+    optimizer: str | None = option(None, "None: the preset's", choices=["sgd", "lars"])
+    log_every: int = option(20, "steps between log lines (host syncs)")
+
+
+def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+            task: data.TaskData | None = None) -> dict:
+    """Distil `teacher` (a classifier checkpoint) into a `student` on `cfg.data`'s training images
     with labels hidden (SimCLR v2 section 2.3; seed paper Study 2). Settings left as None come from
     PRESETS[preset]; dense_layers None means (256,) in frozen mode and none otherwise.
 
     Returns dict(student={val, test reports vs ground truth}, teacher={val, test}, agreement={val, test},
     best=<best.pt path>, ...); best.pt is the student with the best val top-1 (never the test split),
     loadable by load_classifier here (and by train.load_classifier once it knows dense layers)."""
-    if preset not in PRESETS:
-        raise UserError(f"Unknown --preset '{preset}'. Use one of: {', '.join(PRESETS)}.")
-    given = dict(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                 optimizer=optimizer, temperature=temperature, crop=crop, flip=flip, color=color)
-    s = {**PRESETS[preset], **{k: v for k, v in given.items() if v is not None}}
-    if mode not in MODES:
-        raise UserError(f"Unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
-    if soft_labels not in SOFT_LABELS:
-        raise UserError(f"Unknown --soft-labels '{soft_labels}'. Use online or precomputed.")
-    if student not in models.MODEL_NAMES:
-        raise UserError(f"Unknown --student '{student}'. Use one of: {', '.join(models.MODEL_NAMES)}.")
+    if cfg.preset not in PRESETS:
+        raise UserError(f"Unknown --preset '{cfg.preset}'. Use one of: {', '.join(PRESETS)}.")
+    given = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                 optimizer=cfg.optimizer, temperature=cfg.temperature, crop=cfg.crop, flip=cfg.flip, color=cfg.color)
+    s = {**PRESETS[cfg.preset], **{k: v for k, v in given.items() if v is not None}}
+    if cfg.mode not in MODES:
+        raise UserError(f"Unknown --mode '{cfg.mode}'. Use one of: {', '.join(MODES)}.")
+    if cfg.soft_labels not in SOFT_LABELS:
+        raise UserError(f"Unknown --soft-labels '{cfg.soft_labels}'. Use online or precomputed.")
+    if cfg.student not in models.MODEL_NAMES:
+        raise UserError(f"Unknown --student '{cfg.student}'. Use one of: {', '.join(models.MODEL_NAMES)}.")
     train.check_positive(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], temperature=s["temperature"],
-                          width=width, extra_n=extra_n)
-    if not 0.0 <= alpha <= 1.0:
-        raise UserError(f"--alpha must be in [0, 1] (1: soft labels only); got {alpha}.")
-    if not 0.0 <= labeled_fraction <= 1.0:
-        raise UserError(f"--labeled-fraction must be in [0, 1]; got {labeled_fraction}.")
-    if alpha < 1.0 and labeled_fraction == 0.0:
-        raise UserError(f"--alpha {alpha} mixes in a label loss (weight {1 - alpha:g}) but --labeled-fraction is 0, "
+                          width=cfg.width, extra_n=cfg.extra_n)
+    if not 0.0 <= cfg.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1] (1: soft labels only); got {cfg.alpha}.")
+    if not 0.0 <= cfg.labeled_fraction <= 1.0:
+        raise UserError(f"--labeled-fraction must be in [0, 1]; got {cfg.labeled_fraction}.")
+    if cfg.alpha < 1.0 and cfg.labeled_fraction == 0.0:
+        raise UserError(f"--alpha {cfg.alpha} mixes in a label loss (weight {1 - cfg.alpha:g}) but --labeled-fraction is 0, "
                         "so no label is known. Pass --labeled-fraction > 0 or --alpha 1.")
-    dense_layers = tuple(dense_layers) if dense_layers is not None else ((256,) if mode == "frozen" else ())
+    dense_layers = tuple(cfg.dense_layers) if cfg.dense_layers is not None else ((256,) if cfg.mode == "frozen" else ())
     if any(int(w) != w or w < 1 for w in dense_layers):
         raise UserError(f"--dense-layers must be positive integers; got {list(dense_layers)}.")
 
-    dev = train.select_device(device)
-    train.seed_everything(seed)
-    teacher_ckpt_meta = train.load_checkpoint(teacher)
+    dev = train.select_device(cfg.device)
+    train.seed_everything(cfg.seed)
+    teacher_ckpt_meta = train.load_checkpoint(cfg.teacher)
     image_size = int(teacher_ckpt_meta.get("image_size") or 32)
     # The split seed is the teacher's: with another seed the validation carve (and a generated task's
     # images) would differ, and the teacher's training images would select the student's best epoch.
-    data_seed = json.loads(teacher_ckpt_meta.get("config") or "{}").get("seed", seed)
-    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=data_seed, cache_dir=cache_dir,
-                                  skip_bad=skip_bad)
-    teacher_model, teacher_ckpt = load_teacher(teacher, task, dev)
-    extra = (data.load_unlabeled(extra_unlabeled, image_size=image_size, n=extra_n, root=root, seed=seed,
-                                 cache_dir=cache_dir, skip_bad=skip_bad) if extra_unlabeled else None)
+    data_seed = json.loads(teacher_ckpt_meta.get("config") or "{}").get("seed", cfg.seed)
+    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=data_seed, cache_dir=cfg.cache_dir,
+                                  skip_bad=cfg.skip_bad)
+    teacher_model, teacher_ckpt = load_teacher(cfg.teacher, task, dev)
+    extra = (data.load_unlabeled(cfg.extra_unlabeled, image_size=image_size, n=cfg.extra_n, root=cfg.root, seed=cfg.seed,
+                                 cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad) if cfg.extra_unlabeled else None)
     if extra is not None and extra.image_size != task.train.image_size:
-        raise UserError(f"--extra-unlabeled '{extra_unlabeled}' gives {extra.image_size}px images but the task's are "
+        raise UserError(f"--extra-unlabeled '{cfg.extra_unlabeled}' gives {extra.image_size}px images but the task's are "
                         f"{task.train.image_size}px; use sources of one resolution.")
-    images, known = distillation_set(task, labeled_fraction if alpha < 1.0 else 0.0, seed, extra)
+    images, known = distillation_set(task, cfg.labeled_fraction if cfg.alpha < 1.0 else 0.0, cfg.seed, extra)
     if s["batch_size"] > len(images):
         raise UserError(f"--batch-size {s['batch_size']} is larger than the {len(images)} distillation images "
-                        f"('{task.name}' train{' + ' + extra_unlabeled if extra else ''}). Use at most {len(images)}.")
-    cifar_stem = image_size <= 64 if cifar_stem is None else cifar_stem
-    train.check_input_size(student, image_size)
-    model, arch = build_student(mode, student, width, cifar_stem, task.num_classes, dense_layers, student_checkpoint,
+                        f"('{task.name}' train{' + ' + cfg.extra_unlabeled if extra else ''}). Use at most {len(images)}.")
+    cifar_stem = image_size <= 64 if cfg.cifar_stem is None else cfg.cifar_stem
+    train.check_input_size(cfg.student, image_size)
+    model, arch = build_student(cfg.mode, cfg.student, cfg.width, cifar_stem, task.num_classes, dense_layers, cfg.student_checkpoint,
                                 image_size)
-    if mode == "frozen":
-        check_independent_base(student_checkpoint, model.encoder, teacher_model, teacher_ckpt, teacher)
+    if cfg.mode == "frozen":
+        check_independent_base(cfg.student_checkpoint, model.encoder, teacher_model, teacher_ckpt, cfg.teacher)
     model = model.to(dev)
     run = train.RunFolder(out, resume=resume, overwrite=overwrite)
 
@@ -298,19 +326,19 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
     view = ((lambda x, g: augmentation(x, g)) if augmentation is not None
             else (lambda x, g: train.to_float(x, image_size)))
     # Without augmentation the teacher would see the same un-augmented image every epoch: run it once.
-    effective_soft = "precomputed" if augmentation is None else soft_labels
-    cached = mode == "frozen" and augmentation is None
-    config = dict(stage="distill", teacher=str(teacher), task=task.name, mode=mode, student=student, width=width,
-                  cifar_stem=cifar_stem, student_checkpoint=str(student_checkpoint) if student_checkpoint else None,
-                  dense_layers=list(dense_layers), alpha=alpha, labeled_fraction=labeled_fraction,
-                  soft_labels=soft_labels, soft_labels_effective=effective_soft, cached_base_features=cached,
-                  augmentation=augmentation.describe() if augmentation else "none", extra_unlabeled=extra_unlabeled,
-                  distillation_images=len(images), known_labels=int((known >= 0).sum()), preset=preset, **s,
-                  seed=seed, device=str(dev), image_size=image_size)
+    effective_soft = "precomputed" if augmentation is None else cfg.soft_labels
+    cached = cfg.mode == "frozen" and augmentation is None
+    config = dict(stage="distill", teacher=str(cfg.teacher), task=task.name, mode=cfg.mode, student=cfg.student, width=cfg.width,
+                  cifar_stem=cifar_stem, student_checkpoint=str(cfg.student_checkpoint) if cfg.student_checkpoint else None,
+                  dense_layers=list(dense_layers), alpha=cfg.alpha, labeled_fraction=cfg.labeled_fraction,
+                  soft_labels=cfg.soft_labels, soft_labels_effective=effective_soft, cached_base_features=cached,
+                  augmentation=augmentation.describe() if augmentation else "none", extra_unlabeled=cfg.extra_unlabeled,
+                  distillation_images=len(images), known_labels=int((known >= 0).sum()), preset=cfg.preset, **s,
+                  seed=cfg.seed, device=str(dev), image_size=image_size)
     if not run.resuming:
         run.write_config(config)
-    print(f"distill: teacher {teacher} -> {student} (width {width}, {mode}) on {len(images)} images of {task.name}, "
-          f"T {s['temperature']}, alpha {alpha}, soft labels {effective_soft}, augment {config['augmentation']}, "
+    print(f"distill: teacher {cfg.teacher} -> {cfg.student} (width {cfg.width}, {cfg.mode}) on {len(images)} images of {task.name}, "
+          f"T {s['temperature']}, alpha {cfg.alpha}, soft labels {effective_soft}, augment {config['augmentation']}, "
           f"{s['optimizer']} lr {s['lr']} wd {s['weight_decay']}, {s['epochs']} epochs x batch {s['batch_size']}, "
           f"device {dev}", file=sys.stderr)
 
@@ -319,14 +347,14 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
         with torch.inference_mode():
             table = train.extract_features(teacher_model, images, dev, size=image_size, desc="teacher soft labels")
         table = table.clone()  # a normal tensor, usable in autograd-recorded code
-    frozen_state = ({k: v.clone() for k, v in model.encoder.state_dict().items()} if mode == "frozen" else None)
+    frozen_state = ({k: v.clone() for k, v in model.encoder.state_dict().items()} if cfg.mode == "frozen" else None)
     base_features = val_features = None
     if cached:
         model.eval()
         base_features = train.extract_features(model.base, images, dev, size=image_size, desc="base features")
         val_features = train.extract_features(model.base, task.val, dev, size=image_size)
-    known_t = torch.as_tensor(known, device=dev) if alpha < 1.0 else None
-    loss_fn = distillation_loss_fn(model, teacher_model, view, s["temperature"], alpha, known_t, table, base_features)
+    known_t = torch.as_tensor(known, device=dev) if cfg.alpha < 1.0 else None
+    loss_fn = distillation_loss_fn(model, teacher_model, view, s["temperature"], cfg.alpha, known_t, table, base_features)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -336,18 +364,18 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
                                                         task.classes)["top1"])
         return dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
 
-    loader = data.BatchLoader(images, s["batch_size"], dev, shuffle=True, drop_last=True, seed=seed)
+    loader = data.BatchLoader(images, s["batch_size"], dev, shuffle=True, drop_last=True, seed=cfg.seed)
     schedule = train.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
-                               weight_decay=s["weight_decay"], log_every=log_every)
+                               weight_decay=s["weight_decay"], log_every=cfg.log_every)
     meta = dict(kind="distill", arch=arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
-    train.fit(model, loss_fn, loader, run, schedule, device=dev, seed=seed, meta=meta, evaluate=evaluate,
-               select="val_top1", desc=f"distill {mode} {student}")
+    train.fit(model, loss_fn, loader, run, schedule, device=dev, seed=cfg.seed, meta=meta, evaluate=evaluate,
+               select="val_top1", desc=f"distill {cfg.mode} {cfg.student}")
     if frozen_state is not None:
         train.check_frozen(frozen_state, model.encoder)
 
     best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
-    result = dict(task=task.name, mode=mode, student_arch=student, teacher_path=str(teacher), best=str(run.path / "best.pt"),
+    result = dict(task=task.name, mode=cfg.mode, student_arch=cfg.student, teacher_path=str(cfg.teacher), best=str(run.path / "best.pt"),
                   student={}, teacher={}, agreement={})
     for split_name, split in (("val", task.val), ("test", task.test)):
         result["student"][split_name] = train.evaluate_classifier(best, split, dev, size=image_size)
@@ -355,7 +383,7 @@ def distill(teacher: str | os.PathLike, task_name: str, out: str | os.PathLike, 
         result["agreement"][split_name] = agreement(result["student"][split_name].pop("predictions"),
                                                     result["teacher"][split_name].pop("predictions"))
     train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
-    print(f"distill {task.name} ({mode} {student}): student test top-1 {result['student']['test']['top1']:.4f} "
+    print(f"distill {task.name} ({cfg.mode} {cfg.student}): student test top-1 {result['student']['test']['top1']:.4f} "
           f"(val {result['student']['val']['top1']:.4f}), teacher test top-1 {result['teacher']['test']['top1']:.4f}, "
           f"agreement {result['agreement']['test']:.4f}; best: {result['best']}", file=sys.stderr)
     return result
@@ -369,50 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=train.HelpFormatter,
                                 epilog="presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    p.add_argument("--teacher", required=True, help="classifier checkpoint (best.pt of a finetune/distill/transfer run)")
-    p.add_argument("--data", default="shapes5", help="labeled task whose train images (labels hidden) are distilled on")
-    p.add_argument("--mode", default="scratch", choices=MODES, help="student: from scratch, fine-tuned from a "
-                   "pretrained encoder, or frozen pretrained base + dense layers (seed paper)")
-    p.add_argument("--student", default="resnet18", choices=models.MODEL_NAMES, help="student architecture")
-    p.add_argument("--width", type=float, default=1.0, help="student channel multiplier")
-    p.add_argument("--cifar-stem", type=train.bool_arg, default=None, help="3x3 stem; None: on up to 64 px")
-    p.add_argument("--student-checkpoint", default=None,
-                   help="SimCLR pretraining checkpoint of the student architecture (finetune and frozen modes)")
-    p.add_argument("--dense-layers", type=int, nargs="*", default=None,
-                   help="widths of the trainable Linear+ReLU layers before the classifier; None: 256 in frozen mode")
-    p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="'default' (short runs) or 'paper' (the seed paper's Table 3) (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=None, help="softmax temperature tau (preset: 1.0)")
-    p.add_argument("--alpha", type=float, default=1.0, help="weight of the distillation term; 1 - alpha for labels")
-    p.add_argument("--labeled-fraction", type=float, default=0.0, help="fraction of train labels known (alpha < 1)")
-    p.add_argument("--soft-labels", default="online", choices=SOFT_LABELS,
-                   help="teacher on each augmented view (SimCLR v2) or once on un-augmented images")
-    for name in ("crop", "flip", "color"):
-        p.add_argument(f"--{name}", type=train.bool_arg, default=None, help=f"{name} augmentation; None: the preset's")
-    p.add_argument("--extra-unlabeled", default=None, help="extra unlabeled images, e.g. shapes-pool or a folder")
-    p.add_argument("--extra-n", type=int, default=None, help="how many extra unlabeled images")
-    p.add_argument("--epochs", type=int, default=None, help="None: the preset's")
-    p.add_argument("--batch-size", type=int, default=None, help="None: the preset's")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate, cosine decay; None: the preset's")
-    p.add_argument("--momentum", type=float, default=None, help="None: the preset's")
-    p.add_argument("--weight-decay", type=float, default=None, help="None: the preset's")
-    p.add_argument("--optimizer", default=None, choices=["sgd", "lars"], help="None: the preset's")
-    p.add_argument("--log-every", type=int, default=20, help="steps between log lines (host syncs)")
-    train.add_common(p)
+    train.add_options(p, DistillConfig)
     train.add_run(p)
     return p
 
 
 def run_command(args: argparse.Namespace) -> None:
-    distill(args.teacher, args.data, args.out, student=args.student, width=args.width, cifar_stem=args.cifar_stem,
-            mode=args.mode, student_checkpoint=args.student_checkpoint, dense_layers=args.dense_layers,
-            temperature=args.temperature, alpha=args.alpha, labeled_fraction=args.labeled_fraction,
-            soft_labels=args.soft_labels, crop=args.crop, flip=args.flip, color=args.color,
-            extra_unlabeled=args.extra_unlabeled, extra_n=args.extra_n, epochs=args.epochs,
-            batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-            optimizer=args.optimizer, preset=args.preset, seed=args.seed, device=args.device, root=args.root,
-            cache_dir=args.cache_dir, skip_bad=args.skip_bad, resume=args.resume, overwrite=args.overwrite,
-            log_every=args.log_every)
+    distill(train.from_args(DistillConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,9 @@ cats_vs_dogs), or a folder (root/class/image for tasks, any image folder for the
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -62,16 +65,19 @@ import distill
 import simclr
 import train
 import transfer
+from distill import DistillConfig
+from simclr import FinetuneConfig, PretrainConfig
 from train import UserError
+from transfer import TransferConfig
 
 # ----------------------------------------------------------------------------------------------
 # Presets: every setting of a run, in one place. "default" picks "cpu" or "cuda" by the device.
 #
-# pretrain: simclr.PretrainConfig fields (data, eval_data, image_size, n_images and seed are
-#           filled in from --data / the preset's data / --seed).
+# pretrain, finetune, distill, probe: each stage's config (simclr.PretrainConfig, simclr.FinetuneConfig,
+#           distill.DistillConfig, transfer.TransferConfig); the data, seed, device and checkpoint
+#           fields are filled in per run.
 # tasks:    sizes of the embedded tasks: images per class with a floor on each split's total
 #           (real datasets keep their own splits).
-# finetune, distill, probe: arguments of simclr.finetune, distill.distill and the linear probe.
 
 # The embedded world at 32 px departs from SimCLR's CIFAR augmentations in two ways, both chosen on
 # the kNN check (shapes5's validation split, 500 images; never the test split) of the CPU preset:
@@ -82,19 +88,25 @@ from train import UserError
 # The measurements behind both: README, "How the CPU preset was chosen".
 _SMALL_PRETRAIN = dict(head_layers=3, optimizer="lars", knn_k=50, strength=1.0, crop_min_scale=0.4)
 
+# Study 3's probe: a new linear layer on the frozen encoder, trained on crop + flip views (the seed
+# paper's Study 3, transfer.py's 'paper' preset); each preset sets its epochs.
+_PROBE = functools.partial(TransferConfig, mode="linear-aug", preset="paper", crop=True, flip=True, color=False,
+                           lr=0.1, weight_decay=0.0)
+
 PRESETS: dict[str, dict] = {
     # The tests: every stage runs, nothing is meant to be accurate. VGG needs 32 px inputs.
     "tiny": dict(
         image_size=32, seeds_cpu=1, seeds_cuda=1, knn_check=False,
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
         pool_images=128, tasks=dict(train_per_class=2, min_train=80, test_per_class=1, min_test=40),
-        pretrain=dict(_SMALL_PRETRAIN, model="resnet18", width=0.125, epochs=1, batch_size=64, log_every=1, knn_k=10),
+        pretrain=PretrainConfig(**dict(_SMALL_PRETRAIN, knn_k=10), model="resnet18", width=0.125, epochs=1,
+                                batch_size=64, log_every=1),
         vgg="vgg11_bn",
-        finetune=dict(head_layer=1, epochs=1, batch_size=16, lr=0.05, optimizer="sgd", weight_decay=0.0,
-                      strength=0.5),
-        distill=dict(preset="default", epochs=1, batch_size=16, lr=0.05, dense_layers=[32],
-                     augment=dict(frozen=False, scratch=True)),
-        probe=dict(epochs=1, lr=0.1, batch_sizes=[32, 64], weight_decay=0.0),
+        finetune=FinetuneConfig(head_layer=1, epochs=1, batch_size=16, lr=0.05, optimizer="sgd", weight_decay=0.0,
+                                strength=0.5),
+        distill=DistillConfig(preset="default", epochs=1, batch_size=16, lr=0.05, dense_layers=[32]),
+        distill_augment=dict(frozen=False, scratch=True),
+        probe=_PROBE(epochs=1), probe_batch_sizes=[32, 64],
     ),
     # A 2-core CPU in under 15 minutes (measured 12 min 44 s: see README); every number above chance
     # but the frozen VGG student's. 240 SimCLR steps learn more at 4x SimCLR's CIFAR learning rate
@@ -103,28 +115,28 @@ PRESETS: dict[str, dict] = {
         image_size=32, seeds_cpu=1, seeds_cuda=1, knn_check=True,
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
         pool_images=4096, tasks=dict(train_per_class=20, min_train=1000, test_per_class=10, min_test=500),
-        pretrain=dict(_SMALL_PRETRAIN, model="resnet18", width=0.125, epochs=15, batch_size=256, log_every=10,
-                      eval_images=5000, base_lr=4.0),
+        pretrain=PretrainConfig(**_SMALL_PRETRAIN, model="resnet18", width=0.125, epochs=15, batch_size=256,
+                                log_every=10, eval_images=5000, base_lr=4.0),
         vgg="vgg16_bn",
-        finetune=dict(head_layer=1, epochs=15, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=0.0,
-                      strength=0.5),
-        distill=dict(preset="default", epochs=15, batch_size=64, lr=0.05, dense_layers=[256],
-                     augment=dict(frozen=False, scratch=True)),
-        probe=dict(epochs=30, lr=0.1, batch_sizes=[32, 64], weight_decay=0.0),
+        finetune=FinetuneConfig(head_layer=1, epochs=15, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=0.0,
+                                strength=0.5),
+        distill=DistillConfig(preset="default", epochs=15, batch_size=64, lr=0.05, dense_layers=[256]),
+        distill_augment=dict(frozen=False, scratch=True),
+        probe=_PROBE(epochs=30), probe_batch_sizes=[32, 64],
     ),
     # One H100 in about 8 minutes: ResNet-18 at full width, enough pretraining for good features.
     "cuda": dict(
         image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check=True,
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
         pool_images=30000, tasks=dict(train_per_class=100, min_train=5000, test_per_class=20, min_test=1000),
-        pretrain=dict(_SMALL_PRETRAIN, model="resnet18", width=1.0, epochs=40, batch_size=512, log_every=20,
-                      eval_images=5000),
+        pretrain=PretrainConfig(**_SMALL_PRETRAIN, model="resnet18", width=1.0, epochs=40, batch_size=512,
+                                log_every=20, eval_images=5000),
         vgg="vgg16_bn",
-        finetune=dict(head_layer=1, epochs=20, batch_size=128, lr=0.05, optimizer="sgd", weight_decay=0.0,
-                      strength=0.5),
-        distill=dict(preset="default", epochs=20, batch_size=128, lr=0.05, dense_layers=[256],
-                     augment=dict(frozen=True, scratch=True)),
-        probe=dict(epochs=15, lr=0.1, batch_sizes=[32, 64], weight_decay=0.0),
+        finetune=FinetuneConfig(head_layer=1, epochs=20, batch_size=128, lr=0.05, optimizer="sgd", weight_decay=0.0,
+                                strength=0.5),
+        distill=DistillConfig(preset="default", epochs=20, batch_size=128, lr=0.05, dense_layers=[256]),
+        distill_augment=dict(frozen=True, scratch=True),
+        probe=_PROBE(epochs=15), probe_batch_sizes=[32, 64],
     ),
     # The seed paper's settings on its real datasets (downloaded by data.py): ResNet-50 at 224 px,
     # Table 3's distillation (SGD lr 0.01, momentum 0.9, wd 1e-4, T 1, 100 epochs, best epoch),
@@ -135,13 +147,14 @@ PRESETS: dict[str, dict] = {
         image_size=224, seeds_cpu=1, seeds_cuda=3, knn_check=True,
         data=dict(pool="tf_flowers", study1="tf_flowers", study3=["cats_vs_dogs", "tf_flowers", "dtd", "cifar100"]),
         pool_images=None, tasks=dict(train_per_class=0, min_train=0, test_per_class=0, min_test=0),
-        pretrain=dict(head_layers=3, optimizer="lars", temperature=0.1, knn_k=200, model="resnet50", width=1.0,
-                      epochs=100, batch_size=256, log_every=20),
+        pretrain=PretrainConfig(head_layers=3, optimizer="lars", temperature=0.1, knn_k=200, model="resnet50",
+                                width=1.0, epochs=100, batch_size=256, log_every=20),
         vgg="vgg16_bn",
-        finetune=dict(head_layer=1, epochs=30, batch_size=64, lr=0.01, optimizer="sgd", weight_decay=1e-4,
-                      strength=1.0),
-        distill=dict(preset="paper", dense_layers=[256], augment=dict(frozen=False, scratch=True)),
-        probe=dict(epochs=30, lr=0.1, batch_sizes=[32, 64], weight_decay=0.0),
+        finetune=FinetuneConfig(head_layer=1, epochs=30, batch_size=64, lr=0.01, optimizer="sgd", weight_decay=1e-4,
+                                strength=1.0),
+        distill=DistillConfig(preset="paper", dense_layers=[256]),
+        distill_augment=dict(frozen=False, scratch=True),
+        probe=_PROBE(epochs=30), probe_batch_sizes=[32, 64],
     ),
 }
 PRESET_CHOICES = ("default", *PRESETS)
@@ -171,7 +184,12 @@ def resolve_preset(name: str, device: torch.device) -> tuple[str, dict]:
         name = "cuda" if device.type == "cuda" else "cpu"
     if name not in PRESETS:
         raise UserError(f"Unknown --preset '{name}'. Use one of: {', '.join(PRESET_CHOICES)}.")
-    return name, json.loads(json.dumps(PRESETS[name]))
+    return name, copy.deepcopy(PRESETS[name])
+
+
+def as_json(value: object) -> object:
+    """`value` with every stage config written out as a dict of its fields (for config.json, results.json)."""
+    return json.loads(json.dumps(value, default=dataclasses.asdict))
 
 
 def parse_data(spec: str | None, defaults: dict) -> dict:
@@ -318,24 +336,20 @@ def load_tasks(names: Sequence[str], image_size: int, sizes: dict, seed: int, ro
     return tasks
 
 
-def pretrain_stage(cfg: dict, pool: str, eval_task: str | None, image_size: int, n_images: int | None,
+def pretrain_stage(cfg: PretrainConfig, pool: str, eval_task: str | None, image_size: int, n_images: int | None,
                    seed: int, data_seed: int, device: str, root: str | None, cache_dir: str | None,
                    skip_bad: bool = False) -> Callable[[Path, bool], dict]:
-    fields = simclr.PretrainConfig.__dataclass_fields__
     # Every base sees the same pool (same images, same budget): the pool is drawn from data_seed,
-    # only the training seed differs.
-    settings = dict(cfg, data=pool, eval_data=eval_task, image_size=image_size, n_images=n_images, seed=seed,
-                    data_seed=data_seed, device=device, root=root, cache_dir=cache_dir, skip_bad=skip_bad)
-    settings.setdefault("knn_every", settings["epochs"])
-    unknown = sorted(set(settings) - set(fields))
-    if unknown:
-        raise UserError(f"The preset's pretrain settings {unknown} are not simclr.PretrainConfig fields.")
+    # only the training seed differs. The kNN monitor runs once, at the end.
+    cfg = dataclasses.replace(cfg, data=pool, eval_data=eval_task, image_size=image_size, n_images=n_images,
+                              seed=seed, data_seed=data_seed, device=device, root=root, cache_dir=cache_dir,
+                              skip_bad=skip_bad, knn_every=cfg.epochs)
 
     def run(folder: Path, resume: bool) -> dict:
-        summary = simclr.pretrain(simclr.PretrainConfig(**settings), folder, resume=resume, overwrite=not resume)
+        summary = simclr.pretrain(cfg, folder, resume=resume, overwrite=not resume)
         keep = {k: summary[k] for k in ("checkpoint", "knn_top1", "knn_top1_random_encoder") if k in summary}
         loss = [r["loss"] for r in _read_log(folder) if "loss" in r]
-        return dict(keep, model=cfg["model"], width=cfg["width"], seed=seed,
+        return dict(keep, model=cfg.model, width=cfg.width, seed=seed,
                     pool_seed=data_seed, final_loss=loss[-1] if loss else None)
     return run
 
@@ -347,46 +361,40 @@ def _read_log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def finetune_stage(checkpoint: str, task: data.TaskData, augmentation: dict, cfg: dict, seed: int,
+def finetune_stage(checkpoint: str, task: data.TaskData, augmentation: dict, cfg: FinetuneConfig, seed: int,
                    device: str) -> Callable[[Path, bool], dict]:
     def run(folder: Path, resume: bool) -> dict:
-        head_layer = min(cfg["head_layer"], train.load_checkpoint(checkpoint)["arch"]["head_layers"])
-        result = simclr.finetune(checkpoint, task.name, folder, fraction=1.0, head_layer=head_layer,
-                                 crop=augmentation["crop"], flip=augmentation["flip"], color=augmentation["color"],
-                                 blur=False, strength=cfg["strength"], epochs=cfg["epochs"],
-                                 batch_size=cfg["batch_size"], lr=cfg["lr"], optimizer=cfg["optimizer"],
-                                 weight_decay=cfg["weight_decay"], seed=seed, device=device, task=task,
-                                 resume=resume, overwrite=not resume)
+        head_layer = min(cfg.head_layer, train.load_checkpoint(checkpoint)["arch"]["head_layers"])
+        stage = dataclasses.replace(cfg, checkpoint=checkpoint, data=task.name, fraction=1.0, head_layer=head_layer,
+                                    blur=False, seed=seed, device=device, **augmentation)
+        result = simclr.finetune(stage, folder, resume=resume, overwrite=not resume, task=task)
         return dict(_quiet_copy(result), val_top1=result["val"]["top1"], test_top1=result["test"]["top1"])
     return run
 
 
 def distill_stage(teacher: str, task: data.TaskData, mode: str, student: str, width: float,
-                  student_checkpoint: str | None, cfg: dict, seed: int, device: str) -> Callable[[Path, bool], dict]:
+                  student_checkpoint: str | None, cfg: DistillConfig, augment: bool, seed: int,
+                  device: str) -> Callable[[Path, bool], dict]:
     def run(folder: Path, resume: bool) -> dict:
-        augment = bool(cfg["augment"][mode])
-        extra = {k: cfg[k] for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "optimizer")
-                 if k in cfg}
-        result = distill.distill(teacher, task.name, folder, student=student, width=width, mode=mode,
-                                 student_checkpoint=student_checkpoint if mode != "scratch" else None,
-                                 dense_layers=cfg["dense_layers"] if mode == "frozen" else None,
-                                 temperature=1.0, alpha=1.0, soft_labels="online", crop=augment, flip=augment,
-                                 color=False, preset=cfg["preset"], seed=seed, device=device, task=task,
-                                 resume=resume, overwrite=not resume, **extra)
+        stage = dataclasses.replace(cfg, teacher=teacher, data=task.name, student=student, width=width, mode=mode,
+                                    student_checkpoint=student_checkpoint if mode != "scratch" else None,
+                                    dense_layers=cfg.dense_layers if mode == "frozen" else None,
+                                    temperature=1.0, alpha=1.0, soft_labels="online", crop=augment, flip=augment,
+                                    color=False, seed=seed, device=device)
+        result = distill.distill(stage, folder, resume=resume, overwrite=not resume, task=task)
         return dict(_quiet_copy(result), student_test_top1=result["student"]["test"]["top1"],
                     teacher_test_top1=result["teacher"]["test"]["top1"], agreement_test=result["agreement"]["test"])
     return run
 
 
-def probe_stage(checkpoint: str, task: data.TaskData, batch_size: int, cfg: dict, seed: int,
+def probe_stage(checkpoint: str, task: data.TaskData, batch_size: int, cfg: TransferConfig, seed: int,
                 device: str) -> Callable[[Path, bool], dict]:
     """Study 3: a linear layer on the frozen encoder, trained on crop + flip views (transfer.py's
     'linear-aug' mode); the encoder's weights and batch-norm statistics never change."""
     def run(folder: Path, resume: bool) -> dict:
-        result = transfer.transfer(checkpoint, task.name, folder, mode="linear-aug", preset="paper",
-                                   crop=True, flip=True, color=False, epochs=cfg["epochs"], batch_size=batch_size,
-                                   lr=cfg["lr"], weight_decay=cfg["weight_decay"], seed=seed, device=device,
-                                   task=task, resume=resume, overwrite=not resume)
+        stage = dataclasses.replace(cfg, source=checkpoint, data=task.name, batch_size=batch_size, seed=seed,
+                                    device=device)
+        result = transfer.transfer(stage, folder, resume=resume, overwrite=not resume, task=task)
         return dict(_quiet_copy(result), val_top1=result["val"]["top1"], test_top1=result["test"]["top1"],
                     test_top5=result["test"].get("top5"))
     return run
@@ -656,15 +664,15 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     seed_list = [seed + k for k in range(n_seeds)]
     download = preset_name == "paper" if download is None else download
     out = Path(out)
-    settings = dict(preset=preset_name, values=p, data=mapping, seeds=seed_list, device=str(dev),
-                    pretrained=str(pretrained) if pretrained else None, skip_bad=skip_bad)
+    settings = as_json(dict(preset=preset_name, values=p, data=mapping, seeds=seed_list, device=str(dev),
+                            pretrained=str(pretrained) if pretrained else None, skip_bad=skip_bad))
     prepare_folder(out, settings, resume, overwrite)
 
     size = p["image_size"]
     train.seed_everything(seed)
     tasks = load_tasks([mapping["study1"], mapping["study2"], *mapping["study3"]], size, p["tasks"], seed, root,
                        cache_dir, download, skip_bad)
-    pre_cfg, res_arch = p["pretrain"], p["pretrain"]["model"]
+    pre_cfg, res_arch = p["pretrain"], p["pretrain"].model
     if pretrained is not None:
         ckpt = train.load_checkpoint(pretrained)
         if ckpt["kind"] != "pretrain":
@@ -674,7 +682,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     vgg = p["vgg"]
     separate_teacher = mapping["study2"] != mapping["study1"]
     n_stages = ((pretrained is None) + 2 + n_seeds * (len(STUDY1_ROWS) + separate_teacher + len(STUDY2_ROWS)
-                + len(mapping["study3"]) * len(p["probe"]["batch_sizes"])))
+                + len(mapping["study3"]) * len(p["probe_batch_sizes"])))
     pipe = Pipeline(out, resume, n_stages)
     dev_name = str(dev)
     runs: dict[str, dict] = {}
@@ -695,12 +703,12 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                                                            s, dev_name))
         # Student bases: SimCLR-pretrained here for each student architecture on the same pool with the
         # same budget; the ResNet one from another seed, so it is not the teacher's own encoder.
-        width = train.load_checkpoint(checkpoint)["arch"]["width"] if pretrained else pre_cfg["width"]
-        student_cfg = dict(pre_cfg, model=res_arch, width=width)
+        width = train.load_checkpoint(checkpoint)["arch"]["width"] if pretrained else pre_cfg.width
+        student_cfg = dataclasses.replace(pre_cfg, model=res_arch, width=width)
         bases = {}
         for family, arch, base_seed in (("resnet", res_arch, seed + 10_000), ("vgg", vgg, seed)):
             name = f"pretrain-student-{family}"
-            runs[name] = pipe.run(name, pretrain_stage(dict(student_cfg, model=arch), mapping["pool"], None,
+            runs[name] = pipe.run(name, pretrain_stage(dataclasses.replace(student_cfg, model=arch), mapping["pool"], None,
                                                        seed=base_seed, **common))
             bases[family] = runs[name]["checkpoint"]
         for s in seed_list:
@@ -715,10 +723,11 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                 name = f"seed{s}-study2-{mode}-{family}"
                 arch = res_arch if family == "resnet" else vgg
                 runs[name] = pipe.run(name, distill_stage(teacher, tasks[mapping["study2"]], mode, arch, width,
-                                                          bases[family], p["distill"], s, dev_name))
+                                                          bases[family], p["distill"], p["distill_augment"][mode],
+                                                          s, dev_name))
         for s in seed_list:
             for task_name in mapping["study3"]:
-                for b in p["probe"]["batch_sizes"]:
+                for b in p["probe_batch_sizes"]:
                     name = f"seed{s}-study3-{task_name}-b{b}"
                     runs[name] = pipe.run(name, probe_stage(checkpoint, tasks[task_name], b, p["probe"], s, dev_name))
     finally:
@@ -730,7 +739,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     meta = dict(preset=preset_name, seeds=seed_list, device=_device_info(dev), wall_s=time.perf_counter() - start,
                 command=command or f"run_all(preset={preset!r})", pretrain=runs.get("pretrain"), teacher=teacher_desc,
                 pretrained_given=pretrained is not None,
-                teacher_arch=res_arch, probe=p["probe"])
+                teacher_arch=res_arch, probe=as_json(p["probe"]))
     results = dict(meta, settings=settings, versions=_versions(), data=mapping,
                    tasks={k: dict(classes=t.num_classes, train=len(t.train), val=len(t.val), test=len(t.test),
                                   image_size=t.train.image_size) for k, t in tasks.items()},

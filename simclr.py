@@ -34,7 +34,7 @@ import data
 import losses
 import models
 import train
-from train import UserError
+from train import UserError, option
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,48 +42,47 @@ from train import UserError
 
 
 @dataclass
-class PretrainConfig:
-    """Defaults follow the official CIFAR command up to 64 px and the ImageNet settings above
-    (resolved by `resolve_defaults`; None means 'choose by image size')."""
-    data: str = "shapes-pool"
-    eval_data: str | None = "shapes5"  # labeled task for the kNN monitor (its train = bank, val = queries)
-    eval_images: int | None = None     # an embedded eval_data's train size (val carved from it); None: default
-    image_size: int = 32
-    n_images: int | None = None        # size of a generated pool / cap on a folder
-    model: str = "resnet18"
-    width: float = 1.0
-    cifar_stem: bool | None = None     # None: on up to 64 px
-    head_layers: int = 2
-    head_hidden: int | None = None     # None: the encoder's feature width
-    out_dim: int = 128
-    epochs: int = 100
-    batch_size: int = 512
-    optimizer: str = "lars"
-    base_lr: float | None = None       # None: 1.0 (<= 64 px) or 0.3 (ImageNet), scaled by batch/256
-    lr_scaling: str = "linear"
-    weight_decay: float | None = None  # None: 1e-4 (<= 64 px) or 1e-6
-    momentum: float = 0.9
-    warmup_epochs: float | None = None  # None: 10, at most a tenth of the run
-    temperature: float = 0.5
-    strength: float | None = None      # None: 0.5 (<= 64 px) or 1.0
-    crop_min_scale: float = 0.08       # smallest crop area (fraction of the image), SimCLR's 0.08
-    blur: bool | None = None           # None: off up to 64 px
-    knn_every: int = 10
-    knn_k: int = 200
-    log_every: int = 20
-    checkpoint_every: int = 0
-    compile: bool = False
-    seed: int = 0
-    data_seed: int | None = None       # seed that draws a generated or subsampled pool; None: `seed`
-    device: str = "auto"
-    root: str | None = None
-    cache_dir: str | None = None
-    skip_bad: bool = False             # leave unreadable images of a folder out (with a warning)
+class PretrainConfig(train.StageConfig):
+    """Every setting of a pretraining run. Defaults follow the official CIFAR command up to 64 px and
+    the ImageNet settings above; None means 'choose by image size' (see `resolve_defaults`)."""
+    data: str = option("shapes-pool", "unlabeled images: shapes-pool, a folder, or a dataset name")
+    eval_data: str | None = option("shapes5", "labeled task for the kNN monitor, its train split the bank and its "
+                                   "val split the queries ('' for none)")
+    eval_images: int | None = option(None, "train images of an embedded --eval-data (10%% become its val queries); "
+                                     "None: its default")
+    image_size: int = option(32, "working resolution in pixels")
+    n_images: int | None = option(None, "pool size (generated) or cap (folder)")
+    model: str = option("resnet18", "encoder (models.py)", choices=models.MODEL_NAMES)
+    width: float = option(1.0, "channel multiplier (SimCLR 2x, 4x; 0.25 for CPU)")
+    cifar_stem: bool | None = option(None, "3x3 stem, no max-pool (default: on up to 64 px)")
+    head_layers: int = option(2, "2 (SimCLR v1) or 3 (v2)")
+    head_hidden: int | None = option(None, "head width (default: the encoder's feature width)")
+    out_dim: int = option(128, "projection size z (the loss's input)")
+    epochs: int = option(100, "passes over the unlabeled images")
+    batch_size: int = option(512, "global batch (all processes)")
+    optimizer: str = option("lars", "LARS (SimCLR) or SGD with momentum", choices=["lars", "sgd"])
+    base_lr: float | None = option(None, "scaled by batch/256 (default: 1.0 up to 64 px, else 0.3)")
+    lr_scaling: str = option("linear", "lr = base-lr x batch/256 (linear) or base-lr x sqrt(batch) (sqrt; SimCLR v2 "
+                             "uses 0.075)", choices=["linear", "sqrt"])
+    weight_decay: float | None = option(None, "default: 1e-4 up to 64 px, else 1e-6")
+    momentum: float = option(0.9, "momentum of LARS / SGD")
+    warmup_epochs: float | None = option(None, "default: 10, at most a tenth of the run")
+    temperature: float = option(0.5, "NT-Xent temperature")
+    strength: float | None = option(None, "colour distortion strength (default: 0.5 up to 64 px, else 1.0)")
+    crop_min_scale: float = option(0.08, "smallest random-crop area as a fraction of the image (SimCLR: 0.08)")
+    blur: bool | None = option(None, "Gaussian blur (default: off up to 64 px)")
+    knn_every: int = option(10, "epochs between kNN monitor evaluations")
+    knn_k: int = option(200, "neighbours of the kNN monitor")
+    log_every: int = option(20, "steps between log lines (host syncs)")
+    checkpoint_every: int = option(0, "steps between checkpoints (0: each epoch)")
+    compile: bool = option(False, "torch.compile the model", flag=True)
+    # Not an option: lets runs with different training seeds share one pool (run_all.py's student bases).
+    data_seed: int | None = None
 
 
 def resolve_defaults(cfg: PretrainConfig) -> PretrainConfig:
     small = cfg.image_size <= 64
-    cfg = dataclasses.replace(cfg)
+    cfg = dataclasses.replace(cfg, eval_data=cfg.eval_data or None)
     if cfg.cifar_stem is None:
         cfg.cifar_stem = small
     if cfg.base_lr is None:
@@ -230,30 +229,39 @@ def knn_monitor(encoder: nn.Module, bank_set: data.ImageSet, val: data.ImageSet,
 # Stage 2: linear evaluation and fine-tuning
 
 
-def linear_eval(checkpoint: str | os.PathLike, task_name: str, out: str | os.PathLike | None = None, *,
-                epochs: int = 100, lr: float = 0.1, batch_size: int = 256, head_layer: int = 0,
-                seed: int = 0, device: str = "auto", root: str | None = None, cache_dir: str | None = None,
-                skip_bad: bool = False, resume: bool = False, overwrite: bool = False) -> dict:
+@dataclass
+class LinearEvalConfig(train.StageConfig):
+    """Linear evaluation of a pretraining checkpoint on a labeled task."""
+    checkpoint: str = option(None, "a pretraining checkpoint.pt", required=True)
+    data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
+    epochs: int = option(100, "epochs of the linear layer on cached features")
+    lr: float = option(0.1, "learning rate (SGD, momentum 0.9, cosine)")
+    batch_size: int = option(256, "batch of cached features")
+    head_layer: int = option(0, "0: encoder output; k: after head layer k")
+
+
+def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, resume: bool = False,
+                overwrite: bool = False) -> dict:
     """Linear evaluation (SimCLR v1 section 4): frozen encoder, features of the un-augmented train,
     val and test images computed once, a linear layer trained on them; top-1/top-5 on val and test."""
-    train.check_positive(epochs=epochs, lr=lr, batch_size=batch_size)
-    dev = train.select_device(device)
+    train.check_positive(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+    dev = train.select_device(cfg.device)
     run = train.RunFolder.redo(out, "linear-eval", resume, overwrite) if out is not None else None  # before any work
-    train.seed_everything(seed)
-    model, ckpt = train.load_pretrained(checkpoint)
-    task = data.load_task(task_name, image_size=ckpt["image_size"], root=root, seed=seed, cache_dir=cache_dir,
-                          skip_bad=skip_bad)
-    classifier = models.Classifier(model.encoder, model.head, head_layer, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev)
+    train.seed_everything(cfg.seed)
+    model, ckpt = train.load_pretrained(cfg.checkpoint)
+    task = data.load_task(cfg.data, image_size=ckpt["image_size"], root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                          skip_bad=cfg.skip_bad)
+    classifier = models.Classifier(model.encoder, model.head, cfg.head_layer, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev)
     classifier.eval()
     frozen = {k: v.clone() for k, v in classifier.encoder.state_dict().items()}
     feats = {name: train.extract_features(classifier.features, split, dev, size=ckpt["image_size"],
                                     desc=f"features {name}")
              for name, split in (("train", task.train), ("val", task.val), ("test", task.test))}
     label = lambda s: torch.as_tensor(np.asarray(s.labels), device=dev, dtype=torch.long)
-    classifier.fc = train.train_linear(feats["train"], label(task.train), task.num_classes, epochs, batch_size, lr,
-                                 seed=seed)
+    classifier.fc = train.train_linear(feats["train"], label(task.train), task.num_classes, cfg.epochs, cfg.batch_size, cfg.lr,
+                                 seed=cfg.seed)
     train.check_frozen(frozen, classifier.encoder)
-    result = dict(task=task.name, checkpoint=str(checkpoint), head_layer=head_layer,
+    result = dict(task=task.name, checkpoint=str(cfg.checkpoint), head_layer=cfg.head_layer,
                   val=train.accuracy_report(classifier.fc(feats["val"]), task.val.labels, task.classes),
                   test=train.accuracy_report(classifier.fc(feats["test"]), task.test.labels, task.classes))
     for split in ("val", "test"):
@@ -261,78 +269,96 @@ def linear_eval(checkpoint: str | os.PathLike, task_name: str, out: str | os.Pat
     print(f"linear eval on {task.name}: val top-1 {result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}",
           file=sys.stderr)
     if run is not None:
-        run.write_config(dict(stage="linear-eval", checkpoint=str(checkpoint), task=task_name, epochs=epochs,
-                              lr=lr, batch_size=batch_size, head_layer=head_layer, seed=seed))
-        arch = train.classifier_arch(ckpt["arch"], head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
+        run.write_config(dict(stage="linear-eval", checkpoint=str(cfg.checkpoint), task=cfg.data, epochs=cfg.epochs,
+                              lr=cfg.lr, batch_size=cfg.batch_size, head_layer=cfg.head_layer, seed=cfg.seed))
+        arch = train.classifier_arch(ckpt["arch"], cfg.head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
         run.save(dict(kind="linear-eval", format=train.CHECKPOINT_FORMAT, arch=arch, model=classifier.state_dict(),
                       classes=task.classes, image_size=ckpt["image_size"]), "best.pt")
         train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     return result
 
 
-def finetune(checkpoint: str | os.PathLike | None, task_name: str, out: str | os.PathLike, *,
-             fraction: float = 1.0, head_layer: int = 1, crop: bool = True, flip: bool = True,
-             color: bool = False, blur: bool = False, strength: float = 0.5, epochs: int = 30,
-             batch_size: int = 128, lr: float = 0.05, optimizer: str = "sgd", weight_decay: float = 0.0,
-             momentum: float = 0.9, seed: int = 0, device: str = "auto", root: str | None = None,
-             cache_dir: str | None = None, skip_bad: bool = False, arch: dict | None = None, image_size: int = 32,
-             resume: bool = False, overwrite: bool = False, log_every: int = 20,
+@dataclass
+class FinetuneConfig(train.StageConfig):
+    """Fine-tuning from a pretraining checkpoint (SimCLR v2 section 2.2). `checkpoint=None` with
+    `arch` and `image_size` trains the same network from random initialisation (a supervised baseline)."""
+    checkpoint: str | None = option(None, "a pretraining checkpoint.pt", required=True)
+    data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
+    fraction: float = option(1.0, "fraction of training labels (0.01, 0.1, 1)")
+    head_layer: int = option(1, "fine-tune from this head layer (SimCLR v2: 1)")
+    crop: bool = option(True, "use crop augmentation while fine-tuning")
+    flip: bool = option(True, "use flip augmentation while fine-tuning")
+    color: bool = option(False, "use color augmentation while fine-tuning")
+    blur: bool = option(False, "use blur augmentation while fine-tuning")
+    strength: float = option(0.5, "colour distortion strength when --color is on")
+    epochs: int = option(30, "passes over the labeled subset")
+    batch_size: int = option(128, "labeled images per step")
+    lr: float = option(0.05, "peak learning rate (warm-up, then cosine)")
+    optimizer: str = option("sgd", "optimiser", choices=["lars", "sgd"])
+    weight_decay: float = option(0.0, "weight decay (not on biases and BN)")
+    momentum: float = option(0.9, "momentum of SGD / LARS")
+    log_every: int = option(20, "steps between log lines (host syncs)")
+    arch: dict | None = None   # the network to train from scratch when checkpoint is None
+    image_size: int = 32       # its image size
+
+
+def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
              task: data.TaskData | None = None) -> dict:
     """Supervised fine-tuning of the whole network (SimCLR v2 section 2.2) on `fraction` of the
     labels (class-balanced), from layer `head_layer` of the projection head (v2: 1 of a 3-layer head).
 
-    `checkpoint=None` with `arch` trains the same network from random initialisation (the
-    supervised baseline). Model selection: best val top-1 (best.pt); the test split is reported
+    Model selection: best val top-1 (best.pt); the test split is reported
     for that model only. Returns val/test reports and the best.pt path (a distillation teacher)."""
-    train.check_positive(epochs=epochs, lr=lr, batch_size=batch_size, fraction=fraction)
-    if fraction > 1:
-        raise UserError(f"--fraction must be in (0, 1]; got {fraction}.")
-    dev = train.select_device(device)
-    train.seed_everything(seed)
-    if checkpoint is not None:
-        pretrained, ckpt = train.load_pretrained(checkpoint)
+    train.check_positive(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, fraction=cfg.fraction)
+    if cfg.fraction > 1:
+        raise UserError(f"--fraction must be in (0, 1]; got {cfg.fraction}.")
+    dev = train.select_device(cfg.device)
+    train.seed_everything(cfg.seed)
+    if cfg.checkpoint is not None:
+        pretrained, ckpt = train.load_pretrained(cfg.checkpoint)
         arch, image_size, mean, std = ckpt["arch"], ckpt["image_size"], ckpt["mean"], ckpt["std"]
     else:
-        if arch is None:
+        if cfg.arch is None:
             raise ValueError("finetune from scratch needs `arch`")
+        arch, image_size = cfg.arch, cfg.image_size
         pretrained, mean, std = train.build_simclr_model(arch), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir,
-                                  skip_bad=skip_bad)
-    if head_layer > arch["head_layers"]:
-        raise UserError(f"--head-layer {head_layer} is deeper than the {arch['head_layers']}-layer projection head.")
-    labeled = data.labeled_fraction(task.train, fraction, seed) if fraction < 1 else task.train
-    if batch_size > len(labeled):
-        raise UserError(f"--batch-size {batch_size} is larger than the {len(labeled)} labeled training images "
-                        f"of '{task.name}' at fraction {fraction}. Use a batch of at most {len(labeled)}.")
+    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                                  skip_bad=cfg.skip_bad)
+    if cfg.head_layer > arch["head_layers"]:
+        raise UserError(f"--head-layer {cfg.head_layer} is deeper than the {arch['head_layers']}-layer projection head.")
+    labeled = data.labeled_fraction(task.train, cfg.fraction, cfg.seed) if cfg.fraction < 1 else task.train
+    if cfg.batch_size > len(labeled):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(labeled)} labeled training images "
+                        f"of '{task.name}' at fraction {cfg.fraction}. Use a batch of at most {len(labeled)}.")
     run = train.RunFolder(out, resume=resume, overwrite=overwrite)
-    model = models.Classifier(pretrained.encoder, pretrained.head, head_layer, task.num_classes, mean, std).to(dev)
+    model = models.Classifier(pretrained.encoder, pretrained.head, cfg.head_layer, task.num_classes, mean, std).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    augmentation = augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=blur, strength=strength,
+    augmentation = augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=cfg.blur, strength=cfg.strength,
                                          scale=(0.08, 1.0))
-    cls_arch = train.classifier_arch(arch, head_layer, task.num_classes, mean, std)
-    config = dict(stage="finetune", checkpoint=str(checkpoint), task=task.name, fraction=fraction,
-                  labeled_images=len(labeled), head_layer=head_layer, augmentation=augmentation.describe(),
-                  epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-                  momentum=momentum, seed=seed, device=str(dev))
+    cls_arch = train.classifier_arch(arch, cfg.head_layer, task.num_classes, mean, std)
+    config = dict(stage="finetune", checkpoint=str(cfg.checkpoint), task=task.name, fraction=cfg.fraction,
+                  labeled_images=len(labeled), head_layer=cfg.head_layer, augmentation=augmentation.describe(),
+                  epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
+                  momentum=cfg.momentum, seed=cfg.seed, device=str(dev))
     if not run.resuming:
         run.write_config(config)
-    loader = data.BatchLoader(labeled, batch_size, dev, shuffle=True, drop_last=True, seed=seed)
-    schedule = train.Schedule(epochs=epochs, lr=lr, optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
-                        log_every=log_every)
+    loader = data.BatchLoader(labeled, cfg.batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
+    schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                        log_every=cfg.log_every)
     evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
     meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
-    train.fit(model, train.supervised_loss_fn(model, augmentation), loader, run, schedule, device=dev, seed=seed, meta=meta,
+    train.fit(model, train.supervised_loss_fn(model, augmentation), loader, run, schedule, device=dev, seed=cfg.seed, meta=meta,
         evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")
     best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
-    result = dict(task=task.name, fraction=fraction, head_layer=head_layer, augmentation=augmentation.describe(),
+    result = dict(task=task.name, fraction=cfg.fraction, head_layer=cfg.head_layer, augmentation=augmentation.describe(),
                   best=str(run.path / "best.pt"), val=train.evaluate_classifier(best, task.val, dev, size=image_size),
                   test=train.evaluate_classifier(best, task.test, dev, size=image_size))
     for split in ("val", "test"):
         result[split].pop("predictions")
     train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
-    print(f"finetune {task.name} ({fraction:.0%} labels, {augmentation.describe()}): val top-1 "
+    print(f"finetune {task.name} ({cfg.fraction:.0%} labels, {augmentation.describe()}): val top-1 "
           f"{result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}", file=sys.stderr)
     return result
 
@@ -413,70 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=train.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    d = PretrainConfig()
-    p = sub.add_parser("pretrain", help="SimCLR contrastive pretraining",
-                       formatter_class=train.HelpFormatter)
-    p.add_argument("--data", default=d.data, help="unlabeled images: shapes-pool, a folder, or a dataset name")
-    p.add_argument("--eval-data", default=d.eval_data, help="labeled task for the kNN monitor ('' for none)")
-    p.add_argument("--eval-images", type=int, default=d.eval_images,
-                   help="train images of an embedded --eval-data (10%% become its val queries); None: its default")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="working resolution in pixels")
-    p.add_argument("--n-images", type=int, default=d.n_images, help="pool size (generated) or cap (folder)")
-    p.add_argument("--model", default=d.model, choices=models.MODEL_NAMES, help="encoder (models.py)")
-    p.add_argument("--width", type=float, default=d.width, help="channel multiplier (SimCLR 2x, 4x; 0.25 for CPU)")
-    p.add_argument("--cifar-stem", type=train.bool_arg, default=None, help="3x3 stem, no max-pool (default: on up to 64 px)")
-    p.add_argument("--head-layers", type=int, default=d.head_layers, help="2 (SimCLR v1) or 3 (v2)")
-    p.add_argument("--head-hidden", type=int, default=None, help="head width (default: the encoder's feature width)")
-    p.add_argument("--out-dim", type=int, default=d.out_dim, help="projection size z (the loss's input)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the unlabeled images")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (all processes)")
-    p.add_argument("--optimizer", default=d.optimizer, choices=["lars", "sgd"],
-                   help="train.LARS (SimCLR) or SGD with momentum")
-    p.add_argument("--base-lr", type=float, default=None, help="scaled by batch/256 (default: 1.0 up to 64 px, else 0.3)")
-    p.add_argument("--lr-scaling", default=d.lr_scaling, choices=["linear", "sqrt"],
-                   help="lr = base-lr x batch/256 (linear) or base-lr x sqrt(batch) (sqrt; SimCLR v2 uses 0.075)")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-4 up to 64 px, else 1e-6")
-    p.add_argument("--momentum", type=float, default=d.momentum, help="momentum of train.LARS / SGD")
-    p.add_argument("--warmup-epochs", type=float, default=None, help="default: 10, at most a tenth of the run")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
-    p.add_argument("--strength", type=float, default=None, help="colour distortion strength (default: 0.5 up to 64 px, else 1.0)")
-    p.add_argument("--crop-min-scale", type=float, default=d.crop_min_scale,
-                   help="smallest random-crop area as a fraction of the image (SimCLR: 0.08)")
-    p.add_argument("--blur", type=train.bool_arg, default=None, help="Gaussian blur (default: off up to 64 px)")
-    p.add_argument("--knn-every", type=int, default=d.knn_every, help="epochs between kNN monitor evaluations")
-    p.add_argument("--knn-k", type=int, default=d.knn_k, help="neighbours of the kNN monitor")
-    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines (host syncs)")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints (0: each epoch)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train.add_common(p)
+    p = sub.add_parser("pretrain", help="SimCLR contrastive pretraining", formatter_class=train.HelpFormatter)
+    train.add_options(p, PretrainConfig)
     train.add_run(p)
 
-    e = sub.add_parser("linear-eval", help="linear classifier on frozen features",
-                       formatter_class=train.HelpFormatter)
-    e.add_argument("--checkpoint", required=True, help="a pretraining checkpoint.pt")
-    e.add_argument("--data", default="shapes5", help="labeled task: an embedded name, a dataset name or a folder")
-    e.add_argument("--epochs", type=int, default=100, help="epochs of the linear layer on cached features")
-    e.add_argument("--lr", type=float, default=0.1, help="learning rate (SGD, momentum 0.9, cosine)")
-    e.add_argument("--batch-size", type=int, default=256, help="batch of cached features")
-    e.add_argument("--head-layer", type=int, default=0, help="0: encoder output; k: after head layer k")
-    train.add_common(e)
+    e = sub.add_parser("linear-eval", help="linear classifier on frozen features", formatter_class=train.HelpFormatter)
+    train.add_options(e, LinearEvalConfig)
     train.add_run(e, required=False)
 
-    f = sub.add_parser("finetune", help="supervised fine-tuning from a head layer",
-                       formatter_class=train.HelpFormatter)
-    f.add_argument("--checkpoint", required=True, help="a pretraining checkpoint.pt")
-    f.add_argument("--data", default="shapes5", help="labeled task: an embedded name, a dataset name or a folder")
-    f.add_argument("--fraction", type=float, default=1.0, help="fraction of training labels (0.01, 0.1, 1)")
-    f.add_argument("--head-layer", type=int, default=1, help="fine-tune from this head layer (SimCLR v2: 1)")
-    for name, default in (("crop", True), ("flip", True), ("color", False), ("blur", False)):
-        f.add_argument(f"--{name}", type=train.bool_arg, default=default, help=f"use {name} augmentation while fine-tuning")
-    f.add_argument("--strength", type=float, default=0.5, help="colour distortion strength when --color is on")
-    f.add_argument("--epochs", type=int, default=30, help="passes over the labeled subset")
-    f.add_argument("--batch-size", type=int, default=128, help="labeled images per step")
-    f.add_argument("--lr", type=float, default=0.05, help="peak learning rate (warm-up, then cosine)")
-    f.add_argument("--optimizer", default="sgd", choices=["lars", "sgd"], help="optimiser")
-    f.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (not on biases and BN)")
-    train.add_common(f)
+    f = sub.add_parser("finetune", help="supervised fine-tuning from a head layer", formatter_class=train.HelpFormatter)
+    train.add_options(f, FinetuneConfig)
     train.add_run(f)
 
     b = sub.add_parser("bench", help="pretraining throughput", formatter_class=train.HelpFormatter)
@@ -492,20 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_command(args: argparse.Namespace) -> None:
     if args.command == "pretrain":
-        fields = {f for f in PretrainConfig.__dataclass_fields__}
-        cfg = PretrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-        cfg.eval_data = cfg.eval_data or None
-        pretrain(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+        pretrain(train.from_args(PretrainConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "linear-eval":
-        linear_eval(args.checkpoint, args.data, args.out, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                    head_layer=args.head_layer, seed=args.seed, device=args.device, root=args.root,
-                    cache_dir=args.cache_dir, skip_bad=args.skip_bad, resume=args.resume, overwrite=args.overwrite)
+        linear_eval(train.from_args(LinearEvalConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "finetune":
-        finetune(args.checkpoint, args.data, args.out, fraction=args.fraction, head_layer=args.head_layer,
-                 crop=args.crop, flip=args.flip, color=args.color, blur=args.blur, strength=args.strength,
-                 epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                 weight_decay=args.weight_decay, seed=args.seed, device=args.device, root=args.root,
-                 cache_dir=args.cache_dir, skip_bad=args.skip_bad, resume=args.resume, overwrite=args.overwrite)
+        finetune(train.from_args(FinetuneConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "bench":
         modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
         rows = [bench(args.model, args.size, args.batch, args.width, args.steps, device=args.device, compile=c)

@@ -1905,10 +1905,9 @@ def test_resume_of_a_redo_stage_never_replaces_another_run(tmp_path, capsys):
 def test_linear_eval_and_finetune_from_pretrained(tmp_path):
     simclr.pretrain(tiny_pretrain_config(eval_data=None, epochs=1), tmp_path / "pre")
     ckpt = tmp_path / "pre" / "checkpoint.pt"
-    res = simclr.linear_eval(ckpt, "shapes5", tmp_path / "lin", epochs=20, device="cpu")
+    res = simclr.linear_eval(simclr.LinearEvalConfig(checkpoint=ckpt, data="shapes5", epochs=20, device="cpu"), tmp_path / "lin")
     assert 0.0 <= res["test"]["top1"] <= 1.0 and set(res["test"]["per_class"]) == set(res["val"]["per_class"])
-    ft = simclr.finetune(ckpt, "shapes5", tmp_path / "ft", fraction=0.5, head_layer=1, epochs=1, batch_size=32,
-                         device="cpu")
+    ft = simclr.finetune(simclr.FinetuneConfig(checkpoint=ckpt, data="shapes5", fraction=0.5, head_layer=1, epochs=1, batch_size=32, device="cpu"), tmp_path / "ft")
     teacher, meta = train.load_classifier(ft["best"], num_classes=5)
     assert meta["kind"] == "finetune" and teacher.head_layer == 1
     with pytest.raises(train.UserError, match="predicts 5 classes"):
@@ -2121,8 +2120,7 @@ def majority(labels) -> float:
 
 def test_distilled_student_agrees_with_fixed_teacher(world, tmp_path):
     task = world["relabelled"]
-    res = distill.distill(world["teacher"], "shapes2", tmp_path / "kd", width=0.125, mode="scratch", epochs=4,
-                          batch_size=32, lr=0.1, crop=False, flip=False, device="cpu", task=task, log_every=100)
+    res = distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", width=0.125, mode="scratch", epochs=4, batch_size=32, lr=0.1, crop=False, flip=False, device="cpu", log_every=100), tmp_path / "kd", task=task)
     chance = majority(task.test.labels)  # what a constant student would agree
     # Seeded runs (seeds 0-2) agreed 0.74-0.84 on test against a majority rate of 0.52; without
     # learning from the soft labels a student stays near chance.
@@ -2135,9 +2133,7 @@ def test_distilled_student_agrees_with_fixed_teacher(world, tmp_path):
 def test_frozen_base_never_changes_and_dense_layers_learn(world, tmp_path):
     task = world["relabelled"]
     # Flip augmentation: the base runs every step, so a BN layer in training mode would drift.
-    res = distill.distill(world["teacher"], "shapes2", tmp_path / "kd", mode="frozen", student="resnet18",
-                          width=0.125, student_checkpoint=world["base"], dense_layers=(32,), epochs=3,
-                          batch_size=32, lr=0.1, crop=False, flip=True, device="cpu", task=task, log_every=100)
+    res = distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen", student="resnet18", width=0.125, student_checkpoint=world["base"], dense_layers=(32,), epochs=3, batch_size=32, lr=0.1, crop=False, flip=True, device="cpu", log_every=100), tmp_path / "kd", task=task)
     base = train.load_checkpoint(world["base"])["model"]
     student, meta = train.load_classifier(res["best"], 2)
     for k, v in student.encoder.state_dict().items():
@@ -2150,9 +2146,7 @@ def test_frozen_base_never_changes_and_dense_layers_learn(world, tmp_path):
 
 
 def test_frozen_base_cached_features_match_forward(world, tmp_path):
-    res = distill.distill(world["teacher"], "shapes2", tmp_path / "kd", mode="frozen", width=0.125,
-                          student_checkpoint=world["base"], dense_layers=(16,), epochs=2, batch_size=32,
-                          preset="paper", device="cpu", task=world["task"], log_every=100)
+    res = distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen", width=0.125, student_checkpoint=world["base"], dense_layers=(16,), epochs=2, batch_size=32, preset="paper", device="cpu", log_every=100), tmp_path / "kd", task=world["task"])
     config = json.loads((tmp_path / "kd" / "config.json").read_text())
     assert config["cached_base_features"] and config["soft_labels_effective"] == "precomputed"
     assert config["lr"] == 0.01 and config["weight_decay"] == 1e-4 and config["temperature"] == 1.0
@@ -2160,28 +2154,25 @@ def test_frozen_base_cached_features_match_forward(world, tmp_path):
 
 
 def test_frozen_base_must_not_be_the_teachers_encoder(world, tmp_path):
-    common = dict(mode="frozen", width=0.125, epochs=1, batch_size=32, device="cpu", task=world["task"])
+    common = dict(mode="frozen", width=0.125, epochs=1, batch_size=32, device="cpu")
     with pytest.raises(train.UserError, match="teacher's own pretrained encoder"):
-        distill.distill(world["teacher"], "shapes2", tmp_path / "a", student_checkpoint=world["origin"], **common)
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", student_checkpoint=world["origin"], **common), tmp_path / "a", task=world["task"])
     copy = tmp_path / "copy.pt"
     copy.write_bytes(world["origin"].read_bytes())
     with pytest.raises(train.UserError, match="identical weights"):
-        distill.distill(world["teacher"], "shapes2", tmp_path / "b", student_checkpoint=copy, **common)
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", student_checkpoint=copy, **common), tmp_path / "b", task=world["task"])
     with pytest.raises(train.UserError, match="needs --student-checkpoint"):
-        distill.distill(world["teacher"], "shapes2", tmp_path / "c", **common)
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", **common), tmp_path / "c", task=world["task"])
 
 
 def test_student_checkpoint_of_another_architecture_lists_keys_and_shapes(world, tmp_path):
     with pytest.raises(train.UserError, match=r"wrong shapes: conv1\.weight") as e:
-        distill.distill(world["teacher"], "shapes2", tmp_path / "a", mode="finetune", width=0.25,
-                        student_checkpoint=world["base"], epochs=1, batch_size=32, device="cpu", task=world["task"])
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="finetune", width=0.25, student_checkpoint=world["base"], epochs=1, batch_size=32, device="cpu"), tmp_path / "a", task=world["task"])
     assert "pretrained as resnet18 width 0.125" in str(e.value)
     with pytest.raises(train.UserError, match=r"missing keys: layer1\.2\."):
-        distill.distill(world["teacher"], "shapes2", tmp_path / "b", mode="frozen", student="resnet34", width=0.125,
-                        student_checkpoint=world["base"], epochs=1, batch_size=32, device="cpu", task=world["task"])
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen", student="resnet34", width=0.125, student_checkpoint=world["base"], epochs=1, batch_size=32, device="cpu"), tmp_path / "b", task=world["task"])
     with pytest.raises(train.UserError, match="vgg11 needs images of at least 32 px"):
-        distill.distill(world["teacher"], "shapes2", tmp_path / "c", mode="frozen", student="vgg11", width=0.125,
-                        student_checkpoint=world["base"], epochs=1, batch_size=32, device="cpu", task=world["task"])
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen", student="vgg11", width=0.125, student_checkpoint=world["base"], epochs=1, batch_size=32, device="cpu"), tmp_path / "c", task=world["task"])
 
 
 def test_labeled_indices_are_the_images_fine_tuning_used():
@@ -2219,8 +2210,7 @@ def test_label_term_uses_known_rows_only():
 
 def test_linear_probe_beats_chance(world, tmp_path):
     task = colour_task()
-    res = transfer.transfer(world["base"], "colours", tmp_path / "t", mode="linear-cached", epochs=30, batch_size=32,
-                            device="cpu", task=task)
+    res = transfer.transfer(transfer.TransferConfig(source=world["base"], data="colours", mode="linear-cached", epochs=30, batch_size=32, device="cpu"), tmp_path / "t", task=task)
     # Three colour classes (chance 1/3) that any convolutional encoder's pooled features separate;
     # a seeded run reaches about 1.0.
     assert res["test"]["top1"] > 0.6, res["test"]
@@ -2240,9 +2230,7 @@ def test_torchvision_state_dict_loads_and_linear_aug_keeps_encoder_frozen(tmp_pa
     x = torch.rand(2, 3, 32, 32)
     net.fc = nn.Identity()
     torch.testing.assert_close(enc.encoder.eval()(x), net.eval()(x))
-    res = transfer.transfer(tmp_path / "tv.pth", "colours", tmp_path / "t", arch="resnet18", width=0.125,
-                            normalize="none", image_size=SIZE, preset="paper", epochs=2, batch_size=32,
-                            device="cpu", task=colour_task())
+    res = transfer.transfer(transfer.TransferConfig(source=tmp_path / "tv.pth", data="colours", arch="resnet18", width=0.125, normalize="none", image_size=SIZE, preset="paper", epochs=2, batch_size=32, device="cpu"), tmp_path / "t", task=colour_task())
     model, meta = train.load_classifier(res["best"], 3)
     assert meta["arch"]["std"] == [1.0, 1.0, 1.0] and meta["arch"]["cifar_stem"] is False
     for k, v in model.encoder.state_dict().items():  # BN statistics included
@@ -2300,9 +2288,9 @@ def test_extract_features_and_predictions_for_a_folder(world, tmp_path):
 
 def test_batch_larger_than_dataset_is_refused(world, tmp_path):
     with pytest.raises(train.UserError, match="--batch-size 500 is larger than the 120"):
-        transfer.transfer(world["base"], "colours", tmp_path / "t", batch_size=500, device="cpu", task=colour_task())
+        transfer.transfer(transfer.TransferConfig(source=world["base"], data="colours", batch_size=500, device="cpu"), tmp_path / "t", task=colour_task())
     with pytest.raises(train.UserError, match="--batch-size 1000 is larger than the 180 distillation images"):
-        distill.distill(world["teacher"], "shapes2", tmp_path / "d", batch_size=1000, device="cpu", task=world["task"])
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", batch_size=1000, device="cpu"), tmp_path / "d", task=world["task"])
 
 
 # --- command lines -----------------------------------------------------------------------------------

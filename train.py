@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -16,9 +17,10 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -919,13 +921,48 @@ def supervised_loss_fn(model: nn.Module, augmentation: augment.SimCLRAugment):
 # Command lines: options every script shares, and errors as messages
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--root", default=None, help="folder for downloaded datasets (default: data.py's default)")
-    p.add_argument("--cache-dir", default=None, help="cache for decoded image folders (default: data.py's default)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave unreadable images of a folder out with a warning, instead of stopping")
+def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A config field that is also a command-line option (--field-name): its default and its help
+    are written once, here, and `add_options` builds the flag from them. `flag=True` makes a
+    boolean a switch (--skip-bad); other booleans take true/false."""
+    return field(default=default, metadata=dict(help=help, **argparse_kwargs))
+
+
+@dataclass
+class StageConfig:
+    """The options every stage shares: where it runs and where its data comes from."""
+    seed: int = option(0, "random seed")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
+    root: str | None = option(None, "folder for downloaded datasets (default: data.py's default)")
+    cache_dir: str | None = option(None, "cache for decoded image folders (default: data.py's default)")
+    skip_bad: bool = option(False, "leave unreadable images of a folder out with a warning, instead of stopping",
+                            flag=True)
+
+
+def add_options(parser: argparse.ArgumentParser, config: type, only: Iterable[str] | None = None) -> None:
+    """One --flag per field of the dataclass `config` that has help text (see `option`), typed by
+    the field's annotation; StageConfig's shared options come last in --help."""
+    hints = typing.get_type_hints(config)
+    shared = {f.name for f in dataclasses.fields(StageConfig)}
+    chosen = [f for f in dataclasses.fields(config) if "help" in f.metadata and (only is None or f.name in only)]
+    for f in sorted(chosen, key=lambda f: f.name in shared):
+        kwargs = dict(f.metadata)
+        flags = kwargs.pop("flags", None) or ["--" + f.name.replace("_", "-")]
+        kind = hints[f.name]
+        if type(None) in typing.get_args(kind):  # X | None: the option takes an X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kwargs.pop("flag", False):
+            kwargs["action"] = "store_true"
+        elif typing.get_origin(kind) in (list, tuple):
+            kwargs.update(type=typing.get_args(kind)[0], nargs="*")
+        else:
+            kwargs["type"] = bool_arg if kind is bool else kind
+        parser.add_argument(*flags, dest=f.name, default=f.default, **kwargs)
+
+
+def from_args(config: type, args: argparse.Namespace) -> Any:
+    """The dataclass `config` filled from parsed options of the same names (others keep defaults)."""
+    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config) if hasattr(args, f.name)})
 
 
 def add_run(p: argparse.ArgumentParser, required: bool = True) -> None:

@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ import augment
 import data
 import models
 import train
-from train import UserError
+from train import UserError, option
 
 MODES = ("linear-cached", "linear-aug", "finetune")
 
@@ -70,50 +71,77 @@ PRESETS: dict[str, dict] = {
 }
 
 
+@dataclass
+class TransferConfig(train.StageConfig):
+    """Every setting of a transfer run; settings left as None take PRESETS[preset]'s value. The
+    source options (source, arch, width, cifar_stem, normalize) are shared with extract and export."""
+    source: str = option(None, "a checkpoint of this project, or a torchvision-layout ResNet/VGG state dict (.pt/.pth)",
+                         required=True, flags=["--source", "--encoder-weights"])
+    arch: str | None = option(None, "network of a torchvision-layout file; None: its export side-car",
+                              choices=models.MODEL_NAMES)
+    width: float | None = option(None, "channel multiplier of a torchvision-layout file (1)")
+    cifar_stem: bool | None = option(None, "3x3 stem in a torchvision-layout file; None: off, as torchvision")
+    normalize: str | None = option(None, "input normalisation of a torchvision-layout file; None: imagenet "
+                                   "(converted SimCLR weights need none); project checkpoints carry their own",
+                                   choices=list(train.NORMALIZATIONS))
+    data: str = option("shapes47", "labeled task: an embedded name, a dataset name or a folder")
+    preset: str = option("simclr", "simclr: SimCLR v1's transfer protocol; paper: the seed paper's Study 3",
+                         choices=list(PRESETS))
+    mode: str | None = option(None, "None: the preset's (simclr: linear-cached, paper: linear-aug)", choices=MODES)
+    head_layer: int | None = option(None, "features after this projection-head layer (0: encoder)")
+    image_size: int | None = option(None, "working size; None: the source's")
+    crop: bool | None = option(None, "crop augmentation; None: the preset's")
+    flip: bool | None = option(None, "flip augmentation; None: the preset's")
+    color: bool | None = option(None, "color augmentation; None: the preset's")
+    epochs: int | None = option(None, "None: the preset's")
+    batch_size: int | None = option(None, "None: the preset's")
+    lr: float | None = option(None, "peak lr, used as given; None: preset's, scaled by batch")
+    momentum: float | None = option(None, "None: the preset's")
+    weight_decay: float | None = option(None, "None: the preset's")
+    log_every: int = option(20, "steps between log lines (host syncs)")
+
+
+SOURCE_OPTIONS = ("source", "arch", "width", "cifar_stem", "normalize")
+
+
 # ----------------------------------------------------------------------------------------------
 # Transfer
 
 
-def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, *, mode: str | None = None,
-             preset: str = "simclr", arch: str | None = None, width: float | None = None,
-             cifar_stem: bool | None = None, normalize: str | None = None, head_layer: int | None = None,
-             image_size: int | None = None, crop: bool | None = None, flip: bool | None = None,
-             color: bool | None = None, epochs: int | None = None, batch_size: int | None = None,
-             lr: float | None = None, momentum: float | None = None, weight_decay: float | None = None,
-             seed: int = 0, device: str = "auto", root: str | None = None, cache_dir: str | None = None,
-             skip_bad: bool = False, resume: bool = False, overwrite: bool = False, log_every: int = 20,
+def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
              task: data.TaskData | None = None) -> dict:
-    """Train a new linear layer (or fine-tune everything) on `task_name` from the encoder in `source`.
+    """Train a new linear layer (or fine-tune everything) on `cfg.data` from the encoder in `source`.
 
     Settings left as None come from PRESETS[preset]. Returns dict(val=..., test=... reports with top1,
     top5 (more than 5 classes) and per_class, best=<best.pt>, ...); best.pt is a classifier checkpoint
     (train.load_classifier) chosen by val top-1 in the trained modes (linear-cached keeps the last)."""
-    if preset not in PRESETS:
-        raise UserError(f"Unknown --preset '{preset}'. Use one of: {', '.join(PRESETS)}.")
-    p = PRESETS[preset]
-    mode = mode or p["mode"]
+    if cfg.preset not in PRESETS:
+        raise UserError(f"Unknown --preset '{cfg.preset}'. Use one of: {', '.join(PRESETS)}.")
+    p = PRESETS[cfg.preset]
+    mode = cfg.mode or p["mode"]
     if mode not in MODES:
         raise UserError(f"Unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
-    if mode == "linear-cached" and any(v for v in (crop, flip, color)):
+    if mode == "linear-cached" and any(v for v in (cfg.crop, cfg.flip, cfg.color)):
         raise UserError("--mode linear-cached computes features once on un-augmented images; augmentation needs "
                         "--mode linear-aug or finetune.")
-    epochs = p["epochs"] if epochs is None else epochs
-    batch_size = p["batch_size"] if batch_size is None else batch_size
+    epochs = p["epochs"] if cfg.epochs is None else cfg.epochs
+    batch_size = p["batch_size"] if cfg.batch_size is None else cfg.batch_size
+    lr = cfg.lr
     if lr is None:
         lr = p["base_lr"] * batch_size / 256 if p["lr_scaling"] == "linear" else p["base_lr"]
-    momentum = p["momentum"] if momentum is None else momentum
-    weight_decay = p["weight_decay"] if weight_decay is None else weight_decay
-    crop, flip, color = (p[k] if v is None else v for k, v in (("crop", crop), ("flip", flip), ("color", color)))
-    train.check_positive(epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size)
+    momentum = p["momentum"] if cfg.momentum is None else cfg.momentum
+    weight_decay = p["weight_decay"] if cfg.weight_decay is None else cfg.weight_decay
+    crop, flip, color = (p[k] if v is None else v for k, v in (("crop", cfg.crop), ("flip", cfg.flip), ("color", cfg.color)))
+    train.check_positive(epochs=epochs, batch_size=batch_size, lr=lr, image_size=cfg.image_size)
 
-    dev = train.select_device(device)
-    train.seed_everything(seed)
-    enc = train.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize,
-                       head_layer=head_layer)
-    image_size = image_size or enc.image_size
+    dev = train.select_device(cfg.device)
+    train.seed_everything(cfg.seed)
+    enc = train.load_encoder(cfg.source, arch=cfg.arch, width=cfg.width, cifar_stem=cfg.cifar_stem, normalize=cfg.normalize,
+                       head_layer=cfg.head_layer)
+    image_size = cfg.image_size or enc.image_size
     train.check_input_size(enc.arch["encoder"], image_size)
-    task = task or data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir,
-                                  skip_bad=skip_bad)
+    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                                  skip_bad=cfg.skip_bad)
     if batch_size > len(task.train):
         raise UserError(f"--batch-size {batch_size} is larger than the {len(task.train)} training images of "
                         f"'{task.name}'. Use a batch of at most {len(task.train)}.")
@@ -128,13 +156,13 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
     augmentation = (augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=False, strength=0.5)
                     if mode != "linear-cached" and (crop or flip or color) else None)
     described = augmentation.describe() if augmentation else "none"
-    config = dict(stage="transfer", source=str(source), source_kind=enc.kind, arch=enc.arch, head_layer=enc.head_layer,
-                  mean=enc.mean, std=enc.std, task=task.name, mode=mode, preset=preset, augmentation=described,
+    config = dict(stage="transfer", source=str(cfg.source), source_kind=enc.kind, arch=enc.arch, head_layer=enc.head_layer,
+                  mean=enc.mean, std=enc.std, task=task.name, mode=mode, preset=cfg.preset, augmentation=described,
                   epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                  image_size=image_size, seed=seed, device=str(dev))
+                  image_size=image_size, seed=cfg.seed, device=str(dev))
     if not run.resuming:
         run.write_config(config)
-    print(f"transfer: {enc.arch['encoder']} (width {enc.arch['width']}, {enc.kind} '{source}', mean {enc.mean}, "
+    print(f"transfer: {enc.arch['encoder']} (width {enc.arch['width']}, {enc.kind} '{cfg.source}', mean {enc.mean}, "
           f"std {enc.std}) -> {task.name} ({task.num_classes} classes, {len(task.train)} train images at "
           f"{image_size}px), {mode}, augment {described}, lr {lr:.4g}, wd {weight_decay}, batch {batch_size}, "
           f"{epochs} epochs, device {dev}", file=sys.stderr)
@@ -146,18 +174,18 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
                  for name, split in (("train", task.train), ("val", task.val), ("test", task.test))}
         labels = torch.as_tensor(np.asarray(task.train.labels), device=dev, dtype=torch.long)
         model.fc = train.train_linear(feats["train"], labels, task.num_classes, epochs, batch_size, lr,
-                                       weight_decay=weight_decay, seed=seed, momentum=momentum)
+                                       weight_decay=weight_decay, seed=cfg.seed, momentum=momentum)
         run.save(dict(meta, format=train.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
         with torch.no_grad():
             reports = {name: train.accuracy_report(model.fc(feats[name]), split.labels, task.classes)
                        for name, split in (("val", task.val), ("test", task.test))}
     else:
         view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, image_size))
-        loader = data.BatchLoader(task.train, batch_size, dev, shuffle=True, drop_last=True, seed=seed)
+        loader = data.BatchLoader(task.train, batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
         schedule = train.Schedule(epochs=epochs, lr=lr, optimizer="sgd", momentum=momentum,
-                                   weight_decay=weight_decay, log_every=log_every)
+                                   weight_decay=weight_decay, log_every=cfg.log_every)
         evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
-        train.fit(model, train.supervised_loss_fn(model, view), loader, run, schedule, device=dev, seed=seed,
+        train.fit(model, train.supervised_loss_fn(model, view), loader, run, schedule, device=dev, seed=cfg.seed,
                    meta=meta, evaluate=evaluate, select="val_top1", desc=f"transfer {mode} {task.name}")
         best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
         best = best.to(dev)
@@ -167,7 +195,7 @@ def transfer(source: str | os.PathLike, task_name: str, out: str | os.PathLike, 
         train.check_frozen(frozen, frozen_parts)
     for r in reports.values():
         r.pop("predictions")
-    result = dict(task=task.name, mode=mode, preset=preset, source=str(source), classes=task.num_classes,
+    result = dict(task=task.name, mode=mode, preset=cfg.preset, source=str(cfg.source), classes=task.num_classes,
                   best=str(run.path / "best.pt"), **reports)
     train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     test = reports["test"]
@@ -259,61 +287,29 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, arch: str | Non
 # Command line
 
 
-def _source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", "--encoder-weights", dest="source", required=True,
-                   help="a checkpoint of this project, or a torchvision-layout ResNet/VGG state dict (.pt/.pth)")
-    p.add_argument("--arch", default=None, choices=models.MODEL_NAMES,
-                   help="network of a torchvision-layout file; None: its export side-car")
-    p.add_argument("--width", type=float, default=None, help="channel multiplier of a torchvision-layout file (1)")
-    p.add_argument("--cifar-stem", type=train.bool_arg, default=None,
-                   help="3x3 stem in a torchvision-layout file; None: off, as torchvision")
-    p.add_argument("--normalize", default=None, choices=list(train.NORMALIZATIONS),
-                   help="input normalisation of a torchvision-layout file; None: imagenet "
-                        "(converted SimCLR weights need none); project checkpoints carry their own")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=train.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="transfer to a labeled dataset", formatter_class=train.HelpFormatter,
                        epilog="presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    _source_args(t)
-    t.add_argument("--data", default="shapes47", help="labeled task: an embedded name, a dataset name or a folder")
-    t.add_argument("--preset", default="simclr", choices=list(PRESETS),
-                   help="simclr: SimCLR v1's transfer protocol; paper: the seed paper's Study 3")
-    t.add_argument("--mode", default=None, choices=MODES, help="None: the preset's (simclr: linear-cached, paper: linear-aug)")
-    t.add_argument("--head-layer", type=int, default=None, help="features after this projection-head layer (0: encoder)")
-    t.add_argument("--image-size", type=int, default=None, help="working size; None: the source's")
-    for name in ("crop", "flip", "color"):
-        t.add_argument(f"--{name}", type=train.bool_arg, default=None, help=f"{name} augmentation; None: the preset's")
-    t.add_argument("--epochs", type=int, default=None, help="None: the preset's")
-    t.add_argument("--batch-size", type=int, default=None, help="None: the preset's")
-    t.add_argument("--lr", type=float, default=None, help="peak lr, used as given; None: preset's, scaled by batch")
-    t.add_argument("--momentum", type=float, default=None, help="None: the preset's")
-    t.add_argument("--weight-decay", type=float, default=None, help="None: the preset's")
-    t.add_argument("--log-every", type=int, default=20, help="steps between log lines (host syncs)")
-    train.add_common(t)
+    train.add_options(t, TransferConfig)
     train.add_run(t)
 
     e = sub.add_parser("extract", help="features or predictions for a folder of images",
                        formatter_class=train.HelpFormatter)
-    _source_args(e)
+    train.add_options(e, TransferConfig, only=(*SOURCE_OPTIONS, "head_layer", "image_size", "device", "skip_bad",
+                                                "cache_dir"))
     e.add_argument("--images", required=True, help="folder of images (searched recursively)")
     e.add_argument("--out", required=True, help="output prefix: writes <out>.npy and <out>.json")
     e.add_argument("--what", default="features", choices=["features", "predictions"],
                    help="encoder features, or class predictions of a classifier checkpoint")
-    e.add_argument("--head-layer", type=int, default=None, help="features after this projection-head layer")
-    e.add_argument("--image-size", type=int, default=None, help="working size; None: the source's")
     e.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
-    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    e.add_argument("--skip-bad", action="store_true", help="leave unreadable images out with a warning")
-    e.add_argument("--cache-dir", default=None, help="cache for decoded image folders; None: data.py's default")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     x = sub.add_parser("export", help="an encoder as a plain torchvision-layout state dict",
                        formatter_class=train.HelpFormatter)
-    _source_args(x)
+    train.add_options(x, TransferConfig, only=SOURCE_OPTIONS)
     x.add_argument("--out", required=True, help="the .pt file to write (plus <out>.json with its normalisation)")
     x.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
@@ -322,11 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace) -> None:
     source = dict(arch=args.arch, width=args.width, cifar_stem=args.cifar_stem, normalize=args.normalize)
     if args.command == "train":
-        transfer(args.source, args.data, args.out, mode=args.mode, preset=args.preset, head_layer=args.head_layer,
-                 image_size=args.image_size, crop=args.crop, flip=args.flip, color=args.color, epochs=args.epochs,
-                 batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                 seed=args.seed, device=args.device, root=args.root, cache_dir=args.cache_dir, skip_bad=args.skip_bad,
-                 resume=args.resume, overwrite=args.overwrite, log_every=args.log_every, **source)
+        transfer(train.from_args(TransferConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "extract":
         extract(args.source, args.images, args.out, what=args.what, head_layer=args.head_layer,
                 image_size=args.image_size, batch_size=args.batch_size, device=args.device,
