@@ -10,7 +10,7 @@ Holds:
 
 All three compute in float32 (float64 inputs stay float64) even inside torch.autocast, because
 the softmax over thousands of cosine similarities divided by a small temperature loses too
-much precision in float16/bfloat16.
+much precision in float16/bfloat16. The input checks are at the bottom of the file.
 
 The file imports nothing from its project, so it can be copied alone next to an installed torch.
 """
@@ -28,75 +28,30 @@ __all__ = ["nt_xent", "nt_xent_global", "distillation_loss"]
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks (shapes, dtypes and Python scalars only: none of these waits for the device)
-# ----------------------------------------------------------------------------------------------
-
-def _check_positive_number(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
-def _check_projections(z1: torch.Tensor, z2: torch.Tensor) -> None:
-    for name, z in (("z1", z1), ("z2", z2)):
-        if not isinstance(z, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of shape (N, D), got {type(z).__name__}")
-        if z.ndim != 2:
-            raise ValueError(
-                f"{name} must have shape (N, D) (a batch of N projections of dimension D), "
-                f"got shape {tuple(z.shape)}")
-        if not z.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
-    if z1.shape != z2.shape:
-        raise ValueError(
-            f"z1 and z2 must have the same shape (N, D): z1[i] and z2[i] are two views of image i; "
-            f"got {tuple(z1.shape)} and {tuple(z2.shape)}")
-    if z1.shape[0] == 0 or z1.shape[1] == 0:
-        raise ValueError(f"z1 and z2 need N >= 1 images and D >= 1 dimensions, got shape {tuple(z1.shape)}")
-    if z1.device != z2.device:
-        raise ValueError(f"z1 and z2 must be on the same device, got {z1.device} and {z2.device}")
-
-
-def _check_finite(z: torch.Tensor, name: str) -> None:
-    # bool() of a device tensor waits for the device; that is why callers can switch this off.
-    if not bool(torch.isfinite(z).all()):
-        raise ValueError(
-            f"{name} contains NaN or infinite values; expected finite projections "
-            f"(the encoder or head has probably diverged)")
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float16/bfloat16 go up to float32; float64 stays (gradient checks need it).
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
-    # Under autocast the matrix product would run in float16/bfloat16; casting the inputs alone
-    # is not enough because autocast re-casts them at the op.
-    is_available = getattr(torch.amp, "is_autocast_available", None)
-    if is_available is not None and not is_available(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, enabled=False)
-
-
-def _unit_rows(z: torch.Tensor) -> torch.Tensor:
-    """L2-normalise each row of z (in its own dtype).
-
-    Rows are first divided by their largest absolute entry, a factor the result does not depend
-    on, so that the sum of squares neither overflows (|z| above ~1e19 in float32) nor underflows
-    (|z| below ~1e-23), either of which would silently change the loss. The factor is detached:
-    the normalised vector is scale invariant, so its exact gradient is unaffected. An all-zero
-    row has no direction and stays zero (similarity 0 to every view).
-    """
-    scale = z.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
-    return F.normalize(z / scale, dim=1)
-
-
-# ----------------------------------------------------------------------------------------------
 # NT-Xent (SimCLR v1 eq. 1)
 # ----------------------------------------------------------------------------------------------
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
+            check_finite: bool = True) -> torch.Tensor:
+    """NT-Xent loss of SimCLR v1 (eq. 1), averaged over all 2N views (Algorithm 1).
+
+    z1, z2: (N, D) projections (any float dtype, need not be normalised); z1[i] and z2[i] are
+    two views of image i. With u = normalise([z1; z2]) and s_ik = u_i . u_k, returns the scalar
+
+        L = 1/(2N) sum_i -log( exp(s_i,p(i) / T) / sum_{k != i} exp(s_ik / T) ),
+
+    p(i) being i's other view, in float32 (float64 stays). Each view's similarity with itself
+    is masked out: it is always the largest logit (1/T) and says nothing about the other view,
+    so each denominator holds 1 positive and 2N-2 negatives (N = 1 gives exactly 0). The
+    official TensorFlow code reports twice this value. check_finite raises on NaN/inf
+    projections but reads a value back from the device: training loops pass False.
+    """
+    temperature = _check_nt_xent_inputs(z1, z2, temperature, check_finite)
+    dtype = _compute_dtype(torch.promote_types(z1.dtype, z2.dtype))
+    with _autocast_off(z1.device):
+        u = _unit_rows(torch.cat([z1, z2]).to(dtype))
+        return _nt_xent_from_unit(u, u, 0, temperature)
+
 
 def _nt_xent_from_unit(anchors: torch.Tensor, keys: torch.Tensor, offset: int,
                        temperature: float) -> torch.Tensor:
@@ -115,55 +70,47 @@ def _nt_xent_from_unit(anchors: torch.Tensor, keys: torch.Tensor, offset: int,
     # Self-similarity (1/T, the largest possible logit) is no candidate: -inf makes its exp exactly 0.
     # In place is safe for autograd, since the matrix product's backward needs only its inputs.
     logits.diagonal(offset=offset).fill_(float("-inf"))
+    # Row i's positive is its other view: column i + n for a first view, i - n for a second.
     rows = torch.arange(two_n, device=anchors.device)
     targets = offset + (rows + n) % two_n
     return F.cross_entropy(logits, targets)
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
-            check_finite: bool = True) -> torch.Tensor:
-    """NT-Xent loss of SimCLR v1 (eq. 1), averaged over all 2N views (Algorithm 1).
+def _unit_rows(z: torch.Tensor) -> torch.Tensor:
+    """L2-normalise each row of z (in its own dtype).
 
-    Args:
-        z1, z2: (N, D) projections of two augmented views; z1[i] and z2[i] come from image i.
-            Need not be normalised. Any floating dtype; computed in float32 (float64 stays).
-        temperature: T > 0 (SimCLR: 0.5 on CIFAR, 0.1 on ImageNet). Stable down to 0.05 and below.
-        check_finite: raise ValueError when a projection is NaN or infinite. The check reads a
-            value back from the device, which stalls a GPU pipeline once per call; a training
-            loop should pass False and test the returned loss on the device instead (a
-            non-finite projection makes the loss non-finite).
-
-    Returns:
-        Scalar tensor (float32, or float64 for float64 input).
-
-    With u = normalise([z1; z2]) (2N rows) and s_ik = u_i . u_k, the loss is
-
-        L = 1/(2N) sum_i -log( exp(s_i,p(i) / T) / sum_{k != i} exp(s_ik / T) ),
-
-    where p(i) is the other view of the same image.
-
-    Why the cross-entropy targets are i+N and i-N: row i of the 2N x 2N similarity matrix is a
-    2N-way classification "which column is my other view?". Rows 0..N-1 are first views, rows
-    N..2N-1 second views of the same images in the same order, so the answer for row i < N is
-    column i+N and for row i >= N it is column i-N. The diagonal (each view with itself) is
-    excluded by setting it to -inf before the softmax, so it is not a class the row can choose.
-
-    What the denominator counts: the 2N-1 other views, the positive included: 1 positive and
-    2N-2 negatives. (So with N = 1 the only term is the positive and the loss is exactly 0; when
-    all projections are equal the loss is log(2N-1).)
-
-    The official TensorFlow implementation reports twice this value: it averages the loss of
-    the first-view anchors and that of the second-view anchors and then adds the two.
+    Rows are first divided by their largest absolute entry, a factor the result does not depend
+    on, so that the sum of squares neither overflows (|z| above ~1e19 in float32) nor underflows
+    (|z| below ~1e-23), either of which would silently change the loss. The factor is detached:
+    the normalised vector is scale invariant, so its exact gradient is unaffected. An all-zero
+    row has no direction and stays zero (similarity 0 to every view).
     """
-    _check_projections(z1, z2)
-    temperature = _check_positive_number(temperature, "temperature")
-    if check_finite:
-        _check_finite(z1, "z1")
-        _check_finite(z2, "z2")
+    scale = z.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    return F.normalize(z / scale, dim=1)
+
+
+def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
+                   check_finite: bool = True, group: object = None) -> torch.Tensor:
+    """NT-Xent with the whole global batch as keys, for torch.distributed data parallel training.
+
+    z1, z2: this rank's (n, D) projections, the same n and D on every rank (drop_last batches).
+    The local 2n views are the anchors and the 2N = 2nR views of all R ranks the keys, so each
+    denominator has the 2N-1 terms of nt_xent on the global batch, and the mean over ranks of
+    the returned loss equals that nt_xent. Gradients reach each rank's projections from every
+    rank's loss (_GatherWithGrad), so with DDP's averaging a step equals the single-process
+    step on the global batch; every rank must call backward. Without an initialised process
+    group, or with world size 1, this is nt_xent. `group`: a process group (default: world).
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return nt_xent(z1, z2, temperature, check_finite=check_finite)
+    temperature = _check_nt_xent_inputs(z1, z2, temperature, check_finite)
     dtype = _compute_dtype(torch.promote_types(z1.dtype, z2.dtype))
     with _autocast_off(z1.device):
         u = _unit_rows(torch.cat([z1, z2]).to(dtype))
-        return _nt_xent_from_unit(u, u, 0, temperature)
+        # Keys are rank-major blocks [z1_r; z2_r]; the loss does not depend on the key order.
+        keys = _GatherWithGrad.apply(u, group).flatten(0, 1)
+        offset = dist.get_rank(group) * u.shape[0]
+        return _nt_xent_from_unit(u, keys, offset, temperature)
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -194,38 +141,6 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank], None
 
 
-def nt_xent_global(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, *,
-                   check_finite: bool = True, group: object = None) -> torch.Tensor:
-    """NT-Xent with the whole global batch as keys, for torch.distributed data parallel training.
-
-    Each rank passes its local (n, D) projections; all ranks must pass the same n and D (as with
-    drop_last batches). The local 2n views are the anchors; the keys are the 2N = 2nR views of
-    all R ranks, so every anchor has 2N-1 terms in its denominator exactly as in nt_xent on the
-    concatenated batch. The returned per-rank loss is the mean over the local anchors; the mean
-    of these over ranks equals nt_xent(cat of all z1, cat of all z2). Gradients reach each
-    rank's own projections from every rank's loss (see _GatherWithGrad), so with DDP's gradient
-    averaging an update equals the single-process update on the global batch. Every rank must
-    call backward, since it runs a collective.
-
-    Without an initialised process group, or with world size 1, this is nt_xent.
-    `group` selects a process group (default: the whole world). Other arguments as nt_xent.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return nt_xent(z1, z2, temperature, check_finite=check_finite)
-    _check_projections(z1, z2)
-    temperature = _check_positive_number(temperature, "temperature")
-    if check_finite:
-        _check_finite(z1, "z1")
-        _check_finite(z2, "z2")
-    dtype = _compute_dtype(torch.promote_types(z1.dtype, z2.dtype))
-    with _autocast_off(z1.device):
-        u = _unit_rows(torch.cat([z1, z2]).to(dtype))
-        # Keys are rank-major blocks [z1_r; z2_r]; the loss does not depend on the key order.
-        keys = _GatherWithGrad.apply(u, group).flatten(0, 1)
-        offset = dist.get_rank(group) * u.shape[0]
-        return _nt_xent_from_unit(u, keys, offset, temperature)
-
-
 # ----------------------------------------------------------------------------------------------
 # Distillation (SimCLR v2 eq. 2-3)
 # ----------------------------------------------------------------------------------------------
@@ -235,23 +150,83 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       alpha: float = 1.0) -> torch.Tensor:
     """SimCLR v2 distillation loss (eq. 2), optionally mixed with the label loss (eq. 3).
 
-    Args:
-        student_logits, teacher_logits: (B, C) logits for the same B images. The teacher's get
-            no gradient (they are detached here).
-        temperature: tau > 0, applied to both teacher and student.
-        labels: optional (B,) integer class indices in [0, C) for the labelled images.
-        alpha: weight of the distillation term in [0, 1]; must be 1.0 without labels.
-
-    Returns:
-        Scalar float32 tensor (float64 for float64 input):
+    student_logits, teacher_logits: (B, C) for the same images (the teacher's are detached);
+    labels: optional (B,) class indices; alpha in [0, 1], 1.0 without labels. Returns the scalar
 
         alpha * mean_x [ -sum_y P_T(y|x; tau) log P_S(y|x; tau) ]
           + (1 - alpha) * mean_x [ -log P_S(y_x|x) ]          (label term at temperature 1)
 
-    with P(y|x; tau) = softmax(logits / tau). Like the paper, no tau^2 factor is applied.
-    Labels outside [0, C) are not checked here (that would wait for the device); cross_entropy
-    rejects them itself.
+    with P(y|x; tau) = softmax(logits / tau), in float32 (float64 stays). Like the paper, no
+    tau^2 factor. Labels outside [0, C) are left to cross_entropy (checking them would wait for
+    the device).
     """
+    temperature, alpha = _check_distillation_inputs(student_logits, teacher_logits, temperature, labels, alpha)
+    dtype = _compute_dtype(torch.promote_types(student_logits.dtype, teacher_logits.dtype))
+    with _autocast_off(student_logits.device):
+        student = student_logits.to(dtype)
+        teacher = teacher_logits.detach().to(dtype)
+        soft_targets = F.softmax(teacher / temperature, dim=1)
+        distill = -(soft_targets * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()
+        if labels is None or alpha == 1.0:
+            return alpha * distill
+        return alpha * distill + (1.0 - alpha) * F.cross_entropy(student, labels.long())
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision
+# ----------------------------------------------------------------------------------------------
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float16/bfloat16 go up to float32; float64 stays (gradient checks need it).
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    # Under autocast the matrix product would run in float16/bfloat16; casting the inputs alone
+    # is not enough because autocast re-casts them at the op.
+    is_available = getattr(torch.amp, "is_autocast_available", None)
+    if is_available is not None and not is_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks (shapes, dtypes and Python scalars only; only check_finite waits for the device)
+# ----------------------------------------------------------------------------------------------
+
+def _check_nt_xent_inputs(z1: object, z2: object, temperature: object, check_finite: bool) -> float:
+    """Checks nt_xent's arguments; returns the temperature as a float."""
+    for name, z in (("z1", z1), ("z2", z2)):
+        if not isinstance(z, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape (N, D), got {type(z).__name__}")
+        if z.ndim != 2:
+            raise ValueError(
+                f"{name} must have shape (N, D) (a batch of N projections of dimension D), "
+                f"got shape {tuple(z.shape)}")
+        if not z.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {z.dtype}")
+    if z1.shape != z2.shape:
+        raise ValueError(
+            f"z1 and z2 must have the same shape (N, D): z1[i] and z2[i] are two views of image i; "
+            f"got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape[0] == 0 or z1.shape[1] == 0:
+        raise ValueError(f"z1 and z2 need N >= 1 images and D >= 1 dimensions, got shape {tuple(z1.shape)}")
+    if z1.device != z2.device:
+        raise ValueError(f"z1 and z2 must be on the same device, got {z1.device} and {z2.device}")
+    temperature = _check_positive_number(temperature, "temperature")
+    if check_finite:
+        # bool() of a device tensor waits for the device; that is why callers can switch this off.
+        for name, z in (("z1", z1), ("z2", z2)):
+            if not bool(torch.isfinite(z).all()):
+                raise ValueError(
+                    f"{name} contains NaN or infinite values; expected finite projections "
+                    f"(the encoder or head has probably diverged)")
+    return temperature
+
+
+def _check_distillation_inputs(student_logits: object, teacher_logits: object, temperature: object,
+                               labels: object, alpha: object) -> tuple[float, float]:
+    """Checks distillation_loss's arguments; returns (temperature, alpha) as floats."""
     for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor of shape (B, C), got {type(t).__name__}")
@@ -291,13 +266,12 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         if labels.device != student_logits.device:
             raise ValueError(
                 f"labels must be on the logits' device {student_logits.device}, got {labels.device}")
+    return temperature, alpha
 
-    dtype = _compute_dtype(torch.promote_types(student_logits.dtype, teacher_logits.dtype))
-    with _autocast_off(student_logits.device):
-        student = student_logits.to(dtype)
-        teacher = teacher_logits.detach().to(dtype)
-        soft_targets = F.softmax(teacher / temperature, dim=1)
-        distill = -(soft_targets * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()
-        if labels is None or alpha == 1.0:
-            return alpha * distill
-        return alpha * distill + (1.0 - alpha) * F.cross_entropy(student, labels.long())
+
+def _check_positive_number(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
