@@ -179,11 +179,14 @@ def _stratified_take(labels: np.ndarray | None, k: int, seed: int, n: int) -> np
 
 
 def labeled_fraction(split: ImageSet, fraction: float, seed: int = 0) -> ImageSet:
-    """A class-balanced subset with about ``fraction`` of the labels (SimCLR v2's 1% / 10% subsets).
+    """A class-balanced subset with about ``fraction`` of the labels (SimCLR v2's 1% / 10% subsets):
+    the images at ``labeled_indices(split, fraction, seed)``, as a copy."""
+    return split.subset(labeled_indices(split, fraction, seed))
 
-    Every class gets the same number of images, max(1, round(fraction * N / C)), capped by what the
-    class has; which images is seeded. Returns a copy, images in their original order.
-    """
+
+def labeled_indices(split: ImageSet, fraction: float, seed: int = 0) -> np.ndarray:
+    """Sorted indices of labeled_fraction's subset: every class gets the same number of images,
+    max(1, round(fraction * N / C)), capped by what the class has; which images is seeded."""
     if split.labels is None:
         raise UserError("labeled_fraction needs a labeled split (this ImageSet has no labels)")
     if not 0.0 < fraction <= 1.0:
@@ -197,7 +200,7 @@ def labeled_fraction(split: ImageSet, fraction: float, seed: int = 0) -> ImageSe
     for c in classes:
         members = np.flatnonzero(split.labels == c)
         picked.append(rng.permutation(members)[:per_class])
-    return split.subset(np.sort(np.concatenate(picked)))
+    return np.sort(np.concatenate(picked))
 
 
 def _carve(train: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:

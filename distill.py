@@ -160,29 +160,13 @@ def distillation_set(task: data.TaskData, labeled: float, seed: int, extra: data
     fraction of the train labels stays known (used only when alpha < 1)."""
     known = np.full(len(task.train), -1, dtype=np.int64)
     if labeled > 0:
-        index = labeled_indices(task.train, labeled, seed)
+        index = data.labeled_indices(task.train, labeled, seed)
         known[index] = np.asarray(task.train.labels)[index]
     images = task.train.images
     if extra is not None:
         images = np.concatenate([np.asarray(images), np.asarray(extra.images)])
         known = np.concatenate([known, np.full(len(extra), -1, dtype=np.int64)])
     return data.ImageSet(images, np.arange(len(images), dtype=np.int64), list(task.classes)), known
-
-
-def labeled_indices(split: data.ImageSet, fraction: float, seed: int) -> np.ndarray:
-    """Indices of data.labeled_fraction's class-balanced subset (the same images fine-tuning used)."""
-    picked = {}
-
-    class Recording(data.ImageSet):
-        def subset(self, index):
-            picked["index"] = np.asarray(index, dtype=np.int64)
-            return super().subset(index)
-    # data.labeled_fraction returns images, not indices; record the indices it picks, so distillation
-    # knows exactly which labels fine-tuning used.
-    data.labeled_fraction(Recording(split.images, split.labels, split.classes), fraction, seed)
-    if "index" not in picked:
-        raise RuntimeError("data.labeled_fraction no longer selects through ImageSet.subset; update labeled_indices")
-    return picked["index"]
 
 
 def distillation_loss_fn(student: models.Classifier, teacher: nn.Module, view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],

@@ -192,7 +192,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
         summary["knn_top1_random_encoder"] = knn(random_encoder)
         print(f"kNN (k={cfg.knn_k}) top-1 on {cfg.eval_data} val: pretrained {summary['knn_top1']:.4f}, "
               f"random encoder {summary['knn_top1_random_encoder']:.4f}", file=sys.stderr)
-        train.atomic_write_text(json.dumps({k: v for k, v in summary.items()}, indent=2) + "\n", run.path / "summary.json")
+        train.atomic_write_text(json.dumps(summary, indent=2) + "\n", run.path / "summary.json")
     return summary
 
 
@@ -251,21 +251,11 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
     model, ckpt = train.load_pretrained(cfg.checkpoint)
     task = data.load_task(cfg.data, image_size=ckpt["image_size"], root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad)
-    classifier = models.Classifier(model.encoder, model.head, cfg.head_layer, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev)
-    classifier.eval()
-    frozen = {k: v.clone() for k, v in classifier.encoder.state_dict().items()}
-    feats = {name: train.extract_features(classifier.features, split, dev, size=ckpt["image_size"],
-                                    desc=f"features {name}")
-             for name, split in (("train", task.train), ("val", task.val), ("test", task.test))}
-    label = lambda s: torch.as_tensor(np.asarray(s.labels), device=dev, dtype=torch.long)
-    classifier.fc = train.train_linear(feats["train"], label(task.train), task.num_classes, cfg.epochs, cfg.batch_size, cfg.lr,
-                                 seed=cfg.seed)
-    train.check_frozen(frozen, classifier.encoder)
-    result = dict(task=task.name, checkpoint=str(cfg.checkpoint), head_layer=cfg.head_layer,
-                  val=train.accuracy_report(classifier.fc(feats["val"]), task.val.labels, task.classes),
-                  test=train.accuracy_report(classifier.fc(feats["test"]), task.test.labels, task.classes))
-    for split in ("val", "test"):
-        result[split].pop("predictions")
+    classifier = models.Classifier(model.encoder, model.head, cfg.head_layer, task.num_classes, ckpt["mean"],
+                                   ckpt["std"]).to(dev)
+    reports = train.linear_probe(classifier, task, dev, ckpt["image_size"], epochs=cfg.epochs,
+                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+    result = dict(task=task.name, checkpoint=str(cfg.checkpoint), head_layer=cfg.head_layer, **reports)
     print(f"linear eval on {task.name}: val top-1 {result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}",
           file=sys.stderr)
     if run is not None:

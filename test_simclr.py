@@ -2177,7 +2177,7 @@ def test_student_checkpoint_of_another_architecture_lists_keys_and_shapes(world,
 
 def test_labeled_indices_are_the_images_fine_tuning_used():
     task = colour_task()
-    index = distill.labeled_indices(task.train, 0.25, seed=3)
+    index = data.labeled_indices(task.train, 0.25, seed=3)
     subset = data.labeled_fraction(task.train, 0.25, seed=3)
     assert np.array_equal(task.train.images[index], subset.images)
     assert np.array_equal(task.train.labels[index], subset.labels)

@@ -20,7 +20,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ import models
 
 if TYPE_CHECKING:  # data.py imports this file (for UserError), so only its types are named here
     import augment
-    from data import BatchLoader, ImageSet
+    from data import BatchLoader, ImageSet, TaskData
 
 
 class UserError(Exception):
@@ -51,7 +51,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text if "default" in text.lower() else super()._get_help_string(action)
 
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 1  # written into every checkpoint; load_checkpoint refuses a newer one
 
 # ----------------------------------------------------------------------------------------------
 # Devices, distributed set-up, precision
@@ -175,6 +175,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise UserError(f"'{path}' is not a checkpoint of this project (no 'kind' entry). For a plain "
                         "torchvision-layout state dict use transfer.py --encoder-weights.")
+    if ckpt.get("format", CHECKPOINT_FORMAT) > CHECKPOINT_FORMAT:
+        raise UserError(f"'{path}' was written in checkpoint format {ckpt['format']} by a newer version of this "
+                        f"project; this code reads format {CHECKPOINT_FORMAT}. Update the code to load it.")
     return ckpt
 
 
@@ -390,6 +393,71 @@ def unwrap(module: nn.Module) -> nn.Module:
             return module
 
 
+class _LossLog:
+    """Losses stay on the device between log lines: `flush` is the loop's one host sync per
+    interval. It stops the run on the first non-finite value (before any checkpoint could save
+    weights that value touched), logs the mean and updates the progress bar."""
+
+    def __init__(self, run: RunFolder, bar: tqdm, total_steps: int, steps_per_epoch: int, images_per_step: int,
+                 optimizer: torch.optim.Optimizer, step: int):
+        self.run, self.bar, self.optimizer = run, bar, optimizer
+        self.total_steps, self.steps_per_epoch, self.images_per_step = total_steps, steps_per_epoch, images_per_step
+        self.buffer: list[torch.Tensor] = []
+        self.last_good = run.checkpoint if run.checkpoint.exists() else None
+        self.tick, self.tick_step = time.perf_counter(), step
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.buffer.append(loss.detach())
+
+    def flush(self, step: int) -> None:
+        if not self.buffer:
+            return
+        values = torch.stack(self.buffer).float().cpu().tolist()
+        first = step - len(values)
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                where = f"'{self.last_good}'" if self.last_good else "none was written yet"
+                raise NonFiniteLoss(f"The loss became {v} at step {first + i + 1} (of {self.total_steps}); the run "
+                                    f"was stopped there. Last good checkpoint: {where}. Lower the learning rate "
+                                    "or check the input data, then resume or start again.")
+        now = time.perf_counter()
+        rate = (step - self.tick_step) * self.images_per_step / max(now - self.tick, 1e-9)
+        self.tick, self.tick_step = now, step
+        lr = self.optimizer.param_groups[0]["lr"]
+        record = dict(step=step, epoch=step / self.steps_per_epoch, loss=sum(values) / len(values), lr=lr,
+                      images_per_s=round(rate, 1))
+        self.run.log(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:,.0f}")
+        self.buffer.clear()
+
+
+@contextlib.contextmanager
+def _stop_signals(enabled: bool) -> Iterator[dict]:
+    """Ctrl-C and SIGTERM only raise a flag ({'signal': number}), so the loop can save a checkpoint
+    at a step boundary and stop cleanly; the previous handlers come back on exit."""
+    stop: dict = {"signal": None}
+    handlers = {}
+    if enabled and hasattr(signal, "SIGTERM"):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: keep default handling
+                handlers[s] = signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+    try:
+        yield stop
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _restore(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer,
+             generator: torch.Generator) -> tuple[int, list[dict], float | None]:
+    """Load run.checkpoint into model, optimiser and RNGs; returns (step, history, best metric)."""
+    ckpt = load_checkpoint(run.checkpoint)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    _set_rng_state(generator, ckpt["rng"])
+    return ckpt["step"], json.loads(ckpt["history"]), ckpt.get("best")
+
+
 def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor],
         loader: BatchLoader, run: RunFolder, schedule: Schedule, *, device: torch.device,
         seed: int = 0, meta: dict | None = None, evaluate: Callable[[], dict] | None = None,
@@ -397,10 +465,8 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
         distributed: Distributed = Distributed(), desc: str = "train") -> list[dict]:
     """Train `model` by minimising loss_fn(x_uint8, y, generator) over `loader` for schedule.epochs.
 
-    - The learning rate follows `learning_rate` per iteration.
-    - The loss stays on the device; every `log_every` steps the host reads the buffered losses once
-      (the only sync), logs them, updates the progress bar and stops on the first non-finite value,
-      naming that step and the last good checkpoint (checkpoints are only written after a check).
+    - The learning rate follows `learning_rate` per iteration; the loss is read by the host only
+      every `log_every` steps (_LossLog), which also stops on a non-finite loss.
     - checkpoint.pt holds model, optimiser, step, RNG and data position, so resuming (run.resuming)
       gives the same losses as an uninterrupted run on CPU. Ctrl-C / SIGTERM save and exit.
     - After each `eval_every` epochs `evaluate()` returns metrics; with `select` (e.g. 'val_top1')
@@ -416,115 +482,70 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
     warmup_steps = round(schedule.warmup_epochs * steps_per_epoch)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed * 1000 + distributed.rank)
-    step, history, best = 0, [], None
-    if run.resuming:
-        ckpt = load_checkpoint(run.checkpoint)
-        base.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        _set_rng_state(generator, ckpt["rng"])
-        step, history, best = ckpt["step"], json.loads(ckpt["history"]), ckpt.get("best")
-        if distributed.is_main:
-            print(f"Resuming {run.path} at step {step} of {total_steps}.", file=sys.stderr)
+    step, history, best = _restore(run, base, optimizer, generator) if run.resuming else (0, [], None)
+    if run.resuming and distributed.is_main:
+        print(f"Resuming {run.path} at step {step} of {total_steps}.", file=sys.stderr)
 
     def state(tag: str) -> dict:
         return dict(kind=meta.get("kind", "run"), format=CHECKPOINT_FORMAT, tag=tag, step=step,
                     model=base.state_dict(), optimizer=optimizer.state_dict(), rng=_rng_state(generator),
                     history=json.dumps(history), best=best, **{k: v for k, v in meta.items() if k != "kind"})
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-
-    handlers = {}
-    if distributed.is_main and hasattr(signal, "SIGTERM"):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: keep default handling
-                handlers[s] = signal.signal(s, on_signal)
-
-    losses_buffer: list[torch.Tensor] = []
-    last_good = run.checkpoint if run.checkpoint.exists() else None
     bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not distributed.is_main, leave=False,
                dynamic_ncols=True, mininterval=1.0)
-    tick, tick_step = time.perf_counter(), step
+    log = _LossLog(run, bar, total_steps, steps_per_epoch, loader.batch_size * distributed.world_size, optimizer,
+                   step)
 
-    def flush() -> None:
-        """The one host sync per log interval."""
-        nonlocal tick, tick_step
-        if not losses_buffer:
-            return
-        values = torch.stack(losses_buffer).float().cpu().tolist()
-        first = step - len(values)
-        for i, v in enumerate(values):
-            if not math.isfinite(v):
-                where = f"'{last_good}'" if last_good else "none was written yet"
-                raise NonFiniteLoss(f"The loss became {v} at step {first + i + 1} (of {total_steps}); the run "
-                                    f"was stopped there. Last good checkpoint: {where}. Lower the learning rate "
-                                    "or check the input data, then resume or start again.")
-        now = time.perf_counter()
-        rate = (step - tick_step) * loader.batch_size * distributed.world_size / max(now - tick, 1e-9)
-        tick, tick_step = now, step
-        lr = optimizer.param_groups[0]["lr"]
-        record = dict(step=step, epoch=step / steps_per_epoch, loss=sum(values) / len(values), lr=lr,
-                      images_per_s=round(rate, 1))
-        run.log(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{rate:,.0f}")
-        losses_buffer.clear()
+    def checkpoint() -> None:
+        log.flush(step)  # never save weights that a non-finite loss already touched
+        run.save(state("checkpoint"))
+        log.last_good = run.checkpoint
 
-    def checkpoint(tag: str = "checkpoint") -> None:
-        nonlocal last_good
-        flush()  # never save weights that a non-finite loss already touched
-        run.save(state(tag))
-        last_good = run.checkpoint
-
-    try:
-        model.train()
-        while step < total_steps:
-            epoch, start = divmod(step, steps_per_epoch)
-            loader_seed_epoch = epoch
-            for x, y in loader.epoch(loader_seed_epoch, start):
-                lr = learning_rate(step, total_steps, warmup_steps, schedule.lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                with autocast(device):
-                    loss = loss_fn(x, y, generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses_buffer.append(loss.detach())
-                step += 1
-                bar.update(1)
-                if step % schedule.log_every == 0:
-                    flush()
-                if schedule.checkpoint_every and step % schedule.checkpoint_every == 0:
-                    checkpoint()
-                if stop["signal"] is not None:
-                    raise Interrupted
-            epoch_done = step // steps_per_epoch
-            if evaluate is not None and (epoch_done % schedule.eval_every == 0 or step == total_steps):
-                flush()
-                metrics = evaluate()
-                model.train()
-                record = dict(epoch=epoch_done, step=step, **metrics)
-                history.append(record)
-                run.log(record)
-                if distributed.is_main:
-                    tqdm.write(f"[{desc}] epoch {epoch_done}: " + ", ".join(
-                        f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-                if select is not None and (best is None or metrics[select] > best):
-                    best = metrics[select]
-                    run.save(dict(state("best"), optimizer={}), "best.pt")
+    with _stop_signals(distributed.is_main) as stop:
+        try:
+            model.train()
+            while step < total_steps:
+                epoch, start = divmod(step, steps_per_epoch)
+                for x, y in loader.epoch(epoch, start):
+                    lr = learning_rate(step, total_steps, warmup_steps, schedule.lr)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                    with autocast(device):
+                        loss = loss_fn(x, y, generator)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    log.add(loss)
+                    step += 1
+                    bar.update(1)
+                    if step % schedule.log_every == 0:
+                        log.flush(step)
+                    if schedule.checkpoint_every and step % schedule.checkpoint_every == 0:
+                        checkpoint()
+                    if stop["signal"] is not None:
+                        raise Interrupted
+                epoch_done = step // steps_per_epoch
+                if evaluate is not None and (epoch_done % schedule.eval_every == 0 or step == total_steps):
+                    log.flush(step)
+                    metrics = evaluate()
+                    model.train()
+                    history.append(dict(epoch=epoch_done, step=step, **metrics))
+                    run.log(history[-1])
+                    if distributed.is_main:
+                        tqdm.write(f"[{desc}] epoch {epoch_done}: " + ", ".join(
+                            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+                    if select is not None and (best is None or metrics[select] > best):
+                        best = metrics[select]
+                        run.save(dict(state("best"), optimizer={}), "best.pt")
+                checkpoint()
+            log.flush(step)
+        except Interrupted:
             checkpoint()
-        flush()
-    except Interrupted:
-        checkpoint()
-        name = signal.Signals(stop["signal"]).name
-        raise UserError(f"Stopped by {name} at step {step} of {total_steps}; checkpoint saved to "
-                        f"'{run.checkpoint}'. Resume with the same command plus --resume.") from None
-    finally:
-        bar.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
+            name = signal.Signals(stop["signal"]).name
+            raise UserError(f"Stopped by {name} at step {step} of {total_steps}; checkpoint saved to "
+                            f"'{run.checkpoint}'. Resume with the same command plus --resume.") from None
+        finally:
+            bar.close()
     return history
 
 
@@ -878,7 +899,7 @@ def check_frozen(before: dict, module: nn.Module) -> None:
 
 def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int = 100,
                  batch_size: int = 256, lr: float = 0.1, weight_decay: float = 0.0, seed: int = 0,
-                 val: tuple[torch.Tensor, torch.Tensor] | None = None, momentum: float = 0.9) -> nn.Linear:
+                 momentum: float = 0.9) -> nn.Linear:
     """A linear classifier on cached features (standardised with the training set's statistics,
     which a linear layer could absorb, but which makes one learning rate fit every encoder).
     Nesterov momentum SGD with a cosine schedule; returns the layer with the standardisation folded in."""
@@ -907,6 +928,28 @@ def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
         folded.weight.copy_(linear.weight / std)
         folded.bias.copy_(linear.bias - (linear.weight * (mean / std)).sum(1))
     return folded
+
+
+def linear_probe(model: models.Classifier, task: TaskData, device: torch.device, size: int, *, epochs: int,
+                 batch_size: int, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, seed: int = 0) -> dict:
+    """SimCLR's linear evaluation protocol (v1 section 4) on a frozen `model`: features of the
+    un-augmented train, val and test images, computed once by model.base; a linear layer trained on
+    them (train_linear) becomes model.fc. Returns {'val': report, 'test': report} (accuracy_report
+    without predictions); fails loudly if the encoder moved."""
+    model.eval()
+    frozen = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    feats = {name: extract_features(model.base, split, device, size=size, desc=f"features {name}")
+             for name, split in (("train", task.train), ("val", task.val), ("test", task.test))}
+    labels = torch.as_tensor(np.asarray(task.train.labels), device=device, dtype=torch.long)
+    model.fc = train_linear(feats["train"], labels, task.num_classes, epochs, batch_size, lr,
+                            weight_decay=weight_decay, seed=seed, momentum=momentum)
+    check_frozen(frozen, model.encoder)
+    reports = {}
+    with torch.no_grad():
+        for name, split in (("val", task.val), ("test", task.test)):
+            reports[name] = accuracy_report(model.fc(feats[name]), split.labels, task.classes)
+            reports[name].pop("predictions")
+    return reports
 
 
 def supervised_loss_fn(model: nn.Module, augmentation: augment.SimCLRAugment):

@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 import augment
@@ -169,16 +168,9 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     meta = dict(kind="transfer", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
 
     if mode == "linear-cached":
-        model.eval()
-        feats = {name: train.extract_features(model.base, split, dev, size=image_size, desc=f"features {name}")
-                 for name, split in (("train", task.train), ("val", task.val), ("test", task.test))}
-        labels = torch.as_tensor(np.asarray(task.train.labels), device=dev, dtype=torch.long)
-        model.fc = train.train_linear(feats["train"], labels, task.num_classes, epochs, batch_size, lr,
-                                       weight_decay=weight_decay, seed=cfg.seed, momentum=momentum)
+        reports = train.linear_probe(model, task, dev, image_size, epochs=epochs, batch_size=batch_size, lr=lr,
+                                     weight_decay=weight_decay, momentum=momentum, seed=cfg.seed)
         run.save(dict(meta, format=train.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
-        with torch.no_grad():
-            reports = {name: train.accuracy_report(model.fc(feats[name]), split.labels, task.classes)
-                       for name, split in (("val", task.val), ("test", task.test))}
     else:
         view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, image_size))
         loader = data.BatchLoader(task.train, batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
@@ -191,10 +183,10 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
         best = best.to(dev)
         reports = {name: train.evaluate_classifier(best, split, dev, size=image_size)
                    for name, split in (("val", task.val), ("test", task.test))}
+        for r in reports.values():
+            r.pop("predictions")
     if frozen is not None:
         train.check_frozen(frozen, frozen_parts)
-    for r in reports.values():
-        r.pop("predictions")
     result = dict(task=task.name, mode=mode, preset=cfg.preset, source=str(cfg.source), classes=task.num_classes,
                   best=str(run.path / "best.pt"), **reports)
     train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
