@@ -169,7 +169,8 @@ def distillation_set(task: data.TaskData, labeled: float, seed: int, extra: data
     return data.ImageSet(images, np.arange(len(images), dtype=np.int64), list(task.classes)), known
 
 
-def distillation_loss_fn(student: models.Classifier, teacher: nn.Module, view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+def distillation_loss_fn(student: models.Classifier, teacher: nn.Module,
+                         view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
                          temperature: float, alpha: float, known: torch.Tensor | None,
                          soft_labels: torch.Tensor | None = None, base_features: torch.Tensor | None = None):
     """The step's loss for train.fit: loss_fn(x uint8 (B,3,H,W), index (B,), generator) -> scalar.
@@ -244,18 +245,38 @@ class DistillConfig(train.StageConfig):
     log_every: int = option(20, "steps between log lines (host syncs)")
 
 
-def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
-            task: data.TaskData | None = None) -> dict:
-    """Distil `teacher` (a classifier checkpoint) into a `student` on `cfg.data`'s training images
-    with labels hidden (SimCLR v2 section 2.3; seed paper Study 2). Settings left as None come from
-    PRESETS[preset]; dense_layers None means (256,) in frozen mode and none otherwise.
+def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data.TaskData | None
+              ) -> tuple[int, data.TaskData, nn.Module, dict, data.ImageSet, np.ndarray]:
+    """(image size, task, teacher in eval mode, its checkpoint, the images to distil on, their known
+    labels): the teacher's image size and split seed decide the task's images."""
+    teacher_ckpt_meta = train.load_checkpoint(cfg.teacher)
+    image_size = int(teacher_ckpt_meta.get("image_size") or 32)
+    # The split seed is the teacher's: with another seed the validation carve (and a generated task's
+    # images) would differ, and the teacher's training images would select the student's best epoch.
+    data_seed = json.loads(teacher_ckpt_meta.get("config") or "{}").get("seed", cfg.seed)
+    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=data_seed,
+                                  cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
+    teacher_model, teacher_ckpt = load_teacher(cfg.teacher, task, dev)
+    extra = (data.load_unlabeled(cfg.extra_unlabeled, image_size=image_size, n=cfg.extra_n, root=cfg.root,
+                                 seed=cfg.seed,
+                                 cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad) if cfg.extra_unlabeled else None)
+    if extra is not None and extra.image_size != task.train.image_size:
+        raise UserError(f"--extra-unlabeled '{cfg.extra_unlabeled}' gives {extra.image_size}px images but the task's are "
+                        f"{task.train.image_size}px; use sources of one resolution.")
+    images, known = distillation_set(task, cfg.labeled_fraction if cfg.alpha < 1.0 else 0.0, cfg.seed, extra)
+    if batch_size > len(images):
+        raise UserError(f"--batch-size {batch_size} is larger than the {len(images)} distillation images "
+                        f"('{task.name}' train{' + ' + cfg.extra_unlabeled if extra else ''}). Use at most {len(images)}.")
+    return image_size, task, teacher_model, teacher_ckpt, images, known
 
-    Returns dict(student={val, test reports vs ground truth}, teacher={val, test}, agreement={val, test},
-    best=<best.pt path>, ...); best.pt is the student with the best val top-1 (never the test split),
-    loadable by load_classifier here (and by train.load_classifier once it knows dense layers)."""
+
+def resolve_settings(cfg: DistillConfig) -> tuple[dict, tuple[int, ...]]:
+    """(the optimisation and augmentation settings: cfg's where given, else the preset's; the dense
+    layer widths), after checking every option."""
     if cfg.preset not in PRESETS:
         raise UserError(f"Unknown --preset '{cfg.preset}'. Use one of: {', '.join(PRESETS)}.")
-    given = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    given = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+                 weight_decay=cfg.weight_decay,
                  optimizer=cfg.optimizer, temperature=cfg.temperature, crop=cfg.crop, flip=cfg.flip, color=cfg.color)
     s = {**PRESETS[cfg.preset], **{k: v for k, v in given.items() if v is not None}}
     if cfg.mode not in MODES:
@@ -276,30 +297,26 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     dense_layers = tuple(cfg.dense_layers) if cfg.dense_layers is not None else ((256,) if cfg.mode == "frozen" else ())
     if any(int(w) != w or w < 1 for w in dense_layers):
         raise UserError(f"--dense-layers must be positive integers; got {list(dense_layers)}.")
+    return s, dense_layers
 
+
+def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+            task: data.TaskData | None = None) -> dict:
+    """Distil `teacher` (a classifier checkpoint) into a `student` on `cfg.data`'s training images
+    with labels hidden (SimCLR v2 section 2.3; seed paper Study 2). Settings left as None come from
+    PRESETS[preset]; dense_layers None means (256,) in frozen mode and none otherwise.
+
+    Returns dict(student={val, test reports vs ground truth}, teacher={val, test}, agreement={val, test},
+    best=<best.pt path>, ...); best.pt is the student with the best val top-1 (never the test split),
+    loadable by load_classifier here (and by train.load_classifier once it knows dense layers)."""
+    s, dense_layers = resolve_settings(cfg)
     dev = train.select_device(cfg.device)
     train.seed_everything(cfg.seed)
-    teacher_ckpt_meta = train.load_checkpoint(cfg.teacher)
-    image_size = int(teacher_ckpt_meta.get("image_size") or 32)
-    # The split seed is the teacher's: with another seed the validation carve (and a generated task's
-    # images) would differ, and the teacher's training images would select the student's best epoch.
-    data_seed = json.loads(teacher_ckpt_meta.get("config") or "{}").get("seed", cfg.seed)
-    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=data_seed, cache_dir=cfg.cache_dir,
-                                  skip_bad=cfg.skip_bad)
-    teacher_model, teacher_ckpt = load_teacher(cfg.teacher, task, dev)
-    extra = (data.load_unlabeled(cfg.extra_unlabeled, image_size=image_size, n=cfg.extra_n, root=cfg.root, seed=cfg.seed,
-                                 cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad) if cfg.extra_unlabeled else None)
-    if extra is not None and extra.image_size != task.train.image_size:
-        raise UserError(f"--extra-unlabeled '{cfg.extra_unlabeled}' gives {extra.image_size}px images but the task's are "
-                        f"{task.train.image_size}px; use sources of one resolution.")
-    images, known = distillation_set(task, cfg.labeled_fraction if cfg.alpha < 1.0 else 0.0, cfg.seed, extra)
-    if s["batch_size"] > len(images):
-        raise UserError(f"--batch-size {s['batch_size']} is larger than the {len(images)} distillation images "
-                        f"('{task.name}' train{' + ' + cfg.extra_unlabeled if extra else ''}). Use at most {len(images)}.")
+    image_size, task, teacher_model, teacher_ckpt, images, known = load_data(cfg, s["batch_size"], dev, task)
     cifar_stem = image_size <= 64 if cfg.cifar_stem is None else cfg.cifar_stem
     train.check_input_size(cfg.student, image_size)
-    model, arch = build_student(cfg.mode, cfg.student, cfg.width, cifar_stem, task.num_classes, dense_layers, cfg.student_checkpoint,
-                                image_size)
+    model, arch = build_student(cfg.mode, cfg.student, cfg.width, cifar_stem, task.num_classes, dense_layers,
+                                cfg.student_checkpoint, image_size)
     if cfg.mode == "frozen":
         check_independent_base(cfg.student_checkpoint, model.encoder, teacher_model, teacher_ckpt, cfg.teacher)
     model = model.to(dev)
@@ -312,7 +329,8 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     # Without augmentation the teacher would see the same un-augmented image every epoch: run it once.
     effective_soft = "precomputed" if augmentation is None else cfg.soft_labels
     cached = cfg.mode == "frozen" and augmentation is None
-    config = dict(stage="distill", teacher=str(cfg.teacher), task=task.name, mode=cfg.mode, student=cfg.student, width=cfg.width,
+    config = dict(stage="distill", teacher=str(cfg.teacher), task=task.name, mode=cfg.mode, student=cfg.student,
+                  width=cfg.width,
                   cifar_stem=cifar_stem, student_checkpoint=str(cfg.student_checkpoint) if cfg.student_checkpoint else None,
                   dense_layers=list(dense_layers), alpha=cfg.alpha, labeled_fraction=cfg.labeled_fraction,
                   soft_labels=cfg.soft_labels, soft_labels_effective=effective_soft, cached_base_features=cached,
@@ -338,7 +356,8 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
         base_features = train.extract_features(model.base, images, dev, size=image_size, desc="base features")
         val_features = train.extract_features(model.base, task.val, dev, size=image_size)
     known_t = torch.as_tensor(known, device=dev) if cfg.alpha < 1.0 else None
-    loss_fn = distillation_loss_fn(model, teacher_model, view, s["temperature"], cfg.alpha, known_t, table, base_features)
+    loss_fn = distillation_loss_fn(model, teacher_model, view, s["temperature"], cfg.alpha, known_t, table,
+                                   base_features)
 
     @torch.no_grad()
     def evaluate() -> dict:
@@ -357,10 +376,17 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     if frozen_state is not None:
         train.check_frozen(frozen_state, model.encoder)
 
+    return report(run, cfg, task, teacher_model, dev, image_size)
+
+
+def report(run: train.RunFolder, cfg: DistillConfig, task: data.TaskData, teacher_model: nn.Module,
+           dev: torch.device, image_size: int) -> dict:
+    """The best student (best.pt) and the teacher on val and test, and how often they agree;
+    written to results.json and printed."""
     best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
-    result = dict(task=task.name, mode=cfg.mode, student_arch=cfg.student, teacher_path=str(cfg.teacher), best=str(run.path / "best.pt"),
-                  student={}, teacher={}, agreement={})
+    result = dict(task=task.name, mode=cfg.mode, student_arch=cfg.student, teacher_path=str(cfg.teacher),
+                  best=str(run.path / "best.pt"), student={}, teacher={}, agreement={})
     for split_name, split in (("val", task.val), ("test", task.test)):
         result["student"][split_name] = train.evaluate_classifier(best, split, dev, size=image_size)
         result["teacher"][split_name] = train.evaluate_classifier(teacher_model, split, dev, size=image_size)

@@ -45,7 +45,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import statistics
 import sys
 import time
@@ -476,7 +475,8 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
               f"Whole network fine-tuned from the pretrained checkpoint on {t1.name} ({t1.num_classes} classes, "
               f"{len(t1.train)} training labels, chance {1 / t1.num_classes:.3f}); test top-1 of the best-val epoch.", "",
               "| operations used while fine-tuning | paper (tf_flowers) | here |", "|---|---|---|"]
-    lines += [f"| {label} | {PAPER_TABLE1[key]:.3f} | {_fmt(summary['table1'][key])} |" for key, label, _ in STUDY1_ROWS]
+    lines += [f"| {label} | {PAPER_TABLE1[key]:.3f} | {_fmt(summary['table1'][key])} |"
+              for key, label, _ in STUDY1_ROWS]
     lines += [""] + [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"]["study1"].items()]
     singles = [statistics.fmean(summary["table1"][k]) for k in ("crop", "flip", "color")]
     lines += [f"- 'Each single operation helps about equally': here the three single-operation rows span "
@@ -550,7 +550,8 @@ def draw_chart(path: Path, title: str, xlabel: str, categories: Sequence[str],
     d.line([(left, top), (left, top + ph), (w - right, top + ph)], fill="black", width=2)
     cw = pw / len(categories)
     for i, c in enumerate(categories):
-        d.multiline_text((left + (i + 0.5) * cw, top + ph + 10), c, fill="black", font=small, anchor="ma", align="center")
+        d.multiline_text((left + (i + 0.5) * cw, top + ph + 10), c, fill="black", font=small, anchor="ma",
+                         align="center")
     d.text((left + pw / 2, h - 20), xlabel, fill="black", font=font, anchor="mm")
     label = Image.new("RGB", (ph, 30), "white")
     ImageDraw.Draw(label).text((ph // 2, 15), "test top-1 accuracy", fill="black", font=font, anchor="mm")
@@ -619,34 +620,48 @@ def _device_info(device: torch.device) -> dict:
 
 
 def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: a folder holding a run needs --resume (same settings) or --overwrite."""
-    for parent in [out, *out.parents]:
-        if parent.exists() and not parent.is_dir():
-            raise UserError(f"Output folder '{out}' cannot be created: '{parent}' is a file. Choose another --out.")
-    config = out / "config.json"
+    """train.RunFolder's guards for the run_all folder, and one more: --resume only with the settings
+    the run was started with (its stages would otherwise mix two experiments)."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pass one of them.")
-    if config.exists() and not (resume or overwrite):
-        raise UserError(f"Output folder '{out}' already holds a run_all run (config.json). Pass --resume to continue "
-                        "it, --overwrite to replace it, or choose another --out.")
-    if resume and config.exists():
+    config = out / "config.json"
+    if resume and config.is_file():
         old = json.loads(config.read_text()).get("settings", {})
         changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if changed:
             raise UserError(f"--resume: '{out}' was started with other settings ({', '.join(changed)} differ). Resume "
                             "with the original options, or pass --overwrite to start again.")
-    if overwrite:
-        for name in ("stages", "results.json", "results.md", "figure2.png", "figure6.png"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"Output folder '{out}' cannot be created: {e.strerror}.") from None
-    train.atomic_write_text(json.dumps(dict(settings=settings), indent=2) + "\n", config)
+    run = train.RunFolder(out, resume=resume, overwrite=overwrite, checkpointed=False,
+                          outputs=("stages", "results.json", "results.md", "figure2.png", "figure6.png"))
+    run.write_config(dict(settings=settings))
+
+
+def pretrained_arch(path: str) -> str:
+    """The encoder name of a --pretrained checkpoint, which must be a pretraining checkpoint."""
+    ckpt = train.load_checkpoint(path)
+    if ckpt["kind"] != "pretrain":
+        raise UserError(f"--pretrained '{path}' is a '{ckpt['kind']}' checkpoint; pass a pretraining "
+                        "checkpoint written by simclr.py pretrain (its checkpoint.pt).")
+    return ckpt["arch"]["encoder"]
+
+
+def write_results(out: Path, meta: dict, settings: dict, mapping: dict, tasks: dict[str, data.TaskData],
+                  records: dict, runs: dict, summary: dict) -> dict:
+    """results.json (every number, the settings, versions and stage times), results.md and the figures."""
+    results = dict(meta, settings=settings, versions=_versions(), data=mapping,
+                   tasks={k: dict(classes=t.num_classes, train=len(t.train), val=len(t.val), test=len(t.test),
+                                  image_size=t.train.image_size) for k, t in tasks.items()},
+                   stages={k: dict(wall_s=v["wall_s"], reused=v["reused"], finished=v["finished"])
+                           for k, v in records.items()},
+                   runs=runs, **summary)
+    train.atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out / "results.json")
+    markdown = results_markdown(summary, meta, tasks, mapping)
+    train.atomic_write_text(markdown, out / "results.md")
+    draw_figures(out, summary, tasks, len(meta["seeds"]))
+    print(markdown)
+    print(f"Wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'figure2.png'}, {out / 'figure6.png'} "
+          f"in {results['wall_s']:.0f} s.", file=sys.stderr)
+    return results
 
 
 def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *, data_spec: str | None = None,
@@ -672,13 +687,8 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     train.seed_everything(seed)
     tasks = load_tasks([mapping["study1"], mapping["study2"], *mapping["study3"]], size, p["tasks"], seed, root,
                        cache_dir, download, skip_bad)
-    pre_cfg, res_arch = p["pretrain"], p["pretrain"].model
-    if pretrained is not None:
-        ckpt = train.load_checkpoint(pretrained)
-        if ckpt["kind"] != "pretrain":
-            raise UserError(f"--pretrained '{pretrained}' is a '{ckpt['kind']}' checkpoint; pass a pretraining "
-                            "checkpoint written by simclr.py pretrain (its checkpoint.pt).")
-        res_arch = ckpt["arch"]["encoder"]
+    pre_cfg = p["pretrain"]
+    res_arch = pretrained_arch(pretrained) if pretrained is not None else pre_cfg.model
     vgg = p["vgg"]
     separate_teacher = mapping["study2"] != mapping["study1"]
     n_stages = ((pretrained is None) + 2 + n_seeds * (len(STUDY1_ROWS) + separate_teacher + len(STUDY2_ROWS)
@@ -708,8 +718,8 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
         bases = {}
         for family, arch, base_seed in (("resnet", res_arch, seed + 10_000), ("vgg", vgg, seed)):
             name = f"pretrain-student-{family}"
-            runs[name] = pipe.run(name, pretrain_stage(dataclasses.replace(student_cfg, model=arch), mapping["pool"], None,
-                                                       seed=base_seed, **common))
+            runs[name] = pipe.run(name, pretrain_stage(dataclasses.replace(student_cfg, model=arch), mapping["pool"],
+                                                       None, seed=base_seed, **common))
             bases[family] = runs[name]["checkpoint"]
         for s in seed_list:
             if separate_teacher:
@@ -740,20 +750,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                 command=command or f"run_all(preset={preset!r})", pretrain=runs.get("pretrain"), teacher=teacher_desc,
                 pretrained_given=pretrained is not None,
                 teacher_arch=res_arch, probe=as_json(p["probe"]))
-    results = dict(meta, settings=settings, versions=_versions(), data=mapping,
-                   tasks={k: dict(classes=t.num_classes, train=len(t.train), val=len(t.val), test=len(t.test),
-                                  image_size=t.train.image_size) for k, t in tasks.items()},
-                   stages={k: dict(wall_s=v["wall_s"], reused=v["reused"], finished=v["finished"])
-                           for k, v in pipe.records.items()},
-                   runs=runs, **summary)
-    train.atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out / "results.json")
-    markdown = results_markdown(summary, meta, tasks, mapping)
-    train.atomic_write_text(markdown, out / "results.md")
-    draw_figures(out, summary, tasks, n_seeds)
-    print(markdown)
-    print(f"Wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'figure2.png'}, {out / 'figure6.png'} "
-          f"in {results['wall_s']:.0f} s.", file=sys.stderr)
-    return results
+    return write_results(out, meta, settings, mapping, tasks, pipe.records, runs, summary)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -38,6 +38,28 @@ from train import UserError, option
 
 
 # ----------------------------------------------------------------------------------------------
+# The SimCLR step: two views of every image, one forward pass, NT-Xent
+
+
+def contrastive_loss_fn(model: nn.Module, augmentation: augment.SimCLRAugment, temperature: float,
+                        distributed: train.Distributed):
+    """The SimCLR step's loss: two augmented views, one forward pass of both, NT-Xent.
+
+    Both views go through the network as one batch of 2B, so batch norm sees both (as SimCLR's
+    global BN does) and the GPU gets one large batch instead of two."""
+    loss = losses.nt_xent_global if distributed.world_size > 1 else losses.nt_xent
+
+    def loss_fn(x: torch.Tensor, y, generator: torch.Generator) -> torch.Tensor:
+        views = torch.cat([augmentation(x, generator), augmentation(x, generator)])
+        if views.is_cuda:
+            views = views.contiguous(memory_format=torch.channels_last)
+        _, z = model(views)
+        z1, z2 = z.float().chunk(2)
+        return loss(z1, z2, temperature, check_finite=False)
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------------------------
 # Stage 1: pretraining
 
 
@@ -96,24 +118,6 @@ def resolve_defaults(cfg: PretrainConfig) -> PretrainConfig:
     if cfg.warmup_epochs is None:
         cfg.warmup_epochs = min(10.0, cfg.epochs / 10)
     return cfg
-
-
-def contrastive_loss_fn(model: nn.Module, augmentation: augment.SimCLRAugment, temperature: float,
-                        distributed: train.Distributed):
-    """The SimCLR step's loss: two augmented views, one forward pass of both, NT-Xent.
-
-    Both views go through the network as one batch of 2B, so batch norm sees both (as SimCLR's
-    global BN does) and the GPU gets one large batch instead of two."""
-    loss = losses.nt_xent_global if distributed.world_size > 1 else losses.nt_xent
-
-    def loss_fn(x: torch.Tensor, y, generator: torch.Generator) -> torch.Tensor:
-        views = torch.cat([augmentation(x, generator), augmentation(x, generator)])
-        if views.is_cuda:
-            views = views.contiguous(memory_format=torch.channels_last)
-        _, z = model(views)
-        z1, z2 = z.float().chunk(2)
-        return loss(z1, z2, temperature, check_finite=False)
-    return loss_fn
 
 
 def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> dict:
@@ -196,6 +200,10 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     return summary
 
 
+# ----------------------------------------------------------------------------------------------
+# Evaluation: the kNN monitor and linear evaluation
+
+
 @torch.no_grad()
 def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
                  num_classes: int, k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> float:
@@ -225,10 +233,6 @@ def knn_monitor(encoder: nn.Module, bank_set: data.ImageSet, val: data.ImageSet,
     return knn_accuracy(bank, to(bank_set.labels), query, to(val.labels), len(bank_set.classes), k=k)
 
 
-# ----------------------------------------------------------------------------------------------
-# Stage 2: linear evaluation and fine-tuning
-
-
 @dataclass
 class LinearEvalConfig(train.StageConfig):
     """Linear evaluation of a pretraining checkpoint on a labeled task."""
@@ -249,8 +253,8 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
     run = train.RunFolder.redo(out, "linear-eval", resume, overwrite) if out is not None else None  # before any work
     train.seed_everything(cfg.seed)
     model, ckpt = train.load_pretrained(cfg.checkpoint)
-    task = data.load_task(cfg.data, image_size=ckpt["image_size"], root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
-                          skip_bad=cfg.skip_bad)
+    task = data.load_task(cfg.data, image_size=ckpt["image_size"], root=cfg.root, seed=cfg.seed,
+                          cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
     classifier = models.Classifier(model.encoder, model.head, cfg.head_layer, task.num_classes, ckpt["mean"],
                                    ckpt["std"]).to(dev)
     reports = train.linear_probe(classifier, task, dev, ckpt["image_size"], epochs=cfg.epochs,
@@ -266,6 +270,10 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
                       classes=task.classes, image_size=ckpt["image_size"]), "best.pt")
         train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: fine-tuning from a projection-head layer
 
 
 @dataclass
@@ -312,8 +320,8 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
             raise ValueError("finetune from scratch needs `arch`")
         arch, image_size = cfg.arch, cfg.image_size
         pretrained, mean, std = train.build_simclr_model(arch), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
-                                  skip_bad=cfg.skip_bad)
+    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=cfg.seed,
+                                  cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
     if cfg.head_layer > arch["head_layers"]:
         raise UserError(f"--head-layer {cfg.head_layer} is deeper than the {arch['head_layers']}-layer projection head.")
     labeled = data.labeled_fraction(task.train, cfg.fraction, cfg.seed) if cfg.fraction < 1 else task.train
@@ -324,8 +332,8 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     model = models.Classifier(pretrained.encoder, pretrained.head, cfg.head_layer, task.num_classes, mean, std).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    augmentation = augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=cfg.blur, strength=cfg.strength,
-                                         scale=(0.08, 1.0))
+    augmentation = augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=cfg.blur,
+                                         strength=cfg.strength, scale=(0.08, 1.0))
     cls_arch = train.classifier_arch(arch, cfg.head_layer, task.num_classes, mean, std)
     config = dict(stage="finetune", checkpoint=str(cfg.checkpoint), task=task.name, fraction=cfg.fraction,
                   labeled_images=len(labeled), head_layer=cfg.head_layer, augmentation=augmentation.describe(),
@@ -334,15 +342,18 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     if not run.resuming:
         run.write_config(config)
     loader = data.BatchLoader(labeled, cfg.batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
-    schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay,
                         log_every=cfg.log_every)
     evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
     meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
-    train.fit(model, train.supervised_loss_fn(model, augmentation), loader, run, schedule, device=dev, seed=cfg.seed, meta=meta,
+    train.fit(model, train.supervised_loss_fn(model, augmentation), loader, run, schedule, device=dev, seed=cfg.seed,
+              meta=meta,
         evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")
     best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
-    result = dict(task=task.name, fraction=cfg.fraction, head_layer=cfg.head_layer, augmentation=augmentation.describe(),
+    result = dict(task=task.name, fraction=cfg.fraction, head_layer=cfg.head_layer,
+                  augmentation=augmentation.describe(),
                   best=str(run.path / "best.pt"), val=train.evaluate_classifier(best, task.val, dev, size=image_size),
                   test=train.evaluate_classifier(best, task.test, dev, size=image_size))
     for split in ("val", "test"):

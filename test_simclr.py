@@ -1,8 +1,20 @@
-"""The project's tests (one file): building blocks, data, pretraining, distillation, transfer, the studies.
+"""The project's tests (one file), in the order of the files they test.
+
+Contents (search for the heading):
+  augment.py                 hand-computed values, torchvision agreement, random ops, bad input
+  losses.py and models.py    NT-Xent, distillation, encoders, torchvision layout, projection head
+  shapes.py and data.py      the procedural world, image folders and the cache, CIFAR, downloads,
+                             label fractions and batches, data.py's command line
+  train.py                   optimisation (LARS, schedule), checkpoints and run folders, the
+                             training loop, the linear probe and the kNN monitor on toy problems
+  simclr.py                  pretraining, resume, evaluation, fine-tuning, faults of real runs
+  distill.py and transfer.py distillation, transfer, command lines
+  run_all.py                 the verdict rule, options, the tiny preset end to end and resumed
+  Faults and bad input       every command line against broken input, in real processes
 
 Run: python -m pytest test_simclr.py          (default, a few minutes on 2 CPU cores)
      python -m pytest test_simclr.py -m slow  (kill/resume and other slow fault cases)
-No network and no external dataset: all data is generated here or by data.py.
+No network and no external dataset: all data is generated here or by shapes.py.
 """
 from __future__ import annotations
 
@@ -45,6 +57,555 @@ import train
 import transfer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ==================================================================================================
+# augment.py
+# ==================================================================================================
+
+ATOL = 1e-4  # the agreement the interface promises with torchvision on float images
+
+
+def _images(batch: int = 6, height: int = 13, width: int = 17, seed: int = 0) -> torch.Tensor:
+    """Random images; from 3 images on, the first three are the awkward cases: all gray, pure
+    primaries, ties between channels with exact 0s and 1s."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, height, width, generator=g)
+    if batch < 3:
+        return x
+    x[0] = x[0, :1]  # an all-gray image
+    x[1, :, :3] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    x[1, :, 3:5] = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1)
+    x[2] = (x[2] * 4).round() / 4  # many ties between channels, many 0s and 1s
+    return x
+
+
+def _pixel(*rgb: float) -> torch.Tensor:
+    return torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1)
+
+
+def _tvf():
+    pytest.importorskip("torchvision")
+    import torchvision.transforms.v2.functional as tvf
+    return tvf
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-computed values
+# ----------------------------------------------------------------------------------------------
+
+def test_grayscale_weights_by_hand():
+    x = torch.cat([_pixel(1, 0, 0), _pixel(0, 1, 0), _pixel(0, 0, 1), _pixel(0.5, 0.5, 0.5)])
+    gray = A.rgb_to_grayscale(x)
+    assert gray.shape == (4, 1, 1, 1)
+    expected = torch.tensor([0.2989, 0.587, 0.114, 0.5 * (0.2989 + 0.587 + 0.114)])
+    torch.testing.assert_close(gray.flatten(), expected, rtol=0, atol=1e-7)
+    gray3 = A.rgb_to_grayscale(x, num_output_channels=3)
+    assert gray3.shape == (4, 3, 1, 1)
+    torch.testing.assert_close(gray3, gray.expand(-1, 3, -1, -1), rtol=0, atol=0)
+
+
+def test_brightness_by_hand_scales_and_clips():
+    x = torch.cat([_pixel(0.2, 0.5, 0.8), _pixel(0.2, 0.5, 0.8)])
+    out = A.adjust_brightness(x, torch.tensor([1.5, 0.5]))
+    torch.testing.assert_close(out.flatten(), torch.tensor([0.3, 0.75, 1.0, 0.1, 0.25, 0.4]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(A.adjust_brightness(x, 0.0), torch.zeros_like(x), rtol=0, atol=0)
+
+
+def test_contrast_by_hand_blends_with_mean_luma():
+    # Two gray pixels, 0.2 and 0.6: luma = value * (sum of weights), mean luma = 0.4 * that sum.
+    x = torch.cat([torch.full((1, 3, 1, 1), 0.2), torch.full((1, 3, 1, 1), 0.6)], dim=3)
+    mean = 0.4 * (0.2989 + 0.587 + 0.114)
+    half = A.adjust_contrast(x, 0.5)
+    torch.testing.assert_close(half[0, :, 0, 0], torch.full((3,), 0.5 * 0.2 + 0.5 * mean), rtol=0, atol=1e-6)
+    torch.testing.assert_close(half[0, :, 0, 1], torch.full((3,), 0.5 * 0.6 + 0.5 * mean), rtol=0, atol=1e-6)
+    flat = A.adjust_contrast(x, 0.0)
+    torch.testing.assert_close(flat, torch.full_like(x, mean), rtol=0, atol=1e-6)
+    # factor 3: 3 * 0.6 - 2 * mean > 1 is clipped; 3 * 0.2 - 2 * mean < 0 is clipped.
+    strong = A.adjust_contrast(x, 3.0)
+    assert torch.equal(strong[0, :, 0, 0], torch.zeros(3)) and torch.equal(strong[0, :, 0, 1], torch.ones(3))
+
+
+def test_saturation_by_hand():
+    x = _pixel(0.6, 0.4, 0.2)
+    luma = 0.2989 * 0.6 + 0.587 * 0.4 + 0.114 * 0.2
+    torch.testing.assert_close(A.adjust_saturation(x, 0.0).flatten(), torch.full((3,), luma), rtol=0, atol=1e-6)
+    doubled = A.adjust_saturation(x, 2.0).flatten()
+    expected = torch.tensor([2 * 0.6 - luma, 2 * 0.4 - luma, 0.0])  # the blue channel clips at 0
+    torch.testing.assert_close(doubled, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rgb, shift, expected", [
+    ((1.0, 0.0, 0.0), 1 / 3, (0.0, 1.0, 0.0)),   # red turns green
+    ((1.0, 0.0, 0.0), -1 / 3, (0.0, 0.0, 1.0)),  # red turns blue
+    ((1.0, 0.0, 0.0), 0.5, (0.0, 1.0, 1.0)),     # complement: cyan
+    ((0.0, 1.0, 0.0), 1 / 3, (0.0, 0.0, 1.0)),
+    # hue 20 deg (max R, (G - B) / chroma = 1/3 of a sextant) + 60 deg = 80 deg:
+    # value 0.8, min 0.2 kept, the middle channel is min + chroma * (2 - 4/3) = 0.6.
+    ((0.8, 0.4, 0.2), 1 / 6, (0.6, 0.8, 0.2)),
+    ((0.5, 0.5, 0.5), 0.25, (0.5, 0.5, 0.5)),    # gray has no hue
+    ((0.0, 0.0, 0.0), -0.4, (0.0, 0.0, 0.0)),
+])
+def test_hue_by_hand(rgb, shift, expected):
+    out = A.adjust_hue(_pixel(*rgb), shift).flatten()
+    torch.testing.assert_close(out, torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_hue_per_image_equals_scalar_calls():
+    x = _images()
+    shifts = torch.linspace(-0.5, 0.5, x.shape[0])
+    out = A.adjust_hue(x, shifts)
+    for i in range(x.shape[0]):
+        torch.testing.assert_close(out[i:i + 1], A.adjust_hue(x[i:i + 1], shifts[i].item()), rtol=0, atol=1e-6)
+
+
+def test_hflip_by_hand_and_mask():
+    x = torch.arange(12.0).view(2, 1, 1, 6).expand(2, 3, 1, 6) / 12
+    flipped = A.hflip(x)
+    torch.testing.assert_close(flipped[0, 0, 0], torch.arange(5.0, -1.0, -1.0) / 12, rtol=0, atol=0)
+    masked = A.hflip(x, torch.tensor([False, True]))
+    assert torch.equal(masked[0], x[0]) and torch.equal(masked[1], x[1].flip(-1))
+
+
+def test_resized_crop_identity_and_plain_crop():
+    x = _images(2, 9, 11)
+    full = torch.tensor([[0, 0, 9, 11], [0, 0, 9, 11]])
+    torch.testing.assert_close(A.resized_crop(x, full, (9, 11)), x, rtol=0, atol=1e-6)
+    boxes = torch.tensor([[1, 2, 4, 5], [5, 6, 4, 5]])
+    out = A.resized_crop(x, boxes, (4, 5))
+    torch.testing.assert_close(out[0], x[0, :, 1:5, 2:7], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1], x[1, :, 5:9, 6:11], rtol=0, atol=1e-6)
+
+
+def test_resized_crop_2x_up_and_down_by_hand():
+    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    # Upsampling the top-left 2x2 by 2: output centres fall at -0.25 (clamped to 0), 0.25, 0.75
+    # and 1.25 (clamped to the crop's last pixel, never reading column 2 outside the crop).
+    up = A.resized_crop(x, torch.tensor([[0, 0, 2, 2]]), 4)
+    a, b = x[0, :, 0, 0], x[0, :, 0, 1]
+    expected_row = torch.stack([a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b], dim=-1)
+    torch.testing.assert_close(up[0, :, 0], expected_row, rtol=0, atol=1e-6)
+    # Downsampling the whole 4x4 by 2: centres at 0.5 and 2.5, the mean of each 2x2 block.
+    down = A.resized_crop(x, torch.tensor([[0, 0, 4, 4]]), 2)
+    blocks = x[0].unfold(1, 2, 2).unfold(2, 2, 2).mean(dim=(-1, -2))
+    torch.testing.assert_close(down[0], blocks, rtol=0, atol=1e-6)
+
+
+def test_resized_crop_overhanging_box_reads_zeros():
+    x = torch.rand(1, 3, 2, 2, generator=torch.Generator().manual_seed(2))
+    out = A.resized_crop(x, torch.tensor([[-1, -1, 3, 3]]), 3)
+    expected = torch.zeros(1, 3, 3, 3)
+    expected[:, :, 1:, 1:] = x
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+
+
+def test_blur_constant_stays_constant_and_delta_gives_kernel():
+    constant = torch.full((2, 3, 6, 7), 0.3)
+    torch.testing.assert_close(A.gaussian_blur(constant, 5, torch.tensor([0.5, 3.0])), constant,
+                               rtol=0, atol=1e-6)
+    delta = torch.zeros(2, 3, 7, 7)
+    delta[:, :, 3, 3] = 1.0
+    sigmas = torch.tensor([1.0, 0.5])
+    out = A.gaussian_blur(delta, 3, sigmas)
+    for i, sigma in enumerate(sigmas.tolist()):
+        side = math.exp(-0.5 / sigma ** 2)
+        taps = torch.tensor([side, 1.0, side]) / (1.0 + 2.0 * side)
+        expected = torch.zeros(7, 7)
+        expected[2:5, 2:5] = taps[:, None] * taps[None, :]
+        torch.testing.assert_close(out[i], expected.expand(3, 7, 7), rtol=0, atol=1e-6)
+
+
+def test_blur_reflects_at_the_border():
+    # Reflection (not zero or edge padding): pixel -1 is pixel 1, so a delta at (1, 1) reaches
+    # the corner (0, 0) from both sides in each axis: weight (2 * side tap) ** 2.
+    delta = torch.zeros(1, 3, 5, 5)
+    delta[:, :, 1, 1] = 1.0
+    side = math.exp(-0.5)
+    side_tap = side / (1.0 + 2.0 * side)
+    out = A.gaussian_blur(delta, 3, 1.0)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.full((3,), (2 * side_tap) ** 2), rtol=0, atol=1e-6)
+
+
+def test_blur_kernel_size_follows_simclr():
+    assert [A.blur_kernel_size(s) for s in (224, 96, 64, 32, 19)] == [23, 9, 7, 3, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Against torchvision (skipped without it)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, factors", [
+    ("adjust_brightness", [0.0, 0.3, 0.9, 1.0, 1.5, 2.0]),
+    ("adjust_contrast", [0.0, 0.3, 0.9, 1.0, 1.5, 2.0]),
+    ("adjust_saturation", [0.0, 0.3, 0.9, 1.0, 1.5, 2.0]),
+    ("adjust_hue", [-0.5, -0.3, 0.0, 0.1, 1 / 3, 0.5]),
+])
+def test_color_primitives_match_torchvision(name, factors):
+    tvf = _tvf()
+    x = _images()
+    ours = getattr(A, name)(x, torch.tensor(factors))
+    for i, factor in enumerate(factors):
+        reference = getattr(tvf, name)(x[i], factor)
+        torch.testing.assert_close(ours[i], reference, rtol=0, atol=ATOL)
+        torch.testing.assert_close(getattr(A, name)(x[i:i + 1], factor)[0], reference, rtol=0, atol=ATOL)
+
+
+def test_grayscale_hflip_match_torchvision():
+    tvf = _tvf()
+    x = _images()
+    for channels in (1, 3):
+        torch.testing.assert_close(A.rgb_to_grayscale(x, channels), tvf.rgb_to_grayscale(x, channels),
+                                   rtol=0, atol=ATOL)
+    torch.testing.assert_close(A.hflip(x), tvf.horizontal_flip(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3, 5, 9, 23])
+def test_gaussian_blur_matches_torchvision(kernel_size):
+    tvf = _tvf()
+    x = _images(height=13, width=29)
+    if kernel_size // 2 >= 13:
+        x = _images(height=30, width=29)
+    sigmas = torch.tensor([0.1, 0.5, 1.0, 2.0, 3.0, 7.0])
+    ours = A.gaussian_blur(x, kernel_size, sigmas)
+    for i, sigma in enumerate(sigmas.tolist()):
+        reference = tvf.gaussian_blur(x[i], [kernel_size, kernel_size], [sigma, sigma])
+        torch.testing.assert_close(ours[i], reference, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("size", [(13, 17), (8, 8), (31, 11), (1, 1), (40, 40)])
+def test_resized_crop_matches_torchvision(size):
+    tvf = _tvf()
+    x = _images()
+    # Whole image, inside boxes of several shapes, a 1x1 box, and boxes overhanging the border.
+    boxes = torch.tensor([[0, 0, 13, 17], [2, 3, 10, 5], [5, 1, 8, 16], [12, 16, 1, 1],
+                          [-3, -2, 8, 30], [6, 9, 10, 12]])
+    ours = A.resized_crop(x, boxes, size)
+    for i in range(x.shape[0]):
+        reference = tvf.resized_crop(x[i], *boxes[i].tolist(), size=list(size), antialias=False)
+        torch.testing.assert_close(ours[i], reference, rtol=0, atol=ATOL)
+
+
+def test_random_resized_crop_matches_torchvision_on_its_boxes():
+    tvf = _tvf()
+    x = _images(8, 40, 30)
+    boxes = A.sample_resized_crop_boxes(8, 40, 30, generator=torch.Generator().manual_seed(3))
+    ours = A.random_resized_crop(x, 24, generator=torch.Generator().manual_seed(3))
+    for i in range(8):
+        top, left, height, width = (int(v) for v in boxes[i].tolist())
+        reference = tvf.resized_crop(x[i], top, left, height, width, size=[24, 24], antialias=False)
+        torch.testing.assert_close(ours[i], reference, rtol=0, atol=ATOL)
+
+
+def _jitter_in_order(image, params, i: int, ops):
+    """Image i (as `image`) with the four jitter ops applied one at a time, in its sampled order.
+    ops: brightness, contrast, saturation, hue functions taking (image, factor)."""
+    factors = [params.brightness, params.contrast, params.saturation, params.hue]
+    if params.applied[i]:
+        for op in params.order[i].tolist():
+            image = ops[op](image, factors[op][i].item())
+    return image
+
+
+def test_color_jitter_matches_torchvision_in_each_images_order():
+    tvf = _tvf()
+    x = _images(24, 9, 10)
+    params = A.sample_color_jitter(24, strength=1.0, p=0.8, generator=torch.Generator().manual_seed(4))
+    ours = A.apply_color_jitter(x, params)
+    ops = [tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation, tvf.adjust_hue]
+    for i in range(24):
+        torch.testing.assert_close(ours[i], _jitter_in_order(x[i], params, i, ops), rtol=0, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random ops: sampling, determinism, independence, probabilities
+# ----------------------------------------------------------------------------------------------
+
+def test_jitter_equals_primitives_in_each_images_order():
+    x = _images(24, 9, 10)
+    params = A.sample_color_jitter(24, strength=1.0, p=0.8, generator=torch.Generator().manual_seed(5))
+    ours = A.apply_color_jitter(x, params)
+    ops = [A.adjust_brightness, A.adjust_contrast, A.adjust_saturation, A.adjust_hue]
+    for i in range(24):
+        torch.testing.assert_close(ours[i:i + 1], _jitter_in_order(x[i:i + 1], params, i, ops), rtol=0, atol=1e-6)
+
+
+def test_jitter_order_is_random_and_matters():
+    params = A.sample_color_jitter(4800, generator=torch.Generator().manual_seed(6))
+    orders, counts = params.order.unique(dim=0, return_counts=True)
+    assert orders.shape[0] == 24  # every permutation of the four ops occurs
+    assert torch.equal(orders.sort(dim=1).values, torch.arange(4).expand(24, 4))
+    assert counts.min() > 4800 / 24 * 0.7 and counts.max() < 4800 / 24 * 1.3
+    # The same factors in two orders give two different images.
+    x = _images(1).expand(2, -1, -1, -1)
+    ones = torch.ones(2)
+    swapped = A.JitterParams(torch.ones(2, dtype=torch.bool), torch.full((2,), 1.8), torch.full((2,), 0.2), ones,
+                             torch.zeros(2), torch.tensor([[0, 1, 2, 3], [1, 0, 2, 3]]))
+    out = A.apply_color_jitter(x, swapped)
+    assert (out[0] - out[1]).abs().max() > 0.05
+
+
+def test_jitter_factor_ranges_follow_strength():
+    for strength in (0.5, 1.0, 1.5):
+        params = A.sample_color_jitter(3000, strength=strength, p=1.0, generator=torch.Generator().manual_seed(7))
+        low, high = max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength
+        for factor in (params.brightness, params.contrast, params.saturation):
+            assert factor.min() >= low and factor.max() <= high
+            assert factor.min() < low + 0.05 * (high - low) and factor.max() > high - 0.05 * (high - low)
+        assert params.hue.abs().max() <= 0.2 * strength and params.hue.abs().max() > 0.19 * strength
+
+
+def test_crop_boxes_stay_inside_and_follow_scale_and_ratio():
+    height, width = 224, 224
+    boxes = A.sample_resized_crop_boxes(4000, height, width, generator=torch.Generator().manual_seed(8))
+    top, left, h, w = boxes.unbind(1)
+    assert torch.equal(boxes, boxes.round())
+    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+    # Rounding each side to a whole pixel moves area and ratio by at most half a pixel per side.
+    area = height * width
+    assert ((w + 0.5) * (h + 0.5) >= 0.08 * area).all() and ((w - 0.5) * (h - 0.5) <= area).all()
+    assert ((w + 0.5) / (h - 0.5) >= 3 / 4).all() and ((w - 0.5) / (h + 0.5) <= 4 / 3).all()
+    fraction, ratio = w * h / area, w / h
+    assert fraction.min() < 0.1 and fraction.max() > 0.9
+    assert ratio.min() < 0.77 and ratio.max() > 1.3
+    assert abs(ratio.log().mean().item()) < 0.02  # log-uniform ratio is symmetric around 1
+    # Placement is uniform: small crops reach every border.
+    small = h < 100
+    assert top[small].min() == 0 and (top + h)[small].max() == height
+    assert left[small].min() == 0 and (left + w)[small].max() == width
+
+
+def test_crop_fallback_is_the_centre_crop():
+    # An area 2-3x the image never fits in 10 tries: the fallback clamps the ratio into
+    # [3/4, 4/3] and centres the box. 20 x 50 is wider than 4/3: height 20, width round(80/3).
+    boxes = A.sample_resized_crop_boxes(5, 20, 50, scale=(2.0, 3.0), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(boxes, torch.tensor([[0.0, 11.0, 20.0, 27.0]]).expand(5, 4))
+    tall = A.sample_resized_crop_boxes(3, 50, 20, scale=(2.0, 3.0), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(tall, torch.tensor([[(50 - 27) // 2, 0.0, 27.0, 20.0]]).expand(3, 4))
+    square = A.sample_resized_crop_boxes(3, 16, 16, scale=(2.0, 3.0), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(square, torch.tensor([[0.0, 0.0, 16.0, 16.0]]).expand(3, 4))
+
+
+def test_pipeline_is_the_random_ops_in_order():
+    # SimCLRAugment folds flip into the crop's sampling grid; it must equal the separate ops,
+    # drawing from the generator in the documented order (flip, crop, jitter, grayscale, blur).
+    x = _images(12, 40, 36)
+    out = A.SimCLRAugment(32, blur=True, strength=1.0)(x, torch.Generator().manual_seed(10))
+    g = torch.Generator().manual_seed(10)
+    flip = torch.rand(12, generator=g) < 0.5
+    expected = A.hflip(A.random_resized_crop(x, 32, generator=g), flip)
+    expected = A.color_jitter(expected, 1.0, 0.8, generator=g)
+    expected = A.random_grayscale(expected, 0.2, generator=g)
+    expected = A.random_gaussian_blur(expected, 0.5, 3, (0.1, 2.0), generator=g)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    assert 0 < flip.sum() < 12
+
+
+def test_pipeline_without_crop_only_resizes_and_flips():
+    x = _images(6, 20, 28)
+    out = A.SimCLRAugment(16, crop=False, flip=True, color=False)(x, torch.Generator().manual_seed(11))
+    flip = torch.rand(6, generator=torch.Generator().manual_seed(11)) < 0.5
+    whole = torch.tensor([[0, 0, 20, 28]]).expand(6, 4)
+    torch.testing.assert_close(out, A.hflip(A.resized_crop(x, whole, 16), flip), rtol=0, atol=1e-6)
+    same_size = A.SimCLRAugment(20, crop=False, flip=False, color=False)
+    assert torch.equal(same_size(x[:, :, :, :20]), x[:, :, :, :20])
+
+
+@pytest.mark.parametrize("crop, flip, color, blur", list(itertools.product([False, True], repeat=4)))
+def test_pipeline_shapes_range_dtype(crop, flip, color, blur):
+    x = (_images(5, 24, 30) * 255).round().to(torch.uint8)
+    out = A.SimCLRAugment(16, crop=crop, flip=flip, color=color, blur=blur)(x, torch.Generator().manual_seed(12))
+    assert out.shape == (5, 3, 16, 16) and out.dtype == torch.float32
+    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
+
+
+def test_pipeline_is_deterministic_per_seed_and_differs_across_seeds():
+    x = _images(8, 24, 24)
+    aug = A.SimCLRAugment(16, blur=True, strength=1.0)
+    first = aug(x, torch.Generator().manual_seed(13))
+    assert torch.equal(first, aug(x, torch.Generator().manual_seed(13)))
+    assert not torch.allclose(first, aug(x, torch.Generator().manual_seed(14)))
+    g = torch.Generator().manual_seed(13)
+    assert not torch.allclose(aug(x, g), aug(x, g))  # two views of one batch differ
+
+
+def test_images_of_a_batch_get_different_parameters():
+    x = _images(1, 24, 24).expand(16, -1, -1, -1)
+    out = A.SimCLRAugment(16, blur=True, strength=1.0)(x, torch.Generator().manual_seed(15))
+    flat = out.flatten(1)
+    distances = torch.cdist(flat, flat)
+    assert (distances + torch.eye(16) * 1e9).min() > 1e-3
+
+
+def test_result_of_an_image_does_not_depend_on_the_rest_of_the_batch():
+    x = _images(6, 15, 15)
+    factors = torch.tensor([0.2, 0.6, 1.0, 1.3, 1.7, 2.0])
+    boxes = torch.tensor([[0, 0, 15, 15], [2, 3, 8, 9], [1, 1, 5, 5], [0, 4, 11, 11], [7, 7, 8, 8], [3, 0, 12, 6]])
+    params = A.sample_color_jitter(6, generator=torch.Generator().manual_seed(16))
+    whole = {
+        "brightness": A.adjust_brightness(x, factors), "contrast": A.adjust_contrast(x, factors),
+        "saturation": A.adjust_saturation(x, factors), "hue": A.adjust_hue(x, factors / 4 - 0.25),
+        "blur": A.gaussian_blur(x, 5, factors), "crop": A.resized_crop(x, boxes, 7),
+        "jitter": A.apply_color_jitter(x, params),
+    }
+    for i in range(6):
+        one = slice(i, i + 1)
+        alone = {
+            "brightness": A.adjust_brightness(x[one], factors[one]), "contrast": A.adjust_contrast(x[one], factors[one]),
+            "saturation": A.adjust_saturation(x[one], factors[one]),
+            "hue": A.adjust_hue(x[one], factors[one] / 4 - 0.25), "blur": A.gaussian_blur(x[one], 5, factors[one]),
+            "crop": A.resized_crop(x[one], boxes[one], 7),
+            "jitter": A.apply_color_jitter(x[one], A.JitterParams(*(field[one] for field in params))),
+        }
+        for name in whole:
+            torch.testing.assert_close(whole[name][one], alone[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_probability_zero_and_one():
+    x = _images(16, 12, 12)
+    g = torch.Generator().manual_seed(17)
+    for op in (A.color_jitter, A.random_grayscale, A.random_gaussian_blur, A.random_hflip):
+        assert torch.equal(op(x, p=0.0, generator=g), x), op.__name__
+    assert torch.equal(A.random_hflip(x, p=1.0, generator=g), x.flip(-1))
+    gray = A.random_grayscale(x, p=1.0, generator=g)
+    assert torch.equal(gray, A.rgb_to_grayscale(x, 3))
+    assert torch.equal(A.random_gaussian_blur(x, p=1.0, kernel_size=5, sigma=(1.0, 1.0), generator=g),
+                       A.gaussian_blur(x, 5, 1.0))
+    jittered = A.color_jitter(x, strength=1.0, p=1.0, generator=g)
+    assert ((jittered - x).flatten(1).abs().amax(1) > 1e-3).all()
+
+
+def test_probability_half_applies_to_about_half():
+    x = _images(1, 8, 8).expand(2000, -1, -1, -1)
+    g = torch.Generator().manual_seed(18)
+    changed = {
+        "flip": A.random_hflip(x, 0.5, g), "gray": A.random_grayscale(x, 0.2, g),
+        "blur": A.random_gaussian_blur(x, 0.5, 3, generator=g), "jitter": A.color_jitter(x, 1.0, 0.8, g),
+    }
+    rates = {name: (out != x).flatten(1).any(1).float().mean().item() for name, out in changed.items()}
+    expected = {"flip": 0.5, "gray": 0.2, "blur": 0.5, "jitter": 0.8}
+    for name, rate in rates.items():
+        assert abs(rate - expected[name]) < 0.05, (name, rate)
+
+
+def test_blur_sigma_is_drawn_per_image():
+    x = torch.zeros(400, 3, 9, 9)
+    x[:, :, 4, 4] = 1.0
+    out = A.random_gaussian_blur(x, p=1.0, kernel_size=5, sigma=(0.1, 2.0), generator=torch.Generator().manual_seed(19))
+    centre = out[:, 0, 4, 4]
+    offsets = torch.arange(-2.0, 3.0)
+
+    def centre_weight(sigma: float) -> float:  # the 2-D kernel's middle tap, falling with sigma
+        return (1.0 / torch.exp(-0.5 * (offsets / sigma) ** 2).sum().item()) ** 2
+
+    assert centre.min() >= centre_weight(2.0) - 1e-6 and centre.max() <= 1.0
+    assert centre.min() < centre_weight(1.9) and centre.max() > centre_weight(0.2)
+    # sigma ~ U[0.1, 2]: half of the images have sigma above the midpoint 1.05 (400 draws: sd 0.025).
+    assert abs((centre < centre_weight(1.05)).float().mean().item() - 0.5) < 0.08
+
+
+def test_uint8_input_equals_float_input():
+    x8 = (_images(4, 10, 10) * 255).round().to(torch.uint8)
+    xf = x8.float() / 255
+    assert torch.equal(A.adjust_contrast(x8, 1.3), A.adjust_contrast(xf, 1.3))
+    assert torch.equal(A.resized_crop(x8, torch.tensor([[1, 1, 5, 5]]).expand(4, 4), 8),
+                       A.resized_crop(xf, torch.tensor([[1, 1, 5, 5]]).expand(4, 4), 8))
+    aug = A.SimCLRAugment(8, blur=True)
+    assert torch.equal(aug(x8, torch.Generator().manual_seed(20)), aug(xf, torch.Generator().manual_seed(20)))
+
+
+def test_dtypes_float64_kept_half_computed_in_float32():
+    x = _images(2, 8, 8)
+    assert A.adjust_hue(x.double(), 0.2).dtype == torch.float64
+    torch.testing.assert_close(A.adjust_hue(x.double(), 0.2).float(), A.adjust_hue(x, 0.2), rtol=0, atol=1e-6)
+    assert A.gaussian_blur(x.half(), 3, 1.0).dtype == torch.float32
+
+
+def test_blur_and_pipeline_ignore_autocast():
+    x = _images(2, 16, 16)
+    plain = A.gaussian_blur(x, 5, 1.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = A.gaussian_blur(x, 5, 1.5)
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, plain, rtol=0, atol=1e-6)
+    aug = A.SimCLRAugment(12, blur=True, strength=1.0)
+    plain = aug(x, torch.Generator().manual_seed(21))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = aug(x, torch.Generator().manual_seed(21))
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, plain, rtol=0, atol=1e-6)
+
+
+def test_pipeline_never_reads_tensor_values_on_the_host():
+    # Meta tensors have shapes but no data: .item(), bool(tensor) or a host copy would raise, so
+    # this shows the pipeline queues its work without waiting for the device (and keeps every
+    # tensor on the images' device).
+    x = torch.empty(4, 3, 40, 36, dtype=torch.uint8, device="meta")
+    for crop, blur in itertools.product([False, True], repeat=2):
+        out = A.SimCLRAugment(32, crop=crop, blur=blur, strength=1.0)(x)
+        assert out.device.type == "meta" and out.shape == (4, 3, 32, 32)
+
+
+def test_describe():
+    assert A.SimCLRAugment(32).describe() == "crop+flip+color(s=0.5)"
+    assert A.SimCLRAugment(32, crop=False, color=False).describe() == "flip"
+    assert A.SimCLRAugment(224, blur=True, strength=1.0).describe() == "crop+flip+color(s=1)+blur"
+    assert A.SimCLRAugment(32, crop=False, flip=False, color=False).describe() == "none"
+    assert A.SimCLRAugment(32, scale=(0.2, 1.0)).describe() == "crop(scale=0.2-1)+flip+color(s=0.5)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------
+
+_X = torch.rand(2, 3, 8, 8)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: A.adjust_brightness(torch.rand(3, 8, 8), 1.0), "single image"),
+    (lambda: A.adjust_brightness(torch.rand(2, 8, 8, 3, 1), 1.0), r"\(B, 3, H, W\)"),
+    (lambda: A.adjust_brightness(torch.rand(2, 4, 8, 8), 1.0), "3 \\(RGB\\) channels"),
+    (lambda: A.adjust_brightness(torch.rand(2, 1, 8, 8), 1.0), "3 \\(RGB\\) channels"),
+    (lambda: A.adjust_brightness(torch.ones(2, 3, 8, 8, dtype=torch.int64), 1.0), "uint8"),
+    (lambda: A.adjust_brightness(torch.ones(2, 3, 8, 8, dtype=torch.bool), 1.0), "uint8"),
+    (lambda: A.adjust_brightness(torch.rand(0, 3, 8, 8), 1.0), "at least one image"),
+    (lambda: A.adjust_brightness([[1.0]], 1.0), "torch.Tensor"),
+    (lambda: A.adjust_brightness(_X, torch.ones(3)), r"shape \(2,\)"),
+    (lambda: A.adjust_brightness(_X, -0.5), "factor must be in"),
+    (lambda: A.adjust_contrast(_X, torch.ones(2, 1)), r"shape \(2,\)"),
+    (lambda: A.adjust_hue(_X, 0.7), r"\[-0.5, 0.5\]"),
+    (lambda: A.adjust_hue(_X, float("nan")), "finite"),
+    (lambda: A.rgb_to_grayscale(_X, 2), "1 or 3"),
+    (lambda: A.gaussian_blur(_X, 4, 1.0), "odd positive"),
+    (lambda: A.gaussian_blur(_X, 0, 1.0), "odd positive"),
+    (lambda: A.gaussian_blur(_X, -3, 1.0), "odd positive"),
+    (lambda: A.gaussian_blur(_X, 17, 1.0), "too large"),
+    (lambda: A.gaussian_blur(_X, 3, 0.0), "sigma must be positive"),
+    (lambda: A.gaussian_blur(_X, 3, -1.0), "sigma must be positive"),
+    (lambda: A.gaussian_blur(_X, 3, torch.ones(5)), r"shape \(2,\)"),
+    (lambda: A.hflip(_X, torch.tensor([1, 0])), "bool tensor"),
+    (lambda: A.hflip(_X, torch.tensor([True])), "bool tensor"),
+    (lambda: A.resized_crop(_X, torch.zeros(2, 3), 4), r"shape \(2, 4\)"),
+    (lambda: A.resized_crop(_X, torch.zeros(3, 4), 4), r"shape \(2, 4\)"),
+    (lambda: A.resized_crop(_X, torch.zeros(2, 4), 0), "positive int"),
+    (lambda: A.resized_crop(_X, torch.zeros(2, 4), (4, -1)), "positive int"),
+    (lambda: A.random_resized_crop(_X, 4, scale=(0.5, 0.1)), "scale"),
+    (lambda: A.random_resized_crop(_X, 4, ratio=(0.0, 1.0)), "ratio"),
+    (lambda: A.random_hflip(_X, p=1.5), "probability"),
+    (lambda: A.color_jitter(_X, strength=3.0), "strength"),
+    (lambda: A.color_jitter(_X, strength=-1.0), "strength"),
+    (lambda: A.random_grayscale(_X, p=-0.1), "probability"),
+    (lambda: A.random_gaussian_blur(_X, sigma=(0.0, 2.0)), "sigma"),
+    (lambda: A.random_gaussian_blur(_X, generator=object()), "torch.Generator"),
+    (lambda: A.SimCLRAugment(0), "size must be a positive int"),
+    (lambda: A.SimCLRAugment(32.0), "size must be a positive int"),
+    (lambda: A.SimCLRAugment(32, crop="yes"), "crop must be True or False"),
+    (lambda: A.SimCLRAugment(32)(torch.rand(3, 32, 32)), "single image"),
+    (lambda: A.apply_color_jitter(_X, A.sample_color_jitter(3)), r"shape \(2,\)"),
+])
+def test_bad_input_raises_clear_value_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 # ==================================================================================================
@@ -603,556 +1164,7 @@ def test_simclr_model_returns_h_and_z():
 
 
 # ==================================================================================================
-# augment.py
-# ==================================================================================================
-
-ATOL = 1e-4  # the agreement the interface promises with torchvision on float images
-
-
-def _images(batch: int = 6, height: int = 13, width: int = 17, seed: int = 0) -> torch.Tensor:
-    """Random images; from 3 images on, the first three are the awkward cases: all gray, pure
-    primaries, ties between channels with exact 0s and 1s."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, 3, height, width, generator=g)
-    if batch < 3:
-        return x
-    x[0] = x[0, :1]  # an all-gray image
-    x[1, :, :3] = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
-    x[1, :, 3:5] = torch.tensor([0.0, 0.0, 1.0]).view(3, 1, 1)
-    x[2] = (x[2] * 4).round() / 4  # many ties between channels, many 0s and 1s
-    return x
-
-
-def _pixel(*rgb: float) -> torch.Tensor:
-    return torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1)
-
-
-def _tvf():
-    pytest.importorskip("torchvision")
-    import torchvision.transforms.v2.functional as tvf
-    return tvf
-
-
-# ----------------------------------------------------------------------------------------------
-# Hand-computed values
-# ----------------------------------------------------------------------------------------------
-
-def test_grayscale_weights_by_hand():
-    x = torch.cat([_pixel(1, 0, 0), _pixel(0, 1, 0), _pixel(0, 0, 1), _pixel(0.5, 0.5, 0.5)])
-    gray = A.rgb_to_grayscale(x)
-    assert gray.shape == (4, 1, 1, 1)
-    expected = torch.tensor([0.2989, 0.587, 0.114, 0.5 * (0.2989 + 0.587 + 0.114)])
-    torch.testing.assert_close(gray.flatten(), expected, rtol=0, atol=1e-7)
-    gray3 = A.rgb_to_grayscale(x, num_output_channels=3)
-    assert gray3.shape == (4, 3, 1, 1)
-    torch.testing.assert_close(gray3, gray.expand(-1, 3, -1, -1), rtol=0, atol=0)
-
-
-def test_brightness_by_hand_scales_and_clips():
-    x = torch.cat([_pixel(0.2, 0.5, 0.8), _pixel(0.2, 0.5, 0.8)])
-    out = A.adjust_brightness(x, torch.tensor([1.5, 0.5]))
-    torch.testing.assert_close(out.flatten(), torch.tensor([0.3, 0.75, 1.0, 0.1, 0.25, 0.4]), rtol=0, atol=1e-6)
-    torch.testing.assert_close(A.adjust_brightness(x, 0.0), torch.zeros_like(x), rtol=0, atol=0)
-
-
-def test_contrast_by_hand_blends_with_mean_luma():
-    # Two gray pixels, 0.2 and 0.6: luma = value * (sum of weights), mean luma = 0.4 * that sum.
-    x = torch.cat([torch.full((1, 3, 1, 1), 0.2), torch.full((1, 3, 1, 1), 0.6)], dim=3)
-    mean = 0.4 * (0.2989 + 0.587 + 0.114)
-    half = A.adjust_contrast(x, 0.5)
-    torch.testing.assert_close(half[0, :, 0, 0], torch.full((3,), 0.5 * 0.2 + 0.5 * mean), rtol=0, atol=1e-6)
-    torch.testing.assert_close(half[0, :, 0, 1], torch.full((3,), 0.5 * 0.6 + 0.5 * mean), rtol=0, atol=1e-6)
-    flat = A.adjust_contrast(x, 0.0)
-    torch.testing.assert_close(flat, torch.full_like(x, mean), rtol=0, atol=1e-6)
-    # factor 3: 3 * 0.6 - 2 * mean > 1 is clipped; 3 * 0.2 - 2 * mean < 0 is clipped.
-    strong = A.adjust_contrast(x, 3.0)
-    assert torch.equal(strong[0, :, 0, 0], torch.zeros(3)) and torch.equal(strong[0, :, 0, 1], torch.ones(3))
-
-
-def test_saturation_by_hand():
-    x = _pixel(0.6, 0.4, 0.2)
-    luma = 0.2989 * 0.6 + 0.587 * 0.4 + 0.114 * 0.2
-    torch.testing.assert_close(A.adjust_saturation(x, 0.0).flatten(), torch.full((3,), luma), rtol=0, atol=1e-6)
-    doubled = A.adjust_saturation(x, 2.0).flatten()
-    expected = torch.tensor([2 * 0.6 - luma, 2 * 0.4 - luma, 0.0])  # the blue channel clips at 0
-    torch.testing.assert_close(doubled, expected, rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("rgb, shift, expected", [
-    ((1.0, 0.0, 0.0), 1 / 3, (0.0, 1.0, 0.0)),   # red turns green
-    ((1.0, 0.0, 0.0), -1 / 3, (0.0, 0.0, 1.0)),  # red turns blue
-    ((1.0, 0.0, 0.0), 0.5, (0.0, 1.0, 1.0)),     # complement: cyan
-    ((0.0, 1.0, 0.0), 1 / 3, (0.0, 0.0, 1.0)),
-    # hue 20 deg (max R, (G - B) / chroma = 1/3 of a sextant) + 60 deg = 80 deg:
-    # value 0.8, min 0.2 kept, the middle channel is min + chroma * (2 - 4/3) = 0.6.
-    ((0.8, 0.4, 0.2), 1 / 6, (0.6, 0.8, 0.2)),
-    ((0.5, 0.5, 0.5), 0.25, (0.5, 0.5, 0.5)),    # gray has no hue
-    ((0.0, 0.0, 0.0), -0.4, (0.0, 0.0, 0.0)),
-])
-def test_hue_by_hand(rgb, shift, expected):
-    out = A.adjust_hue(_pixel(*rgb), shift).flatten()
-    torch.testing.assert_close(out, torch.tensor(expected), rtol=0, atol=1e-6)
-
-
-def test_hue_per_image_equals_scalar_calls():
-    x = _images()
-    shifts = torch.linspace(-0.5, 0.5, x.shape[0])
-    out = A.adjust_hue(x, shifts)
-    for i in range(x.shape[0]):
-        torch.testing.assert_close(out[i:i + 1], A.adjust_hue(x[i:i + 1], shifts[i].item()), rtol=0, atol=1e-6)
-
-
-def test_hflip_by_hand_and_mask():
-    x = torch.arange(12.0).view(2, 1, 1, 6).expand(2, 3, 1, 6) / 12
-    flipped = A.hflip(x)
-    torch.testing.assert_close(flipped[0, 0, 0], torch.arange(5.0, -1.0, -1.0) / 12, rtol=0, atol=0)
-    masked = A.hflip(x, torch.tensor([False, True]))
-    assert torch.equal(masked[0], x[0]) and torch.equal(masked[1], x[1].flip(-1))
-
-
-def test_resized_crop_identity_and_plain_crop():
-    x = _images(2, 9, 11)
-    full = torch.tensor([[0, 0, 9, 11], [0, 0, 9, 11]])
-    torch.testing.assert_close(A.resized_crop(x, full, (9, 11)), x, rtol=0, atol=1e-6)
-    boxes = torch.tensor([[1, 2, 4, 5], [5, 6, 4, 5]])
-    out = A.resized_crop(x, boxes, (4, 5))
-    torch.testing.assert_close(out[0], x[0, :, 1:5, 2:7], rtol=0, atol=1e-6)
-    torch.testing.assert_close(out[1], x[1, :, 5:9, 6:11], rtol=0, atol=1e-6)
-
-
-def test_resized_crop_2x_up_and_down_by_hand():
-    x = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(1))
-    # Upsampling the top-left 2x2 by 2: output centres fall at -0.25 (clamped to 0), 0.25, 0.75
-    # and 1.25 (clamped to the crop's last pixel, never reading column 2 outside the crop).
-    up = A.resized_crop(x, torch.tensor([[0, 0, 2, 2]]), 4)
-    a, b = x[0, :, 0, 0], x[0, :, 0, 1]
-    expected_row = torch.stack([a, 0.75 * a + 0.25 * b, 0.25 * a + 0.75 * b, b], dim=-1)
-    torch.testing.assert_close(up[0, :, 0], expected_row, rtol=0, atol=1e-6)
-    # Downsampling the whole 4x4 by 2: centres at 0.5 and 2.5, the mean of each 2x2 block.
-    down = A.resized_crop(x, torch.tensor([[0, 0, 4, 4]]), 2)
-    blocks = x[0].unfold(1, 2, 2).unfold(2, 2, 2).mean(dim=(-1, -2))
-    torch.testing.assert_close(down[0], blocks, rtol=0, atol=1e-6)
-
-
-def test_resized_crop_overhanging_box_reads_zeros():
-    x = torch.rand(1, 3, 2, 2, generator=torch.Generator().manual_seed(2))
-    out = A.resized_crop(x, torch.tensor([[-1, -1, 3, 3]]), 3)
-    expected = torch.zeros(1, 3, 3, 3)
-    expected[:, :, 1:, 1:] = x
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
-
-
-def test_blur_constant_stays_constant_and_delta_gives_kernel():
-    constant = torch.full((2, 3, 6, 7), 0.3)
-    torch.testing.assert_close(A.gaussian_blur(constant, 5, torch.tensor([0.5, 3.0])), constant,
-                               rtol=0, atol=1e-6)
-    delta = torch.zeros(2, 3, 7, 7)
-    delta[:, :, 3, 3] = 1.0
-    sigmas = torch.tensor([1.0, 0.5])
-    out = A.gaussian_blur(delta, 3, sigmas)
-    for i, sigma in enumerate(sigmas.tolist()):
-        side = math.exp(-0.5 / sigma ** 2)
-        taps = torch.tensor([side, 1.0, side]) / (1.0 + 2.0 * side)
-        expected = torch.zeros(7, 7)
-        expected[2:5, 2:5] = taps[:, None] * taps[None, :]
-        torch.testing.assert_close(out[i], expected.expand(3, 7, 7), rtol=0, atol=1e-6)
-
-
-def test_blur_reflects_at_the_border():
-    # Reflection (not zero or edge padding): pixel -1 is pixel 1, so a delta at (1, 1) reaches
-    # the corner (0, 0) from both sides in each axis: weight (2 * side tap) ** 2.
-    delta = torch.zeros(1, 3, 5, 5)
-    delta[:, :, 1, 1] = 1.0
-    side = math.exp(-0.5)
-    side_tap = side / (1.0 + 2.0 * side)
-    out = A.gaussian_blur(delta, 3, 1.0)
-    torch.testing.assert_close(out[0, :, 0, 0], torch.full((3,), (2 * side_tap) ** 2), rtol=0, atol=1e-6)
-
-
-def test_blur_kernel_size_follows_simclr():
-    assert [A.blur_kernel_size(s) for s in (224, 96, 64, 32, 19)] == [23, 9, 7, 3, 1]
-
-
-# ----------------------------------------------------------------------------------------------
-# Against torchvision (skipped without it)
-# ----------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("name, factors", [
-    ("adjust_brightness", [0.0, 0.3, 0.9, 1.0, 1.5, 2.0]),
-    ("adjust_contrast", [0.0, 0.3, 0.9, 1.0, 1.5, 2.0]),
-    ("adjust_saturation", [0.0, 0.3, 0.9, 1.0, 1.5, 2.0]),
-    ("adjust_hue", [-0.5, -0.3, 0.0, 0.1, 1 / 3, 0.5]),
-])
-def test_color_primitives_match_torchvision(name, factors):
-    tvf = _tvf()
-    x = _images()
-    ours = getattr(A, name)(x, torch.tensor(factors))
-    for i, factor in enumerate(factors):
-        reference = getattr(tvf, name)(x[i], factor)
-        torch.testing.assert_close(ours[i], reference, rtol=0, atol=ATOL)
-        torch.testing.assert_close(getattr(A, name)(x[i:i + 1], factor)[0], reference, rtol=0, atol=ATOL)
-
-
-def test_grayscale_hflip_match_torchvision():
-    tvf = _tvf()
-    x = _images()
-    for channels in (1, 3):
-        torch.testing.assert_close(A.rgb_to_grayscale(x, channels), tvf.rgb_to_grayscale(x, channels),
-                                   rtol=0, atol=ATOL)
-    torch.testing.assert_close(A.hflip(x), tvf.horizontal_flip(x), rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("kernel_size", [1, 3, 5, 9, 23])
-def test_gaussian_blur_matches_torchvision(kernel_size):
-    tvf = _tvf()
-    x = _images(height=13, width=29)
-    if kernel_size // 2 >= 13:
-        x = _images(height=30, width=29)
-    sigmas = torch.tensor([0.1, 0.5, 1.0, 2.0, 3.0, 7.0])
-    ours = A.gaussian_blur(x, kernel_size, sigmas)
-    for i, sigma in enumerate(sigmas.tolist()):
-        reference = tvf.gaussian_blur(x[i], [kernel_size, kernel_size], [sigma, sigma])
-        torch.testing.assert_close(ours[i], reference, rtol=0, atol=ATOL)
-
-
-@pytest.mark.parametrize("size", [(13, 17), (8, 8), (31, 11), (1, 1), (40, 40)])
-def test_resized_crop_matches_torchvision(size):
-    tvf = _tvf()
-    x = _images()
-    # Whole image, inside boxes of several shapes, a 1x1 box, and boxes overhanging the border.
-    boxes = torch.tensor([[0, 0, 13, 17], [2, 3, 10, 5], [5, 1, 8, 16], [12, 16, 1, 1],
-                          [-3, -2, 8, 30], [6, 9, 10, 12]])
-    ours = A.resized_crop(x, boxes, size)
-    for i in range(x.shape[0]):
-        reference = tvf.resized_crop(x[i], *boxes[i].tolist(), size=list(size), antialias=False)
-        torch.testing.assert_close(ours[i], reference, rtol=0, atol=ATOL)
-
-
-def test_random_resized_crop_matches_torchvision_on_its_boxes():
-    tvf = _tvf()
-    x = _images(8, 40, 30)
-    boxes = A.sample_resized_crop_boxes(8, 40, 30, generator=torch.Generator().manual_seed(3))
-    ours = A.random_resized_crop(x, 24, generator=torch.Generator().manual_seed(3))
-    for i in range(8):
-        top, left, height, width = (int(v) for v in boxes[i].tolist())
-        reference = tvf.resized_crop(x[i], top, left, height, width, size=[24, 24], antialias=False)
-        torch.testing.assert_close(ours[i], reference, rtol=0, atol=ATOL)
-
-
-def _jitter_in_order(image, params, i: int, ops):
-    """Image i (as `image`) with the four jitter ops applied one at a time, in its sampled order.
-    ops: brightness, contrast, saturation, hue functions taking (image, factor)."""
-    factors = [params.brightness, params.contrast, params.saturation, params.hue]
-    if params.applied[i]:
-        for op in params.order[i].tolist():
-            image = ops[op](image, factors[op][i].item())
-    return image
-
-
-def test_color_jitter_matches_torchvision_in_each_images_order():
-    tvf = _tvf()
-    x = _images(24, 9, 10)
-    params = A.sample_color_jitter(24, strength=1.0, p=0.8, generator=torch.Generator().manual_seed(4))
-    ours = A.apply_color_jitter(x, params)
-    ops = [tvf.adjust_brightness, tvf.adjust_contrast, tvf.adjust_saturation, tvf.adjust_hue]
-    for i in range(24):
-        torch.testing.assert_close(ours[i], _jitter_in_order(x[i], params, i, ops), rtol=0, atol=ATOL)
-
-
-# ----------------------------------------------------------------------------------------------
-# Random ops: sampling, determinism, independence, probabilities
-# ----------------------------------------------------------------------------------------------
-
-def test_jitter_equals_primitives_in_each_images_order():
-    x = _images(24, 9, 10)
-    params = A.sample_color_jitter(24, strength=1.0, p=0.8, generator=torch.Generator().manual_seed(5))
-    ours = A.apply_color_jitter(x, params)
-    ops = [A.adjust_brightness, A.adjust_contrast, A.adjust_saturation, A.adjust_hue]
-    for i in range(24):
-        torch.testing.assert_close(ours[i:i + 1], _jitter_in_order(x[i:i + 1], params, i, ops), rtol=0, atol=1e-6)
-
-
-def test_jitter_order_is_random_and_matters():
-    params = A.sample_color_jitter(4800, generator=torch.Generator().manual_seed(6))
-    orders, counts = params.order.unique(dim=0, return_counts=True)
-    assert orders.shape[0] == 24  # every permutation of the four ops occurs
-    assert torch.equal(orders.sort(dim=1).values, torch.arange(4).expand(24, 4))
-    assert counts.min() > 4800 / 24 * 0.7 and counts.max() < 4800 / 24 * 1.3
-    # The same factors in two orders give two different images.
-    x = _images(1).expand(2, -1, -1, -1)
-    ones = torch.ones(2)
-    swapped = A.JitterParams(torch.ones(2, dtype=torch.bool), torch.full((2,), 1.8), torch.full((2,), 0.2), ones,
-                             torch.zeros(2), torch.tensor([[0, 1, 2, 3], [1, 0, 2, 3]]))
-    out = A.apply_color_jitter(x, swapped)
-    assert (out[0] - out[1]).abs().max() > 0.05
-
-
-def test_jitter_factor_ranges_follow_strength():
-    for strength in (0.5, 1.0, 1.5):
-        params = A.sample_color_jitter(3000, strength=strength, p=1.0, generator=torch.Generator().manual_seed(7))
-        low, high = max(0.0, 1 - 0.8 * strength), 1 + 0.8 * strength
-        for factor in (params.brightness, params.contrast, params.saturation):
-            assert factor.min() >= low and factor.max() <= high
-            assert factor.min() < low + 0.05 * (high - low) and factor.max() > high - 0.05 * (high - low)
-        assert params.hue.abs().max() <= 0.2 * strength and params.hue.abs().max() > 0.19 * strength
-
-
-def test_crop_boxes_stay_inside_and_follow_scale_and_ratio():
-    height, width = 224, 224
-    boxes = A.sample_resized_crop_boxes(4000, height, width, generator=torch.Generator().manual_seed(8))
-    top, left, h, w = boxes.unbind(1)
-    assert torch.equal(boxes, boxes.round())
-    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
-    assert (top + h <= height).all() and (left + w <= width).all()
-    # Rounding each side to a whole pixel moves area and ratio by at most half a pixel per side.
-    area = height * width
-    assert ((w + 0.5) * (h + 0.5) >= 0.08 * area).all() and ((w - 0.5) * (h - 0.5) <= area).all()
-    assert ((w + 0.5) / (h - 0.5) >= 3 / 4).all() and ((w - 0.5) / (h + 0.5) <= 4 / 3).all()
-    fraction, ratio = w * h / area, w / h
-    assert fraction.min() < 0.1 and fraction.max() > 0.9
-    assert ratio.min() < 0.77 and ratio.max() > 1.3
-    assert abs(ratio.log().mean().item()) < 0.02  # log-uniform ratio is symmetric around 1
-    # Placement is uniform: small crops reach every border.
-    small = h < 100
-    assert top[small].min() == 0 and (top + h)[small].max() == height
-    assert left[small].min() == 0 and (left + w)[small].max() == width
-
-
-def test_crop_fallback_is_the_centre_crop():
-    # An area 2-3x the image never fits in 10 tries: the fallback clamps the ratio into
-    # [3/4, 4/3] and centres the box. 20 x 50 is wider than 4/3: height 20, width round(80/3).
-    boxes = A.sample_resized_crop_boxes(5, 20, 50, scale=(2.0, 3.0), generator=torch.Generator().manual_seed(9))
-    assert torch.equal(boxes, torch.tensor([[0.0, 11.0, 20.0, 27.0]]).expand(5, 4))
-    tall = A.sample_resized_crop_boxes(3, 50, 20, scale=(2.0, 3.0), generator=torch.Generator().manual_seed(9))
-    assert torch.equal(tall, torch.tensor([[(50 - 27) // 2, 0.0, 27.0, 20.0]]).expand(3, 4))
-    square = A.sample_resized_crop_boxes(3, 16, 16, scale=(2.0, 3.0), generator=torch.Generator().manual_seed(9))
-    assert torch.equal(square, torch.tensor([[0.0, 0.0, 16.0, 16.0]]).expand(3, 4))
-
-
-def test_pipeline_is_the_random_ops_in_order():
-    # SimCLRAugment folds flip into the crop's sampling grid; it must equal the separate ops,
-    # drawing from the generator in the documented order (flip, crop, jitter, grayscale, blur).
-    x = _images(12, 40, 36)
-    out = A.SimCLRAugment(32, blur=True, strength=1.0)(x, torch.Generator().manual_seed(10))
-    g = torch.Generator().manual_seed(10)
-    flip = torch.rand(12, generator=g) < 0.5
-    expected = A.hflip(A.random_resized_crop(x, 32, generator=g), flip)
-    expected = A.color_jitter(expected, 1.0, 0.8, generator=g)
-    expected = A.random_grayscale(expected, 0.2, generator=g)
-    expected = A.random_gaussian_blur(expected, 0.5, 3, (0.1, 2.0), generator=g)
-    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
-    assert 0 < flip.sum() < 12
-
-
-def test_pipeline_without_crop_only_resizes_and_flips():
-    x = _images(6, 20, 28)
-    out = A.SimCLRAugment(16, crop=False, flip=True, color=False)(x, torch.Generator().manual_seed(11))
-    flip = torch.rand(6, generator=torch.Generator().manual_seed(11)) < 0.5
-    whole = torch.tensor([[0, 0, 20, 28]]).expand(6, 4)
-    torch.testing.assert_close(out, A.hflip(A.resized_crop(x, whole, 16), flip), rtol=0, atol=1e-6)
-    same_size = A.SimCLRAugment(20, crop=False, flip=False, color=False)
-    assert torch.equal(same_size(x[:, :, :, :20]), x[:, :, :, :20])
-
-
-@pytest.mark.parametrize("crop, flip, color, blur", list(itertools.product([False, True], repeat=4)))
-def test_pipeline_shapes_range_dtype(crop, flip, color, blur):
-    x = (_images(5, 24, 30) * 255).round().to(torch.uint8)
-    out = A.SimCLRAugment(16, crop=crop, flip=flip, color=color, blur=blur)(x, torch.Generator().manual_seed(12))
-    assert out.shape == (5, 3, 16, 16) and out.dtype == torch.float32
-    assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
-
-
-def test_pipeline_is_deterministic_per_seed_and_differs_across_seeds():
-    x = _images(8, 24, 24)
-    aug = A.SimCLRAugment(16, blur=True, strength=1.0)
-    first = aug(x, torch.Generator().manual_seed(13))
-    assert torch.equal(first, aug(x, torch.Generator().manual_seed(13)))
-    assert not torch.allclose(first, aug(x, torch.Generator().manual_seed(14)))
-    g = torch.Generator().manual_seed(13)
-    assert not torch.allclose(aug(x, g), aug(x, g))  # two views of one batch differ
-
-
-def test_images_of_a_batch_get_different_parameters():
-    x = _images(1, 24, 24).expand(16, -1, -1, -1)
-    out = A.SimCLRAugment(16, blur=True, strength=1.0)(x, torch.Generator().manual_seed(15))
-    flat = out.flatten(1)
-    distances = torch.cdist(flat, flat)
-    assert (distances + torch.eye(16) * 1e9).min() > 1e-3
-
-
-def test_result_of_an_image_does_not_depend_on_the_rest_of_the_batch():
-    x = _images(6, 15, 15)
-    factors = torch.tensor([0.2, 0.6, 1.0, 1.3, 1.7, 2.0])
-    boxes = torch.tensor([[0, 0, 15, 15], [2, 3, 8, 9], [1, 1, 5, 5], [0, 4, 11, 11], [7, 7, 8, 8], [3, 0, 12, 6]])
-    params = A.sample_color_jitter(6, generator=torch.Generator().manual_seed(16))
-    whole = {
-        "brightness": A.adjust_brightness(x, factors), "contrast": A.adjust_contrast(x, factors),
-        "saturation": A.adjust_saturation(x, factors), "hue": A.adjust_hue(x, factors / 4 - 0.25),
-        "blur": A.gaussian_blur(x, 5, factors), "crop": A.resized_crop(x, boxes, 7),
-        "jitter": A.apply_color_jitter(x, params),
-    }
-    for i in range(6):
-        one = slice(i, i + 1)
-        alone = {
-            "brightness": A.adjust_brightness(x[one], factors[one]), "contrast": A.adjust_contrast(x[one], factors[one]),
-            "saturation": A.adjust_saturation(x[one], factors[one]),
-            "hue": A.adjust_hue(x[one], factors[one] / 4 - 0.25), "blur": A.gaussian_blur(x[one], 5, factors[one]),
-            "crop": A.resized_crop(x[one], boxes[one], 7),
-            "jitter": A.apply_color_jitter(x[one], A.JitterParams(*(field[one] for field in params))),
-        }
-        for name in whole:
-            torch.testing.assert_close(whole[name][one], alone[name], rtol=0, atol=1e-6, msg=name)
-
-
-def test_probability_zero_and_one():
-    x = _images(16, 12, 12)
-    g = torch.Generator().manual_seed(17)
-    for op in (A.color_jitter, A.random_grayscale, A.random_gaussian_blur, A.random_hflip):
-        assert torch.equal(op(x, p=0.0, generator=g), x), op.__name__
-    assert torch.equal(A.random_hflip(x, p=1.0, generator=g), x.flip(-1))
-    gray = A.random_grayscale(x, p=1.0, generator=g)
-    assert torch.equal(gray, A.rgb_to_grayscale(x, 3))
-    assert torch.equal(A.random_gaussian_blur(x, p=1.0, kernel_size=5, sigma=(1.0, 1.0), generator=g),
-                       A.gaussian_blur(x, 5, 1.0))
-    jittered = A.color_jitter(x, strength=1.0, p=1.0, generator=g)
-    assert ((jittered - x).flatten(1).abs().amax(1) > 1e-3).all()
-
-
-def test_probability_half_applies_to_about_half():
-    x = _images(1, 8, 8).expand(2000, -1, -1, -1)
-    g = torch.Generator().manual_seed(18)
-    changed = {
-        "flip": A.random_hflip(x, 0.5, g), "gray": A.random_grayscale(x, 0.2, g),
-        "blur": A.random_gaussian_blur(x, 0.5, 3, generator=g), "jitter": A.color_jitter(x, 1.0, 0.8, g),
-    }
-    rates = {name: (out != x).flatten(1).any(1).float().mean().item() for name, out in changed.items()}
-    expected = {"flip": 0.5, "gray": 0.2, "blur": 0.5, "jitter": 0.8}
-    for name, rate in rates.items():
-        assert abs(rate - expected[name]) < 0.05, (name, rate)
-
-
-def test_blur_sigma_is_drawn_per_image():
-    x = torch.zeros(400, 3, 9, 9)
-    x[:, :, 4, 4] = 1.0
-    out = A.random_gaussian_blur(x, p=1.0, kernel_size=5, sigma=(0.1, 2.0), generator=torch.Generator().manual_seed(19))
-    centre = out[:, 0, 4, 4]
-    offsets = torch.arange(-2.0, 3.0)
-
-    def centre_weight(sigma: float) -> float:  # the 2-D kernel's middle tap, falling with sigma
-        return (1.0 / torch.exp(-0.5 * (offsets / sigma) ** 2).sum().item()) ** 2
-
-    assert centre.min() >= centre_weight(2.0) - 1e-6 and centre.max() <= 1.0
-    assert centre.min() < centre_weight(1.9) and centre.max() > centre_weight(0.2)
-    # sigma ~ U[0.1, 2]: half of the images have sigma above the midpoint 1.05 (400 draws: sd 0.025).
-    assert abs((centre < centre_weight(1.05)).float().mean().item() - 0.5) < 0.08
-
-
-def test_uint8_input_equals_float_input():
-    x8 = (_images(4, 10, 10) * 255).round().to(torch.uint8)
-    xf = x8.float() / 255
-    assert torch.equal(A.adjust_contrast(x8, 1.3), A.adjust_contrast(xf, 1.3))
-    assert torch.equal(A.resized_crop(x8, torch.tensor([[1, 1, 5, 5]]).expand(4, 4), 8),
-                       A.resized_crop(xf, torch.tensor([[1, 1, 5, 5]]).expand(4, 4), 8))
-    aug = A.SimCLRAugment(8, blur=True)
-    assert torch.equal(aug(x8, torch.Generator().manual_seed(20)), aug(xf, torch.Generator().manual_seed(20)))
-
-
-def test_dtypes_float64_kept_half_computed_in_float32():
-    x = _images(2, 8, 8)
-    assert A.adjust_hue(x.double(), 0.2).dtype == torch.float64
-    torch.testing.assert_close(A.adjust_hue(x.double(), 0.2).float(), A.adjust_hue(x, 0.2), rtol=0, atol=1e-6)
-    assert A.gaussian_blur(x.half(), 3, 1.0).dtype == torch.float32
-
-
-def test_blur_and_pipeline_ignore_autocast():
-    x = _images(2, 16, 16)
-    plain = A.gaussian_blur(x, 5, 1.5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = A.gaussian_blur(x, 5, 1.5)
-    assert inside.dtype == torch.float32
-    torch.testing.assert_close(inside, plain, rtol=0, atol=1e-6)
-    aug = A.SimCLRAugment(12, blur=True, strength=1.0)
-    plain = aug(x, torch.Generator().manual_seed(21))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = aug(x, torch.Generator().manual_seed(21))
-    assert inside.dtype == torch.float32
-    torch.testing.assert_close(inside, plain, rtol=0, atol=1e-6)
-
-
-def test_pipeline_never_reads_tensor_values_on_the_host():
-    # Meta tensors have shapes but no data: .item(), bool(tensor) or a host copy would raise, so
-    # this shows the pipeline queues its work without waiting for the device (and keeps every
-    # tensor on the images' device).
-    x = torch.empty(4, 3, 40, 36, dtype=torch.uint8, device="meta")
-    for crop, blur in itertools.product([False, True], repeat=2):
-        out = A.SimCLRAugment(32, crop=crop, blur=blur, strength=1.0)(x)
-        assert out.device.type == "meta" and out.shape == (4, 3, 32, 32)
-
-
-def test_describe():
-    assert A.SimCLRAugment(32).describe() == "crop+flip+color(s=0.5)"
-    assert A.SimCLRAugment(32, crop=False, color=False).describe() == "flip"
-    assert A.SimCLRAugment(224, blur=True, strength=1.0).describe() == "crop+flip+color(s=1)+blur"
-    assert A.SimCLRAugment(32, crop=False, flip=False, color=False).describe() == "none"
-    assert A.SimCLRAugment(32, scale=(0.2, 1.0)).describe() == "crop(scale=0.2-1)+flip+color(s=0.5)"
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad input
-# ----------------------------------------------------------------------------------------------
-
-_X = torch.rand(2, 3, 8, 8)
-
-
-@pytest.mark.parametrize("call, message", [
-    (lambda: A.adjust_brightness(torch.rand(3, 8, 8), 1.0), "single image"),
-    (lambda: A.adjust_brightness(torch.rand(2, 8, 8, 3, 1), 1.0), r"\(B, 3, H, W\)"),
-    (lambda: A.adjust_brightness(torch.rand(2, 4, 8, 8), 1.0), "3 \\(RGB\\) channels"),
-    (lambda: A.adjust_brightness(torch.rand(2, 1, 8, 8), 1.0), "3 \\(RGB\\) channels"),
-    (lambda: A.adjust_brightness(torch.ones(2, 3, 8, 8, dtype=torch.int64), 1.0), "uint8"),
-    (lambda: A.adjust_brightness(torch.ones(2, 3, 8, 8, dtype=torch.bool), 1.0), "uint8"),
-    (lambda: A.adjust_brightness(torch.rand(0, 3, 8, 8), 1.0), "at least one image"),
-    (lambda: A.adjust_brightness([[1.0]], 1.0), "torch.Tensor"),
-    (lambda: A.adjust_brightness(_X, torch.ones(3)), r"shape \(2,\)"),
-    (lambda: A.adjust_brightness(_X, -0.5), "factor must be in"),
-    (lambda: A.adjust_contrast(_X, torch.ones(2, 1)), r"shape \(2,\)"),
-    (lambda: A.adjust_hue(_X, 0.7), r"\[-0.5, 0.5\]"),
-    (lambda: A.adjust_hue(_X, float("nan")), "finite"),
-    (lambda: A.rgb_to_grayscale(_X, 2), "1 or 3"),
-    (lambda: A.gaussian_blur(_X, 4, 1.0), "odd positive"),
-    (lambda: A.gaussian_blur(_X, 0, 1.0), "odd positive"),
-    (lambda: A.gaussian_blur(_X, -3, 1.0), "odd positive"),
-    (lambda: A.gaussian_blur(_X, 17, 1.0), "too large"),
-    (lambda: A.gaussian_blur(_X, 3, 0.0), "sigma must be positive"),
-    (lambda: A.gaussian_blur(_X, 3, -1.0), "sigma must be positive"),
-    (lambda: A.gaussian_blur(_X, 3, torch.ones(5)), r"shape \(2,\)"),
-    (lambda: A.hflip(_X, torch.tensor([1, 0])), "bool tensor"),
-    (lambda: A.hflip(_X, torch.tensor([True])), "bool tensor"),
-    (lambda: A.resized_crop(_X, torch.zeros(2, 3), 4), r"shape \(2, 4\)"),
-    (lambda: A.resized_crop(_X, torch.zeros(3, 4), 4), r"shape \(2, 4\)"),
-    (lambda: A.resized_crop(_X, torch.zeros(2, 4), 0), "positive int"),
-    (lambda: A.resized_crop(_X, torch.zeros(2, 4), (4, -1)), "positive int"),
-    (lambda: A.random_resized_crop(_X, 4, scale=(0.5, 0.1)), "scale"),
-    (lambda: A.random_resized_crop(_X, 4, ratio=(0.0, 1.0)), "ratio"),
-    (lambda: A.random_hflip(_X, p=1.5), "probability"),
-    (lambda: A.color_jitter(_X, strength=3.0), "strength"),
-    (lambda: A.color_jitter(_X, strength=-1.0), "strength"),
-    (lambda: A.random_grayscale(_X, p=-0.1), "probability"),
-    (lambda: A.random_gaussian_blur(_X, sigma=(0.0, 2.0)), "sigma"),
-    (lambda: A.random_gaussian_blur(_X, generator=object()), "torch.Generator"),
-    (lambda: A.SimCLRAugment(0), "size must be a positive int"),
-    (lambda: A.SimCLRAugment(32.0), "size must be a positive int"),
-    (lambda: A.SimCLRAugment(32, crop="yes"), "crop must be True or False"),
-    (lambda: A.SimCLRAugment(32)(torch.rand(3, 32, 32)), "single image"),
-    (lambda: A.apply_color_jitter(_X, A.sample_color_jitter(3)), r"shape \(2,\)"),
-])
-def test_bad_input_raises_clear_value_error(call, message):
-    with pytest.raises(ValueError, match=message):
-        call()
-
-
-# ==================================================================================================
-# data.py
+# shapes.py and data.py: the procedural world, folders, CIFAR, downloads, batches
 # ==================================================================================================
 
 @pytest.fixture(autouse=True)
@@ -1694,16 +1706,8 @@ def test_cli_grid_info_and_user_errors(tmp_path, capsys):
 
 
 # ==================================================================================================
-# simclr.py: optimisation, checkpoints, pretraining, evaluation, faults
+# train.py: optimisation, checkpoints and run folders, the training loop, evaluation
 # ==================================================================================================
-
-def tiny_pretrain_config(**overrides) -> simclr.PretrainConfig:
-    """A pretraining run of a few seconds on CPU: a narrow ResNet-18 on 16-pixel images."""
-    cfg = dict(data="shapes-pool", eval_data="shapes5", image_size=16, n_images=256, model="resnet18", width=0.125,
-               head_layers=2, epochs=2, batch_size=64, knn_every=1, knn_k=20, log_every=1, device="cpu", seed=0)
-    cfg.update(overrides)
-    return simclr.PretrainConfig(**cfg)
-
 
 # --- optimisation ---------------------------------------------------------------------------------
 
@@ -1819,6 +1823,88 @@ def test_select_device_errors():
             train.select_device("cuda")
 
 
+# --- the training loop, the linear probe and the kNN monitor, on toy problems --------------------
+
+def _two_tone_set(n: int = 64, seed: int = 0) -> data.ImageSet:
+    """Dark images are class 0, bright ones class 1 (4x4 pixels, noisy): a linear model learns it."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    images = (60 + 120 * labels[:, None, None, None] + rng.integers(0, 40, (n, 4, 4, 3))).astype(np.uint8)
+    return data.ImageSet(images, labels.astype(np.int64), ["dark", "bright"])
+
+
+def test_fit_trains_logs_evaluates_and_keeps_the_best(tmp_path):
+    torch.manual_seed(0)
+    images = _two_tone_set()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+    loss_fn = lambda x, y, g: F.cross_entropy(model(x.float() / 255 - 0.5), y)  # noqa: E731
+    loader = data.BatchLoader(images, 16, "cpu", seed=0)
+
+    def evaluate() -> dict:
+        with torch.no_grad():
+            x = torch.from_numpy(images.images).permute(0, 3, 1, 2).float() / 255 - 0.5
+            return dict(acc=float((model(x).argmax(1).numpy() == images.labels).mean()))
+
+    run = train.RunFolder(tmp_path / "toy")
+    schedule = train.Schedule(epochs=6, lr=0.5, optimizer="sgd", log_every=2)
+    history = train.fit(model, loss_fn, loader, run, schedule, device=torch.device("cpu"), evaluate=evaluate,
+                        select="acc", meta=dict(kind="toy"))
+    log = [json.loads(line) for line in (tmp_path / "toy" / "log.jsonl").read_text().splitlines()]
+    losses_logged = [r["loss"] for r in log if "loss" in r]
+    assert len(history) == 6 and [r["epoch"] for r in history] == list(range(1, 7))
+    assert len(losses_logged) == 6 * 4 // 2 and losses_logged[-1] < losses_logged[0] / 2
+    assert history[-1]["acc"] == 1.0
+    best = train.load_checkpoint(tmp_path / "toy" / "best.pt")
+    assert best["kind"] == "toy" and best["best"] == max(r["acc"] for r in history) and best["optimizer"] == {}
+    assert train.load_checkpoint(run.checkpoint)["step"] == 6 * len(loader)
+
+
+def test_train_linear_separates_and_does_not_depend_on_feature_scale():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    torch.manual_seed(0)  # the layer's initial weights
+    layer = train.train_linear(x, y, 2, epochs=50, batch_size=50, lr=0.5)
+    assert (layer(x).argmax(1) == y).float().mean() >= 0.97
+    # Features are standardised before training and the standardisation is folded into the layer, so
+    # an affine change of the features trains the same classifier.
+    torch.manual_seed(0)
+    shifted = train.train_linear(10 * x + 3, y, 2, epochs=50, batch_size=50, lr=0.5)
+    torch.testing.assert_close(shifted(10 * x + 3), layer(x), atol=1e-3, rtol=1e-3)
+
+
+def test_knn_accuracy_on_hand_made_points():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    bank_labels = torch.tensor([0, 0, 1, 1])
+    query = torch.tensor([[1.0, 0.05], [0.1, 1.0]])
+    assert simclr.knn_accuracy(bank, bank_labels, query, torch.tensor([0, 1]), 2, k=1) == 1.0
+    assert simclr.knn_accuracy(bank, bank_labels, query, torch.tensor([1, 1]), 2, k=1) == 0.5
+    # k = 4: every bank point votes with weight exp(cos / T); by hand, the query (0, 1) sees
+    # class 0 at cos 0 and 0.110 and class 1 at cos 1 and 0, so class 1 wins.
+    u = F.normalize(bank, dim=1) @ torch.tensor([0.0, 1.0])
+    votes = [float(torch.exp(u[bank_labels == c] / 0.1).sum()) for c in (0, 1)]
+    assert votes[1] > votes[0]
+    assert simclr.knn_accuracy(bank, bank_labels, torch.tensor([[0.0, 1.0]]), torch.tensor([1]), 2, k=4) == 1.0
+
+
+def test_checkpoint_of_a_newer_format_is_refused(tmp_path):
+    train.atomic_save(dict(kind="pretrain", format=train.CHECKPOINT_FORMAT + 1), tmp_path / "new.pt")
+    with pytest.raises(train.UserError, match="newer version of this project"):
+        train.load_checkpoint(tmp_path / "new.pt")
+
+
+# ==================================================================================================
+# simclr.py: pretraining, evaluation, fine-tuning, faults
+# ==================================================================================================
+
+def tiny_pretrain_config(**overrides) -> simclr.PretrainConfig:
+    """A pretraining run of a few seconds on CPU: a narrow ResNet-18 on 16-pixel images."""
+    cfg = dict(data="shapes-pool", eval_data="shapes5", image_size=16, n_images=256, model="resnet18", width=0.125,
+               head_layers=2, epochs=2, batch_size=64, knn_every=1, knn_k=20, log_every=1, device="cpu", seed=0)
+    cfg.update(overrides)
+    return simclr.PretrainConfig(**cfg)
+
+
 # --- pretraining ----------------------------------------------------------------------------------
 
 
@@ -1905,9 +1991,11 @@ def test_resume_of_a_redo_stage_never_replaces_another_run(tmp_path, capsys):
 def test_linear_eval_and_finetune_from_pretrained(tmp_path):
     simclr.pretrain(tiny_pretrain_config(eval_data=None, epochs=1), tmp_path / "pre")
     ckpt = tmp_path / "pre" / "checkpoint.pt"
-    res = simclr.linear_eval(simclr.LinearEvalConfig(checkpoint=ckpt, data="shapes5", epochs=20, device="cpu"), tmp_path / "lin")
+    res = simclr.linear_eval(simclr.LinearEvalConfig(checkpoint=ckpt, data="shapes5", epochs=20,
+                                                     device="cpu"), tmp_path / "lin")
     assert 0.0 <= res["test"]["top1"] <= 1.0 and set(res["test"]["per_class"]) == set(res["val"]["per_class"])
-    ft = simclr.finetune(simclr.FinetuneConfig(checkpoint=ckpt, data="shapes5", fraction=0.5, head_layer=1, epochs=1, batch_size=32, device="cpu"), tmp_path / "ft")
+    ft = simclr.finetune(simclr.FinetuneConfig(checkpoint=ckpt, data="shapes5", fraction=0.5, head_layer=1, epochs=1,
+                                               batch_size=32, device="cpu"), tmp_path / "ft")
     teacher, meta = train.load_classifier(ft["best"], num_classes=5)
     assert meta["kind"] == "finetune" and teacher.head_layer == 1
     with pytest.raises(train.UserError, match="predicts 5 classes"):
@@ -2120,7 +2208,9 @@ def majority(labels) -> float:
 
 def test_distilled_student_agrees_with_fixed_teacher(world, tmp_path):
     task = world["relabelled"]
-    res = distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", width=0.125, mode="scratch", epochs=4, batch_size=32, lr=0.1, crop=False, flip=False, device="cpu", log_every=100), tmp_path / "kd", task=task)
+    res = distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", width=0.125, mode="scratch",
+                                                epochs=4, batch_size=32, lr=0.1, crop=False, flip=False, device="cpu",
+                                                log_every=100), tmp_path / "kd", task=task)
     chance = majority(task.test.labels)  # what a constant student would agree
     # Seeded runs (seeds 0-2) agreed 0.74-0.84 on test against a majority rate of 0.52; without
     # learning from the soft labels a student stays near chance.
@@ -2133,7 +2223,10 @@ def test_distilled_student_agrees_with_fixed_teacher(world, tmp_path):
 def test_frozen_base_never_changes_and_dense_layers_learn(world, tmp_path):
     task = world["relabelled"]
     # Flip augmentation: the base runs every step, so a BN layer in training mode would drift.
-    res = distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen", student="resnet18", width=0.125, student_checkpoint=world["base"], dense_layers=(32,), epochs=3, batch_size=32, lr=0.1, crop=False, flip=True, device="cpu", log_every=100), tmp_path / "kd", task=task)
+    res = distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen",
+                                                student="resnet18", width=0.125, student_checkpoint=world["base"],
+                                                dense_layers=(32,), epochs=3, batch_size=32, lr=0.1, crop=False,
+                                                flip=True, device="cpu", log_every=100), tmp_path / "kd", task=task)
     base = train.load_checkpoint(world["base"])["model"]
     student, meta = train.load_classifier(res["best"], 2)
     for k, v in student.encoder.state_dict().items():
@@ -2146,7 +2239,10 @@ def test_frozen_base_never_changes_and_dense_layers_learn(world, tmp_path):
 
 
 def test_frozen_base_cached_features_match_forward(world, tmp_path):
-    res = distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen", width=0.125, student_checkpoint=world["base"], dense_layers=(16,), epochs=2, batch_size=32, preset="paper", device="cpu", log_every=100), tmp_path / "kd", task=world["task"])
+    res = distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen", width=0.125,
+                                                student_checkpoint=world["base"], dense_layers=(16,), epochs=2,
+                                                batch_size=32, preset="paper", device="cpu",
+                                                log_every=100), tmp_path / "kd", task=world["task"])
     config = json.loads((tmp_path / "kd" / "config.json").read_text())
     assert config["cached_base_features"] and config["soft_labels_effective"] == "precomputed"
     assert config["lr"] == 0.01 and config["weight_decay"] == 1e-4 and config["temperature"] == 1.0
@@ -2156,23 +2252,35 @@ def test_frozen_base_cached_features_match_forward(world, tmp_path):
 def test_frozen_base_must_not_be_the_teachers_encoder(world, tmp_path):
     common = dict(mode="frozen", width=0.125, epochs=1, batch_size=32, device="cpu")
     with pytest.raises(train.UserError, match="teacher's own pretrained encoder"):
-        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", student_checkpoint=world["origin"], **common), tmp_path / "a", task=world["task"])
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2",
+                                              student_checkpoint=world["origin"],
+                                              **common), tmp_path / "a", task=world["task"])
     copy = tmp_path / "copy.pt"
     copy.write_bytes(world["origin"].read_bytes())
     with pytest.raises(train.UserError, match="identical weights"):
-        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", student_checkpoint=copy, **common), tmp_path / "b", task=world["task"])
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", student_checkpoint=copy,
+                                              **common), tmp_path / "b", task=world["task"])
     with pytest.raises(train.UserError, match="needs --student-checkpoint"):
-        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", **common), tmp_path / "c", task=world["task"])
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2",
+                                              **common), tmp_path / "c", task=world["task"])
 
 
 def test_student_checkpoint_of_another_architecture_lists_keys_and_shapes(world, tmp_path):
     with pytest.raises(train.UserError, match=r"wrong shapes: conv1\.weight") as e:
-        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="finetune", width=0.25, student_checkpoint=world["base"], epochs=1, batch_size=32, device="cpu"), tmp_path / "a", task=world["task"])
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="finetune", width=0.25,
+                                              student_checkpoint=world["base"], epochs=1, batch_size=32,
+                                              device="cpu"), tmp_path / "a", task=world["task"])
     assert "pretrained as resnet18 width 0.125" in str(e.value)
     with pytest.raises(train.UserError, match=r"missing keys: layer1\.2\."):
-        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen", student="resnet34", width=0.125, student_checkpoint=world["base"], epochs=1, batch_size=32, device="cpu"), tmp_path / "b", task=world["task"])
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen",
+                                              student="resnet34", width=0.125, student_checkpoint=world["base"],
+                                              epochs=1, batch_size=32,
+                                              device="cpu"), tmp_path / "b", task=world["task"])
     with pytest.raises(train.UserError, match="vgg11 needs images of at least 32 px"):
-        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen", student="vgg11", width=0.125, student_checkpoint=world["base"], epochs=1, batch_size=32, device="cpu"), tmp_path / "c", task=world["task"])
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen",
+                                              student="vgg11", width=0.125, student_checkpoint=world["base"],
+                                              epochs=1, batch_size=32,
+                                              device="cpu"), tmp_path / "c", task=world["task"])
 
 
 def test_labeled_indices_are_the_images_fine_tuning_used():
@@ -2210,7 +2318,9 @@ def test_label_term_uses_known_rows_only():
 
 def test_linear_probe_beats_chance(world, tmp_path):
     task = colour_task()
-    res = transfer.transfer(transfer.TransferConfig(source=world["base"], data="colours", mode="linear-cached", epochs=30, batch_size=32, device="cpu"), tmp_path / "t", task=task)
+    res = transfer.transfer(transfer.TransferConfig(source=world["base"], data="colours", mode="linear-cached",
+                                                    epochs=30, batch_size=32,
+                                                    device="cpu"), tmp_path / "t", task=task)
     # Three colour classes (chance 1/3) that any convolutional encoder's pooled features separate;
     # a seeded run reaches about 1.0.
     assert res["test"]["top1"] > 0.6, res["test"]
@@ -2230,7 +2340,10 @@ def test_torchvision_state_dict_loads_and_linear_aug_keeps_encoder_frozen(tmp_pa
     x = torch.rand(2, 3, 32, 32)
     net.fc = nn.Identity()
     torch.testing.assert_close(enc.encoder.eval()(x), net.eval()(x))
-    res = transfer.transfer(transfer.TransferConfig(source=tmp_path / "tv.pth", data="colours", arch="resnet18", width=0.125, normalize="none", image_size=SIZE, preset="paper", epochs=2, batch_size=32, device="cpu"), tmp_path / "t", task=colour_task())
+    res = transfer.transfer(transfer.TransferConfig(source=tmp_path / "tv.pth", data="colours", arch="resnet18",
+                                                    width=0.125, normalize="none", image_size=SIZE, preset="paper",
+                                                    epochs=2, batch_size=32,
+                                                    device="cpu"), tmp_path / "t", task=colour_task())
     model, meta = train.load_classifier(res["best"], 3)
     assert meta["arch"]["std"] == [1.0, 1.0, 1.0] and meta["arch"]["cifar_stem"] is False
     for k, v in model.encoder.state_dict().items():  # BN statistics included
@@ -2288,9 +2401,11 @@ def test_extract_features_and_predictions_for_a_folder(world, tmp_path):
 
 def test_batch_larger_than_dataset_is_refused(world, tmp_path):
     with pytest.raises(train.UserError, match="--batch-size 500 is larger than the 120"):
-        transfer.transfer(transfer.TransferConfig(source=world["base"], data="colours", batch_size=500, device="cpu"), tmp_path / "t", task=colour_task())
+        transfer.transfer(transfer.TransferConfig(source=world["base"], data="colours", batch_size=500,
+                                                  device="cpu"), tmp_path / "t", task=colour_task())
     with pytest.raises(train.UserError, match="--batch-size 1000 is larger than the 180 distillation images"):
-        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", batch_size=1000, device="cpu"), tmp_path / "d", task=world["task"])
+        distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", batch_size=1000,
+                                              device="cpu"), tmp_path / "d", task=world["task"])
 
 
 # --- command lines -----------------------------------------------------------------------------------

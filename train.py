@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -188,7 +189,9 @@ class RunFolder:
     (start again) is asked for, so nobody's results are replaced by accident. Only rank 0 writes."""
 
     def __init__(self, path: str | os.PathLike, resume: bool = False, overwrite: bool = False,
-                 is_main: bool = True):
+                 is_main: bool = True, checkpointed: bool = True, outputs: Iterable[str] = ()):
+        """checkpointed: the run keeps a checkpoint.pt, so --resume needs one; outputs: further
+        files or folders of the run that --overwrite removes (with its checkpoints, log and config)."""
         self.path = Path(path)
         self.is_main = is_main
         for parent in [self.path, *self.path.parents]:
@@ -199,10 +202,9 @@ class RunFolder:
         if holds_run and not (resume or overwrite):
             raise UserError(f"Output folder '{self.path}' already holds a run (config.json). Pass --resume to "
                             "continue it, --overwrite to replace it, or choose another --out.")
-        if resume and not (self.path / "checkpoint.pt").exists():
-            if holds_run:
-                raise UserError(f"--resume was given but '{self.path}' holds no checkpoint.pt yet. "
-                                "Start again with --overwrite.")
+        if checkpointed and resume and holds_run and not (self.path / "checkpoint.pt").exists():
+            raise UserError(f"--resume was given but '{self.path}' holds no checkpoint.pt yet. "
+                            "Start again with --overwrite.")
         self.resuming = resume and (self.path / "checkpoint.pt").exists()
         if is_main:
             try:
@@ -210,9 +212,13 @@ class RunFolder:
             except OSError as e:
                 raise UserError(f"Output folder '{self.path}' cannot be created: {e.strerror}.") from None
             if overwrite and not resume:
-                for name in ("checkpoint.pt", "best.pt", "log.jsonl", "config.json"):
-                    with contextlib.suppress(FileNotFoundError):
-                        (self.path / name).unlink()
+                for name in ("checkpoint.pt", "best.pt", "log.jsonl", "config.json", *outputs):
+                    target = self.path / name
+                    if target.is_dir():
+                        shutil.rmtree(target)
+                    else:
+                        with contextlib.suppress(FileNotFoundError):
+                            target.unlink()
 
     @staticmethod
     def redo(path: str | os.PathLike, stage: str, resume: bool, overwrite: bool) -> "RunFolder":

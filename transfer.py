@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import sys
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,13 +108,9 @@ SOURCE_OPTIONS = ("source", "arch", "width", "cifar_stem", "normalize")
 # Transfer
 
 
-def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
-             task: data.TaskData | None = None) -> dict:
-    """Train a new linear layer (or fine-tune everything) on `cfg.data` from the encoder in `source`.
-
-    Settings left as None come from PRESETS[preset]. Returns dict(val=..., test=... reports with top1,
-    top5 (more than 5 classes) and per_class, best=<best.pt>, ...); best.pt is a classifier checkpoint
-    (train.load_classifier) chosen by val top-1 in the trained modes (linear-cached keeps the last)."""
+def resolve_settings(cfg: TransferConfig) -> TransferConfig:
+    """A copy of cfg with every setting left as None taken from its preset (the learning rate
+    scaled by batch / 256 where the preset says so), after checking the options."""
     if cfg.preset not in PRESETS:
         raise UserError(f"Unknown --preset '{cfg.preset}'. Use one of: {', '.join(PRESETS)}.")
     p = PRESETS[cfg.preset]
@@ -123,62 +120,72 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     if mode == "linear-cached" and any(v for v in (cfg.crop, cfg.flip, cfg.color)):
         raise UserError("--mode linear-cached computes features once on un-augmented images; augmentation needs "
                         "--mode linear-aug or finetune.")
-    epochs = p["epochs"] if cfg.epochs is None else cfg.epochs
-    batch_size = p["batch_size"] if cfg.batch_size is None else cfg.batch_size
-    lr = cfg.lr
-    if lr is None:
-        lr = p["base_lr"] * batch_size / 256 if p["lr_scaling"] == "linear" else p["base_lr"]
-    momentum = p["momentum"] if cfg.momentum is None else cfg.momentum
-    weight_decay = p["weight_decay"] if cfg.weight_decay is None else cfg.weight_decay
-    crop, flip, color = (p[k] if v is None else v for k, v in (("crop", cfg.crop), ("flip", cfg.flip), ("color", cfg.color)))
-    train.check_positive(epochs=epochs, batch_size=batch_size, lr=lr, image_size=cfg.image_size)
+    given = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "momentum", "weight_decay", "crop", "flip", "color")}
+    cfg = dataclasses.replace(cfg, mode=mode, **{k: p[k] if v is None else v for k, v in given.items()})
+    if cfg.lr is None:
+        scaled = p["lr_scaling"] == "linear"
+        cfg = dataclasses.replace(cfg, lr=p["base_lr"] * cfg.batch_size / 256 if scaled else p["base_lr"])
+    train.check_positive(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, image_size=cfg.image_size)
+    return cfg
 
+
+def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+             task: data.TaskData | None = None) -> dict:
+    """Train a new linear layer (or fine-tune everything) on `cfg.data` from the encoder in `source`.
+
+    Settings left as None come from PRESETS[preset]. Returns dict(val=..., test=... reports with top1,
+    top5 (more than 5 classes) and per_class, best=<best.pt>, ...); best.pt is a classifier checkpoint
+    (train.load_classifier) chosen by val top-1 in the trained modes (linear-cached keeps the last)."""
+    cfg = resolve_settings(cfg)
     dev = train.select_device(cfg.device)
     train.seed_everything(cfg.seed)
-    enc = train.load_encoder(cfg.source, arch=cfg.arch, width=cfg.width, cifar_stem=cfg.cifar_stem, normalize=cfg.normalize,
+    enc = train.load_encoder(cfg.source, arch=cfg.arch, width=cfg.width, cifar_stem=cfg.cifar_stem,
+                             normalize=cfg.normalize,
                        head_layer=cfg.head_layer)
     image_size = cfg.image_size or enc.image_size
     train.check_input_size(enc.arch["encoder"], image_size)
-    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
-                                  skip_bad=cfg.skip_bad)
-    if batch_size > len(task.train):
-        raise UserError(f"--batch-size {batch_size} is larger than the {len(task.train)} training images of "
+    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=cfg.seed,
+                                  cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
+    if cfg.batch_size > len(task.train):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(task.train)} training images of "
                         f"'{task.name}'. Use a batch of at most {len(task.train)}.")
     model, cls_arch = train.classifier_for(enc, task.num_classes)
     model = model.to(dev)
-    if mode != "finetune":
+    if cfg.mode != "finetune":
         model.freeze_base()
     frozen_parts = nn.ModuleDict({"encoder": model.encoder, **({"head": model.head} if model.head is not None else {})})
-    frozen = {k: v.clone() for k, v in frozen_parts.state_dict().items()} if mode != "finetune" else None
-    run = (train.RunFolder.redo(out, "transfer", resume, overwrite) if mode == "linear-cached"
+    frozen = {k: v.clone() for k, v in frozen_parts.state_dict().items()} if cfg.mode != "finetune" else None
+    run = (train.RunFolder.redo(out, "transfer", resume, overwrite) if cfg.mode == "linear-cached"
            else train.RunFolder(out, resume=resume, overwrite=overwrite))
-    augmentation = (augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=False, strength=0.5)
-                    if mode != "linear-cached" and (crop or flip or color) else None)
+    augmentation = (augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=False,
+                                          strength=0.5)
+                    if cfg.mode != "linear-cached" and (cfg.crop or cfg.flip or cfg.color) else None)
     described = augmentation.describe() if augmentation else "none"
-    config = dict(stage="transfer", source=str(cfg.source), source_kind=enc.kind, arch=enc.arch, head_layer=enc.head_layer,
-                  mean=enc.mean, std=enc.std, task=task.name, mode=mode, preset=cfg.preset, augmentation=described,
-                  epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+    config = dict(stage="transfer", source=str(cfg.source), source_kind=enc.kind, arch=enc.arch,
+                  head_layer=enc.head_layer,
+                  mean=enc.mean, std=enc.std, task=task.name, mode=cfg.mode, preset=cfg.preset, augmentation=described,
+                  epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                   image_size=image_size, seed=cfg.seed, device=str(dev))
     if not run.resuming:
         run.write_config(config)
     print(f"transfer: {enc.arch['encoder']} (width {enc.arch['width']}, {enc.kind} '{cfg.source}', mean {enc.mean}, "
           f"std {enc.std}) -> {task.name} ({task.num_classes} classes, {len(task.train)} train images at "
-          f"{image_size}px), {mode}, augment {described}, lr {lr:.4g}, wd {weight_decay}, batch {batch_size}, "
-          f"{epochs} epochs, device {dev}", file=sys.stderr)
+          f"{image_size}px), {cfg.mode}, augment {described}, lr {cfg.lr:.4g}, wd {cfg.weight_decay}, batch {cfg.batch_size}, "
+          f"{cfg.epochs} epochs, device {dev}", file=sys.stderr)
     meta = dict(kind="transfer", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
 
-    if mode == "linear-cached":
-        reports = train.linear_probe(model, task, dev, image_size, epochs=epochs, batch_size=batch_size, lr=lr,
-                                     weight_decay=weight_decay, momentum=momentum, seed=cfg.seed)
+    if cfg.mode == "linear-cached":
+        reports = train.linear_probe(model, task, dev, image_size, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                     lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, seed=cfg.seed)
         run.save(dict(meta, format=train.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
     else:
         view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, image_size))
-        loader = data.BatchLoader(task.train, batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
-        schedule = train.Schedule(epochs=epochs, lr=lr, optimizer="sgd", momentum=momentum,
-                                   weight_decay=weight_decay, log_every=cfg.log_every)
+        loader = data.BatchLoader(task.train, cfg.batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
+        schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
+                                   weight_decay=cfg.weight_decay, log_every=cfg.log_every)
         evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
         train.fit(model, train.supervised_loss_fn(model, view), loader, run, schedule, device=dev, seed=cfg.seed,
-                   meta=meta, evaluate=evaluate, select="val_top1", desc=f"transfer {mode} {task.name}")
+                   meta=meta, evaluate=evaluate, select="val_top1", desc=f"transfer {cfg.mode} {task.name}")
         best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
         best = best.to(dev)
         reports = {name: train.evaluate_classifier(best, split, dev, size=image_size)
@@ -187,13 +194,13 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
             r.pop("predictions")
     if frozen is not None:
         train.check_frozen(frozen, frozen_parts)
-    result = dict(task=task.name, mode=mode, preset=cfg.preset, source=str(cfg.source), classes=task.num_classes,
+    result = dict(task=task.name, mode=cfg.mode, preset=cfg.preset, source=str(cfg.source), classes=task.num_classes,
                   best=str(run.path / "best.pt"), **reports)
     train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     test = reports["test"]
     top5 = f", top-5 {test['top5']:.4f}" if "top5" in test else ""
     worst = sorted(test["per_class"].items(), key=lambda kv: kv[1])[:3]
-    print(f"transfer {task.name} ({mode}): val top-1 {reports['val']['top1']:.4f}, test top-1 {test['top1']:.4f}{top5}; "
+    print(f"transfer {task.name} ({cfg.mode}): val top-1 {reports['val']['top1']:.4f}, test top-1 {test['top1']:.4f}{top5}; "
           f"weakest classes: " + ", ".join(f"{k} {v:.2f}" for k, v in worst) + f"; best: {result['best']}",
           file=sys.stderr)
     return result
@@ -220,7 +227,8 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
     for f in (npy, index):
         if f.exists() and not overwrite:
             raise UserError(f"'{f}' exists already. Pass --overwrite to replace it, or choose another --out.")
-    enc = train.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize, head_layer=head_layer)
+    enc = train.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize,
+                             head_layer=head_layer)
     if what == "predictions" and enc.classifier is None:
         raise UserError(f"--what predictions needs a classifier checkpoint (best.pt of a finetune, distill or "
                         f"transfer run); '{source}' is a {enc.kind} encoder. Use --what features.")
