@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import os
+import pickle
+import re
 import signal
 import sys
 import tempfile
@@ -158,6 +160,35 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: f.write(text), "w")
 
 
+def load_tensors_only(path: str | os.PathLike, map_location: str | torch.device = "cpu", what: str = "Checkpoint ",
+                      hint: str = "It may be truncated or not a PyTorch checkpoint; use an earlier copy or rerun."
+                      ) -> object:
+    """torch.load(path, weights_only=True): plain types and tensors only, so a downloaded file cannot
+    run code. A file holding other objects, or a damaged one, gives a UserError that says which.
+
+    what: how the message names the file ("Checkpoint '...'"); hint: the advice for a damaged file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise UserError(f"{what}'{path}' could not be read (UnpicklingError: {_first_line(e)}). {hint}") from None
+        # torch's own text explains how to load such a file anyway; the user needs the opposite advice.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        named = f" (it names {found.group(1)})" if found else ""
+        raise UserError(f"{what}'{path}' holds objects other than tensors and plain values{named}, so it was not "
+                        "loaded, for safety: unpickling them could run code. Never pass weights_only=False to "
+                        "torch.load for a file you do not trust. Checkpoints of this project and torchvision-layout "
+                        "state dicts hold tensors only.") from None
+    except Exception as e:  # torch raises several types for truncated zip archives
+        raise UserError(f"{what}'{path}' could not be read ({type(e).__name__}: {_first_line(e)}). {hint}") from None
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an exception's text, whole (torch's longer explanations span many lines)."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint written by this project with weights_only=True (plain types and tensors
     only, so a downloaded file cannot run code). Missing or damaged files give a UserError."""
@@ -165,11 +196,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise UserError(f"Checkpoint '{path}' does not exist (or is not a file). Pass the checkpoint.pt "
                         "of a finished or interrupted run.")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated zip archives
-        raise UserError(f"Checkpoint '{path}' could not be read ({type(e).__name__}: {str(e)[:200]}). "
-                        "It may be truncated or not a PyTorch checkpoint; use an earlier copy or rerun.") from None
+    ckpt = load_tensors_only(path, map_location)
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise UserError(f"'{path}' is not a checkpoint of this project (no 'kind' entry). For a plain "
                         "torchvision-layout state dict use transfer.py --encoder-weights.")

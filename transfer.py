@@ -150,11 +150,9 @@ def load_encoder(path: str | os.PathLike, *, arch: str | None = None, width: flo
     if not Path(path).is_file():
         raise UserError(f"Encoder source '{path}' does not exist (or is not a file). Pass a checkpoint of this "
                         "project or a torchvision-layout state dict.")
-    try:  # weights_only: plain types and tensors only, so a downloaded file cannot run code
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for damaged or non-torch files
-        raise UserError(f"'{path}' could not be read as a PyTorch file ({type(e).__name__}: {str(e)[:200]}). "
-                        "Expected a checkpoint of this project or a torchvision-layout state dict.") from None
+    # weights_only: plain types and tensors only, so a downloaded file cannot run code
+    raw = train.load_tensors_only(path, "cpu", what="", hint="It may be damaged or not a PyTorch file; expected a "
+                                  "checkpoint of this project or a torchvision-layout state dict.")
     if isinstance(raw, dict) and "kind" in raw:
         return _project_encoder(path, raw, arch, width, cifar_stem, normalize, head_layer)
     return _torchvision_encoder(path, state_dict_from(raw, path), arch, width, cifar_stem, normalize, head_layer)
