@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import http.client
 import json
@@ -42,6 +43,7 @@ import os
 import pickle
 import shutil
 import socket
+import stat
 import sys
 import tarfile
 import tempfile
@@ -59,8 +61,14 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
+try:
+    import fcntl  # POSIX file locks for the decode cache; Windows has none (see _entry_lock)
+except ImportError:
+    fcntl = None
+
 import shapes
 from shapes import EMBEDDED_TASKS, POOL_NAME
+import train
 from train import HelpFormatter, UserError
 
 
@@ -257,8 +265,10 @@ def _is_hidden(name: str) -> bool:
 
 def _scan(root: Path) -> list[tuple[str, int, int]]:
     """(relative posix path, size, mtime_ns) of every image file under root, sorted; hidden files
-    and folders (., __MACOSX) are skipped."""
+    and folders (., __MACOSX) are skipped, and so, with a warning, is anything that is not a regular
+    file (or a link to one): opening a named pipe would wait for a writer forever."""
     found = []
+    odd = []  # named pipes, sockets, devices that carry an image extension
     seen = set()  # (device, inode) of visited folders: linked folders are followed, link cycles are not
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
@@ -275,7 +285,15 @@ def _scan(root: Path) -> list[tuple[str, int, int]]:
                 st = os.stat(path)
             except OSError:
                 continue  # a dangling link: not an image we can read, and not worth stopping for
-            found.append((Path(path).relative_to(root).as_posix(), int(st.st_size), int(st.st_mtime_ns)))
+            rel = Path(path).relative_to(root).as_posix()
+            if not stat.S_ISREG(st.st_mode):
+                odd.append(rel)
+                continue
+            found.append((rel, int(st.st_size), int(st.st_mtime_ns)))
+    if odd:
+        what = "1 entry that is not a regular file" if len(odd) == 1 else f"{len(odd)} entries that are not regular files"
+        warnings.warn(f"{root}: skipped {what} (a named pipe, socket or device): " + ", ".join(sorted(odd)[:20])
+                      + (" ..." if len(odd) > 20 else ""), stacklevel=3)
     found.sort()
     return found
 
@@ -364,12 +382,6 @@ def _pool_context():
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _bad_files_error(root: Path, bad: list[tuple[str, str]]) -> UserError:
     lines = "\n".join(f"  {root / rel}: {msg}" for rel, msg in bad)
     return UserError(
@@ -383,6 +395,9 @@ def _cache_entry(cache_dir: Path | None, root: Path, res: int) -> Path:
     base = base.resolve()
     if base == root or root in base.parents:
         raise UserError(f"cache folder {base} is inside the dataset folder {root}; choose a cache folder outside it (cache_dir= or $SIMCLR_CACHE)")
+    if base.exists() and not base.is_dir():
+        raise UserError(f"cache folder {base} is a file, not a folder. Pass a folder for the decode cache "
+                        "(--cache-dir or $SIMCLR_CACHE); it is created when missing.")
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in root.name)[:40] or "root"
     digest = hashlib.sha1(str(root).encode()).hexdigest()[:12]
     return base / "folders" / f"{safe}-{digest}-r{res}"
@@ -403,7 +418,8 @@ def load_folder_images(
     os.replace); later calls only list the folder and compare names, sizes and mtimes with the
     manifest, so an added, removed or modified file triggers a new decode. Nothing is written under
     ``root``. Unreadable files: all are listed in one UserError, or skipped with a warning when
-    ``skip_bad``.
+    ``skip_bad``. Runs that load the same folder at once share one decode: the first writes the
+    cache while the others wait for it (see _entry_lock).
     """
     root = _check_folder(root)
     res = cache_resolution(image_size)
@@ -411,8 +427,23 @@ def load_folder_images(
     if not files:
         raise UserError(f"{root}: no image files found (looked for {', '.join(IMAGE_EXTENSIONS)}). Put images in it, or point to the folder that holds them.")
     entry = _cache_entry(cache_dir, root, res)
-    manifest_path = entry / "manifest.json"
     listing = [list(f) for f in files]
+    if (entry / "manifest.json").exists():
+        with _entry_lock(entry, exclusive=False):
+            cached = _cached(entry, res, listing, root, skip_bad)
+        if cached is not None:
+            return cached
+    _make_entry(entry)
+    with _entry_lock(entry, exclusive=True) as locked:
+        cached = _cached(entry, res, listing, root, skip_bad)  # another run may have written it meanwhile
+        if cached is not None:
+            return cached
+        return _decode_to_cache(root, files, res, entry, skip_bad, workers, progress, locked)
+
+
+def _cached(entry: Path, res: int, listing: list[list], root: Path, skip_bad: bool) -> tuple[np.ndarray, list[str]] | None:
+    """The entry's images and file names when its manifest matches the folder's listing, else None."""
+    manifest_path = entry / "manifest.json"
     manifest = None
     if manifest_path.exists():
         try:
@@ -432,39 +463,114 @@ def load_folder_images(
             if bad and not skip_bad:
                 raise _bad_files_error(root, bad)
             if bad:
-                warnings.warn(f"{len(bad)} unreadable image file(s) under {root} left out (cached decision)", stacklevel=2)
+                warnings.warn(f"{len(bad)} unreadable image file(s) under {root} left out (cached decision)", stacklevel=3)
             return images, list(manifest["images"])
-    return _decode_to_cache(root, files, res, entry, skip_bad, workers, progress)
+    return None
 
 
-def _decode_to_cache(root, files, res, entry, skip_bad, workers, progress):
-    entry.mkdir(parents=True, exist_ok=True)
+def _make_entry(entry: Path) -> None:
+    """Create a cache entry's folder, or say why it cannot be created."""
+    try:
+        entry.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cache folder {entry} cannot be created ({exc.strerror or exc}). Choose another cache "
+                        "folder (--cache-dir or $SIMCLR_CACHE).") from None
+
+
+@contextlib.contextmanager
+def _entry_lock(entry: Path, exclusive: bool) -> Iterator[bool]:
+    """Hold a lock on one cache entry: shared while a run reads it, exclusive while a run writes it.
+
+    So a writer never deletes an array that another run is about to open, and two runs never
+    decode the same folder at once: the second waits, then finds the cache ready. The operating
+    system drops the lock of a process that dies, so a killed run never leaves a stale lock.
+    Yields whether a lock is held: none on Windows (no fcntl), in a read-only cache, or where the
+    file system refuses locks; runs then go ahead unlocked.
+    """
+    fd = None
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            fd = os.open(entry / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        yield fd is not None and _lock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, entry)
+    finally:
+        if fd is not None:
+            os.close(fd)  # closing the file releases the lock
+
+
+def _lock(fd: int, mode: int, entry: Path) -> bool:
+    """flock(fd, mode), saying so when it has to wait; False where the file system has no locks."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        pass
+    except OSError:
+        return False  # ENOLCK, EOPNOTSUPP: some network file systems
+    print(f"waiting for another process that is using the decode cache {entry} ...", file=sys.stderr, flush=True)
+    fcntl.flock(fd, mode)
+    return True
+
+
+def _megabytes(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:,.1f} MB"
+
+
+def _check_free_space(entry: Path, shape: tuple[int, ...]) -> None:
+    """Refuse a decode whose array cannot fit on the cache's disk. The memory map is a sparse file:
+    a write into it on a full disk kills the process with SIGBUS instead of raising an error."""
+    needed = math.prod(shape)
+    free = shutil.disk_usage(entry).free
+    if needed > free:
+        raise UserError(f"not enough free space for the decode cache in {entry}: {shape[0]} images at "
+                        f"{shape[1]}x{shape[2]} need {_megabytes(needed)}, and {_megabytes(free)} are free. Free some "
+                        "space, or choose another cache folder (--cache-dir or $SIMCLR_CACHE).")
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of a new, sparse file now, so that a disk that filled up since the
+    free-space check gives an OSError here and not a SIGBUS during the decode."""
+    if not hasattr(os, "posix_fallocate"):
+        return  # macOS, Windows: the free-space check is the only guard
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):  # no preallocation on this file system
+            raise
+    finally:
+        os.close(fd)
+
+
+def _cache_write_error(entry: Path, shape: tuple[int, ...], exc: OSError) -> UserError:
+    free = ""
+    with contextlib.suppress(OSError):
+        free = f", {_megabytes(shutil.disk_usage(entry).free)} free now"
+    return UserError(f"could not write the decode cache in {entry}: {exc.strerror or exc}. {shape[0]} images at "
+                     f"{shape[1]}x{shape[2]} need {_megabytes(math.prod(shape))}{free}; nothing was kept. Free some "
+                     "space, or choose another cache folder (--cache-dir or $SIMCLR_CACHE).")
+
+
+def _decode_to_cache(root, files, res, entry, skip_bad, workers, progress, locked=False):
+    """Decode into a temporary .npy of this process, rename it into place, then write the manifest
+    that names it (the last complete writer wins; the manifest never names a missing or partial
+    file). ``locked``: this run holds the entry's exclusive lock, so any temporary file found is a
+    killed run's leftover, and is removed."""
+    if locked:
+        for stale in entry.glob(".images-*.npy.tmp*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
     rels = [f[0] for f in files]
     n = len(rels)
     token = f"{os.getpid()}-{time.time_ns()}"
     npy = entry / f"images-{token}.npy"
     tmp = entry / f".images-{token}.npy.tmp"
-    kept: list[str] = []
-    bad: list[tuple[str, str]] = []
+    shape = (n, res, res, 3)
+    _check_free_space(entry, shape)
     try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, res, res, 3))
-        n_workers = _workers(workers, n)
-        step = max(8, min(256, n // (n_workers * 8) + 1))
-        tasks = [(str(root), rels[i : i + step], res) for i in range(0, n, step)]
-        bar = tqdm(total=n, desc=f"decoding {root.name} at {res}px", unit="img", disable=(not progress) if progress is not None else None)
-        with contextlib.ExitStack() as stack:
-            if n_workers > 1:
-                pool = stack.enter_context(_pool_context().Pool(n_workers))
-                results = pool.imap(_decode_chunk, tasks)
-            else:
-                results = map(_decode_chunk, tasks)
-            for (_, chunk, _), (arr, ok, chunk_bad) in zip(tasks, results):
-                good = np.flatnonzero(ok)
-                out[len(kept) : len(kept) + good.size] = arr[good]
-                kept.extend(chunk[i] for i in good)
-                bad.extend(chunk_bad)
-                bar.update(len(chunk))
-        bar.close()
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        _reserve(tmp)
+        kept, bad = _decode_into(out, root, rels, res, workers, progress)
         if bad and not skip_bad:
             raise _bad_files_error(root, bad)
         if not kept:
@@ -472,19 +578,9 @@ def _decode_to_cache(root, files, res, entry, skip_bad, workers, progress):
         if bad:
             warnings.warn(f"left out {len(bad)} unreadable image file(s) under {root}: " + ", ".join(r for r, _ in bad[:20]) + (" ..." if len(bad) > 20 else ""), stacklevel=3)
         out.flush()
+        del out
         if len(kept) < n:  # rewrite without the rows the bad files left empty
-            del out
-            full = np.load(tmp, mmap_mode="r")
-            tmp2 = entry / f".images-{token}.npy.tmp2"
-            short = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8, shape=(len(kept), res, res, 3))
-            for lo in range(0, len(kept), 4096):
-                hi = min(lo + 4096, len(kept))
-                short[lo:hi] = full[lo:hi]
-            short.flush()
-            del short, full
-            os.replace(tmp2, tmp)
-        else:
-            del out
+            _shrink(tmp, entry / f".images-{token}.npy.tmp2", len(kept))
         os.replace(tmp, npy)
         manifest = {
             "version": CACHE_VERSION,
@@ -496,7 +592,10 @@ def _decode_to_cache(root, files, res, entry, skip_bad, workers, progress):
             "bad": [list(b) for b in bad],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        _atomic_write_text(entry / "manifest.json", json.dumps(manifest))
+        train.atomic_write(entry / "manifest.json", lambda f: f.write(json.dumps(manifest)), "w", raw_errors=True)
+    except OSError as exc:  # a full disk, a read-only or vanished cache: the user's to fix, not a bug
+        npy.unlink(missing_ok=True)
+        raise _cache_write_error(entry, shape, exc) from None
     finally:
         for leftover in entry.glob(f".images-{token}.npy.tmp*"):
             leftover.unlink(missing_ok=True)
@@ -505,6 +604,45 @@ def _decode_to_cache(root, files, res, entry, skip_bad, workers, progress):
             with contextlib.suppress(OSError):
                 old.unlink()
     return np.load(npy, mmap_mode="r"), kept
+
+
+def _decode_into(out: np.ndarray, root: Path, rels: list[str], res: int, workers, progress) -> tuple[list[str], list[tuple[str, str]]]:
+    """Decode ``rels`` (in parallel processes when there are many) into the first rows of ``out``,
+    in order, readable files only; returns (names kept, (name, error) of the unreadable ones)."""
+    n = len(rels)
+    kept: list[str] = []
+    bad: list[tuple[str, str]] = []
+    n_workers = _workers(workers, n)
+    step = max(8, min(256, n // (n_workers * 8) + 1))
+    tasks = [(str(root), rels[i : i + step], res) for i in range(0, n, step)]
+    bar = tqdm(total=n, desc=f"decoding {root.name} at {res}px", unit="img", disable=(not progress) if progress is not None else None)
+    with contextlib.ExitStack() as stack:
+        if n_workers > 1:
+            pool = stack.enter_context(_pool_context().Pool(n_workers))
+            results = pool.imap(_decode_chunk, tasks)
+        else:
+            results = map(_decode_chunk, tasks)
+        for (_, chunk, _), (arr, ok, chunk_bad) in zip(tasks, results):
+            good = np.flatnonzero(ok)
+            out[len(kept) : len(kept) + good.size] = arr[good]
+            kept.extend(chunk[i] for i in good)
+            bad.extend(chunk_bad)
+            bar.update(len(chunk))
+    bar.close()
+    return kept, bad
+
+
+def _shrink(tmp: Path, tmp2: Path, k: int) -> None:
+    """Rewrite the .npy at ``tmp`` with its first ``k`` images only (through ``tmp2``)."""
+    full = np.load(tmp, mmap_mode="r")
+    short = np.lib.format.open_memmap(tmp2, mode="w+", dtype=np.uint8, shape=(k, *full.shape[1:]))
+    _reserve(tmp2)
+    for lo in range(0, k, 4096):
+        hi = min(lo + 4096, k)
+        short[lo:hi] = full[lo:hi]
+    short.flush()
+    del short, full
+    os.replace(tmp2, tmp)
 
 
 def _class_folders(root: Path, rels: list[str]) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -563,6 +701,8 @@ class _ArrayUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return _empty_placeholder
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in self._allowed:
             return self._allowed[name]
         if module == "numpy" and name in ("ndarray", "dtype"):
@@ -574,12 +714,24 @@ class _ArrayUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR file")
 
 
+def _empty_placeholder(subtype, shape, dtype):
+    """numpy's array reconstructor, for the empty (0,) placeholder that numpy pickles: the data come
+    next, checked against their declared shape. Any other shape would be allocated before any check."""
+    if tuple(shape) != (0,):
+        raise pickle.UnpicklingError(f"refusing an array placeholder of shape {tuple(shape)} (numpy writes (0,))")
+    return _ArrayUnpickler._allowed["_reconstruct"](subtype, shape, dtype)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return _ArrayUnpickler(f, encoding="bytes").load()
-    except (OSError, EOFError, ValueError, pickle.UnpicklingError, AttributeError, IndexError, TypeError) as exc:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError, AttributeError, IndexError, TypeError,
+            MemoryError, OverflowError, RecursionError) as exc:  # a damaged or hostile file may declare anything
         raise UserError(f"{path}: not a readable CIFAR batch ({type(exc).__name__}: {exc}); re-download the dataset") from exc
+    if not isinstance(batch, dict):
+        raise UserError(f"{path}: not a CIFAR batch (a {type(batch).__name__}, expected a dict); re-download the dataset")
+    return batch
 
 
 def cifar_kind(folder: Path) -> str | None:
@@ -593,10 +745,36 @@ def cifar_kind(folder: Path) -> str | None:
 
 
 def _cifar_images(batch: dict, path: Path) -> np.ndarray:
-    data = np.asarray(batch.get(b"data"))
-    if data.ndim != 2 or data.shape[1] != 3072:
-        raise UserError(f"{path}: expected a (N, 3072) uint8 'data' array, got shape {data.shape}")
-    return np.ascontiguousarray(data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    data = batch.get(b"data")
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8:
+        found = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{path}: expected a (N, 3072) uint8 'data' array, found a {found}; re-download the dataset")
+    return np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+def _cifar_labels(batch: dict, key: bytes, n: int, num_classes: int, path: Path) -> np.ndarray:
+    """The batch's labels as (N,) int64: one per image, each a class index (a short list would
+    shift every later label onto the wrong image)."""
+    raw = batch.get(key)
+    labels = np.asarray(raw) if isinstance(raw, (list, tuple, np.ndarray)) else None
+    if labels is None or labels.ndim != 1 or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer)):
+        raise UserError(f"{path}: expected a list of integer labels under '{key.decode()}'; re-download the dataset")
+    if labels.shape[0] != n:
+        raise UserError(f"{path}: {n} images but {labels.shape[0]} labels under '{key.decode()}'; the file is damaged, "
+                        "re-download the dataset")
+    outside = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if outside.size:
+        raise UserError(f"{path}: label {labels[outside[0]]} of image {outside[0]} is not a class index (0 to "
+                        f"{num_classes - 1}; {outside.size} such label(s)); re-download the dataset")
+    return labels.astype(np.int64)
+
+
+def _cifar_classes(meta: dict, key: bytes, path: Path) -> list[str]:
+    names = meta.get(key)
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(c, (bytes, str)) for c in names):
+        raise UserError(f"{path}: no class names under '{key.decode()}' (expected a list of names); "
+                        "re-download the dataset")
+    return [c.decode("utf-8", "replace") if isinstance(c, bytes) else c for c in names]
 
 
 def load_cifar(folder: str | Path, coarse: bool = False) -> tuple[ImageSet, ImageSet]:
@@ -610,23 +788,21 @@ def load_cifar(folder: str | Path, coarse: bool = False) -> tuple[ImageSet, Imag
     if missing:
         raise UserError(f"{kind} folder {folder} is missing: {', '.join(missing)}. Re-download it (python data.py download {kind} --root DIR).")
     if kind == "cifar10":
-        meta = _unpickle(folder / "batches.meta")
-        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
+        classes = _cifar_classes(_unpickle(folder / "batches.meta"), b"label_names", folder / "batches.meta")
         parts = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
         key = b"labels"
     else:
-        meta = _unpickle(folder / "meta")
-        names = meta[b"coarse_label_names" if coarse else b"fine_label_names"]
-        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
+        names_key = b"coarse_label_names" if coarse else b"fine_label_names"
+        classes = _cifar_classes(_unpickle(folder / "meta"), names_key, folder / "meta")
         parts = {"train": ["train"], "test": ["test"]}
         key = b"coarse_labels" if coarse else b"fine_labels"
     out = []
     for files in parts.values():
         images, labels = [], []
-        for name in files:
+        for name in files:  # every batch is checked: one bad batch would shift or break them all
             batch = _unpickle(folder / name)
             images.append(_cifar_images(batch, folder / name))
-            labels.append(np.asarray(batch[key], dtype=np.int64))
+            labels.append(_cifar_labels(batch, key, images[-1].shape[0], len(classes), folder / name))
         out.append(ImageSet(np.concatenate(images), np.concatenate(labels), classes))
     return out[0], out[1]
 
@@ -776,7 +952,10 @@ def _extract(archive: Path, into: Path) -> None:
     if tarfile.is_tarfile(archive):
         with tarfile.open(archive, "r:*") as tar:
             if hasattr(tarfile, "data_filter"):
-                tar.extractall(into, filter="data")
+                try:
+                    tar.extractall(into, filter="data")
+                except tarfile.FilterError as exc:  # OutsideDestinationError, AbsoluteLinkError and their kin
+                    raise UserError(f"{archive}: unsafe path in archive: {exc.tarinfo.name}") from None
             else:  # Python < 3.11.4: check names ourselves
                 for m in tar.getmembers():
                     if m.name.startswith("/") or ".." in Path(m.name).parts or m.issym() or m.islnk():
@@ -879,11 +1058,41 @@ def _finish(name, train, val, test, classes, val_fraction, seed, n_train, n_test
         train = train.subset(_stratified_take(train.labels, int(n_train), seed, len(train)))
     if n_test is not None and n_test < len(test):
         test = test.subset(_stratified_take(test.labels, int(n_test), _TEST_SPLIT_SEED, len(test)))
+    val_used = val is not None or val_fraction > 0  # val_fraction 0 asks for no validation split
     if val is None:
         train, val = _carve(train, val_fraction, seed)
     for split in (train, val, test):
         split.classes = list(classes)
+    used = {"train": train, "val": val, "test": test} if val_used else {"train": train, "test": test}
+    _check_labeled(name, list(classes), used)
     return TaskData(name, train, val, test, list(classes))
+
+
+def _check_labeled(name: str, classes: list[str], splits: dict[str, ImageSet]) -> None:
+    """Refuse a labeled task that would train or report nonsense: fewer than two classes (with one,
+    every prediction is right and top-1 1.0 means nothing), or an empty split (train, test, and val
+    when it is used). A class without an image in train (never learned) or in test (never measured)
+    is a warning; in val it is allowed: val only picks the best epoch, and a small carve (the tiny
+    preset's 20 val images for 100 classes) cannot hold every class."""
+    if len(classes) < 2:
+        raise UserError(
+            f"{name}: a labeled task needs at least 2 classes; found {len(classes)} ({', '.join(classes) or 'none'}). "
+            "Add a folder per class (root/class_name/image.jpg), or use the images unlabeled (pretraining)."
+        )
+    counts = {s: np.bincount(split.labels, minlength=len(classes)) for s, split in splits.items()}
+    total = sum(counts.values())
+    empty = [split_name for split_name, count in counts.items() if count.sum() == 0]
+    if empty:
+        fewest = ", ".join(f"'{classes[c]}' {total[c]}" for c in np.argsort(total, kind="stable")[:5])
+        raise UserError(
+            f"{name}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty: {int(total.sum())} "
+            f"labeled images are too few to set some aside (fewest per class: {fewest}). Add images to every class."
+        )
+    for split_name, effect in (("train", "it cannot be learned"), ("test", "the test accuracy does not measure it")):
+        missing = np.flatnonzero(counts[split_name] == 0)
+        if missing.size:
+            warnings.warn(f"{name}: class '{classes[missing[0]]}' has no image in the {split_name} split "
+                          f"({missing.size} such class(es)); {effect}. Add images of it.", stacklevel=4)
 
 
 def _rel_index(rels: list[str], strip_ext: bool) -> dict[str, int]:

@@ -2826,3 +2826,299 @@ def test_run_all_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert {k: v for k, v in b["stages"].items() if not v["reused"]}  # the rest ran after the kill
     for key in ("table1", "table2", "table4"):
         assert b[key] == a[key], key
+
+
+# ==================================================================================================
+# Reliability (issue 15)
+# ==================================================================================================
+#
+# One test per item of issue 15: concurrent cache writers, a full disk while caching, CIFAR structure,
+# very small labeled sets, unsafe tar members, named pipes in image folders, and checkpoints that hold
+# objects other than tensors. Command-line items run the real scripts (in parallel where there are
+# several) and look at the exit status and the message.
+
+
+def _class_folder(root: Path, per_class: int, classes=("a", "b"), size: int = 8) -> Path:
+    """root/<class>/<k>.png: small solid images, one shade per image."""
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for k in range(per_class):
+            Image.new("RGB", (size, size), (40 * c, 10 * k, 0)).save(root / name / f"{k}.png")
+    return root
+
+
+def _error_line(err: str) -> str:
+    """The message a command printed for the user (its last 'error: ' paragraph)."""
+    assert "Traceback" not in err, err[-3000:]
+    return err[err.rindex("error: "):].strip()
+
+
+_GATED_LOAD = """
+import hashlib, os, sys, time
+import numpy as np
+import data
+folder, cache, started, go = sys.argv[1:5]
+real = data.decode_image
+
+def gated(path, res):  # the first image waits for the test's go: the other run arrives meanwhile
+    if not os.path.exists(started):
+        open(started, "w").close()
+        deadline = time.time() + 120
+        while not os.path.exists(go) and time.time() < deadline:
+            time.sleep(0.01)
+    return real(path, res)
+
+data.decode_image = gated
+images, rels = data.load_folder_images(folder, 16, cache_dir=cache, workers=1)
+print(hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest(), len(rels))
+"""
+
+
+def test_two_processes_decoding_one_new_folder_share_one_complete_cache(tmp_path, monkeypatch):
+    """Item 1: a run that finds another decoding the same folder waits for it, then reads its cache;
+    both succeed, one array stays, and the leftover of a killed run is removed."""
+    folder = _class_folder(tmp_path / "imgs", 10)  # enough for a class in each of train, val, test
+    cache = tmp_path / "cache"
+    entry = data._cache_entry(cache, folder.resolve(), data.cache_resolution(16))
+    entry.mkdir(parents=True)
+    stale = entry / ".images-999-1.npy.tmp"  # what a run killed while decoding leaves behind
+    stale.write_bytes(b"\0" * 4096)
+    started, go = tmp_path / "started", tmp_path / "go"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-c", _GATED_LOAD, str(folder), str(cache), str(started), str(go)],
+                             cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not started.exists():  # the first run holds the cache and is decoding
+        assert first.poll() is None and time.time() < deadline, first.communicate()
+        time.sleep(0.01)
+    second = _script("data.py", ["info", str(folder), "--size", "16", "--cache-dir", str(cache)], env)
+    waiting = second.stderr.readline()  # the second run arrives while the first decodes
+    go.touch()
+    out1, err1 = first.communicate(timeout=120)
+    out2, err2 = second.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0, (err1[-2000:], waiting + err2[-2000:])
+    assert waiting.startswith("waiting for another process") and str(entry) in waiting, waiting
+    assert "imgs: 2 classes (a, b)" in out2
+    assert not stale.exists() and not list(entry.glob(".*tmp*"))
+    arrays = list(entry.glob("images-*.npy"))
+    manifest = json.loads((entry / "manifest.json").read_text())
+    assert [p.name for p in arrays] == [manifest["npy"]]  # one consistent cache: the manifest's array
+    monkeypatch.setattr(data, "decode_image", lambda *a: pytest.fail("the cache was not complete"))
+    images, rels = data.load_folder_images(folder, 16, cache_dir=cache)
+    assert out1.split() == [hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest(), str(len(rels))]
+
+
+_SMALL_DISK = """
+import shutil, subprocess, sys
+mount, folder = sys.argv[1:3]
+if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "simclr-test", mount]).returncode:
+    sys.exit(77)
+import data
+codes = [data.main(["info", folder, "--size", "128", "--cache-dir", mount + "/cache"])]
+# The disk fills up between the free-space check and the decode: the check passes, the write fails.
+shutil.disk_usage = lambda path: shutil._ntuple_diskusage(10**12, 0, 10**12)
+codes.append(data.main(["info", folder, "--size", "128", "--cache-dir", mount + "/cache"]))
+left = sorted(p.name for p in __import__("pathlib").Path(mount).rglob("*") if p.is_file())
+print(codes, left)
+"""
+
+
+def _small_disk_run(folder: Path, mount: Path) -> subprocess.CompletedProcess | None:
+    """_SMALL_DISK on a 256 kB tmpfs in a private mount namespace; None where one cannot be made."""
+    import shutil
+    if not sys.platform.startswith("linux") or not shutil.which("unshare"):
+        return None
+    mount.mkdir()
+    done = subprocess.run(["unshare", "-rm", sys.executable, "-c", _SMALL_DISK, str(mount), str(folder)], cwd=HERE,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
+    if done.returncode == 77 or "unshare:" in done.stderr:  # no user namespaces or no tmpfs mounts here
+        return None
+    return done
+
+
+def test_full_disk_while_caching_and_cache_dir_a_file(tmp_path, monkeypatch, capsys):
+    """Item 2: not enough space is found before the memory map is made, a write error during the
+    decode is a message, both name the cache folder and the space needed and leave no file; a
+    --cache-dir that is a file is a message too."""
+    folder = _class_folder(tmp_path / "imgs", 10, size=4)  # 20 images; at 128 px they need 1.3 MB
+    (tmp_path / "a_file.txt").write_text("not a folder")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    as_file = _script("simclr.py", ["pretrain", "--data", str(folder), "--cache-dir", str(tmp_path / "a_file.txt"),
+                                    "--image-size", "16", "--width", "0.125", "--epochs", "1", "--batch-size", "4",
+                                    "--eval-data", "", "--device", "cpu", "--out", str(tmp_path / "run")], env)
+    small = _small_disk_run(folder, tmp_path / "small")
+    if small is not None:  # a real 256 kB file system
+        assert small.returncode == 0, small.stderr[-3000:]
+        assert small.stdout.split("]")[0] == "[2, 2", small.stdout  # both runs exit 2: none dies of SIGBUS
+        assert "['.lock']" in small.stdout, small.stdout  # and neither leaves an array or a temporary file
+        first, second = [m for m in small.stderr.splitlines() if m.startswith("error: ")]
+        assert "not enough free space for the decode cache in" in first and "need 1.3 MB" in first, first
+        assert "could not write the decode cache in" in second and "No space left on device" in second, second
+    # Injected, on any file system: too little space reported, then a write that fails.
+    cache = tmp_path / "cache"
+    entry = data._cache_entry(cache, folder.resolve(), data.cache_resolution(128))
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: data.shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    assert data.main(["info", str(folder), "--size", "128", "--cache-dir", str(cache)]) == 2
+    message = _error_line(capsys.readouterr().err)
+    assert f"not enough free space for the decode cache in {entry}" in message and "need 1.3 MB" in message, message
+    monkeypatch.undo()
+
+    def disk_full(path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data, "_reserve", disk_full)
+    assert data.main(["info", str(folder), "--size", "128", "--cache-dir", str(cache)]) == 2
+    message = _error_line(capsys.readouterr().err)
+    assert f"could not write the decode cache in {entry}: No space left on device" in message, message
+    assert "need 1.3 MB" in message and "--cache-dir" in message
+    assert sorted(p.name for p in entry.iterdir()) == [".lock"]  # no array, no temporary file, no manifest
+    monkeypatch.undo()
+    assert data.main(["info", str(folder), "--size", "128", "--cache-dir", str(cache)]) == 0  # space again: it works
+    _, err = as_file.communicate(timeout=120)
+    assert as_file.returncode == 2, err[-3000:]
+    assert "a_file.txt is a file, not a folder" in _error_line(err) and "--cache-dir" in _error_line(err)
+
+
+def _huge_array_placeholder():
+    """A pickled numpy array that declares 10**13 bytes before its data (numpy itself writes (0,))."""
+    reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+
+    class Huge:
+        def __reduce__(self):
+            return reconstruct, (np.ndarray, (10**13,), b"b")
+    return Huge()
+
+
+CIFAR_FAULTS = {  # case: (file, change to its content, what the message must say)
+    "fewer labels than images": ("data_batch_2", lambda d: d.update({b"labels": d[b"labels"][:-1]}),
+                                 "20 images but 19 labels"),
+    "label outside the classes": ("test_batch", lambda d: d[b"labels"].__setitem__(3, 10),
+                                  "label 10 of image 3 is not a class index (0 to 9"),
+    "meta without label_names": ("batches.meta", lambda d: d.update({b"names": d.pop(b"label_names")}),
+                                 "no class names under 'label_names'"),
+    "huge declared array": ("data_batch_4", lambda d: d.update({b"data": _huge_array_placeholder()}),
+                            "refusing an array placeholder of shape (10000000000000,)"),
+    "images not uint8": ("data_batch_1", lambda d: d.update({b"data": d[b"data"].astype(np.int64)}),
+                         "expected a (N, 3072) uint8 'data' array, found a int64 array"),
+}
+
+
+def test_cifar_batches_are_checked_for_structure(tmp_path, capsys):
+    """Item 4: every batch and the meta file are checked; a file that fails is named, exit 2."""
+    for case, (name, change, expected) in CIFAR_FAULTS.items():
+        folder = _cifar10_folder(tmp_path / case.replace(" ", "_"))
+        with open(folder / name, "rb") as f:
+            content = pickle.load(f)
+        change(content)
+        _write(folder / name, content)
+        assert data.main(["info", str(folder)]) == 2, case
+        message = _error_line(capsys.readouterr().err)
+        assert str(folder / name) in message and expected in message and "re-download" in message, (case, message)
+    assert data.main(["info", str(_cifar10_folder(tmp_path / "good"))]) == 0  # the unchanged layout still loads
+
+
+def test_labeled_sets_too_small_exit_2_before_training(world, tmp_path):
+    """Item 6: one class, or an empty split, stops with the classes and the split named, before any
+    training; a class without an image in train or in test is a warning that names both."""
+    one_class = _class_folder(tmp_path / "one_class", 10, classes=("cat",))
+    two_images = _class_folder(tmp_path / "two_images", 1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {
+        "one class": _script("simclr.py", ["finetune", "--checkpoint", str(world["origin"]), "--data", str(one_class),
+                                           "--out", str(tmp_path / "ft"), "--device", "cpu"], env),
+        "two images": _script("transfer.py", ["train", "--source", str(world["origin"]), "--data", str(two_images),
+                                              "--out", str(tmp_path / "tr"), "--device", "cpu"], env),
+    }
+    # In this process meanwhile: a class only in the test folder, and one left out of a carved test split.
+    presplit = tmp_path / "presplit"
+    _class_folder(presplit / "train", 5)
+    _class_folder(presplit / "test", 2, classes=("a", "b", "c"))
+    with pytest.warns(UserWarning, match=r"class 'c' has no image in the train split \(1 such class\(es\)\); it cannot"):
+        data.load_task(presplit, 16, cache_dir=tmp_path / "cache")
+    seven = _class_folder(tmp_path / "seven", 4, classes=("a",))
+    _class_folder(seven, 3, classes=("b",))
+    with pytest.warns(UserWarning, match="class 'b' has no image in the test split"):  # 7 images: test takes 1
+        data.load_task(seven, 16, cache_dir=tmp_path / "cache")
+    results = {case: (p.wait(timeout=300), p.communicate()[1]) for case, p in runs.items()}
+    for case, expected in (("one class", "one_class: a labeled task needs at least 2 classes; found 1 (cat)"),
+                           ("two images", "two_images: the val and test splits are empty: 2 labeled images are too few "
+                                          "to set some aside (fewest per class: 'a' 1, 'b' 1)")):
+        code, err = results[case]
+        assert code == 2 and expected in _error_line(err), (case, err[-3000:])
+    for out in ("ft", "tr"):
+        assert not (tmp_path / out / "checkpoint.pt").exists() and not (tmp_path / out / "log.jsonl").exists()
+
+
+def _tar_with(member: tarfile.TarInfo, content: bytes = b"") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.addfile(member, io.BytesIO(content) if content else None)
+    return buf.getvalue()
+
+
+def test_unsafe_tar_members_exit_2_like_zip(server, tmp_path):
+    """Item 7: tar's own safety errors give the same exit-2 message as an unsafe zip member, and
+    nothing is written outside the data root (nor left inside it)."""
+    base, routes = server
+    escape = tarfile.TarInfo("../escape.txt")
+    escape.size = 5
+    routes["dtd-r1.0.1.tar.gz"] = _tar_with(escape, b"hello")  # outside the destination
+    link = tarfile.TarInfo("food-101/passwd")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    routes["food-101.tar.gz"] = _tar_with(link)  # an absolute link
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("../escape.txt", "hello")
+    routes["kagglecatsanddogs_5340.zip"] = buf.getvalue()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = {name: _script("data.py", ["download", name, "--root", str(tmp_path / "root" / name), "--mirror",
+                                      f"{base}/files"], env) for name in ("dtd", "food101", "cats_vs_dogs")}
+    for name, member in (("dtd", "../escape.txt"), ("food101", "food-101/passwd"), ("cats_vs_dogs", "../escape.txt")):
+        proc = runs[name]
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (name, err[-3000:])
+        assert re.fullmatch(rf"error: \S+archive: unsafe path in archive: {re.escape(member)}", _error_line(err)), err
+        assert list((tmp_path / "root" / name).iterdir()) == []  # the partial folder is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]  # no escape.txt beside the root
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
+def test_named_pipe_in_an_image_folder_is_skipped_with_a_warning(tmp_path):
+    """Item 8: a named pipe (with an image extension) is never opened: skipped with a warning."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for k in range(4):
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(photos / f"{k}.png")
+    os.mkfifo(photos / "pipe.jpg")
+    for skip_bad in ([], ["--skip-bad"]):
+        done = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "info", str(photos), "--size", "16",
+                               "--cache-dir", str(tmp_path / "cache"), *skip_bad], cwd=HERE, capture_output=True,
+                              text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "photos: 4 unlabeled images" in done.stdout
+        assert "skipped 1 entry that is not a regular file" in done.stderr and "pipe.jpg" in done.stderr, done.stderr
+
+
+def test_checkpoint_holding_other_objects_is_refused_with_a_plain_message(tmp_path):
+    """Item 10: a checkpoint that would run code when unpickled is not loaded, and the message says
+    why in whole sentences, with the advice never to pass weights_only=False to an untrusted file."""
+    marker = tmp_path / "code-ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+
+    torch.save({"kind": "pretrain", "model": RunsCode()}, tmp_path / "hostile.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    runs = [_script("simclr.py", ["finetune", "--checkpoint", str(tmp_path / "hostile.pt"), "--out",
+                                  str(tmp_path / "ft"), "--device", "cpu"], env),
+            _script("transfer.py", ["train", "--source", str(tmp_path / "hostile.pt"), "--data", "shapes2", "--out",
+                                    str(tmp_path / "tr"), "--device", "cpu"], env)]
+    for proc in runs:
+        _, err = proc.communicate(timeout=120)
+        message = _error_line(err)
+        assert proc.returncode == 2, err[-3000:]
+        assert "hostile.pt' holds objects other than tensors" in message and "mkdir" in message, message
+        assert "was not loaded, for safety" in message, message
+        assert "Never pass weights_only=False to torch.load for a file you do not trust." in message, message
+        assert message.endswith(".") and "will likely succeed" not in message, message  # ours, whole sentences
+    assert not marker.exists()

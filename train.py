@@ -13,6 +13,8 @@ import dataclasses
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import signal
 import sys
@@ -123,8 +125,10 @@ def seed_everything(seed: int) -> None:
 # Run folders and atomic checkpoints
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode: str = "wb") -> None:
-    """write(file) into a temporary file in the same folder, fsync, then rename over `path`.
+def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode: str = "wb", *,
+                 raw_errors: bool = False) -> None:
+    """write(file) into a temporary file in the same folder, fsync, then rename over `path`
+    (raw_errors: an OSError reaches the caller as it is, for callers with their own message).
 
     A crash at any moment leaves either the previous file or the new one, never half of one:
     os.replace is atomic on POSIX and Windows when source and target share a file system."""
@@ -144,7 +148,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        if isinstance(e, OSError):  # a full disk or a vanished folder is the user's to fix, not a bug
+        if isinstance(e, OSError) and not raw_errors:  # a full disk or a vanished folder: the user's to fix
             kept = f" The previous '{path.name}' is unchanged." if path.exists() else ""
             raise UserError(f"Could not write '{path}': {e.strerror or e}. Free some space or choose another "
                             f"--out, then run again (with --resume to continue a run).{kept}") from e
@@ -161,6 +165,35 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: f.write(text), "w")
 
 
+def load_tensors_only(path: str | os.PathLike, map_location: str | torch.device = "cpu", what: str = "Checkpoint ",
+                      hint: str = "It may be truncated or not a PyTorch checkpoint; use an earlier copy or rerun."
+                      ) -> object:
+    """torch.load(path, weights_only=True): plain types and tensors only, so a downloaded file cannot
+    run code. A file holding other objects, or a damaged one, gives a UserError that says which.
+
+    what: how the message names the file ("Checkpoint '...'"); hint: the advice for a damaged file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise UserError(f"{what}'{path}' could not be read (UnpicklingError: {_first_line(e)}). {hint}") from None
+        # torch's own text explains how to load such a file anyway; the user needs the opposite advice.
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        named = f" (it names {found.group(1)})" if found else ""
+        raise UserError(f"{what}'{path}' holds objects other than tensors and plain values{named}, so it was not "
+                        "loaded, for safety: unpickling them could run code. Never pass weights_only=False to "
+                        "torch.load for a file you do not trust. Checkpoints of this project and torchvision-layout "
+                        "state dicts hold tensors only.") from None
+    except Exception as e:  # torch raises several types for truncated zip archives
+        raise UserError(f"{what}'{path}' could not be read ({type(e).__name__}: {_first_line(e)}). {hint}") from None
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of an exception's text, whole (torch's longer explanations span many lines)."""
+    lines = str(error).strip().splitlines()
+    return lines[0].strip() if lines else ""
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint written by this project with weights_only=True (plain types and tensors
     only, so a downloaded file cannot run code). Missing or damaged files give a UserError."""
@@ -168,11 +201,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise UserError(f"Checkpoint '{path}' does not exist (or is not a file). Pass the checkpoint.pt "
                         "of a finished or interrupted run.")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # torch raises several types for truncated zip archives
-        raise UserError(f"Checkpoint '{path}' could not be read ({type(e).__name__}: {str(e)[:200]}). "
-                        "It may be truncated or not a PyTorch checkpoint; use an earlier copy or rerun.") from None
+    ckpt = load_tensors_only(path, map_location)
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise UserError(f"'{path}' is not a checkpoint of this project (no 'kind' entry). For a plain "
                         "torchvision-layout state dict use transfer.py --encoder-weights.")
@@ -716,11 +745,9 @@ def load_encoder(path: str | os.PathLike, *, arch: str | None = None, width: flo
     if not Path(path).is_file():
         raise UserError(f"Encoder source '{path}' does not exist (or is not a file). Pass a checkpoint of this "
                         "project or a torchvision-layout state dict.")
-    try:  # weights_only: plain types and tensors only, so a downloaded file cannot run code
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for damaged or non-torch files
-        raise UserError(f"'{path}' could not be read as a PyTorch file ({type(e).__name__}: {str(e)[:200]}). "
-                        "Expected a checkpoint of this project or a torchvision-layout state dict.") from None
+    # weights_only: plain types and tensors only, so a downloaded file cannot run code
+    raw = load_tensors_only(path, "cpu", what="", hint="It may be damaged or not a PyTorch file; expected a "
+                            "checkpoint of this project or a torchvision-layout state dict.")
     if isinstance(raw, dict) and "kind" in raw:
         return _project_encoder(path, raw, arch, width, cifar_stem, normalize, head_layer)
     return _torchvision_encoder(path, state_dict_from(raw, path), arch, width, cifar_stem, normalize, head_layer)
