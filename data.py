@@ -1473,7 +1473,7 @@ def bench(n: int = 20000, image_size: int = 32, name: str = POOL_NAME) -> tuple[
     return n / (time.process_time() - c0), n / (time.perf_counter() - t0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python data.py",
         description="Data for the SimCLR studies: look at, inspect, download and benchmark datasets.",
@@ -1483,15 +1483,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("grid", help="save a PNG grid of samples per class", formatter_class=HelpFormatter)
     p.add_argument("name", help=f"dataset name ({', '.join(known_names())}) or folder")
     p.add_argument("--out", default="grid.png", help="PNG file to write")
-    p.add_argument("--size", type=int, default=32, help="image size")
-    p.add_argument("--per-class", type=int, default=8, help="images per class (row)")
-    p.add_argument("--max-classes", type=int, default=20, help="rows to show at most")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--size", type=train.bounded(int, train.Range(8), "size"), default=32, help="image size")
+    p.add_argument("--per-class", type=train.bounded(int, train.AT_LEAST_1, "per-class"), default=8, help="images per class (row)")
+    p.add_argument("--max-classes", type=train.bounded(int, train.AT_LEAST_1, "max-classes"), default=20, help="rows to show at most")
+    p.add_argument("--seed", type=train.bounded(int, train.NON_NEGATIVE, "seed"), default=0, help="random seed")
     p.add_argument("--root", default=None, help="data root for named datasets; None: $SIMCLR_DATA, else ~/.local/share/simclr")
     p.add_argument("--cache-dir", default=None, help="decode cache; None: $SIMCLR_CACHE, else ~/.cache/simclr")
     p = sub.add_parser("info", help="print splits, classes and channel statistics", formatter_class=HelpFormatter)
     p.add_argument("name", help="dataset name or folder")
-    p.add_argument("--size", type=int, default=32, help="image size")
+    p.add_argument("--size", type=train.bounded(int, train.Range(8), "size"), default=32, help="image size")
     p.add_argument("--root", default=None, help="data root for named datasets")
     p.add_argument("--cache-dir", default=None, help="decode cache")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images with a warning")
@@ -1501,25 +1501,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--root", default=None, help="data root; None: $SIMCLR_DATA, else ~/.local/share/simclr")
     p.add_argument("--mirror", default=None, help="base URL serving the archives by file name; None: $SIMCLR_MIRROR, else the publisher")
     p = sub.add_parser("bench", help="generator speed on one CPU core", formatter_class=HelpFormatter)
-    p.add_argument("--n", type=int, default=20000, help="images to generate")
-    p.add_argument("--size", type=int, default=32, help="image size")
+    p.add_argument("--n", type=train.bounded(int, train.AT_LEAST_1, "n"), default=20000, help="images to generate")
+    p.add_argument("--size", type=train.bounded(int, train.Range(8), "size"), default=32, help="image size")
     p.add_argument("--name", default=POOL_NAME, help="embedded dataset to render")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "grid":
-            out = save_grid(args.name, args.out, args.size, args.per_class, args.max_classes, args.seed, args.root, args.cache_dir)
-            print(f"wrote {out}")
-        elif args.command == "download":
-            print(f"ready: {download(args.name, args.root, args.mirror)}")
-        elif args.command == "bench":
-            cpu, wall = bench(args.n, args.size, args.name)
-            print(f"{args.name} at {args.size}x{args.size}, one core: {cpu:,.0f} images per CPU-second ({wall:,.0f} per wall-second)")
-        else:
-            _print_info(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return parser
+
+
+def run_command(args: argparse.Namespace) -> None:
+    if args.command == "grid":
+        out = save_grid(args.name, args.out, args.size, args.per_class, args.max_classes, args.seed, args.root,
+                        args.cache_dir)
+        print(f"wrote {out}")
+    elif args.command == "download":
+        print(f"ready: {download(args.name, args.root, args.mirror)}")
+    elif args.command == "bench":
+        cpu, wall = bench(args.n, args.size, args.name)
+        print(f"{args.name} at {args.size}x{args.size}, one core: {cpu:,.0f} images per CPU-second "
+              f"({wall:,.0f} per wall-second)")
+    else:
+        _print_info(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return train.main(argv, run=run_command, parser=build_parser())
 
 
 def _print_info(args: argparse.Namespace) -> None:

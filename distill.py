@@ -218,31 +218,31 @@ class DistillConfig(train.StageConfig):
     mode: str = option("scratch", "student: from scratch, fine-tuned from a pretrained encoder, or frozen pretrained "
                        "base + dense layers (seed paper)", choices=MODES)
     student: str = option("resnet18", "student architecture", choices=models.MODEL_NAMES)
-    width: float = option(1.0, "student channel multiplier")
+    width: float = option(1.0, "student channel multiplier", allowed=train.POSITIVE)
     cifar_stem: bool | None = option(None, "3x3 stem; None: on up to 64 px")
     student_checkpoint: str | None = option(None, "SimCLR pretraining checkpoint of the student architecture "
                                             "(finetune and frozen modes)")
     dense_layers: list[int] | None = option(None, "widths of the trainable Linear+ReLU layers before the classifier; "
-                                            "None: 256 in frozen mode")
+                                            "None: 256 in frozen mode", allowed=train.AT_LEAST_1)
     preset: str = option("default", "'default' (short runs) or 'paper' (the seed paper's Table 3) "
                          "(default: %(default)s)", choices=list(PRESETS))
-    temperature: float | None = option(None, "softmax temperature tau (preset: 1.0)")
-    alpha: float = option(1.0, "weight of the distillation term; 1 - alpha for labels")
-    labeled_fraction: float = option(0.0, "fraction of train labels known (alpha < 1)")
+    temperature: float | None = option(None, "softmax temperature tau (preset: 1.0)", allowed=train.POSITIVE)
+    alpha: float = option(1.0, "weight of the distillation term; 1 - alpha for labels", allowed=train.UNIT)
+    labeled_fraction: float = option(0.0, "fraction of train labels known (alpha < 1)", allowed=train.UNIT)
     soft_labels: str = option("online", "teacher on each augmented view (SimCLR v2) or once on un-augmented images",
                               choices=SOFT_LABELS)
     crop: bool | None = option(None, "crop augmentation; None: the preset's")
     flip: bool | None = option(None, "flip augmentation; None: the preset's")
     color: bool | None = option(None, "color augmentation; None: the preset's")
     extra_unlabeled: str | None = option(None, "extra unlabeled images, e.g. shapes-pool or a folder")
-    extra_n: int | None = option(None, "how many extra unlabeled images")
-    epochs: int | None = option(None, "None: the preset's")
-    batch_size: int | None = option(None, "None: the preset's")
-    lr: float | None = option(None, "peak learning rate, cosine decay; None: the preset's")
-    momentum: float | None = option(None, "None: the preset's")
-    weight_decay: float | None = option(None, "None: the preset's")
+    extra_n: int | None = option(None, "how many extra unlabeled images", allowed=train.POSITIVE)
+    epochs: int | None = option(None, "None: the preset's", allowed=train.POSITIVE)
+    batch_size: int | None = option(None, "None: the preset's", allowed=train.POSITIVE)
+    lr: float | None = option(None, "peak learning rate, cosine decay; None: the preset's", allowed=train.POSITIVE)
+    momentum: float | None = option(None, "None: the preset's", allowed=train.MOMENTUM)
+    weight_decay: float | None = option(None, "None: the preset's", allowed=train.NON_NEGATIVE)
     optimizer: str | None = option(None, "None: the preset's", choices=["sgd", "lars"])
-    log_every: int = option(20, "steps between log lines (host syncs)")
+    log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
 
 
 def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data.TaskData | None
@@ -273,6 +273,7 @@ def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data
 def resolve_settings(cfg: DistillConfig) -> tuple[dict, tuple[int, ...]]:
     """(the optimisation and augmentation settings: cfg's where given, else the preset's; the dense
     layer widths), after checking every option."""
+    train.validate(cfg)
     if cfg.preset not in PRESETS:
         raise UserError(f"Unknown --preset '{cfg.preset}'. Use one of: {', '.join(PRESETS)}.")
     given = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
@@ -285,18 +286,13 @@ def resolve_settings(cfg: DistillConfig) -> tuple[dict, tuple[int, ...]]:
         raise UserError(f"Unknown --soft-labels '{cfg.soft_labels}'. Use online or precomputed.")
     if cfg.student not in models.MODEL_NAMES:
         raise UserError(f"Unknown --student '{cfg.student}'. Use one of: {', '.join(models.MODEL_NAMES)}.")
-    train.check_positive(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], temperature=s["temperature"],
-                          width=cfg.width, extra_n=cfg.extra_n)
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise UserError(f"--alpha must be in [0, 1] (1: soft labels only); got {cfg.alpha}.")
-    if not 0.0 <= cfg.labeled_fraction <= 1.0:
-        raise UserError(f"--labeled-fraction must be in [0, 1]; got {cfg.labeled_fraction}.")
+    train.check_positive(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], temperature=s["temperature"])
+    if cfg.mode != "frozen":
+        train.check_batch_for_batch_norm(s["batch_size"])
     if cfg.alpha < 1.0 and cfg.labeled_fraction == 0.0:
         raise UserError(f"--alpha {cfg.alpha} mixes in a label loss (weight {1 - cfg.alpha:g}) but --labeled-fraction is 0, "
                         "so no label is known. Pass --labeled-fraction > 0 or --alpha 1.")
     dense_layers = tuple(cfg.dense_layers) if cfg.dense_layers is not None else ((256,) if cfg.mode == "frozen" else ())
-    if any(int(w) != w or w < 1 for w in dense_layers):
-        raise UserError(f"--dense-layers must be positive integers; got {list(dense_layers)}.")
     return s, dense_layers
 
 

@@ -768,8 +768,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: cuda on a GPU, cpu otherwise; tiny: seconds (tests); paper: the seed paper's settings")
     p.add_argument("--data", default=None, help="study-to-dataset map, e.g. study1=tf_flowers,study3=a:b:c (see below)")
     p.add_argument("--out", default="runs/run_all", help="run folder (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; seed k is SEED + k (default: %(default)s)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds per study, mean ± std (default: 3 on GPU, 1 on CPU)")
+    p.add_argument("--seed", type=train.bounded(int, train.NON_NEGATIVE, "seed"), default=0,
+                   help="first seed; seed k is SEED + k (default: %(default)s)")
+    p.add_argument("--seeds", type=train.bounded(int, train.AT_LEAST_1, "seeds"), default=None,
+                   help="seeds per study, mean ± std (default: 3 on GPU, 1 on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
     p.add_argument("--pretrained", default=None, help="a SimCLR pretraining checkpoint to use instead of pretraining")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished stage")

@@ -71,32 +71,36 @@ class PretrainConfig(train.StageConfig):
     eval_data: str | None = option("shapes5", "labeled task for the kNN monitor, its train split the bank and its "
                                    "val split the queries ('' for none)")
     eval_images: int | None = option(None, "train images of an embedded --eval-data (10%% become its val queries); "
-                                     "None: its default")
-    image_size: int = option(32, "working resolution in pixels")
-    n_images: int | None = option(None, "pool size (generated) or cap (folder)")
+                                     "None: its default", allowed=train.POSITIVE)
+    image_size: int = option(32, "working resolution in pixels", allowed=train.POSITIVE)
+    n_images: int | None = option(None, "pool size (generated) or cap (folder)", allowed=train.POSITIVE)
     model: str = option("resnet18", "encoder (models.py)", choices=models.MODEL_NAMES)
-    width: float = option(1.0, "channel multiplier (SimCLR 2x, 4x; 0.25 for CPU)")
+    width: float = option(1.0, "channel multiplier (SimCLR 2x, 4x; 0.25 for CPU)", allowed=train.POSITIVE)
     cifar_stem: bool | None = option(None, "3x3 stem, no max-pool (default: on up to 64 px)")
-    head_layers: int = option(2, "2 (SimCLR v1) or 3 (v2)")
-    head_hidden: int | None = option(None, "head width (default: the encoder's feature width)")
-    out_dim: int = option(128, "projection size z (the loss's input)")
-    epochs: int = option(100, "passes over the unlabeled images")
-    batch_size: int = option(512, "global batch (all processes)")
+    head_layers: int = option(2, "2 (SimCLR v1) or 3 (v2)", allowed=train.AT_LEAST_1)
+    head_hidden: int | None = option(None, "head width (default: the encoder's feature width)",
+                                     allowed=train.AT_LEAST_1)
+    out_dim: int = option(128, "projection size z (the loss's input)", allowed=train.AT_LEAST_1)
+    epochs: int = option(100, "passes over the unlabeled images", allowed=train.POSITIVE)
+    batch_size: int = option(512, "global batch (all processes)", allowed=train.POSITIVE)
     optimizer: str = option("lars", "LARS (SimCLR) or SGD with momentum", choices=["lars", "sgd"])
-    base_lr: float | None = option(None, "scaled by batch/256 (default: 1.0 up to 64 px, else 0.3)")
+    base_lr: float | None = option(None, "scaled by batch/256 (default: 1.0 up to 64 px, else 0.3)",
+                                   allowed=train.POSITIVE)
     lr_scaling: str = option("linear", "lr = base-lr x batch/256 (linear) or base-lr x sqrt(batch) (sqrt; SimCLR v2 "
                              "uses 0.075)", choices=["linear", "sqrt"])
-    weight_decay: float | None = option(None, "default: 1e-4 up to 64 px, else 1e-6")
-    momentum: float = option(0.9, "momentum of LARS / SGD")
-    warmup_epochs: float | None = option(None, "default: 10, at most a tenth of the run")
-    temperature: float = option(0.5, "NT-Xent temperature")
-    strength: float | None = option(None, "colour distortion strength (default: 0.5 up to 64 px, else 1.0)")
-    crop_min_scale: float = option(0.08, "smallest random-crop area as a fraction of the image (SimCLR: 0.08)")
+    weight_decay: float | None = option(None, "default: 1e-4 up to 64 px, else 1e-6", allowed=train.NON_NEGATIVE)
+    momentum: float = option(0.9, "momentum of LARS / SGD", allowed=train.MOMENTUM)
+    warmup_epochs: float | None = option(None, "default: 10, at most a tenth of the run", allowed=train.NON_NEGATIVE)
+    temperature: float = option(0.5, "NT-Xent temperature", allowed=train.POSITIVE)
+    strength: float | None = option(None, "colour distortion strength (default: 0.5 up to 64 px, else 1.0)",
+                                    allowed=train.NON_NEGATIVE)
+    crop_min_scale: float = option(0.08, "smallest random-crop area as a fraction of the image (SimCLR: 0.08)",
+                                   allowed=train.FRACTION)
     blur: bool | None = option(None, "Gaussian blur (default: off up to 64 px)")
-    knn_every: int = option(10, "epochs between kNN monitor evaluations")
-    knn_k: int = option(200, "neighbours of the kNN monitor")
-    log_every: int = option(20, "steps between log lines (host syncs)")
-    checkpoint_every: int = option(0, "steps between checkpoints (0: each epoch)")
+    knn_every: int = option(10, "epochs between kNN monitor evaluations", allowed=train.AT_LEAST_1)
+    knn_k: int = option(200, "neighbours of the kNN monitor", allowed=train.AT_LEAST_1)
+    log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
+    checkpoint_every: int = option(0, "steps between checkpoints (0: each epoch)", allowed=train.NON_NEGATIVE)
     compile: bool = option(False, "torch.compile the model", flag=True)
     # Not an option: lets runs with different training seeds share one pool (run_all.py's student bases).
     data_seed: int | None = None
@@ -124,11 +128,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     """SimCLR pretraining (v1 Algorithm 1 with v2's deeper head); returns a summary dict with the
     checkpoint path, the final loss and the kNN accuracy of the learned and of a random encoder."""
     cfg = resolve_defaults(cfg)
-    train.check_positive(epochs=cfg.epochs, batch_size=cfg.batch_size, base_lr=cfg.base_lr, temperature=cfg.temperature,
-                   width=cfg.width, image_size=cfg.image_size, crop_min_scale=cfg.crop_min_scale,
-                   eval_images=cfg.eval_images)
-    if cfg.crop_min_scale > 1:
-        raise UserError(f"--crop-min-scale is a fraction of the image area in (0, 1]; got {cfg.crop_min_scale}.")
+    train.validate(cfg)
+    train.check_batch_for_batch_norm(cfg.batch_size)
     device = train.select_device(cfg.device)
     distributed = train.init_distributed(device)
     run = train.RunFolder(out, resume=resume, overwrite=overwrite, is_main=distributed.is_main)
@@ -238,17 +239,17 @@ class LinearEvalConfig(train.StageConfig):
     """Linear evaluation of a pretraining checkpoint on a labeled task."""
     checkpoint: str = option(None, "a pretraining checkpoint.pt", required=True)
     data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
-    epochs: int = option(100, "epochs of the linear layer on cached features")
-    lr: float = option(0.1, "learning rate (SGD, momentum 0.9, cosine)")
-    batch_size: int = option(256, "batch of cached features")
-    head_layer: int = option(0, "0: encoder output; k: after head layer k")
+    epochs: int = option(100, "epochs of the linear layer on cached features", allowed=train.POSITIVE)
+    lr: float = option(0.1, "learning rate (SGD, momentum 0.9, cosine)", allowed=train.POSITIVE)
+    batch_size: int = option(256, "batch of cached features", allowed=train.POSITIVE)
+    head_layer: int = option(0, "0: encoder output; k: after head layer k", allowed=train.NON_NEGATIVE)
 
 
 def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, resume: bool = False,
                 overwrite: bool = False) -> dict:
     """Linear evaluation (SimCLR v1 section 4): frozen encoder, features of the un-augmented train,
     val and test images computed once, a linear layer trained on them; top-1/top-5 on val and test."""
-    train.check_positive(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size)
+    train.validate(cfg)
     dev = train.select_device(cfg.device)
     run = train.RunFolder.redo(out, "linear-eval", resume, overwrite) if out is not None else None  # before any work
     train.seed_everything(cfg.seed)
@@ -282,20 +283,20 @@ class FinetuneConfig(train.StageConfig):
     `arch` and `image_size` trains the same network from random initialisation (a supervised baseline)."""
     checkpoint: str | None = option(None, "a pretraining checkpoint.pt", required=True)
     data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
-    fraction: float = option(1.0, "fraction of training labels (0.01, 0.1, 1)")
-    head_layer: int = option(1, "fine-tune from this head layer (SimCLR v2: 1)")
+    fraction: float = option(1.0, "fraction of training labels (0.01, 0.1, 1)", allowed=train.FRACTION)
+    head_layer: int = option(1, "fine-tune from this head layer (SimCLR v2: 1)", allowed=train.NON_NEGATIVE)
     crop: bool = option(True, "use crop augmentation while fine-tuning")
     flip: bool = option(True, "use flip augmentation while fine-tuning")
     color: bool = option(False, "use color augmentation while fine-tuning")
     blur: bool = option(False, "use blur augmentation while fine-tuning")
-    strength: float = option(0.5, "colour distortion strength when --color is on")
-    epochs: int = option(30, "passes over the labeled subset")
-    batch_size: int = option(128, "labeled images per step")
-    lr: float = option(0.05, "peak learning rate (warm-up, then cosine)")
+    strength: float = option(0.5, "colour distortion strength when --color is on", allowed=train.NON_NEGATIVE)
+    epochs: int = option(30, "passes over the labeled subset", allowed=train.POSITIVE)
+    batch_size: int = option(128, "labeled images per step", allowed=train.POSITIVE)
+    lr: float = option(0.05, "peak learning rate (warm-up, then cosine)", allowed=train.POSITIVE)
     optimizer: str = option("sgd", "optimiser", choices=["lars", "sgd"])
-    weight_decay: float = option(0.0, "weight decay (not on biases and BN)")
-    momentum: float = option(0.9, "momentum of SGD / LARS")
-    log_every: int = option(20, "steps between log lines (host syncs)")
+    weight_decay: float = option(0.0, "weight decay (not on biases and BN)", allowed=train.NON_NEGATIVE)
+    momentum: float = option(0.9, "momentum of SGD / LARS", allowed=train.MOMENTUM)
+    log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
     arch: dict | None = None   # the network to train from scratch when checkpoint is None
     image_size: int = 32       # its image size
 
@@ -307,9 +308,8 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
 
     Model selection: best val top-1 (best.pt); the test split is reported
     for that model only. Returns val/test reports and the best.pt path (a distillation teacher)."""
-    train.check_positive(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, fraction=cfg.fraction)
-    if cfg.fraction > 1:
-        raise UserError(f"--fraction must be in (0, 1]; got {cfg.fraction}.")
+    train.validate(cfg)
+    train.check_batch_for_batch_norm(cfg.batch_size)
     dev = train.select_device(cfg.device)
     train.seed_everything(cfg.seed)
     if cfg.checkpoint is not None:
@@ -454,10 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="pretraining throughput", formatter_class=train.HelpFormatter)
     b.add_argument("--model", default="resnet18", choices=models.MODEL_NAMES, help="encoder")
-    b.add_argument("--size", type=int, default=32, help="image size in pixels")
-    b.add_argument("--batch", type=int, default=512, help="source images per step (two views each)")
-    b.add_argument("--width", type=float, default=1.0, help="channel multiplier")
-    b.add_argument("--steps", type=int, default=20, help="timed steps (after 5 warm-up steps)")
+    b.add_argument("--size", type=train.bounded(int, train.Range(8), "size"), default=32, help="image size in pixels")
+    b.add_argument("--batch", type=train.bounded(int, train.Range(2), "batch"), default=512,
+                   help="source images per step (two views each)")
+    b.add_argument("--width", type=train.bounded(float, train.POSITIVE, "width"), default=1.0,
+                   help="channel multiplier")
+    b.add_argument("--steps", type=train.bounded(int, train.AT_LEAST_1, "steps"), default=20,
+                   help="timed steps (after 5 warm-up steps)")
     b.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     return parser

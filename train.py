@@ -917,9 +917,16 @@ def accuracy_report(logits: torch.Tensor, labels, classes: list[str]) -> dict:
 
 
 def check_positive(**values) -> None:
+    """check_range(name, value, POSITIVE) for each keyword (settings resolved after the configs)."""
     for name, v in values.items():
-        if v is not None and not (v > 0):
-            raise UserError(f"--{name.replace('_', '-')} must be positive; got {v}.")
+        check_range(name, v, POSITIVE)
+
+
+def check_batch_for_batch_norm(batch_size: int) -> None:
+    """Batch norm in training mode needs more than one image per batch to compute a variance."""
+    if batch_size == 1:
+        raise UserError("--batch-size must be at least 2 when batch norm trains (it needs more than one image "
+                        "per batch); got 1.")
 
 
 def check_frozen(before: dict, module: nn.Module) -> None:
@@ -997,17 +1004,76 @@ def supervised_loss_fn(model: nn.Module, augmentation: augment.SimCLRAugment):
 # Command lines: options every script shares, and errors as messages
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option allows: finite numbers between low and high, each bound open or
+    closed (None is always allowed: it means 'the default')."""
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, v: object) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        above = v > self.low if self.low_open else v >= self.low
+        below = v < self.high if self.high_open else v <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return "positive" if (self.low, self.low_open) == (0, True) else f"at least {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+AT_LEAST_1 = Range(1)
+FRACTION = Range(0, 1, low_open=True)     # a share of something that cannot be empty: (0, 1]
+UNIT = Range(0, 1)                        # a weight or share that may be 0 or 1
+MOMENTUM = Range(0, 1, high_open=True)    # momentum 1 never forgets a gradient: the steps diverge
+
+
+def check_range(name: str, value: object, allowed: Range) -> None:
+    """UserError naming the option, the value and the allowed range, unless every value is allowed."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if value is not None and not all(v in allowed for v in values):
+        raise UserError(f"--{name.replace('_', '-')} must be {allowed}; got {value}.")
+
+
+def validate(config: Any) -> None:
+    """Check every option of a config against its `allowed` range (see `option`), before any work."""
+    for f in dataclasses.fields(config):
+        if "allowed" in f.metadata:
+            check_range(f.name, getattr(config, f.name), f.metadata["allowed"])
+
+
+def bounded(kind: type, allowed: Range, name: str) -> Callable[[str], Any]:
+    """An argparse type for an option outside the configs: parse with `kind`, then check the range."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got '{text}'")
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"--{name} must be {allowed}; got {text}")
+        return value
+    parse.allowed = allowed  # type: ignore[attr-defined]  (for tests that walk every option)
+    return parse
+
+
 def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
-    """A config field that is also a command-line option (--field-name): its default and its help
-    are written once, here, and `add_options` builds the flag from them. `flag=True` makes a
-    boolean a switch (--skip-bad); other booleans take true/false."""
+    """A config field that is also a command-line option (--field-name): its default, its help and
+    the range it allows (`allowed=`, checked by `validate`) are written once, here, and
+    `add_options` builds the flag from them. `flag=True` makes a boolean a switch (--skip-bad);
+    other booleans take true/false."""
     return field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
 
 @dataclass
 class StageConfig:
     """The options every stage shares: where it runs and where its data comes from."""
-    seed: int = option(0, "random seed")
+    seed: int = option(0, "random seed", allowed=NON_NEGATIVE)
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     root: str | None = option(None, "folder for downloaded datasets (default: data.py's default)")
     cache_dir: str | None = option(None, "cache for decoded image folders (default: data.py's default)")
@@ -1023,6 +1089,7 @@ def add_options(parser: argparse.ArgumentParser, config: type, only: Iterable[st
     chosen = [f for f in dataclasses.fields(config) if "help" in f.metadata and (only is None or f.name in only)]
     for f in sorted(chosen, key=lambda f: f.name in shared):
         kwargs = dict(f.metadata)
+        allowed = kwargs.pop("allowed", None)
         flags = kwargs.pop("flags", None) or ["--" + f.name.replace("_", "-")]
         kind = hints[f.name]
         if type(None) in typing.get_args(kind):  # X | None: the option takes an X
@@ -1030,7 +1097,10 @@ def add_options(parser: argparse.ArgumentParser, config: type, only: Iterable[st
         if kwargs.pop("flag", False):
             kwargs["action"] = "store_true"
         elif typing.get_origin(kind) in (list, tuple):
-            kwargs.update(type=typing.get_args(kind)[0], nargs="*")
+            kind = typing.get_args(kind)[0]
+            kwargs.update(type=bounded(kind, allowed, f.name.replace("_", "-")) if allowed else kind, nargs="*")
+        elif allowed is not None:  # checked as it is parsed, before any work
+            kwargs["type"] = bounded(kind, allowed, f.name.replace("_", "-"))
         else:
             kwargs["type"] = bool_arg if kind is bool else kind
         parser.add_argument(*flags, dest=f.name, default=f.default, **kwargs)
@@ -1058,8 +1128,12 @@ def bool_arg(text: str) -> bool:
 def main(argv: list[str] | None, run: Callable[[argparse.Namespace], None],
          parser: argparse.ArgumentParser) -> int:
     """Parse, run, and turn user errors into one paragraph on stderr and exit code 2 (tracebacks
-    stay for bugs). Shared by every command line of the project."""
-    args = parser.parse_args(argv)
+    stay for bugs). Shared by every command line of the project. Returns the exit code, also for
+    --help and for options argparse refuses (2), so that callers in Python get a code as well."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
     try:
         run(args)
     except UserError as e:

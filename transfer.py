@@ -79,7 +79,7 @@ class TransferConfig(train.StageConfig):
                          required=True, flags=["--source", "--encoder-weights"])
     arch: str | None = option(None, "network of a torchvision-layout file; None: its export side-car",
                               choices=models.MODEL_NAMES)
-    width: float | None = option(None, "channel multiplier of a torchvision-layout file (1)")
+    width: float | None = option(None, "channel multiplier of a torchvision-layout file (1)", allowed=train.POSITIVE)
     cifar_stem: bool | None = option(None, "3x3 stem in a torchvision-layout file; None: off, as torchvision")
     normalize: str | None = option(None, "input normalisation of a torchvision-layout file; None: imagenet "
                                    "(converted SimCLR weights need none); project checkpoints carry their own",
@@ -88,17 +88,18 @@ class TransferConfig(train.StageConfig):
     preset: str = option("simclr", "simclr: SimCLR v1's transfer protocol; paper: the seed paper's Study 3",
                          choices=list(PRESETS))
     mode: str | None = option(None, "None: the preset's (simclr: linear-cached, paper: linear-aug)", choices=MODES)
-    head_layer: int | None = option(None, "features after this projection-head layer (0: encoder)")
-    image_size: int | None = option(None, "working size; None: the source's")
+    head_layer: int | None = option(None, "features after this projection-head layer (0: encoder)",
+                                    allowed=train.NON_NEGATIVE)
+    image_size: int | None = option(None, "working size; None: the source's", allowed=train.POSITIVE)
     crop: bool | None = option(None, "crop augmentation; None: the preset's")
     flip: bool | None = option(None, "flip augmentation; None: the preset's")
     color: bool | None = option(None, "color augmentation; None: the preset's")
-    epochs: int | None = option(None, "None: the preset's")
-    batch_size: int | None = option(None, "None: the preset's")
-    lr: float | None = option(None, "peak lr, used as given; None: preset's, scaled by batch")
-    momentum: float | None = option(None, "None: the preset's")
-    weight_decay: float | None = option(None, "None: the preset's")
-    log_every: int = option(20, "steps between log lines (host syncs)")
+    epochs: int | None = option(None, "None: the preset's", allowed=train.POSITIVE)
+    batch_size: int | None = option(None, "None: the preset's", allowed=train.POSITIVE)
+    lr: float | None = option(None, "peak lr, used as given; None: preset's, scaled by batch", allowed=train.POSITIVE)
+    momentum: float | None = option(None, "None: the preset's", allowed=train.MOMENTUM)
+    weight_decay: float | None = option(None, "None: the preset's", allowed=train.NON_NEGATIVE)
+    log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
 
 
 SOURCE_OPTIONS = ("source", "arch", "width", "cifar_stem", "normalize")
@@ -111,6 +112,7 @@ SOURCE_OPTIONS = ("source", "arch", "width", "cifar_stem", "normalize")
 def resolve_settings(cfg: TransferConfig) -> TransferConfig:
     """A copy of cfg with every setting left as None taken from its preset (the learning rate
     scaled by batch / 256 where the preset says so), after checking the options."""
+    train.validate(cfg)
     if cfg.preset not in PRESETS:
         raise UserError(f"Unknown --preset '{cfg.preset}'. Use one of: {', '.join(PRESETS)}.")
     p = PRESETS[cfg.preset]
@@ -125,7 +127,9 @@ def resolve_settings(cfg: TransferConfig) -> TransferConfig:
     if cfg.lr is None:
         scaled = p["lr_scaling"] == "linear"
         cfg = dataclasses.replace(cfg, lr=p["base_lr"] * cfg.batch_size / 256 if scaled else p["base_lr"])
-    train.check_positive(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, image_size=cfg.image_size)
+    train.check_positive(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr)
+    if cfg.mode == "finetune":
+        train.check_batch_for_batch_norm(cfg.batch_size)
     return cfg
 
 
@@ -304,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output prefix: writes <out>.npy and <out>.json")
     e.add_argument("--what", default="features", choices=["features", "predictions"],
                    help="encoder features, or class predictions of a classifier checkpoint")
-    e.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    e.add_argument("--batch-size", type=train.bounded(int, train.POSITIVE, "batch-size"), default=256,
+                   help="images per forward pass")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     x = sub.add_parser("export", help="an encoder as a plain torchvision-layout state dict",
