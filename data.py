@@ -42,6 +42,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import socket
 import stat
 import sys
@@ -377,6 +378,12 @@ def _workers(requested: int | None, n: int) -> int:
     return max(1, min(cores, 8, n // 256))  # small folders decode faster than a pool starts
 
 
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C (sent to the whole process group) to the parent, which stops them,
+    instead of each printing a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _pool_context():
     # fork on Linux: workers start instantly and only use Pillow / numpy; elsewhere spawn.
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
@@ -618,7 +625,7 @@ def _decode_into(out: np.ndarray, root: Path, rels: list[str], res: int, workers
     bar = tqdm(total=n, desc=f"decoding {root.name} at {res}px", unit="img", disable=(not progress) if progress is not None else None)
     with contextlib.ExitStack() as stack:
         if n_workers > 1:
-            pool = stack.enter_context(_pool_context().Pool(n_workers))
+            pool = stack.enter_context(_pool_context().Pool(n_workers, initializer=_ignore_sigint))
             results = pool.imap(_decode_chunk, tasks)
         else:
             results = map(_decode_chunk, tasks)

@@ -37,6 +37,7 @@ cats_vs_dogs), or a folder (root/class/image for tasks, any image folder for the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -45,6 +46,8 @@ import math
 import os
 import platform
 import re
+import shlex
+import signal
 import statistics
 import sys
 import time
@@ -257,6 +260,51 @@ def _in_mean(pairs: Sequence[tuple[Sequence[float], Sequence[float]]]) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
+# Interrupts: Ctrl-C or SIGTERM anywhere ends with where it landed and the command that resumes
+
+# A stage's training loop stops itself (train.Stopped, checkpoint saved); elsewhere the signal raises
+# KeyboardInterrupt (SIGTERM: train.Terminated, see train.main). Either way every file written so far is
+# whole (stage records, results and figures are written atomically), so --resume picks up from there.
+_INTERRUPTS = (KeyboardInterrupt, train.Stopped)
+
+
+def _tag(error: BaseException, where: str) -> None:
+    """Record on an interrupt the part of the run it landed in; the innermost part names it."""
+    if isinstance(error, _INTERRUPTS) and not hasattr(error, "run_all_where"):
+        error.run_all_where = where
+
+
+@contextlib.contextmanager
+def _part(where: str):
+    """Name the part of the run (a block, or a function as a decorator) for an interrupt landing in it."""
+    try:
+        yield
+    except _INTERRUPTS as e:
+        _tag(e, where)
+        raise
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    """The command that continues this run: the same arguments, --resume instead of --overwrite."""
+    kept = [a for a in argv if a not in ("--resume", "--overwrite")]
+    return shlex.join(["python", "run_all.py", *kept, "--resume"])
+
+
+def interrupted(error: BaseException, argv: Sequence[str]) -> KeyboardInterrupt:
+    """An interrupt of the run -> the KeyboardInterrupt (train.Terminated for SIGTERM) that train.main
+    prints, with where it landed and the resume command, and answers with exit 128 + the signal."""
+    if isinstance(error, train.Stopped):
+        signum = signal.Signals(error.signum)
+    else:
+        signum = signal.SIGTERM if isinstance(error, train.Terminated) else signal.SIGINT
+    where = getattr(error, "run_all_where", "while preparing the run")
+    detail = f" ({error.progress})" if isinstance(error, train.Stopped) else ""
+    text = (f"run_all stopped by {signum.name} {where}{detail}. Finished stages are kept. Resume with:\n"
+            f"  {resume_command(argv)}")
+    return train.Terminated(text) if signum == signal.SIGTERM else KeyboardInterrupt(text)
+
+
+# ----------------------------------------------------------------------------------------------
 # Stages: one completion record each, so an interrupted run continues where it stopped
 
 
@@ -293,7 +341,8 @@ class Pipeline:
         folder = self.out / "runs" / file_name
         sub_resume = self.resume and (folder / "checkpoint.pt").exists()
         start = time.perf_counter()
-        result = fn(folder, sub_resume)
+        with _part(f"in stage '{name}'"):
+            result = fn(folder, sub_resume)
         record = dict(name=name, result=result, wall_s=round(time.perf_counter() - start, 2),
                       finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), resumed=sub_resume)
         train.atomic_write_text(json.dumps(record, indent=2) + "\n", record_path)
@@ -303,6 +352,15 @@ class Pipeline:
 
     def close(self) -> None:
         self.bar.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        """Close the bar; an interrupt outside every stage landed between two of them."""
+        self.close()
+        last = next(reversed(self.records), None)
+        _tag(error, f"between stages, after '{last}'" if last else "before the first stage")
 
 
 def _quiet_copy(result: dict, drop: Sequence[str] = ("per_class",)) -> dict:
@@ -316,6 +374,7 @@ def _quiet_copy(result: dict, drop: Sequence[str] = ("per_class",)) -> dict:
 # The pieces each stage runs
 
 
+@_part("while loading the datasets")
 def load_tasks(names: Sequence[str], image_size: int, sizes: dict, seed: int, root: str | None,
                cache_dir: str | None, download: bool, skip_bad: bool = False) -> dict[str, data.TaskData]:
     """Each labeled task once (shared by every seed and stage, so all rows see the same images).
@@ -417,6 +476,7 @@ def _verdict_text(v: str, pairs: Sequence[tuple[Sequence[float], Sequence[float]
     return f"**{v}**"
 
 
+@_part("while summarising the stages")
 def summarise(runs: dict, mapping: dict, tasks: dict[str, data.TaskData], seeds: list[int]) -> dict:
     """Per-seed numbers -> the three tables (lists over seeds) and a verdict per claim."""
     n = len(seeds)
@@ -580,6 +640,7 @@ def draw_chart(path: Path, title: str, xlabel: str, categories: Sequence[str],
     train.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
+@_part("while drawing the figures")
 def draw_figures(out: Path, summary: dict, tasks: dict[str, data.TaskData], n_seeds: int) -> list[str]:
     """figure2.png (Table 1 as bars beside the paper's) and figure6.png (Table 4 against classes)."""
     here = f"here (mean ± std, {n_seeds} seeds)" if n_seeds > 1 else "here (one seed)"
@@ -645,6 +706,7 @@ def pretrained_arch(path: str) -> str:
     return ckpt["arch"]["encoder"]
 
 
+@_part("while writing the results")
 def write_results(out: Path, meta: dict, settings: dict, mapping: dict, tasks: dict[str, data.TaskData],
                   records: dict, runs: dict, summary: dict) -> dict:
     """results.json (every number, the settings, versions and stage times), results.md and the figures."""
@@ -698,7 +760,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     runs: dict[str, dict] = {}
     common = dict(image_size=size, n_images=p["pool_images"], device=dev_name, root=root, cache_dir=cache_dir,
                   data_seed=seed, skip_bad=skip_bad)
-    try:
+    with pipe:
         if pretrained is None:
             knn_task = mapping["study1"] if p["knn_check"] else None
             runs["pretrain"] = pipe.run("pretrain", pretrain_stage(pre_cfg, mapping["pool"], knn_task, seed=seed,
@@ -740,8 +802,6 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                 for b in p["probe_batch_sizes"]:
                     name = f"seed{s}-study3-{task_name}-b{b}"
                     runs[name] = pipe.run(name, probe_stage(checkpoint, tasks[task_name], b, p["probe"], s, dev_name))
-    finally:
-        pipe.close()
 
     summary = summarise(runs, mapping, tasks, seed_list)
     teacher_desc = (f"{res_arch} fine-tuned with all three augmentations on {mapping['study2']} "
@@ -786,10 +846,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
-    run_all(args.preset, args.out, data_spec=args.data, seed=args.seed, seeds=args.seeds, device=args.device,
-            pretrained=args.pretrained, resume=args.resume, overwrite=args.overwrite, root=args.root,
-            cache_dir=args.cache_dir, download=args.download, skip_bad=args.skip_bad,
-            command=" ".join(["python run_all.py", *argv]))
+    try:
+        run_all(args.preset, args.out, data_spec=args.data, seed=args.seed, seeds=args.seeds, device=args.device,
+                pretrained=args.pretrained, resume=args.resume, overwrite=args.overwrite, root=args.root,
+                cache_dir=args.cache_dir, download=args.download, skip_bad=args.skip_bad,
+                command=" ".join(["python run_all.py", *argv]))
+    except _INTERRUPTS as e:
+        raise interrupted(e, argv) from None
 
 
 def main(argv: list[str] | None = None) -> int:

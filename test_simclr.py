@@ -3124,7 +3124,8 @@ def test_checkpoint_holding_other_objects_is_refused_with_a_plain_message(tmp_pa
 
 # ==================================================================================================
 # Reliability: every numeric option of every command is range-checked (issue 15, item 5)
-# ==================================================================================================
+# ===========================================================================================
+
 
 def _numeric_options(parser: argparse.ArgumentParser) -> list[tuple[str, object]]:
     """(flag, allowed range) of each range-checked option of a parser (train.bounded types)."""
@@ -3174,3 +3175,161 @@ def test_a_config_out_of_range_is_refused_from_python_too(tmp_path):
         distill.distill(distill.DistillConfig(teacher="missing.pt", temperature=math.inf), tmp_path / "d")
     with pytest.raises(train.UserError, match="--batch-size must be at least 2 when batch norm trains"):
         simclr.finetune(simclr.FinetuneConfig(checkpoint="missing.pt", batch_size=1), tmp_path / "f")
+
+
+# ==================================================================================================
+# Reliability: interrupts (issue 15, item 9)
+# ==================================================================================================
+#
+# Ctrl-C or SIGTERM wherever it lands: inside fit it stops at a step boundary without losing the
+# epoch's evaluation or the signal itself; outside fit every command line prints a message (run_all:
+# where it stopped and the exact resume command) and exits non-zero without a traceback; a chain of
+# interrupts, each followed by --resume, ends in the same results as an uninterrupted run.
+
+
+def _toy_fit(folder: Path, resume: bool = False, on_step=None, on_evaluate=None) -> tuple[list[dict], nn.Module, dict]:
+    """fit on _two_tone_set: 3 epochs x 4 steps, evaluated each epoch, best.pt by accuracy.
+
+    on_step(n) / on_evaluate(n) run before the n-th loss / evaluation of this call (1-based).
+    Returns (history, model, calls made: {'steps': n, 'evaluations': n})."""
+    torch.manual_seed(0)
+    images = _two_tone_set()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+    calls = {"steps": 0, "evaluations": 0}
+
+    def loss_fn(x, y, g):
+        calls["steps"] += 1
+        if on_step:
+            on_step(calls["steps"])
+        return F.cross_entropy(model(x.float() / 255 - 0.5), y)
+
+    def evaluate() -> dict:
+        calls["evaluations"] += 1
+        if on_evaluate:
+            on_evaluate(calls["evaluations"])
+        with torch.no_grad():
+            x = torch.from_numpy(images.images).permute(0, 3, 1, 2).float() / 255 - 0.5
+            return dict(acc=float((model(x).argmax(1).numpy() == images.labels).mean()))
+
+    run = train.RunFolder(folder, resume=resume)
+    schedule = train.Schedule(epochs=3, lr=0.5, optimizer="sgd", log_every=2)
+    history = train.fit(model, loss_fn, data.BatchLoader(images, 16, "cpu", seed=0), run, schedule,
+                        device=torch.device("cpu"), evaluate=evaluate, select="acc", meta=dict(kind="toy"))
+    return history, model, calls
+
+
+def _sigint(when: int):
+    """A hook that sends this process SIGINT on its `when`-th call (fit's handler turns it into a flag)."""
+    return lambda n: os.kill(os.getpid(), signal.SIGINT) if n == when else None
+
+
+def _assert_same_run(folder: Path, reference: Path, history: list[dict], reference_history: list[dict]) -> None:
+    assert history == reference_history
+    for name in ("checkpoint.pt", "best.pt"):
+        a, b = train.load_checkpoint(reference / name), train.load_checkpoint(folder / name)
+        assert (b["step"], b["best"], b["history"]) == (a["step"], a["best"], a["history"]), name
+        for k, v in a["model"].items():
+            torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=f"{name} {k}")
+
+
+def test_fit_interrupt_on_an_epochs_last_step_evaluates_and_writes_best_first(tmp_path):
+    reference, _, _ = _toy_fit(tmp_path / "straight")
+    with pytest.raises(train.Stopped, match=r"Stopped by SIGINT at step 4 of 12; checkpoint saved .*--resume"):
+        _toy_fit(tmp_path / "run", on_step=_sigint(4))  # step 4 ends epoch 1
+    best = train.load_checkpoint(tmp_path / "run" / "best.pt")  # the epoch was evaluated before stopping
+    assert best["step"] == 4 and json.loads(best["history"])[0]["epoch"] == 1
+    assert train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+    history, _, calls = _toy_fit(tmp_path / "run", resume=True)
+    assert calls == {"steps": 8, "evaluations": 2}
+    _assert_same_run(tmp_path / "run", tmp_path / "straight", history, reference)
+
+
+@pytest.mark.parametrize("lands", ["final evaluation", "after the last check"])
+def test_fit_interrupt_at_the_end_is_not_lost_and_resume_does_not_retrain(tmp_path, monkeypatch, lands):
+    reference, _, _ = _toy_fit(tmp_path / "straight")
+    on_evaluate = None
+    if lands == "final evaluation":
+        on_evaluate = _sigint(3)
+    else:  # the progress bar closes after the last look at the flag, before the handlers go back
+
+        class SignalOnClose(train.tqdm):
+            sent = False
+
+            def close(self):
+                if not SignalOnClose.sent:  # once: tqdm's __del__ closes again, later
+                    SignalOnClose.sent = True
+                    os.kill(os.getpid(), signal.SIGINT)
+                super().close()
+        monkeypatch.setattr(train, "tqdm", SignalOnClose)
+    with pytest.raises(train.Stopped, match=r"at step 12 of 12; checkpoint saved") as stopped:
+        _toy_fit(tmp_path / "run", on_evaluate=on_evaluate)
+    assert stopped.value.signum == signal.SIGINT
+    monkeypatch.undo()
+    history, _, calls = _toy_fit(tmp_path / "run", resume=True)
+    assert calls == {"steps": 0, "evaluations": 0}  # finished: nothing is trained or evaluated again
+    _assert_same_run(tmp_path / "run", tmp_path / "straight", history, reference)
+
+
+@pytest.mark.parametrize("script,args", [
+    (simclr, ["pretrain"]),
+    (distill, ["--teacher", "teacher.pt", "--data", "shapes5"]),
+    (transfer, ["train", "--source", "encoder.pt", "--data", "shapes5"]),
+])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_interrupt_outside_training_is_a_message_and_exit_128_plus_signal(tmp_path, monkeypatch, capsys,
+                                                                              script, args, sig):
+    def interrupted_here(name):
+        os.kill(os.getpid(), sig)
+        time.sleep(1)  # the handler runs at the next bytecode; never reached
+    monkeypatch.setattr(train, "select_device", interrupted_here)
+    monkeypatch.chdir(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+    code = script.main([*args, "--out", str(tmp_path / "run"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 128 + sig, err
+    assert f"Stopped by {sig.name}" in err and "--resume" in err and "Traceback" not in err, err
+    assert signal.getsignal(signal.SIGTERM) is before  # main restores the handler it installed
+
+
+@pytest.mark.slow
+def test_run_all_interrupted_anywhere_says_how_to_resume_and_ends_in_the_same_tables(tmp_path, monkeypatch, capsys):
+    env = dict(os.environ, OMP_NUM_THREADS="1", SIMCLR_CACHE=str(tmp_path / "cache"))
+    args = ["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "chain")]
+    resume = f"python run_all.py {' '.join(args)} --resume"
+    straight = _script("run_all.py", ["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path / "straight")], env)
+
+    def interrupt_when(record: str, sig: signal.Signals, *extra: str) -> str:
+        proc = _script("run_all.py", [*args, *extra], env)
+        deadline = time.time() + 300
+        while not (tmp_path / "chain" / "stages" / record).exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.01)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + sig, err[-3000:]
+        assert f"run_all stopped by {sig.name}" in err and resume in err and "Traceback" not in err, err[-3000:]
+        return err
+
+    interrupt_when("pretrain.json", signal.SIGINT)  # lands in Study 1's first stage
+    assert not (tmp_path / "chain" / "stages" / "seed0-study1-none.json").exists()
+    interrupt_when("seed0-study1-none.json", signal.SIGTERM, "--resume")  # Study 1 done: in or between stages
+    assert not (tmp_path / "chain" / "results.json").exists()
+    # The rest in this process: the figures are the last thing drawn, too quick to hit from outside.
+    monkeypatch.setenv("SIMCLR_CACHE", env["SIMCLR_CACHE"])
+    monkeypatch.chdir(HERE)
+
+    def draw_chart_interrupted(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the KeyboardInterrupt arrives here
+    with monkeypatch.context() as patch:
+        patch.setattr(run_all, "draw_chart", draw_chart_interrupted)
+        assert run_all.main([*args, "--resume"]) == 130
+    err = capsys.readouterr().err
+    assert "run_all stopped by SIGINT while drawing the figures" in err and resume in err, err[-3000:]
+    assert run_all.main([*args, "--resume"]) == 0
+    assert straight.wait(timeout=600) == 0, straight.communicate()[1][-3000:]
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())
+    b = json.loads((tmp_path / "chain" / "results.json").read_text())
+    for key in ("table1", "table2", "table4", "verdicts"):
+        assert b[key] == a[key], key
+    assert (tmp_path / "chain" / "figure6.png").exists()

@@ -403,6 +403,22 @@ class Interrupted(Exception):
     pass
 
 
+class Stopped(UserError):
+    """fit stopped on SIGINT/SIGTERM at a step boundary after saving its checkpoint; --resume continues.
+
+    signum: the signal; progress: where it stopped and what was saved (run_all quotes it)."""
+
+    def __init__(self, signum: int, step: int, total_steps: int, checkpoint: Path):
+        self.signum = signum
+        self.progress = f"at step {step} of {total_steps}; checkpoint saved to '{checkpoint}'"
+        super().__init__(f"Stopped by {signal.Signals(signum).name} {self.progress}. "
+                         "Resume with the same command plus --resume.")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training loop, raised where it lands as Ctrl-C's KeyboardInterrupt is (see main)."""
+
+
 def _rng_state(generator: torch.Generator) -> dict:
     state = {"torch": torch.get_rng_state(), "augment": generator.get_state()}
     if torch.cuda.is_available():
@@ -503,7 +519,8 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
     - The learning rate follows `learning_rate` per iteration; the loss is read by the host only
       every `log_every` steps (_LossLog), which also stops on a non-finite loss.
     - checkpoint.pt holds model, optimiser, step, RNG and data position, so resuming (run.resuming)
-      gives the same losses as an uninterrupted run on CPU. Ctrl-C / SIGTERM save and exit.
+      gives the same losses as an uninterrupted run on CPU. Ctrl-C / SIGTERM stop at the next step
+      boundary (on an epoch's last step, after its evaluation) with checkpoint.pt saved: Stopped.
     - After each `eval_every` epochs `evaluate()` returns metrics; with `select` (e.g. 'val_top1')
       the best state by that metric is kept in best.pt (selection never looks at the test split).
     Returns the list of evaluation records.
@@ -557,7 +574,9 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
                         log.flush(step)
                     if schedule.checkpoint_every and step % schedule.checkpoint_every == 0:
                         checkpoint()
-                    if stop["signal"] is not None:
+                    # On an epoch's last step the stop waits for the evaluation and best.pt below:
+                    # a resumed run starts the next epoch and would never evaluate this one.
+                    if stop["signal"] is not None and step % steps_per_epoch:
                         raise Interrupted
                 epoch_done = step // steps_per_epoch
                 if evaluate is not None and (epoch_done % schedule.eval_every == 0 or step == total_steps):
@@ -573,14 +592,16 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
                         best = metrics[select]
                         run.save(dict(state("best"), optimizer={}), "best.pt")
                 checkpoint()
+                if stop["signal"] is not None:  # on the epoch's last step or during its evaluation: all saved
+                    raise Stopped(stop["signal"], step, total_steps, run.checkpoint)
             log.flush(step)
         except Interrupted:
             checkpoint()
-            name = signal.Signals(stop["signal"]).name
-            raise UserError(f"Stopped by {name} at step {step} of {total_steps}; checkpoint saved to "
-                            f"'{run.checkpoint}'. Resume with the same command plus --resume.") from None
+            raise Stopped(stop["signal"], step, total_steps, run.checkpoint) from None
         finally:
             bar.close()
+    if stop["signal"] is not None:  # it came after the last check, before the handlers were restored
+        raise Stopped(stop["signal"], step, total_steps, run.checkpoint)
     return history
 
 
@@ -1125,20 +1146,48 @@ def bool_arg(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises Terminated wherever it lands (fit's own handlers take over inside the loop), so
+    main answers it as it answers Ctrl-C. torchrun's workers keep the default: their launcher ends them."""
+    previous = None
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        with contextlib.suppress(ValueError):  # not the main thread: keep default handling
+            previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None, run: Callable[[argparse.Namespace], None],
          parser: argparse.ArgumentParser) -> int:
     """Parse, run, and turn user errors into one paragraph on stderr and exit code 2 (tracebacks
-    stay for bugs). Shared by every command line of the project. Returns the exit code, also for
-    --help and for options argparse refuses (2), so that callers in Python get a code as well."""
+    stay for bugs). Ctrl-C or SIGTERM outside a training loop (which stops itself: Stopped, exit 2)
+    prints the interrupt's own text or how to resume, and exits 128 + the signal (130, 143).
+    Returns the exit code, also for --help and for options argparse refuses (2), so that callers in
+    Python get a code as well. Shared by every command line of the project."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
     try:
-        run(args)
+        with _sigterm_raises():
+            run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        print(str(e) or f"Stopped by {signum.name} outside a training loop, before the command finished. Run it "
+              "again; a training run continues from its last checkpoint with the same command plus --resume.",
+              file=sys.stderr)
+        return 128 + signum
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
