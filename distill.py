@@ -332,7 +332,8 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
                   soft_labels=cfg.soft_labels, soft_labels_effective=effective_soft, cached_base_features=cached,
                   augmentation=augmentation.describe() if augmentation else "none", extra_unlabeled=cfg.extra_unlabeled,
                   distillation_images=len(images), known_labels=int((known >= 0).sum()), preset=cfg.preset, **s,
-                  seed=cfg.seed, device=str(dev), image_size=image_size)
+                  seed=cfg.seed, device=str(dev), precision=train.resolve_precision(cfg.precision, dev),
+                  image_size=image_size)
     if not run.resuming:
         run.write_config(config)
     print(f"distill: teacher {cfg.teacher} -> {cfg.student} (width {cfg.width}, {cfg.mode}) on {len(images)} images of {task.name}, "
@@ -343,14 +344,16 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     table = None
     if effective_soft == "precomputed":
         with torch.inference_mode():
-            table = train.extract_features(teacher_model, images, dev, size=image_size, desc="teacher soft labels")
+            table = train.extract_features(teacher_model, images, dev, size=image_size, desc="teacher soft labels",
+                                           precision=cfg.precision)
         table = table.clone()  # a normal tensor, usable in autograd-recorded code
     frozen_state = ({k: v.clone() for k, v in model.encoder.state_dict().items()} if cfg.mode == "frozen" else None)
     base_features = val_features = None
     if cached:
         model.eval()
-        base_features = train.extract_features(model.base, images, dev, size=image_size, desc="base features")
-        val_features = train.extract_features(model.base, task.val, dev, size=image_size)
+        base_features = train.extract_features(model.base, images, dev, size=image_size, desc="base features",
+                                               precision=cfg.precision)
+        val_features = train.extract_features(model.base, task.val, dev, size=image_size, precision=cfg.precision)
     known_t = torch.as_tensor(known, device=dev) if cfg.alpha < 1.0 else None
     loss_fn = distillation_loss_fn(model, teacher_model, view, s["temperature"], cfg.alpha, known_t, table,
                                    base_features)
@@ -361,11 +364,12 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
             model.eval()
             return dict(val_top1=train.accuracy_report(model.classify(val_features), task.val.labels,
                                                         task.classes)["top1"])
-        return dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
+        return dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size,
+                                                       precision=cfg.precision)["top1"])
 
     loader = data.BatchLoader(images, s["batch_size"], dev, shuffle=True, drop_last=True, seed=cfg.seed)
     schedule = train.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
-                               weight_decay=s["weight_decay"], log_every=cfg.log_every)
+                               weight_decay=s["weight_decay"], log_every=cfg.log_every, precision=cfg.precision)
     meta = dict(kind="distill", arch=arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
     train.fit(model, loss_fn, loader, run, schedule, device=dev, seed=cfg.seed, meta=meta, evaluate=evaluate,
                select="val_top1", desc=f"distill {cfg.mode} {cfg.student}")
@@ -384,8 +388,9 @@ def report(run: train.RunFolder, cfg: DistillConfig, task: data.TaskData, teache
     result = dict(task=task.name, mode=cfg.mode, student_arch=cfg.student, teacher_path=str(cfg.teacher),
                   best=str(run.path / "best.pt"), student={}, teacher={}, agreement={})
     for split_name, split in (("val", task.val), ("test", task.test)):
-        result["student"][split_name] = train.evaluate_classifier(best, split, dev, size=image_size)
-        result["teacher"][split_name] = train.evaluate_classifier(teacher_model, split, dev, size=image_size)
+        for who, net in (("student", best), ("teacher", teacher_model)):
+            result[who][split_name] = train.evaluate_classifier(net, split, dev, size=image_size,
+                                                                precision=cfg.precision)
         result["agreement"][split_name] = agreement(result["student"][split_name].pop("predictions"),
                                                     result["teacher"][split_name].pop("predictions"))
     train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")

@@ -41,6 +41,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -80,6 +81,7 @@ from transfer import TransferConfig
 #           fields are filled in per run.
 # tasks:    sizes of the embedded tasks: images per class with a floor on each split's total
 #           (real datasets keep their own splits).
+# released: start from the project's released encoders (RELEASED) instead of pretraining in the run.
 
 # The embedded world at 32 px departs from SimCLR's CIFAR augmentations in two ways, both chosen on
 # the kNN check (shapes5's validation split, 500 images; never the test split) of the CPU preset:
@@ -98,7 +100,7 @@ _PROBE = functools.partial(TransferConfig, mode="linear-aug", preset="paper", cr
 PRESETS: dict[str, dict] = {
     # The tests: every stage runs, nothing is meant to be accurate. VGG needs 32 px inputs.
     "tiny": dict(
-        image_size=32, seeds_cpu=1, seeds_cuda=1, knn_check=False,
+        image_size=32, seeds_cpu=1, seeds_cuda=1, knn_check=False, released=False,
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
         pool_images=128, tasks=dict(train_per_class=2, min_train=80, test_per_class=1, min_test=40),
         pretrain=PretrainConfig(**dict(_SMALL_PRETRAIN, knn_k=10), model="resnet18", width=0.125, epochs=1,
@@ -110,13 +112,14 @@ PRESETS: dict[str, dict] = {
         distill_augment=dict(frozen=False, scratch=True),
         probe=_PROBE(epochs=1), probe_batch_sizes=[32, 64],
     ),
-    # A 2-core CPU in under 15 minutes (measured 12 min 44 s: see README); every number above chance
-    # but the frozen VGG student's. 240 SimCLR steps learn more at 4x SimCLR's CIFAR learning rate
-    # (same README section); the probe runs the paper's 30 epochs.
+    # A 2-core CPU in under 15 minutes with bf16 (see README): the studies start from the released
+    # encoders (RELEASED), three seeds each, at least 1,000 test images per task. The pretraining
+    # settings below are used by --from-scratch only: 240 SimCLR steps learn more at 4x SimCLR's CIFAR
+    # learning rate (README, "How the CPU preset was chosen"); the probe runs the paper's 30 epochs.
     "cpu": dict(
-        image_size=32, seeds_cpu=1, seeds_cuda=1, knn_check=True,
+        image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check=True, released=True,
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
-        pool_images=4096, tasks=dict(train_per_class=20, min_train=1000, test_per_class=10, min_test=500),
+        pool_images=4096, tasks=dict(train_per_class=20, min_train=1000, test_per_class=10, min_test=1000),
         pretrain=PretrainConfig(**_SMALL_PRETRAIN, model="resnet18", width=0.125, epochs=15, batch_size=256,
                                 log_every=10, eval_images=5000, base_lr=4.0),
         vgg="vgg16_bn",
@@ -128,7 +131,7 @@ PRESETS: dict[str, dict] = {
     ),
     # One H100 in about 8 minutes: ResNet-18 at full width, enough pretraining for good features.
     "cuda": dict(
-        image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check=True,
+        image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check=True, released=False,
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
         pool_images=30000, tasks=dict(train_per_class=100, min_train=5000, test_per_class=20, min_test=1000),
         pretrain=PretrainConfig(**_SMALL_PRETRAIN, model="resnet18", width=1.0, epochs=40, batch_size=512,
@@ -146,7 +149,7 @@ PRESETS: dict[str, dict] = {
     # --pretrained starts from a simclr.py pretraining checkpoint (e.g. one pretrained elsewhere on a
     # bigger GPU) instead of pretraining here.
     "paper": dict(
-        image_size=224, seeds_cpu=1, seeds_cuda=3, knn_check=True,
+        image_size=224, seeds_cpu=1, seeds_cuda=3, knn_check=True, released=False,
         data=dict(pool="tf_flowers", study1="tf_flowers", study3=["cats_vs_dogs", "tf_flowers", "dtd", "cifar100"]),
         pool_images=None, tasks=dict(train_per_class=0, min_train=0, test_per_class=0, min_test=0),
         pretrain=PretrainConfig(head_layers=3, optimizer="lars", temperature=0.1, knn_k=200, model="resnet50",
@@ -160,6 +163,50 @@ PRESETS: dict[str, dict] = {
     ),
 }
 PRESET_CHOICES = ("default", *PRESETS)
+
+# The project's released encoders: SimCLR pretraining checkpoints of the embedded world (encoder,
+# projection head, architecture; no optimiser state), committed under encoders/ with their training
+# logs. The CPU preset starts from them, as the seed paper started from Google's released ResNet-50:
+# a 2-core CPU cannot pretrain a strong encoder in minutes. Each was made by the command beside it
+# (README, "Released encoders"), which gives the same bytes on the same torch and CPU; the sha256
+# makes sure the run uses exactly those bytes.
+ENCODERS = Path(__file__).resolve().parent / "encoders"
+_RELEASE_COMMAND = ("python simclr.py pretrain --data shapes-pool --n-images 25600 --model {model} --width 0.125 "
+                    "--head-layers 3 --epochs {epochs} --batch-size 256 --base-lr 2.0 --strength 1.0 "
+                    "--crop-min-scale 0.4 --knn-k 50 --eval-images 5000 --knn-every 1 --log-every 100 "
+                    "--precision bf16 --seed {seed} --out runs/release/{model}-seed{seed} --release encoders/{file}")
+RELEASED: dict[str, dict] = {
+    # Study 1 fine-tunes it, Study 2 distils the result, Study 3 probes it.
+    "teacher": dict(file="resnet18-w0.125-seed0.pt", model="resnet18", seed=0, epochs=100,
+                    sha256="TEACHER_SHA256"),
+    # The frozen bases of Study 2's students, each from a seed other than the teacher's.
+    "resnet": dict(file="resnet18-w0.125-seed1.pt", model="resnet18", seed=1, epochs=30,
+                   sha256="RESNET_SHA256"),
+    "vgg": dict(file="vgg16_bn-w0.125-seed2.pt", model="vgg16_bn", seed=2, epochs=30,
+                sha256="VGG_SHA256"),
+}
+
+
+def release_command(role: str) -> str:
+    """The one command that made the released encoder `role` (run from the repository's folder)."""
+    return _RELEASE_COMMAND.format(**RELEASED[role])
+
+
+def released_encoder(role: str) -> str:
+    """The path of the released encoder `role`, after checking that its bytes are the released ones."""
+    entry = RELEASED[role]
+    path = ENCODERS / entry["file"]
+    rebuild = (f"Restore it (git checkout -- encoders/) or rebuild it with:\n  {release_command(role)}\n"
+               "Elsewhere than the machine that made it, that command gives an equivalent file with other bytes: "
+               f"pass it with {'--pretrained' if role == 'teacher' else f'--{role}-base'}. Or pass --from-scratch "
+               "to pretrain inside the run.")
+    if not path.is_file():
+        raise UserError(f"The released encoder '{path}' is missing. {rebuild}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != entry["sha256"]:
+        raise UserError(f"The released encoder '{path}' has changed: its sha256 is {digest}, the released file's "
+                        f"is {entry['sha256']}. {rebuild}")
+    return str(path)
 DATA_KEYS = ("pool", "study1", "study2", "study3")
 
 # The seed paper's own numbers (their Tables 1, 2 and 4). Study 1 rows: key, their wording, augmentations used.
@@ -504,7 +551,8 @@ def summarise(runs: dict, mapping: dict, tasks: dict[str, data.TaskData], seeds:
     if len(batch_sizes) > 1 and len(study3) > 1:
         small = min(batch_sizes)
         gain = {t: [x - y for x, y in zip(t4[t][big], t4[t][small])] for t in study3}
-        claims4[f"more classes gain more from batch {big} over {small} ({study3[-1]} vs {study3[0]})"] = \
+        claims4[f"more classes gain more from batch {big} over {small} ({_display(study3[-1])} vs "
+                f"{_display(study3[0])})"] = \
             [(gain[study3[-1]], gain[study3[0]])]
     verdicts = {}
     for study, claims in (("study1", claims1), ("study2", claims2), ("study3", claims4)):
@@ -516,23 +564,33 @@ def summarise(runs: dict, mapping: dict, tasks: dict[str, data.TaskData], seeds:
                 study3_tasks=study3, batch_sizes=batch_sizes, verdicts=verdicts)
 
 
+def _display(name: str) -> str:
+    """A dataset as results.md names it: a folder by its own name, not its whole path."""
+    return Path(name).name if os.sep in name or "/" in name else name
+
+
 def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData], mapping: dict) -> str:
     n = len(meta["seeds"])
     spread = f"mean ± std over {n} seeds" if n > 1 else "one seed"
     lines = [f"# The seed paper's three studies, reproduced ({meta['preset']} preset)", "",
-             f"Device: {meta['device']['name']}. Seeds: {meta['seeds']} ({spread}). Wall time: "
+             f"Device: {meta['device']['name']}, precision {meta['precision']}. Seeds: {meta['seeds']} ({spread}). "
+             "Wall time: "
              f"{meta['wall_s']:.0f} s. Command: `{meta['command']}`.", "",
              "Verdict rule: a claim *holds* when its ordering holds in the mean over seeds and every gap exceeds "
              "the spread over seeds (the larger sample standard deviation of the two sides); it *fails* when the "
              "opposite ordering holds by the same rule; otherwise, and always with one seed, it is *not conclusive*. "
-             "Seeds vary fine-tuning, distillation and probe training; the pretrained encoders are shared.", ""]
+             "Seeds vary fine-tuning, distillation and probe training; the pretrained encoders are shared, so "
+             "the spread does not cover pretraining seeds.", "",
+             f"Encoder: {meta['encoders']['teacher']}."]
     pre = meta.get("pretrain") or {}
     if pre.get("knn_top1") is not None:
-        lines += [f"Pretraining sanity check: kNN top-1 on {mapping['study1']} val {pre['knn_top1']:.3f} with the "
-                  f"pretrained encoder vs {pre['knn_top1_random_encoder']:.3f} with a random one.", ""]
+        lines += [f"Pretraining check: kNN top-1 on {_display(mapping['study1'])} val {pre['knn_top1']:.3f} with "
+                  f"this encoder vs {pre['knn_top1_random_encoder']:.3f} with a random one."]
+    lines += [""]
     t1 = tasks[mapping["study1"]]
     lines += ["## Study 1: augmentation during fine-tuning (their Table 1, Figure 2)", "",
-              f"Whole network fine-tuned from the pretrained checkpoint on {t1.name} ({t1.num_classes} classes, "
+              f"Whole network fine-tuned from the pretrained checkpoint on {_display(t1.name)} "
+              f"({t1.num_classes} classes, "
               f"{len(t1.train)} training labels, chance {1 / t1.num_classes:.3f}); test top-1 of the best-val epoch.", "",
               "| operations used while fine-tuning | paper (tf_flowers) | here |", "|---|---|---|"]
     lines += [f"| {label} | {PAPER_TABLE1[key]:.3f} | {_fmt(summary['table1'][key])} |"
@@ -545,13 +603,12 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
     rows2 = summary["table2"]
     teacher = meta["teacher"]
     lines += ["## Study 2: teacher and student architecture in distillation (their Table 2)", "",
-              f"Teacher: {teacher}. Soft labels only (alpha = 1, temperature 1), distilled on {t2.name}'s training "
+              f"Teacher: {teacher}. Soft labels only (alpha = 1, temperature 1), distilled on {_display(t2.name)}'s "
+              "training "
               f"images with their labels hidden; test top-1 of the best-val epoch (chance {1 / t2.num_classes:.3f}). "
-              "Frozen: a base SimCLR-pretrained here for that architecture ("
-              + ("the preset's pool and budget; the teacher's encoder came from --pretrained"
-                 if meta.get("pretrained_given") else
-                 "same pool and budget as the teacher's encoder; the ResNet base from another seed")
-              + ") with trainable dense layers, as the paper. Scratch: the whole "
+              f"Frozen: a SimCLR-pretrained base of the student's architecture (ResNet: {meta['encoders']['resnet']}; "
+              f"VGG: {meta['encoders']['vgg']}; the ResNet base from another seed than the teacher's encoder) with "
+              "trainable dense layers, as the paper. Scratch: the whole "
               "student trained from random initialisation (extra rows).", "",
               "| student | teacher | mode | paper | student | teacher | agreement |", "|---|---|---|---|---|---|---|"]
     for mode, family in STUDY2_ROWS:
@@ -570,7 +627,7 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
     for name in summary["study3_tasks"]:
         task = tasks[name]
         paper = PAPER_TABLE4.get(task.num_classes)
-        lines.append(f"| {name} | {task.num_classes} | {task.train.image_size} | {1 / task.num_classes:.3f} | "
+        lines.append(f"| {_display(name)} | {task.num_classes} | {meta['image_size']} | {1 / task.num_classes:.3f} | "
                      f"{paper[0] if paper else '-'} | {f'{paper[1]:.3f}' if paper else '-'} | "
                      + " | ".join(_fmt(summary["table4"][name][str(b)]) for b in bs) + " |")
     lines += [""] + [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"]["study3"].items()]
@@ -658,7 +715,7 @@ def draw_figures(out: Path, summary: dict, tasks: dict[str, data.TaskData], n_se
     paper = [PAPER_TABLE4.get(tasks[t].num_classes, (None, float("nan")))[1] for t in names]
     series.append(("paper, batch 64 (their datasets)", PAPER_COLOUR, paper, None))
     draw_chart(out / "figure6.png", "Figure 6: linear transfer vs number of classes (Table 4)",
-               "number of classes (task)", [f"{tasks[t].num_classes}\n{t}" for t in names], series, kind="line")
+               "number of classes (task)", [f"{tasks[t].num_classes}\n{_display(t)}" for t in names], series, kind="line")
     return ["figure2.png", "figure6.png"]
 
 
@@ -726,23 +783,60 @@ def write_results(out: Path, meta: dict, settings: dict, mapping: dict, tasks: d
     return results
 
 
+def encoder_check_stage(checkpoint: str, task_name: str, image_size: int, seed: int, device: str, precision: str,
+                        knn_k: int, root: str | None, cache_dir: str | None) -> Callable[[Path, bool], dict]:
+    """The pretraining check for an encoder made elsewhere (released or --pretrained): the kNN
+    monitor of simclr.pretrain (bank: the task's train split, queries: its val split), beside a
+    random encoder of the same architecture."""
+    def run(folder: Path, resume: bool) -> dict:
+        dev = train.select_device(device)
+        model, ckpt = train.load_pretrained(checkpoint)
+        sizes = dict(n_train=5000) if task_name in data.EMBEDDED_TASKS else {}
+        task = data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir, **sizes)
+        knn = lambda enc: simclr.knn_monitor(enc.to(dev), task.train, task.val, dev, knn_k, image_size,  # noqa: E731
+                                             precision)
+        result = dict(checkpoint=checkpoint, knn_top1=knn(model.encoder))
+        torch.manual_seed(seed + 1)
+        result["knn_top1_random_encoder"] = knn(train.build_simclr_model(ckpt["arch"]).encoder)
+        return result
+    return run
+
+
+def choose_encoders(p: dict, from_scratch: bool, pretrained: str | None, bases: dict) -> tuple[str | None, dict]:
+    """(teacher encoder or None to pretrain it here, {family: base or None}): given files first,
+    then the released encoders where the preset starts from them, else pretraining in the run.
+    The released bases go with the released teacher only: a given teacher may differ in width."""
+    use_released = p["released"] and not from_scratch
+    teacher = pretrained or (released_encoder("teacher") if use_released else None)
+    chosen = {family: bases.get(family) or (released_encoder(family) if use_released and not pretrained else None)
+              for family in ("resnet", "vgg")}
+    return teacher, chosen
+
+
 def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *, data_spec: str | None = None,
-            seed: int = 0, seeds: int | None = None, device: str = "auto", pretrained: str | None = None,
-            resume: bool = False, overwrite: bool = False, root: str | None = None, cache_dir: str | None = None,
-            download: bool | None = None, skip_bad: bool = False, command: str = "") -> dict:
-    """Pretrain, the three studies for each seed, then results.json / results.md / figures in `out`."""
+            seed: int = 0, seeds: int | None = None, device: str = "auto", precision: str = "auto",
+            pretrained: str | None = None, resnet_base: str | None = None, vgg_base: str | None = None,
+            from_scratch: bool = False, resume: bool = False, overwrite: bool = False, root: str | None = None,
+            cache_dir: str | None = None, download: bool | None = None, skip_bad: bool = False,
+            command: str = "") -> dict:
+    """Encoders (released, given or pretrained here), the three studies for each seed, then
+    results.json / results.md / figures in `out`."""
     start = time.perf_counter()
     dev = train.select_device(device)
+    precision = train.resolve_precision(precision, dev)
     preset_name, p = resolve_preset(preset, dev)
+    for key in ("pretrain", "finetune", "distill", "probe"):
+        p[key] = dataclasses.replace(p[key], precision=precision)
     mapping = parse_data(data_spec, p["data"])
     n_seeds = seeds if seeds is not None else p["seeds_cuda" if dev.type == "cuda" else "seeds_cpu"]
     if n_seeds < 1:
         raise UserError(f"--seeds must be at least 1; got {n_seeds}.")
     seed_list = [seed + k for k in range(n_seeds)]
     download = preset_name == "paper" if download is None else download
+    checkpoint, bases = choose_encoders(p, from_scratch, pretrained, dict(resnet=resnet_base, vgg=vgg_base))
     out = Path(out)
     settings = as_json(dict(preset=preset_name, values=p, data=mapping, seeds=seed_list, device=str(dev),
-                            pretrained=str(pretrained) if pretrained else None, skip_bad=skip_bad))
+                            precision=precision, pretrained=checkpoint, bases=bases, skip_bad=skip_bad))
     prepare_folder(out, settings, resume, overwrite)
 
     size = p["image_size"]
@@ -750,39 +844,42 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     tasks = load_tasks([mapping["study1"], mapping["study2"], *mapping["study3"]], size, p["tasks"], seed, root,
                        cache_dir, download, skip_bad)
     pre_cfg = p["pretrain"]
-    res_arch = pretrained_arch(pretrained) if pretrained is not None else pre_cfg.model
-    vgg = p["vgg"]
+    res_arch = pretrained_arch(checkpoint) if checkpoint is not None else pre_cfg.model
     separate_teacher = mapping["study2"] != mapping["study1"]
-    n_stages = ((pretrained is None) + 2 + n_seeds * (len(STUDY1_ROWS) + separate_teacher + len(STUDY2_ROWS)
-                + len(mapping["study3"]) * len(p["probe_batch_sizes"])))
+    n_stages = (1 + sum(b is None for b in bases.values()) + n_seeds * (
+        len(STUDY1_ROWS) + separate_teacher + len(STUDY2_ROWS) + len(mapping["study3"]) * len(p["probe_batch_sizes"])))
     pipe = Pipeline(out, resume, n_stages)
     dev_name = str(dev)
     runs: dict[str, dict] = {}
     common = dict(image_size=size, n_images=p["pool_images"], device=dev_name, root=root, cache_dir=cache_dir,
                   data_seed=seed, skip_bad=skip_bad)
+    knn_task = mapping["study1"] if p["knn_check"] else None
+    origins = {"teacher": _encoder_origin(checkpoint), **{family: _encoder_origin(b) for family, b in bases.items()}}
     with pipe:
-        if pretrained is None:
-            knn_task = mapping["study1"] if p["knn_check"] else None
+        if checkpoint is None:
             runs["pretrain"] = pipe.run("pretrain", pretrain_stage(pre_cfg, mapping["pool"], knn_task, seed=seed,
                                                                    **common))
             checkpoint = runs["pretrain"]["checkpoint"]
-        else:
-            checkpoint = str(pretrained)
+        elif knn_task is not None:
+            runs["pretrain"] = pipe.run("encoder-check", encoder_check_stage(
+                checkpoint, knn_task, size, seed, dev_name, precision, pre_cfg.knn_k, root, cache_dir))
         for s in seed_list:
             for key, _, aug in STUDY1_ROWS:
                 name = f"seed{s}-study1-{key}"
                 runs[name] = pipe.run(name, finetune_stage(checkpoint, tasks[mapping["study1"]], aug, p["finetune"],
                                                            s, dev_name))
-        # Student bases: SimCLR-pretrained here for each student architecture on the same pool with the
-        # same budget; the ResNet one from another seed, so it is not the teacher's own encoder.
-        width = train.load_checkpoint(checkpoint)["arch"]["width"] if pretrained else pre_cfg.width
+        # Student bases not given or released: SimCLR-pretrained here for each student architecture
+        # on the same pool with the same budget; the ResNet one from another seed, so it is not the
+        # teacher's own encoder.
+        width = train.load_checkpoint(checkpoint)["arch"]["width"]
         student_cfg = dataclasses.replace(pre_cfg, model=res_arch, width=width)
-        bases = {}
-        for family, arch, base_seed in (("resnet", res_arch, seed + 10_000), ("vgg", vgg, seed)):
-            name = f"pretrain-student-{family}"
-            runs[name] = pipe.run(name, pretrain_stage(dataclasses.replace(student_cfg, model=arch), mapping["pool"],
-                                                       None, seed=base_seed, **common))
-            bases[family] = runs[name]["checkpoint"]
+        for family, arch, base_seed in (("resnet", res_arch, seed + 10_000), ("vgg", p["vgg"], seed)):
+            if bases[family] is None:
+                name = f"pretrain-student-{family}"
+                runs[name] = pipe.run(name, pretrain_stage(dataclasses.replace(student_cfg, model=arch),
+                                                           mapping["pool"], None, seed=base_seed, **common))
+                bases[family] = runs[name]["checkpoint"]
+        archs = {family: pretrained_arch(path) for family, path in bases.items()}
         for s in seed_list:
             if separate_teacher:
                 name = f"seed{s}-study2-teacher"
@@ -793,10 +890,9 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
             teacher = runs[name]["best"]
             for mode, family in STUDY2_ROWS:
                 name = f"seed{s}-study2-{mode}-{family}"
-                arch = res_arch if family == "resnet" else vgg
-                runs[name] = pipe.run(name, distill_stage(teacher, tasks[mapping["study2"]], mode, arch, width,
-                                                          bases[family], p["distill"], p["distill_augment"][mode],
-                                                          s, dev_name))
+                runs[name] = pipe.run(name, distill_stage(teacher, tasks[mapping["study2"]], mode, archs[family],
+                                                          width, bases[family], p["distill"],
+                                                          p["distill_augment"][mode], s, dev_name))
         for s in seed_list:
             for task_name in mapping["study3"]:
                 for b in p["probe_batch_sizes"]:
@@ -804,13 +900,22 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                     runs[name] = pipe.run(name, probe_stage(checkpoint, tasks[task_name], b, p["probe"], s, dev_name))
 
     summary = summarise(runs, mapping, tasks, seed_list)
-    teacher_desc = (f"{res_arch} fine-tuned with all three augmentations on {mapping['study2']} "
+    teacher_desc = (f"{res_arch} fine-tuned with all three augmentations on {_display(mapping['study2'])} "
                     + ("in its own run per seed" if separate_teacher else "(the 'all' row of Study 1, same seed)"))
-    meta = dict(preset=preset_name, seeds=seed_list, device=_device_info(dev), wall_s=time.perf_counter() - start,
+    meta = dict(preset=preset_name, seeds=seed_list, device=_device_info(dev), precision=precision,
+                wall_s=time.perf_counter() - start, image_size=size,
                 command=command or f"run_all(preset={preset!r})", pretrain=runs.get("pretrain"), teacher=teacher_desc,
-                pretrained_given=pretrained is not None,
+                encoders=origins,
                 teacher_arch=res_arch, probe=as_json(p["probe"]))
     return write_results(out, meta, settings, mapping, tasks, pipe.records, runs, summary)
+
+
+def _encoder_origin(path: str | None) -> str:
+    """How results.md names where an encoder came from (None: pretrained in the run)."""
+    if path is None:
+        return "SimCLR-pretrained in this run"
+    released = {str(ENCODERS / e["file"]): e["file"] for e in RELEASED.values()}
+    return f"the released encoder encoders/{released[path]}" if path in released else f"the given file {path}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -831,9 +936,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=train.bounded(int, train.NON_NEGATIVE, "seed"), default=0,
                    help="first seed; seed k is SEED + k (default: %(default)s)")
     p.add_argument("--seeds", type=train.bounded(int, train.AT_LEAST_1, "seeds"), default=None,
-                   help="seeds per study, mean ± std (default: 3 on GPU, 1 on CPU)")
+                   help="seeds per study, mean ± std (default: the preset's: 3, 1 for tiny and paper on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    p.add_argument("--pretrained", default=None, help="a SimCLR pretraining checkpoint to use instead of pretraining")
+    p.add_argument("--precision", default="auto", choices=train.PRECISIONS,
+                   help="autocast of every stage: auto is bf16 on CUDA and on CPUs that compute bf16 natively "
+                        "(AMX, AVX512-BF16), else fp32 (default: %(default)s)")
+    p.add_argument("--pretrained", default=None,
+                   help="the SimCLR pretraining checkpoint the studies start from (default: the released encoder "
+                        "for the cpu preset, else pretrained in the run)")
+    p.add_argument("--resnet-base", default=None,
+                   help="pretraining checkpoint of Study 2's frozen ResNet student (default: released with the "
+                        "released encoder, else pretrained in the run)")
+    p.add_argument("--vgg-base", default=None, help="the same for the frozen VGG student")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="pretrain every encoder inside the run instead of starting from the released ones "
+                        "(the cuda and paper presets always do, unless given files)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished stage")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--root", default=None, help="folder for downloaded datasets (default: data.py's default)")
@@ -848,7 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
     try:
         run_all(args.preset, args.out, data_spec=args.data, seed=args.seed, seeds=args.seeds, device=args.device,
-                pretrained=args.pretrained, resume=args.resume, overwrite=args.overwrite, root=args.root,
+                precision=args.precision, pretrained=args.pretrained, resnet_base=args.resnet_base,
+                vgg_base=args.vgg_base, from_scratch=args.from_scratch, resume=args.resume, overwrite=args.overwrite, root=args.root,
                 cache_dir=args.cache_dir, download=args.download, skip_bad=args.skip_bad,
                 command=" ".join(["python run_all.py", *argv]))
     except _INTERRUPTS as e:

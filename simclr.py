@@ -102,6 +102,9 @@ class PretrainConfig(train.StageConfig):
     log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
     checkpoint_every: int = option(0, "steps between checkpoints (0: each epoch)", allowed=train.NON_NEGATIVE)
     compile: bool = option(False, "torch.compile the model", flag=True)
+    release: str | None = option(None, "also write the final encoder and head, without optimiser state, to this "
+                                 "file (a released encoder: see README), with the run's log beside it as "
+                                 "FILE.log.jsonl")
     # Not an option: lets runs with different training seeds share one pool (run_all.py's student bases).
     data_seed: int | None = None
 
@@ -131,6 +134,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     train.validate(cfg)
     train.check_batch_for_batch_norm(cfg.batch_size)
     device = train.select_device(cfg.device)
+    precision = train.resolve_precision(cfg.precision, device)
     distributed = train.init_distributed(device)
     run = train.RunFolder(out, resume=resume, overwrite=overwrite, is_main=distributed.is_main)
     train.seed_everything(cfg.seed)
@@ -163,16 +167,16 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     lr = train.scaled_lr(cfg.base_lr, global_batch, cfg.lr_scaling)
     schedule = train.Schedule(epochs=cfg.epochs, lr=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                         weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, log_every=cfg.log_every,
-                        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.knn_every)
+                        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.knn_every, precision=precision)
     config = dict(stage="pretrain", **asdict(cfg), effective_lr=lr, world_size=distributed.world_size,
-                  device_resolved=str(device), images=len(pool), steps_per_epoch=len(loader),
+                  device_resolved=str(device), precision_resolved=precision, images=len(pool), steps_per_epoch=len(loader),
                   augmentation=augmentation.describe(), torch=torch.__version__)
     if not run.resuming:
         run.write_config(config)
     if distributed.is_main:
         print(f"pretrain: {cfg.model} (width {cfg.width}, {'CIFAR' if cfg.cifar_stem else 'ImageNet'} stem, "
               f"{cfg.head_layers}-layer head) on {len(pool)} images of {cfg.image_size}px, device {device}, "
-              f"world {distributed.world_size}; {cfg.optimizer} lr {lr:.4g} (= {cfg.base_lr} x {global_batch}/256), "
+              f"{precision}, world {distributed.world_size}; {cfg.optimizer} lr {lr:.4g} (= {cfg.base_lr} x {global_batch}/256), "
               f"wd {cfg.weight_decay}, warm-up {cfg.warmup_epochs} epochs, T {cfg.temperature}, "
               f"augment {augmentation.describe()}, {cfg.epochs} epochs x {len(loader)} steps", file=sys.stderr)
     # A generated task can be as large as wanted: a 100-image val split measures kNN accuracy to about
@@ -182,7 +186,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
                           cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
                           **eval_size) if cfg.eval_data and distributed.is_main else None
     encoder = train.unwrap(model).encoder
-    knn = lambda enc: knn_monitor(enc, task.train, task.val, device, cfg.knn_k, cfg.image_size)  # noqa: E731
+    knn = lambda enc: knn_monitor(enc, task.train, task.val, device, cfg.knn_k, cfg.image_size,  # noqa: E731
+                                  precision)
     evaluate = (lambda: dict(knn_top1=knn(encoder))) if task else None
     loss_fn = contrastive_loss_fn(train_model, augmentation, cfg.temperature, distributed)
     meta = dict(kind="pretrain", arch=arch, config=json.dumps(config), image_size=cfg.image_size,
@@ -190,6 +195,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     history = train.fit(train_model, loss_fn, loader, run, schedule, device=device, seed=cfg.seed, meta=meta,
                   evaluate=evaluate, distributed=distributed, desc="pretrain")
     summary = dict(checkpoint=str(run.checkpoint), history=history)
+    if cfg.release and distributed.is_main:
+        summary["released"] = release_encoder(run, cfg.release)
     if task is not None:
         summary["knn_top1"] = history[-1]["knn_top1"] if history else knn(encoder)
         torch.manual_seed(cfg.seed + 1)
@@ -199,6 +206,18 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
               f"random encoder {summary['knn_top1_random_encoder']:.4f}", file=sys.stderr)
         train.atomic_write_text(json.dumps(summary, indent=2) + "\n", run.path / "summary.json")
     return summary
+
+
+def release_encoder(run: train.RunFolder, path: str | os.PathLike) -> str:
+    """Copy a finished run's encoder and projection head into a small pretraining checkpoint: no
+    optimiser state, RNG or data position (those only matter to --resume), so it is about a third of
+    checkpoint.pt and its bytes depend only on the training. The run's log goes beside it."""
+    ckpt = train.load_checkpoint(run.checkpoint)
+    keep = ("kind", "format", "arch", "model", "image_size", "mean", "std", "config", "history")
+    train.atomic_save({k: ckpt[k] for k in keep}, path)
+    train.atomic_write_text((run.path / "log.jsonl").read_text(), f"{path}.log.jsonl")
+    print(f"released encoder: {path} ({os.path.getsize(path) / 2**20:.1f} MiB), log {path}.log.jsonl", file=sys.stderr)
+    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,12 +242,12 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Ten
 
 
 def knn_monitor(encoder: nn.Module, bank_set: data.ImageSet, val: data.ImageSet, device: torch.device,
-                k: int = 200, size: int | None = None) -> float:
+                k: int = 200, size: int | None = None, precision: str = "auto") -> float:
     """kNN accuracy of `encoder`'s features: train images as the bank, val images as queries."""
     was_training = encoder.training
     encoder.eval()
-    bank = train.extract_features(encoder, bank_set, device, size=size)
-    query = train.extract_features(encoder, val, device, size=size)
+    bank = train.extract_features(encoder, bank_set, device, size=size, precision=precision)
+    query = train.extract_features(encoder, val, device, size=size, precision=precision)
     encoder.train(was_training)
     to = lambda a: torch.as_tensor(np.asarray(a), device=device, dtype=torch.long)
     return knn_accuracy(bank, to(bank_set.labels), query, to(val.labels), len(bank_set.classes), k=k)
@@ -239,6 +258,10 @@ class LinearEvalConfig(train.StageConfig):
     """Linear evaluation of a pretraining checkpoint on a labeled task."""
     checkpoint: str = option(None, "a pretraining checkpoint.pt", required=True)
     data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
+    train_images: int | None = option(None, "size of the task's train split before 10%% become val (embedded: "
+                                      "generated, real data: a seeded subsample); None: the task's own",
+                                      allowed=train.AT_LEAST_1)
+    test_images: int | None = option(None, "size of the task's test split, the same way", allowed=train.AT_LEAST_1)
     epochs: int = option(100, "epochs of the linear layer on cached features", allowed=train.POSITIVE)
     lr: float = option(0.1, "learning rate (SGD, momentum 0.9, cosine)", allowed=train.POSITIVE)
     batch_size: int = option(256, "batch of cached features", allowed=train.POSITIVE)
@@ -255,17 +278,20 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
     train.seed_everything(cfg.seed)
     model, ckpt = train.load_pretrained(cfg.checkpoint)
     task = data.load_task(cfg.data, image_size=ckpt["image_size"], root=cfg.root, seed=cfg.seed,
-                          cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
+                          cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad, n_train=cfg.train_images,
+                          n_test=cfg.test_images)
     classifier = models.Classifier(model.encoder, model.head, cfg.head_layer, task.num_classes, ckpt["mean"],
                                    ckpt["std"]).to(dev)
     reports = train.linear_probe(classifier, task, dev, ckpt["image_size"], epochs=cfg.epochs,
-                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
+                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, precision=cfg.precision)
     result = dict(task=task.name, checkpoint=str(cfg.checkpoint), head_layer=cfg.head_layer, **reports)
     print(f"linear eval on {task.name}: val top-1 {result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}",
           file=sys.stderr)
     if run is not None:
         run.write_config(dict(stage="linear-eval", checkpoint=str(cfg.checkpoint), task=cfg.data, epochs=cfg.epochs,
-                              lr=cfg.lr, batch_size=cfg.batch_size, head_layer=cfg.head_layer, seed=cfg.seed))
+                              lr=cfg.lr, batch_size=cfg.batch_size, head_layer=cfg.head_layer, seed=cfg.seed,
+                              train_images=len(task.train), test_images=len(task.test),
+                              precision=train.resolve_precision(cfg.precision, dev)))
         arch = train.classifier_arch(ckpt["arch"], cfg.head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
         run.save(dict(kind="linear-eval", format=train.CHECKPOINT_FORMAT, arch=arch, model=classifier.state_dict(),
                       classes=task.classes, image_size=ckpt["image_size"]), "best.pt")
@@ -282,7 +308,13 @@ class FinetuneConfig(train.StageConfig):
     """Fine-tuning from a pretraining checkpoint (SimCLR v2 section 2.2). `checkpoint=None` with
     `arch` and `image_size` trains the same network from random initialisation (a supervised baseline)."""
     checkpoint: str | None = option(None, "a pretraining checkpoint.pt", required=True)
+    from_scratch: bool = option(False, "train the checkpoint's architecture from random initialisation instead "
+                                "(a supervised reference: same network, same image size, no pretraining)", flag=True)
     data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
+    train_images: int | None = option(None, "size of the task's train split before 10%% become val (embedded: "
+                                      "generated, real data: a seeded subsample); None: the task's own",
+                                      allowed=train.AT_LEAST_1)
+    test_images: int | None = option(None, "size of the task's test split, the same way", allowed=train.AT_LEAST_1)
     fraction: float = option(1.0, "fraction of training labels (0.01, 0.1, 1)", allowed=train.FRACTION)
     head_layer: int = option(1, "fine-tune from this head layer (SimCLR v2: 1)", allowed=train.NON_NEGATIVE)
     crop: bool = option(True, "use crop augmentation while fine-tuning")
@@ -315,13 +347,16 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     if cfg.checkpoint is not None:
         pretrained, ckpt = train.load_pretrained(cfg.checkpoint)
         arch, image_size, mean, std = ckpt["arch"], ckpt["image_size"], ckpt["mean"], ckpt["std"]
+        if cfg.from_scratch:
+            pretrained = train.build_simclr_model(arch)
     else:
         if cfg.arch is None:
             raise ValueError("finetune from scratch needs `arch`")
         arch, image_size = cfg.arch, cfg.image_size
         pretrained, mean, std = train.build_simclr_model(arch), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=cfg.seed,
-                                  cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
+                                  cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad, n_train=cfg.train_images,
+                                  n_test=cfg.test_images)
     if cfg.head_layer > arch["head_layers"]:
         raise UserError(f"--head-layer {cfg.head_layer} is deeper than the {arch['head_layers']}-layer projection head.")
     labeled = data.labeled_fraction(task.train, cfg.fraction, cfg.seed) if cfg.fraction < 1 else task.train
@@ -335,17 +370,20 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     augmentation = augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=cfg.blur,
                                          strength=cfg.strength, scale=(0.08, 1.0))
     cls_arch = train.classifier_arch(arch, cfg.head_layer, task.num_classes, mean, std)
-    config = dict(stage="finetune", checkpoint=str(cfg.checkpoint), task=task.name, fraction=cfg.fraction,
+    scratch = cfg.from_scratch or cfg.checkpoint is None
+    config = dict(stage="finetune", checkpoint=str(cfg.checkpoint), from_scratch=scratch, task=task.name,
+                  train_images=len(task.train), test_images=len(task.test), fraction=cfg.fraction,
                   labeled_images=len(labeled), head_layer=cfg.head_layer, augmentation=augmentation.describe(),
                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                  momentum=cfg.momentum, seed=cfg.seed, device=str(dev))
+                  momentum=cfg.momentum, seed=cfg.seed, device=str(dev),
+                  precision=train.resolve_precision(cfg.precision, dev))
     if not run.resuming:
         run.write_config(config)
     loader = data.BatchLoader(labeled, cfg.batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
     schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay,
-                        log_every=cfg.log_every)
-    evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
+                              weight_decay=cfg.weight_decay, log_every=cfg.log_every, precision=cfg.precision)
+    evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size,  # noqa: E731
+                                                                precision=cfg.precision)["top1"])
     meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
     train.fit(model, train.supervised_loss_fn(model, augmentation), loader, run, schedule, device=dev, seed=cfg.seed,
               meta=meta,
@@ -354,12 +392,14 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     best = best.to(dev)
     result = dict(task=task.name, fraction=cfg.fraction, head_layer=cfg.head_layer,
                   augmentation=augmentation.describe(),
-                  best=str(run.path / "best.pt"), val=train.evaluate_classifier(best, task.val, dev, size=image_size),
-                  test=train.evaluate_classifier(best, task.test, dev, size=image_size))
+                  best=str(run.path / "best.pt"),
+                  **{name: train.evaluate_classifier(best, split, dev, size=image_size, precision=cfg.precision)
+                     for name, split in (("val", task.val), ("test", task.test))})
     for split in ("val", "test"):
         result[split].pop("predictions")
     train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
-    print(f"finetune {task.name} ({cfg.fraction:.0%} labels, {augmentation.describe()}): val top-1 "
+    print(f"finetune {task.name} ({'from scratch, ' if scratch else ''}{cfg.fraction:.0%} labels, "
+          f"{augmentation.describe()}): val top-1 "
           f"{result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}", file=sys.stderr)
     return result
 
@@ -383,26 +423,30 @@ def _timed(fn: Callable[[], None], device: torch.device, steps: int, warmup: int
 
 def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, width: float = 1.0,
           steps: int = 20, warmup: int = 5, device: str = "auto", compile: bool = False,
-          blur: bool | None = None) -> dict:
+          blur: bool | None = None, precision: str = "auto") -> dict:
     """Pretraining throughput in source images/s (each is two views): the network alone on batches
-    already augmented, the augmentation alone, and the whole step from uint8 images on the device."""
+    already augmented, the augmentation alone, and the whole step from uint8 images on the device.
+    The step is run_all.py's small-image pretraining: a 3-layer head, crops from 40% of the image,
+    colour strength 1.0 (0.5 and SimCLR's 8% crops above 64 px), NT-Xent at T 0.5, LARS."""
     dev = train.select_device(device)
+    precision = train.resolve_precision(precision, dev)
     torch.manual_seed(0)
     blur = size > 64 if blur is None else blur
-    arch = dict(encoder=model_name, width=width, cifar_stem=size <= 64, head_layers=2, head_hidden=None, out_dim=128)
+    arch = dict(encoder=model_name, width=width, cifar_stem=size <= 64, head_layers=3, head_hidden=None, out_dim=128)
     model = train.build_simclr_model(arch).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compile else model
     optimizer = train.make_optimizer(model, "lars", 0.1, 1e-6)
-    augmentation = augment.SimCLRAugment(size, blur=blur, strength=0.5 if size <= 64 else 1.0)
+    augmentation = augment.SimCLRAugment(size, blur=blur, strength=1.0 if size <= 64 else 0.5,
+                                         scale=(0.4 if size <= 64 else 0.08, 1.0))
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=dev)
     g = torch.Generator(device=dev).manual_seed(0)
     loss_fn = contrastive_loss_fn(step_model, augmentation, 0.5, train.Distributed())
     fixed_views = torch.cat([augmentation(images, g), augmentation(images, g)])
 
     def network_step():
-        with train.autocast(dev):
+        with train.autocast(dev, precision):
             _, z = step_model(fixed_views)
             loss = losses.nt_xent(*z.float().chunk(2), 0.5, check_finite=False)
         optimizer.zero_grad(set_to_none=True)
@@ -410,7 +454,7 @@ def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, w
         optimizer.step()
 
     def full_step():
-        with train.autocast(dev):
+        with train.autocast(dev, precision):
             loss = loss_fn(images, None, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -426,6 +470,7 @@ def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, w
     t_full = _timed(full_step, dev, steps, warmup)
     n = steps * batch_size
     result = dict(model=model_name, size=size, batch=batch_size, width=width, device=str(dev), compile=compile,
+                  precision=precision,
                   threads=torch.get_num_threads(), network_img_s=n / t_net, end_to_end_img_s=n / t_full,
                   augment_img_s=n / t_aug, ratio=t_net / t_full,
                   peak_memory_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None)
@@ -463,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed steps (after 5 warm-up steps)")
     b.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    b.add_argument("--precision", choices=[*train.PRECISIONS, "both"], default="auto",
+                   help="autocast (see pretrain --precision); both: fp32, then bf16, in one run")
     return parser
 
 
@@ -475,14 +522,16 @@ def run_command(args: argparse.Namespace) -> None:
         finetune(train.from_args(FinetuneConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "bench":
         modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-        rows = [bench(args.model, args.size, args.batch, args.width, args.steps, device=args.device, compile=c)
-                for c in modes]
-        print("| model | size | batch | device | compile | network img/s | end-to-end img/s | ratio | augment img/s | peak GiB |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
+        rows = [bench(args.model, args.size, args.batch, args.width, args.steps, device=args.device, compile=c,
+                      precision=p) for p in precisions for c in modes]
+        print("| model | size | batch | device | compile | precision | network img/s | end-to-end img/s | ratio | "
+              "augment img/s | peak GiB |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             mem = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
             print(f"| {r['model']} (w{r['width']:g}) | {r['size']} | {r['batch']} | {r['device']} ({r['threads']} threads) | "
-                  f"{r['compile']} | {r['network_img_s']:,.0f} | {r['end_to_end_img_s']:,.0f} | {r['ratio']:.2f} | "
+                  f"{r['compile']} | {r['precision']} | {r['network_img_s']:,.0f} | {r['end_to_end_img_s']:,.0f} | {r['ratio']:.2f} | "
                   f"{r['augment_img_s']:,.0f} | {mem} |")
 
 

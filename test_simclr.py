@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 import argparse
+import dataclasses
 import hashlib
 import http.server
 import io
@@ -2567,6 +2568,194 @@ def test_resume_reruns_only_the_stage_without_a_record(tiny_run, monkeypatch):
     assert record["resumed"] is True  # its own run folder held a checkpoint: continued, not restarted
     assert after["table1"] == before["table1"] and after["table4"] == before["table4"]
     assert after["table2"]["frozen-vgg"]["student"] == pytest.approx(before["table2"]["frozen-vgg"]["student"])
+
+
+# --- released encoders, precision, and the cuda and paper presets at tiny sizes ---------------------
+
+
+@pytest.mark.parametrize("role", list(run_all.RELEASED))
+def test_released_encoder_loads_and_matches_its_sha256(role):
+    path = Path(run_all.released_encoder(role))  # checks the sha256 kept in run_all.py
+    entry = run_all.RELEASED[role]
+    assert path.stat().st_size <= 5 * 2**20
+    model, ckpt = train.load_pretrained(path)  # weights_only=True inside
+    assert ckpt["kind"] == "pretrain" and "optimizer" not in ckpt
+    assert ckpt["arch"]["encoder"] == entry["model"] and ckpt["arch"]["head_layers"] == 3  # Study 1 needs layer 1
+    config = json.loads(ckpt["config"])
+    command = run_all.release_command(role)
+    assert f"--seed {config['seed']} " in command and f"--epochs {config['epochs']} " in command
+    assert config["release"] == f"encoders/{entry['file']}"
+    log = [json.loads(line) for line in Path(f"{path}.log.jsonl").read_text().splitlines()]
+    epochs_with_loss = {round(r["epoch"]) for r in log if "loss" in r}
+    epochs_with_knn = {r["epoch"] for r in log if "knn_top1" in r}
+    assert epochs_with_loss == epochs_with_knn == set(range(1, entry["epochs"] + 1))
+
+
+def test_released_encoders_fit_the_size_budget():
+    assert sum((run_all.ENCODERS / e["file"]).stat().st_size for e in run_all.RELEASED.values()) <= 12 * 2**20
+
+
+def test_released_resnet_probe_beats_a_random_encoder():
+    task = data.load_task("shapes5", image_size=32, seed=0, n_train=2000, n_test=40)  # 200 val images
+    assert len(task.val) == 200
+    scores = {}
+    for name in ("released", "random"):
+        pre, ckpt = train.load_pretrained(run_all.released_encoder("teacher"))
+        if name == "random":
+            torch.manual_seed(0)
+            pre = train.build_simclr_model(ckpt["arch"])
+        model = models.Classifier(pre.encoder, pre.head, 0, 5, ckpt["mean"], ckpt["std"])
+        scores[name] = train.linear_probe(model, task, torch.device("cpu"), 32, epochs=30, batch_size=256, lr=0.1,
+                                          precision="fp32")["val"]["top1"]
+    assert scores["released"] >= scores["random"] + 0.15, scores
+
+
+def test_changed_or_missing_released_encoder_is_refused_with_the_rebuild_command(tmp_path, monkeypatch, capsys):
+    for role, entry in run_all.RELEASED.items():
+        (tmp_path / entry["file"]).write_bytes((run_all.ENCODERS / entry["file"]).read_bytes())
+    changed = tmp_path / run_all.RELEASED["vgg"]["file"]
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    monkeypatch.setattr(run_all, "ENCODERS", tmp_path)
+    assert run_all.released_encoder("teacher") == str(tmp_path / run_all.RELEASED["teacher"]["file"])
+    with pytest.raises(train.UserError, match="has changed") as e:
+        run_all.released_encoder("vgg")
+    assert run_all.release_command("vgg") in str(e.value) and "--vgg-base" in str(e.value)
+    (tmp_path / run_all.RELEASED["teacher"]["file"]).unlink()
+    # through the command line, before any work: nothing is written
+    assert run_all.main(["--preset", "cpu", "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "is missing" in err and run_all.release_command("teacher") in err and "--from-scratch" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cpu_preset_starts_from_released_encoders_unless_told_otherwise():
+    p = run_all.PRESETS["cpu"]
+    teacher, bases = run_all.choose_encoders(p, False, None, {})
+    assert teacher == run_all.released_encoder("teacher")
+    assert bases == {f: run_all.released_encoder(f) for f in ("resnet", "vgg")}
+    assert run_all.choose_encoders(p, True, None, {}) == (None, {"resnet": None, "vgg": None})
+    # a given teacher may have another width: its bases are pretrained in the run unless given too
+    assert run_all.choose_encoders(p, False, "mine.pt", {"vgg": "v.pt"}) == ("mine.pt", {"resnet": None, "vgg": "v.pt"})
+    for name in ("cuda", "paper", "tiny"):
+        assert run_all.choose_encoders(run_all.PRESETS[name], False, None, {})[0] is None
+    assert p["seeds_cpu"] >= 3 and p["tasks"]["min_test"] >= 1000
+
+
+def test_resolve_precision(monkeypatch):
+    assert train.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert train.resolve_precision("auto", torch.device("mps")) == "fp32"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert train.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(train.UserError, match="precision"):
+        train.resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(train.UserError, match="--precision"):
+        train.validate(simclr.FinetuneConfig(checkpoint="x", precision="half"))
+
+
+def test_bf16_and_fp32_losses_agree_on_one_step():
+    """One SimCLR step from identical weights and batch: the loss under bf16 autocast within 2%
+    (relative; fixed before measuring) of the fp32 loss, and it stays float32."""
+    torch.manual_seed(0)
+    model = train.build_simclr_model(dict(encoder="resnet18", width=0.125, cifar_stem=True, head_layers=3,
+                                          head_hidden=None, out_dim=128))
+    images = torch.as_tensor(shapes.generate("shapes5", 64, image_size=32)[0]).permute(0, 3, 1, 2).contiguous()
+    loss_fn = simclr.contrastive_loss_fn(model, A.SimCLRAugment(32, strength=1.0, scale=(0.4, 1.0)), 0.5,
+                                         train.Distributed())
+    losses_by = {}
+    for precision in ("fp32", "bf16"):
+        with train.autocast(torch.device("cpu"), precision):
+            loss = loss_fn(images, None, torch.Generator().manual_seed(1))
+        assert loss.dtype == torch.float32
+        losses_by[precision] = loss.item()
+    assert abs(losses_by["bf16"] - losses_by["fp32"]) <= 0.02 * abs(losses_by["fp32"]), losses_by
+
+
+def _shapes_folder(root: Path, task: str, n: int) -> Path:
+    """root/<class>/<k>.png: n images of an embedded task, written as a user's image folder."""
+    images, labels, classes = shapes.generate(task, n, image_size=32)
+    for k, (image, label) in enumerate(zip(images, labels)):
+        (root / classes[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / classes[label] / f"{k}.png")
+    return root
+
+
+def _shrunk(preset: dict) -> dict:
+    """A preset with every size and epoch count made tiny, all its other settings kept."""
+    p = dict(preset, image_size=32, pool_images=128, probe_batch_sizes=[16, 32],
+             tasks=dict(train_per_class=4, min_train=80, test_per_class=2, min_test=40))
+    p["pretrain"] = dataclasses.replace(p["pretrain"], width=0.125, epochs=1, batch_size=32, log_every=1, knn_k=10,
+                                        eval_images=200)
+    p["finetune"] = dataclasses.replace(p["finetune"], epochs=1, batch_size=16)
+    p["distill"] = dataclasses.replace(p["distill"], epochs=1, batch_size=16, dense_layers=[16])
+    p["probe"] = dataclasses.replace(p["probe"], epochs=1)
+    return p
+
+
+@pytest.mark.parametrize("preset", ["cuda", "paper"])
+def test_cuda_and_paper_presets_run_end_to_end_on_cpu_at_tiny_sizes(preset, tmp_path, monkeypatch):
+    """A configuration error of a GPU preset must show here, not after a GPU was found."""
+    monkeypatch.setitem(run_all.PRESETS, preset, _shrunk(run_all.PRESETS[preset]))
+    args = ["--preset", preset, "--device", "cpu", "--seeds", "1", "--out", str(tmp_path / "run")]
+    if preset == "paper":  # generated folders in place of the paper's datasets (never downloaded)
+        five = _shapes_folder(tmp_path / "flowers", "shapes5", 100)
+        two = _shapes_folder(tmp_path / "cats", "shapes2", 60)
+        args += ["--data", f"pool={five},study1={five},study3={two}:{five}", "--download", "false"]
+    assert run_all.main(args) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["preset"] == preset and "pretrain" in results["stages"]
+    assert results["encoders"]["teacher"] == "SimCLR-pretrained in this run"
+    assert all(math.isfinite(v) for v in _numbers(results["table4"]))
+    md = (tmp_path / "run" / "results.md").read_text()
+    if preset == "paper":
+        tables = "\n".join(line for line in md.splitlines() if "Command:" not in line)  # the command names paths
+        assert str(tmp_path) not in tables and "| flowers | 5 | 32 |" in md and "| cats | 2 | 32 |" in md
+        pre = json.loads((tmp_path / "run" / "runs" / "pretrain" / "config.json").read_text())
+        assert pre["model"] == "resnet50" and pre["knn_k"] == 10
+
+
+def test_finetune_from_scratch_keeps_the_architecture_and_drops_the_weights(tmp_path, monkeypatch):
+    pre_dir = tmp_path / "pre"
+    simclr.pretrain(simclr.PretrainConfig(width=0.125, epochs=1, n_images=64, batch_size=32, head_layers=3,
+                                          eval_data="", device="cpu"), pre_dir)
+    pretrained = train.load_pretrained(pre_dir / "checkpoint.pt")[0].encoder.state_dict()
+    seen = {}
+
+    def capture(model, *args, **kwargs):
+        seen["encoder"] = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", capture)
+    for scratch in (False, True):
+        cfg = simclr.FinetuneConfig(checkpoint=str(pre_dir / "checkpoint.pt"), from_scratch=scratch, epochs=1,
+                                    batch_size=16, train_images=100, test_images=20, device="cpu")
+        with pytest.raises(KeyboardInterrupt):
+            simclr.finetune(cfg, tmp_path / f"ft{scratch}")
+        same = all(torch.equal(seen["encoder"][k], v) for k, v in pretrained.items() if v.is_floating_point())
+        assert same is not scratch
+        assert seen["encoder"].keys() == pretrained.keys()
+        config = json.loads((tmp_path / f"ft{scratch}" / "config.json").read_text())
+        assert config["from_scratch"] is scratch and (config["train_images"], config["test_images"]) == (90, 20)
+
+
+def test_pretrain_release_writes_a_small_checkpoint_with_the_same_bytes_each_time(tmp_path, monkeypatch):
+    digests = []
+    for k in range(2):
+        (tmp_path / str(k)).mkdir()
+        monkeypatch.chdir(tmp_path / str(k))
+        assert simclr.main(["pretrain", "--width", "0.125", "--epochs", "2", "--n-images", "64", "--batch-size", "32",
+                            "--eval-images", "100", "--knn-k", "5", "--knn-every", "1", "--log-every", "2",
+                            "--device", "cpu", "--precision", "fp32", "--out", "run", "--release", "enc.pt"]) == 0
+        digests.append(hashlib.sha256(Path("enc.pt").read_bytes()).hexdigest())
+        ckpt = train.load_checkpoint("enc.pt")
+        assert "optimizer" not in ckpt and "rng" not in ckpt
+        assert Path("enc.pt").stat().st_size < 0.6 * Path("run/checkpoint.pt").stat().st_size
+        assert [r["epoch"] for r in map(json.loads, Path("enc.pt.log.jsonl").read_text().splitlines())
+                if "knn_top1" in r] == [1, 2]
+        train.load_pretrained("enc.pt")
+    assert digests[0] == digests[1]
 
 
 # ==================================================================================================

@@ -169,7 +169,8 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
                   head_layer=enc.head_layer,
                   mean=enc.mean, std=enc.std, task=task.name, mode=cfg.mode, preset=cfg.preset, augmentation=described,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                  image_size=image_size, seed=cfg.seed, device=str(dev))
+                  image_size=image_size, seed=cfg.seed, device=str(dev),
+                  precision=train.resolve_precision(cfg.precision, dev))
     if not run.resuming:
         run.write_config(config)
     print(f"transfer: {enc.arch['encoder']} (width {enc.arch['width']}, {enc.kind} '{cfg.source}', mean {enc.mean}, "
@@ -180,19 +181,21 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
 
     if cfg.mode == "linear-cached":
         reports = train.linear_probe(model, task, dev, image_size, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                     lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, seed=cfg.seed)
+                                     lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, seed=cfg.seed,
+                                     precision=cfg.precision)
         run.save(dict(meta, format=train.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
     else:
         view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, image_size))
         loader = data.BatchLoader(task.train, cfg.batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
         schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, log_every=cfg.log_every)
-        evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size)["top1"])
+                                   weight_decay=cfg.weight_decay, log_every=cfg.log_every, precision=cfg.precision)
+        evaluate = lambda: dict(val_top1=train.evaluate_classifier(  # noqa: E731
+            model, task.val, dev, size=image_size, precision=cfg.precision)["top1"])
         train.fit(model, train.supervised_loss_fn(model, view), loader, run, schedule, device=dev, seed=cfg.seed,
                    meta=meta, evaluate=evaluate, select="val_top1", desc=f"transfer {cfg.mode} {task.name}")
         best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
         best = best.to(dev)
-        reports = {name: train.evaluate_classifier(best, split, dev, size=image_size)
+        reports = {name: train.evaluate_classifier(best, split, dev, size=image_size, precision=cfg.precision)
                    for name, split in (("val", task.val), ("test", task.test))}
         for r in reports.values():
             r.pop("predictions")
