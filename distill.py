@@ -334,8 +334,7 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
                   distillation_images=len(images), known_labels=int((known >= 0).sum()), preset=cfg.preset, **s,
                   seed=cfg.seed, device=str(dev), precision=train.resolve_precision(cfg.precision, dev),
                   image_size=image_size)
-    if not run.resuming:
-        run.write_config(config)
+    run.start(config)
     print(f"distill: teacher {cfg.teacher} -> {cfg.student} (width {cfg.width}, {cfg.mode}) on {len(images)} images of {task.name}, "
           f"T {s['temperature']}, alpha {cfg.alpha}, soft labels {effective_soft}, augment {config['augmentation']}, "
           f"{s['optimizer']} lr {s['lr']} wd {s['weight_decay']}, {s['epochs']} epochs x batch {s['batch_size']}, "

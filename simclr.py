@@ -171,8 +171,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     config = dict(stage="pretrain", **asdict(cfg), effective_lr=lr, world_size=distributed.world_size,
                   device_resolved=str(device), precision_resolved=precision, images=len(pool), steps_per_epoch=len(loader),
                   augmentation=augmentation.describe(), torch=torch.__version__)
-    if not run.resuming:
-        run.write_config(config)
+    run.start(config)
     if distributed.is_main:
         print(f"pretrain: {cfg.model} (width {cfg.width}, {'CIFAR' if cfg.cifar_stem else 'ImageNet'} stem, "
               f"{cfg.head_layers}-layer head) on {len(pool)} images of {cfg.image_size}px, device {device}, "
@@ -377,8 +376,7 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                   momentum=cfg.momentum, seed=cfg.seed, device=str(dev),
                   precision=train.resolve_precision(cfg.precision, dev))
-    if not run.resuming:
-        run.write_config(config)
+    run.start(config)
     loader = data.BatchLoader(labeled, cfg.batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
     schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay, log_every=cfg.log_every, precision=cfg.precision)

@@ -1988,6 +1988,39 @@ def test_resume_of_a_redo_stage_never_replaces_another_run(tmp_path, capsys):
     assert (run / "checkpoint.pt").read_bytes() == b"the user's pretraining"
 
 
+def test_resume_with_changed_settings_is_refused_naming_each_one(tmp_path, capsys):
+    """Issue 15 item 3, through the command lines: a setting that changes what a run is refuses
+    --resume (exit 2, both values named); RESUME_MAY_DIFFER's settings may change."""
+    base = ["--width", "0.125", "--epochs", "1", "--n-images", "128", "--batch-size", "64", "--eval-data", "",
+            "--device", "cpu"]
+    pre = ["pretrain", *base, "--out", str(tmp_path / "pre")]
+    assert simclr.main(pre) == 0
+    for flag, value, key in (("--batch-size", "32", "batch_size"), ("--n-images", "96", "n_images"),
+                             ("--image-size", "24", "image_size"), ("--width", "0.25", "width"),
+                             ("--model", "vgg11_bn", "model"), ("--optimizer", "sgd", "optimizer"),
+                             ("--data", "shapes47", "data")):
+        capsys.readouterr()
+        assert simclr.main([*pre, "--resume", flag, value]) == 2, flag
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and re.search(rf"{key}: \S+ in the run, \S*{value}\S* now", err), (flag, err)
+    capsys.readouterr()
+    assert simclr.main([*pre, "--resume", "--log-every", "3", "--precision", "fp32", "--knn-every", "2"]) == 0
+    ckpt = str(tmp_path / "pre" / "checkpoint.pt")
+    ft = ["finetune", "--checkpoint", ckpt, "--epochs", "1", "--batch-size", "16", "--train-images", "60",
+          "--test-images", "20", "--device", "cpu", "--out", str(tmp_path / "ft")]
+    assert simclr.main(ft) == 0
+    capsys.readouterr()
+    assert simclr.main([*ft, "--resume", "--fraction", "0.5"]) == 2
+    assert "fraction: 1.0 in the run, 0.5 now" in capsys.readouterr().err
+    tr = ["train", "--source", ckpt, "--data", "shapes2", "--mode", "finetune", "--epochs", "1", "--batch-size", "16",
+          "--device", "cpu", "--out", str(tmp_path / "tr")]
+    assert transfer.main(tr) == 0
+    capsys.readouterr()
+    assert transfer.main([*tr, "--resume", "--lr", "0.5"]) == 2
+    assert "lr: " in capsys.readouterr().err
+    assert transfer.main([*tr, "--resume", "--log-every", "7"]) == 0
+
+
 def test_linear_eval_and_finetune_from_pretrained(tmp_path):
     simclr.pretrain(tiny_pretrain_config(eval_data=None, epochs=1), tmp_path / "pre")
     ckpt = tmp_path / "pre" / "checkpoint.pt"

@@ -238,6 +238,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
+# Settings a resumed run may change: where and how fast it runs, and how often it reports. Every
+# other setting changes what the run is (README, "Resuming").
+RESUME_MAY_DIFFER = frozenset({"device", "device_resolved", "precision", "precision_resolved", "compile",
+                               "log_every", "knn_every", "checkpoint_every", "root", "cache_dir", "skip_bad",
+                               "torch", "release"})
+
+
 class RunFolder:
     """One folder per run: config.json, log.jsonl, checkpoint.pt (latest), best.pt, results.
 
@@ -294,6 +301,25 @@ class RunFolder:
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
+
+    def start(self, config: dict) -> None:
+        """Write config.json for a new run. A resumed run must have the settings it was started with
+        (RESUME_MAY_DIFFER aside): else checkpoint.pt and config.json would describe two runs."""
+        if not self.resuming:
+            self.write_config(config)
+            return
+        try:
+            old = json.loads((self.path / "config.json").read_text())
+        except (OSError, ValueError):
+            raise UserError(f"--resume: '{self.path}' has no readable config.json, so its settings cannot be "
+                            "checked. Pass --overwrite to start again.") from None
+        new = json.loads(json.dumps(config, default=str))
+        changed = [k for k in dict.fromkeys([*old, *new])
+                   if k not in RESUME_MAY_DIFFER and old.get(k) != new.get(k)]
+        if changed:
+            lines = "".join(f"\n  {k}: {json.dumps(old.get(k))} in the run, {json.dumps(new.get(k))} now" for k in changed)
+            raise UserError(f"--resume: '{self.path}' was started with other settings:{lines}\nResume continues a "
+                            "run with its own settings; pass those, or pass --overwrite to start again.")
 
     def write_config(self, config: dict) -> None:
         if self.is_main:

@@ -171,8 +171,7 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                   image_size=image_size, seed=cfg.seed, device=str(dev),
                   precision=train.resolve_precision(cfg.precision, dev))
-    if not run.resuming:
-        run.write_config(config)
+    run.start(config)
     print(f"transfer: {enc.arch['encoder']} (width {enc.arch['width']}, {enc.kind} '{cfg.source}', mean {enc.mean}, "
           f"std {enc.std}) -> {task.name} ({task.num_classes} classes, {len(task.train)} train images at "
           f"{image_size}px), {cfg.mode}, augment {described}, lr {cfg.lr:.4g}, wd {cfg.weight_decay}, batch {cfg.batch_size}, "
