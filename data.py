@@ -1077,10 +1077,10 @@ def _finish(name, train, val, test, classes, val_fraction, seed, n_train, n_test
 
 def _check_labeled(name: str, classes: list[str], splits: dict[str, ImageSet]) -> None:
     """Refuse a labeled task that would train or report nonsense: fewer than two classes (with one,
-    every prediction is right and top-1 1.0 means nothing), or an empty split (train, test, and val
-    when it is used). A class without an image in train (never learned) or in test (never measured)
-    is a warning; in val it is allowed: val only picks the best epoch, and a small carve (the tiny
-    preset's 20 val images for 100 classes) cannot hold every class."""
+    every prediction is right and top-1 1.0 means nothing), an empty split (train, test, and val
+    when it is used), or a class without an image in train (never learned) or in test (never
+    measured). In val a missing class is allowed: val only picks the best epoch, and a small carve
+    (the tiny preset's 20 val images for 100 classes) cannot hold every class."""
     if len(classes) < 2:
         raise UserError(
             f"{name}: a labeled task needs at least 2 classes; found {len(classes)} ({', '.join(classes) or 'none'}). "
@@ -1095,11 +1095,12 @@ def _check_labeled(name: str, classes: list[str], splits: dict[str, ImageSet]) -
             f"{name}: the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty: {int(total.sum())} "
             f"labeled images are too few to set some aside (fewest per class: {fewest}). Add images to every class."
         )
-    for split_name, effect in (("train", "it cannot be learned"), ("test", "the test accuracy does not measure it")):
+    for split_name, effect in (("train", "it could not be learned"), ("test", "the test accuracy would not measure it")):
         missing = np.flatnonzero(counts[split_name] == 0)
         if missing.size:
-            warnings.warn(f"{name}: class '{classes[missing[0]]}' has no image in the {split_name} split "
-                          f"({missing.size} such class(es)); {effect}. Add images of it.", stacklevel=4)
+            named = ", ".join(f"'{classes[c]}'" for c in missing[:5]) + (" and others" if missing.size > 5 else "")
+            raise UserError(f"{name}: class {named} has no image in the {split_name} split ({missing.size} such "
+                            f"class(es)); {effect}. Add images of it to that split, or leave the class out.")
 
 
 def _rel_index(rels: list[str], strip_ext: bool) -> dict[str, int]:

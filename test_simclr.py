@@ -1402,6 +1402,9 @@ def test_cache_hit_miss_invalidate_and_user_folder_untouched(tmp_path, monkeypat
     after = _snapshot(root)
     changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
     assert changed == {"a/l.png", "b/one.png"}
+    for k in range(3):  # a labeled task needs every class in train and test (4 images of b in all)
+        Image.new("RGB", (9, 9), (k, 0, 0)).save(root / "b" / f"more{k}.png")
+    after = _snapshot(root)
     data.load_task(root, 16, cache_dir=cache)
     data.load_unlabeled(root, 16, cache_dir=cache)
     assert _snapshot(root) == after
@@ -1514,8 +1517,8 @@ def test_cifar_missing_batch_and_hostile_pickle(tmp_path):
 def test_cifar100_fine_and_coarse(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
-    _write(folder / "train", _cifar_batch(50, 100, 0, hundred=True))
-    _write(folder / "test", _cifar_batch(10, 100, 50, hundred=True))
+    _write(folder / "train", _cifar_batch(100, 100, 0, hundred=True))  # every class in train and in test
+    _write(folder / "test", _cifar_batch(100, 100, 100, hundred=True))
     _write(folder / "meta", {b"fine_label_names": [f"f{k}".encode() for k in range(100)], b"coarse_label_names": [f"g{k}".encode() for k in range(20)]})
     fine, _ = data.load_cifar(folder)
     coarse, _ = data.load_cifar(folder, coarse=True)
@@ -3236,9 +3239,9 @@ def test_cifar_batches_are_checked_for_structure(tmp_path, capsys):
     assert data.main(["info", str(_cifar10_folder(tmp_path / "good"))]) == 0  # the unchanged layout still loads
 
 
-def test_labeled_sets_too_small_exit_2_before_training(world, tmp_path):
-    """Item 6: one class, or an empty split, stops with the classes and the split named, before any
-    training; a class without an image in train or in test is a warning that names both."""
+def test_labeled_sets_too_small_exit_2_before_training(world, tmp_path, capsys):
+    """Item 6: one class, an empty split, or a class without an image in train or in test stops
+    with the class and the split named, before any training."""
     one_class = _class_folder(tmp_path / "one_class", 10, classes=("cat",))
     two_images = _class_folder(tmp_path / "two_images", 1)
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -3252,12 +3255,14 @@ def test_labeled_sets_too_small_exit_2_before_training(world, tmp_path):
     presplit = tmp_path / "presplit"
     _class_folder(presplit / "train", 5)
     _class_folder(presplit / "test", 2, classes=("a", "b", "c"))
-    with pytest.warns(UserWarning, match=r"class 'c' has no image in the train split \(1 such class\(es\)\); it cannot"):
+    with pytest.raises(train.UserError, match=r"class 'c' has no image in the train split \(1 such class\(es\)\); it could"):
         data.load_task(presplit, 16, cache_dir=tmp_path / "cache")
     seven = _class_folder(tmp_path / "seven", 4, classes=("a",))
     _class_folder(seven, 3, classes=("b",))
-    with pytest.warns(UserWarning, match="class 'b' has no image in the test split"):  # 7 images: test takes 1
-        data.load_task(seven, 16, cache_dir=tmp_path / "cache")
+    assert simclr.main(["finetune", "--checkpoint", str(world["origin"]), "--data", str(seven), "--device", "cpu",
+                        "--out", str(tmp_path / "ft7")]) == 2  # 7 images: the carved test split takes 1
+    assert "seven: class 'b' has no image in the test split" in _error_line(capsys.readouterr().err)
+    assert not (tmp_path / "ft7" / "checkpoint.pt").exists()
     results = {case: (p.wait(timeout=300), p.communicate()[1]) for case, p in runs.items()}
     for case, expected in (("one class", "one_class: a labeled task needs at least 2 classes; found 1 (cat)"),
                            ("two images", "two_images: the val and test splits are empty: 2 labeled images are too few "
