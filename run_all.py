@@ -650,8 +650,8 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def draw_chart(path: Path, title: str, xlabel: str, categories: Sequence[str],
                series: Sequence[tuple[str, tuple[int, int, int], Sequence[float], Sequence[float] | None]],
-               kind: str = "bar") -> None:
-    """Accuracy (y, 0..1) per category: grouped bars, or lines with markers; error bars where given.
+               kind: str = "bar", ylabel: str = "test top-1 accuracy", marker: int = 5) -> None:
+    """A value in 0..1 (y) per category: grouped bars, or lines with markers; error bars where given.
 
     series: (label, RGB colour, values per category (nan: missing), standard deviations or None)."""
     w, h, left, right, top, bottom = 960, 580, 90, 30, 90, 100
@@ -671,7 +671,7 @@ def draw_chart(path: Path, title: str, xlabel: str, categories: Sequence[str],
                          align="center")
     d.text((left + pw / 2, h - 20), xlabel, fill="black", font=font, anchor="mm")
     label = Image.new("RGB", (ph, 30), "white")
-    ImageDraw.Draw(label).text((ph // 2, 15), "test top-1 accuracy", fill="black", font=font, anchor="mm")
+    ImageDraw.Draw(label).text((ph // 2, 15), ylabel, fill="black", font=font, anchor="mm")
     img.paste(label.rotate(90, expand=True), (8, top))
     bw, legend_x = cw * 0.8 / len(series), left
     for j, (name, colour, values, errors) in enumerate(series):
@@ -684,7 +684,7 @@ def draw_chart(path: Path, title: str, xlabel: str, categories: Sequence[str],
                 d.rectangle([x - bw / 2 + 2, y_of(v), x + bw / 2 - 2, y_of(0)], fill=colour)
             else:
                 points.append((x, y_of(v)))
-                d.ellipse([x - 5, y_of(v) - 5, x + 5, y_of(v) + 5], fill=colour)
+                d.ellipse([x - marker, y_of(v) - marker, x + marker, y_of(v) + marker], fill=colour)
             if errors is not None and errors[i]:
                 lo, hi = y_of(max(0.0, v - errors[i])), y_of(min(1.0, v + errors[i]))
                 for seg in ([(x, lo), (x, hi)], [(x - 5, lo), (x + 5, lo)], [(x - 5, hi), (x + 5, hi)]):
@@ -719,6 +719,25 @@ def draw_figures(out: Path, summary: dict, tasks: dict[str, data.TaskData], n_se
     return ["figure2.png", "figure6.png"]
 
 
+def draw_pretraining(path: Path, log: Sequence[dict], batch_size: int, title: str) -> None:
+    """The pretraining curve from a run's log.jsonl: kNN top-1 and the NT-Xent loss per epoch, the
+    loss divided by ln(2N - 1), the loss of a network that cannot tell the positive from the 2N - 2
+    negatives, so that both read on one 0..1 axis."""
+    epochs = max((math.ceil(r["epoch"] - 1e-9) for r in log if "epoch" in r), default=0)
+    knn, loss = [float("nan")] * epochs, [[] for _ in range(epochs)]
+    for r in log:
+        if "knn_top1" in r:
+            knn[r["epoch"] - 1] = r["knn_top1"]
+        elif "loss" in r:
+            loss[math.ceil(r["epoch"] - 1e-9) - 1].append(r["loss"] / math.log(2 * batch_size - 1))
+    step = max(1, epochs // 10)
+    draw_chart(path, title, "epoch", [str(e) if e % step == 0 else "" for e in range(1, epochs + 1)],
+               [("kNN top-1 (shapes5 val)", HERE_COLOURS[0], knn, None),
+                ("NT-Xent loss / ln(2N - 1)", HERE_COLOURS[1], [statistics.fmean(v) if v else float("nan")
+                                                                for v in loss], None)],
+               kind="line", ylabel="kNN top-1, relative loss", marker=2)
+
+
 # ----------------------------------------------------------------------------------------------
 # The whole run
 
@@ -750,7 +769,8 @@ def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> 
             raise UserError(f"--resume: '{out}' was started with other settings ({', '.join(changed)} differ). Resume "
                             "with the original options, or pass --overwrite to start again.")
     run = train.RunFolder(out, resume=resume, overwrite=overwrite, checkpointed=False,
-                          outputs=("stages", "results.json", "results.md", "figure2.png", "figure6.png"))
+                          outputs=("stages", "results.json", "results.md", "figure2.png", "figure6.png",
+                                   "pretraining.png"))
     run.write_config(dict(settings=settings))
 
 
@@ -769,18 +789,33 @@ def write_results(out: Path, meta: dict, settings: dict, mapping: dict, tasks: d
     """results.json (every number, the settings, versions and stage times), results.md and the figures."""
     results = dict(meta, settings=settings, versions=_versions(), data=mapping,
                    tasks={k: dict(classes=t.num_classes, train=len(t.train), val=len(t.val), test=len(t.test),
-                                  image_size=t.train.image_size) for k, t in tasks.items()},
+                                  image_size=meta["image_size"]) for k, t in tasks.items()},
                    stages={k: dict(wall_s=v["wall_s"], reused=v["reused"], finished=v["finished"])
                            for k, v in records.items()},
                    runs=runs, **summary)
     train.atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out / "results.json")
     markdown = results_markdown(summary, meta, tasks, mapping)
     train.atomic_write_text(markdown, out / "results.md")
-    draw_figures(out, summary, tasks, len(meta["seeds"]))
+    figures = draw_figures(out, summary, tasks, len(meta["seeds"]))
+    curve = pretraining_log(meta["checkpoint"])
+    if curve is not None:
+        draw_pretraining(out / "pretraining.png", *curve, f"Pretraining of the encoder: {meta['encoders']['teacher']}")
+        figures.append("pretraining.png")
     print(markdown)
-    print(f"Wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'figure2.png'}, {out / 'figure6.png'} "
-          f"in {results['wall_s']:.0f} s.", file=sys.stderr)
+    print(f"Wrote results.json, results.md and {', '.join(figures)} into {out} in {results['wall_s']:.0f} s.",
+          file=sys.stderr)
     return results
+
+
+def pretraining_log(checkpoint: str) -> tuple[list[dict], int] | None:
+    """(log records, batch size) of the run that made a pretraining checkpoint: the log kept
+    beside a released file, or the run folder's own; None when neither is there."""
+    path = Path(checkpoint)
+    for log in (Path(f"{path}.log.jsonl"), path.parent / "log.jsonl" if path.name == "checkpoint.pt" else None):
+        if log is not None and log.is_file():
+            batch = json.loads(train.load_checkpoint(path)["config"])["batch_size"]
+            return [json.loads(line) for line in log.read_text().splitlines() if line.strip()], batch
+    return None
 
 
 def encoder_check_stage(checkpoint: str, task_name: str, image_size: int, seed: int, device: str, precision: str,
@@ -902,7 +937,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     summary = summarise(runs, mapping, tasks, seed_list)
     teacher_desc = (f"{res_arch} fine-tuned with all three augmentations on {_display(mapping['study2'])} "
                     + ("in its own run per seed" if separate_teacher else "(the 'all' row of Study 1, same seed)"))
-    meta = dict(preset=preset_name, seeds=seed_list, device=_device_info(dev), precision=precision,
+    meta = dict(preset=preset_name, seeds=seed_list, device=_device_info(dev), precision=precision, checkpoint=checkpoint,
                 wall_s=time.perf_counter() - start, image_size=size,
                 command=command or f"run_all(preset={preset!r})", pretrain=runs.get("pretrain"), teacher=teacher_desc,
                 encoders=origins,
