@@ -4,27 +4,31 @@ Nguyen, Nguyen & Le, *Semi-Supervised Learning, Transfer Learning, and Knowledge
 SimCLR* (Georgia Tech), on top of the SimCLR v2 recipe (Chen et al. 2020: pretrain ->
 fine-tune -> distill):
 
-    pretrain   SimCLR on the unlabeled pool (simclr.pretrain), or --pretrained CKPT
+    encoders   the project's released SimCLR encoders (encoders/, the cpu preset), or --pretrained CKPT,
+               or SimCLR pretraining on the unlabeled pool here (simclr.pretrain: --from-scratch, and
+               the cuda and paper presets)
     Study 1    fine-tune the whole network on the 5-class task (all its training labels) with each of
                the seven augmentation settings of their Table 1; same steps and seed for every row
     Study 2    a fine-tuned ResNet teacher distilled with soft labels only (alpha = 1, T = 1) into a
-               same-architecture ResNet and a VGG student, each with a frozen base that was
-               SimCLR-pretrained here (same pool, same budget; the ResNet base from another seed than
-               the teacher's) and trainable dense layers (their Table 2), and as full students
-               trained from scratch (extra rows)
+               same-architecture ResNet and a VGG student, each with a frozen SimCLR-pretrained base
+               (released, given, or pretrained here on the same pool with the same budget; the ResNet
+               base from another seed than the teacher's) and trainable dense layers (their Table 2),
+               and as full students trained from scratch (extra rows)
     Study 3    a linear layer on the frozen pretrained encoder, crop + flip, on the 2-, 5-, 47- and
                100-class tasks at batch sizes 32 and 64, same epochs for both (their Table 4, Figure 6)
 
 Everything lands in the run folder (--out): results.json (every number, the settings, seeds,
-versions, device, wall time per stage), results.md (the tables beside the paper's numbers and a
-verdict per claim), figure2.png and figure6.png, stages/NAME.json (one completion record per
+versions, device, precision, wall time per stage), results.md (the tables beside the paper's
+numbers and a verdict per claim), figure2.png, figure6.png and pretraining.png (the encoder's
+pretraining curve, when its log is at hand), stages/NAME.json (one completion record per
 stage, written atomically with its results: --resume skips finished stages and reuses them) and
 runs/NAME/ (each stage's own run folder: config, log, checkpoints).
 
 Command line:
     python run_all.py                                  # default preset for the device, embedded data
+    python run_all.py --from-scratch                   # the cpu preset, pretraining its encoders here
     python run_all.py --preset tiny --out /tmp/tiny    # the whole pipeline in seconds (the tests)
-    python run_all.py --seeds 3                        # mean +- std over 3 seeds per study
+    python run_all.py --seeds 5                        # mean +- std over 5 seeds per study
     python run_all.py --preset paper --data study1=tf_flowers,study3=cats_vs_dogs:tf_flowers:dtd:cifar100
     python run_all.py --resume --out runs/run_all      # continue an interrupted run
 
@@ -178,12 +182,12 @@ _RELEASE_COMMAND = ("python simclr.py pretrain --data shapes-pool --n-images 256
 RELEASED: dict[str, dict] = {
     # Study 1 fine-tunes it, Study 2 distils the result, Study 3 probes it.
     "teacher": dict(file="resnet18-w0.125-seed0.pt", model="resnet18", seed=0, epochs=100,
-                    sha256="TEACHER_SHA256"),
+                    sha256="f7b242e8ceb13527c863e6bf481700a48c1bdb45b603ea14baedc513324f04dc"),
     # The frozen bases of Study 2's students, each from a seed other than the teacher's.
     "resnet": dict(file="resnet18-w0.125-seed1.pt", model="resnet18", seed=1, epochs=30,
-                   sha256="RESNET_SHA256"),
+                   sha256="224b76685881db3f275365690b29eab10b4eddea73bbc84002e66521a7740e3e"),
     "vgg": dict(file="vgg16_bn-w0.125-seed2.pt", model="vgg16_bn", seed=2, epochs=30,
-                sha256="VGG_SHA256"),
+                sha256="38ee488b47039520d1998af57f28a485ec19e9fdff6f935f29b66f4e62f1e684"),
 }
 
 

@@ -11,6 +11,8 @@ LARS, the schedule, the training loop) lives in train.py.
 Command line:  python simclr.py pretrain --data shapes-pool --out runs/pretrain
                python simclr.py linear-eval --checkpoint runs/pretrain/checkpoint.pt --data shapes5
                python simclr.py finetune --checkpoint runs/pretrain/checkpoint.pt --data shapes5 --fraction 0.1
+               python simclr.py finetune --checkpoint encoders/resnet18-w0.125-seed0.pt --from-scratch ...
+               python simclr.py bench --width 0.125 --batch 256 --precision both
                torchrun --nproc_per_node 2 simclr.py pretrain ...   (several GPUs, or CPU processes)
 """
 from __future__ import annotations

@@ -2558,11 +2558,12 @@ def test_tiny_writes_all_three_studies_tables_and_figures(tiny_run):
     assert all(s["wall_s"] >= 0 for s in results["stages"].values())
     assert {"python", "torch", "numpy", "pillow"} <= set(results["versions"])
     assert results["device"]["type"] == "cpu" and results["seeds"] == [0]
+    assert results["precision"] in ("fp32", "bf16") and results["encoders"]["teacher"] == "SimCLR-pretrained in this run"
     assert set(results["verdicts"]) == {"study1", "study2", "study3"}
     md = (tiny_run / "results.md").read_text()
     for needle in ("Study 1", "Study 2", "Study 3", "0.898", "0.71", "0.906", "not conclusive"):
         assert needle in md
-    for name in ("figure2.png", "figure6.png"):
+    for name in ("figure2.png", "figure6.png", "pretraining.png"):
         with Image.open(tiny_run / name) as im:
             im.load()
             assert im.size[0] >= 600 and im.size[1] >= 400
