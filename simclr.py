@@ -254,15 +254,20 @@ def knn_monitor(encoder: nn.Module, bank_set: data.ImageSet, val: data.ImageSet,
     return knn_accuracy(bank, to(bank_set.labels), query, to(val.labels), len(bank_set.classes), k=k)
 
 
+def _split_size(split: str):
+    """The option that sizes a labeled task's train or test split (linear-eval and finetune)."""
+    what = ("size of the task's train split before 10%% become val (embedded: generated, real data: a seeded "
+            "subsample); None: the task's own" if split == "train" else "size of the task's test split, the same way")
+    return option(None, what, allowed=train.AT_LEAST_1)
+
+
 @dataclass
 class LinearEvalConfig(train.StageConfig):
     """Linear evaluation of a pretraining checkpoint on a labeled task."""
     checkpoint: str = option(None, "a pretraining checkpoint.pt", required=True)
     data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
-    train_images: int | None = option(None, "size of the task's train split before 10%% become val (embedded: "
-                                      "generated, real data: a seeded subsample); None: the task's own",
-                                      allowed=train.AT_LEAST_1)
-    test_images: int | None = option(None, "size of the task's test split, the same way", allowed=train.AT_LEAST_1)
+    train_images: int | None = _split_size("train")
+    test_images: int | None = _split_size("test")
     epochs: int = option(100, "epochs of the linear layer on cached features", allowed=train.POSITIVE)
     lr: float = option(0.1, "learning rate (SGD, momentum 0.9, cosine)", allowed=train.POSITIVE)
     batch_size: int = option(256, "batch of cached features", allowed=train.POSITIVE)
@@ -312,10 +317,8 @@ class FinetuneConfig(train.StageConfig):
     from_scratch: bool = option(False, "train the checkpoint's architecture from random initialisation instead "
                                 "(a supervised reference: same network, same image size, no pretraining)", flag=True)
     data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
-    train_images: int | None = option(None, "size of the task's train split before 10%% become val (embedded: "
-                                      "generated, real data: a seeded subsample); None: the task's own",
-                                      allowed=train.AT_LEAST_1)
-    test_images: int | None = option(None, "size of the task's test split, the same way", allowed=train.AT_LEAST_1)
+    train_images: int | None = _split_size("train")
+    test_images: int | None = _split_size("test")
     fraction: float = option(1.0, "fraction of training labels (0.01, 0.1, 1)", allowed=train.FRACTION)
     head_layer: int = option(1, "fine-tune from this head layer (SimCLR v2: 1)", allowed=train.NON_NEGATIVE)
     crop: bool = option(True, "use crop augmentation while fine-tuning")
