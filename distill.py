@@ -338,7 +338,7 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     print(f"distill: teacher {cfg.teacher} -> {cfg.student} (width {cfg.width}, {cfg.mode}) on {len(images)} images of {task.name}, "
           f"T {s['temperature']}, alpha {cfg.alpha}, soft labels {effective_soft}, augment {config['augmentation']}, "
           f"{s['optimizer']} lr {s['lr']} wd {s['weight_decay']}, {s['epochs']} epochs x batch {s['batch_size']}, "
-          f"device {dev}", file=sys.stderr)
+          f"device {dev}, {config['precision']}", file=sys.stderr)
 
     table = None
     if effective_soft == "precomputed":

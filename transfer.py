@@ -175,7 +175,7 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     print(f"transfer: {enc.arch['encoder']} (width {enc.arch['width']}, {enc.kind} '{cfg.source}', mean {enc.mean}, "
           f"std {enc.std}) -> {task.name} ({task.num_classes} classes, {len(task.train)} train images at "
           f"{image_size}px), {cfg.mode}, augment {described}, lr {cfg.lr:.4g}, wd {cfg.weight_decay}, batch {cfg.batch_size}, "
-          f"{cfg.epochs} epochs, device {dev}", file=sys.stderr)
+          f"{cfg.epochs} epochs, device {dev}, {config['precision']}", file=sys.stderr)
     meta = dict(kind="transfer", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
 
     if cfg.mode == "linear-cached":
