@@ -823,20 +823,20 @@ def pretraining_log(checkpoint: str) -> tuple[list[dict], int] | None:
 
 
 def encoder_check_stage(checkpoint: str, task_name: str, image_size: int, seed: int, device: str, precision: str,
-                        knn_k: int, root: str | None, cache_dir: str | None) -> Callable[[Path, bool], dict]:
+                        knn_k: int, eval_images: int | None, root: str | None,
+                        cache_dir: str | None) -> Callable[[Path, bool], dict]:
     """The pretraining check for an encoder made elsewhere (released or --pretrained): the kNN
     monitor of simclr.pretrain (bank: the task's train split, queries: its val split), beside a
     random encoder of the same architecture."""
     def run(folder: Path, resume: bool) -> dict:
         dev = train.select_device(device)
         model, ckpt = train.load_pretrained(checkpoint)
-        sizes = dict(n_train=5000) if task_name in data.EMBEDDED_TASKS else {}
+        sizes = dict(n_train=eval_images) if eval_images and task_name in data.EMBEDDED_TASKS else {}
         task = data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir, **sizes)
         knn = lambda enc: simclr.knn_monitor(enc.to(dev), task.train, task.val, dev, knn_k, image_size,  # noqa: E731
                                              precision)
         result = dict(checkpoint=checkpoint, knn_top1=knn(model.encoder))
-        torch.manual_seed(seed + 1)
-        result["knn_top1_random_encoder"] = knn(train.build_simclr_model(ckpt["arch"]).encoder)
+        result["knn_top1_random_encoder"] = knn(simclr.random_encoder(ckpt["arch"], seed))
         return result
     return run
 
@@ -901,7 +901,8 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
             checkpoint = runs["pretrain"]["checkpoint"]
         elif knn_task is not None:
             runs["pretrain"] = pipe.run("encoder-check", encoder_check_stage(
-                checkpoint, knn_task, size, seed, dev_name, precision, pre_cfg.knn_k, root, cache_dir))
+                checkpoint, knn_task, size, seed, dev_name, precision, pre_cfg.knn_k, pre_cfg.eval_images, root,
+                cache_dir))
         for s in seed_list:
             for key, _, aug in STUDY1_ROWS:
                 name = f"seed{s}-study1-{key}"

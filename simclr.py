@@ -200,9 +200,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
         summary["released"] = release_encoder(run, cfg.release)
     if task is not None:
         summary["knn_top1"] = history[-1]["knn_top1"] if history else knn(encoder)
-        torch.manual_seed(cfg.seed + 1)
-        random_encoder = train.build_simclr_model(arch).encoder.to(device)
-        summary["knn_top1_random_encoder"] = knn(random_encoder)
+        summary["knn_top1_random_encoder"] = knn(random_encoder(arch, cfg.seed).to(device))
         print(f"kNN (k={cfg.knn_k}) top-1 on {cfg.eval_data} val: pretrained {summary['knn_top1']:.4f}, "
               f"random encoder {summary['knn_top1_random_encoder']:.4f}", file=sys.stderr)
         train.atomic_write_text(json.dumps(summary, indent=2) + "\n", run.path / "summary.json")
@@ -252,6 +250,13 @@ def knn_monitor(encoder: nn.Module, bank_set: data.ImageSet, val: data.ImageSet,
     encoder.train(was_training)
     to = lambda a: torch.as_tensor(np.asarray(a), device=device, dtype=torch.long)
     return knn_accuracy(bank, to(bank_set.labels), query, to(val.labels), len(bank_set.classes), k=k)
+
+
+def random_encoder(arch: dict, seed: int) -> nn.Module:
+    """The kNN check's reference: an untrained encoder of the same architecture, seeded from seed + 1,
+    so that pretrain and run_all's check of a released encoder compare with the same network."""
+    torch.manual_seed(seed + 1)
+    return train.build_simclr_model(arch).encoder
 
 
 def _split_size(split: str):
