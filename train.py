@@ -940,7 +940,7 @@ def check_input_size(name: str, image_size: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: features, kNN monitor, classifier accuracy
+# Evaluation: features, classifier accuracy, the linear probe (the kNN monitor is in simclr.py)
 
 
 def to_float(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
