@@ -233,7 +233,7 @@ def _carve(train: ImageSet, val_fraction: float, seed: int) -> tuple[ImageSet, I
 # array slices, and a dataset larger than RAM is read from the memory map.
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a file's identity includes its inode and change time (1 had size and mtime only)
 
 
 def default_cache_dir() -> Path:
@@ -264,10 +264,14 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("__")
 
 
-def _scan(root: Path) -> list[tuple[str, int, int]]:
-    """(relative posix path, size, mtime_ns) of every image file under root, sorted; hidden files
-    and folders (., __MACOSX) are skipped, and so, with a warning, is anything that is not a regular
-    file (or a link to one): opening a named pipe would wait for a writer forever."""
+def _scan(root: Path) -> list[tuple[str, int, int, int, int]]:
+    """(relative posix path, size, mtime_ns, inode, ctime_ns) of every image file under root, sorted;
+    hidden files and folders (., __MACOSX) are skipped, and so, with a warning, is anything that is
+    not a regular file (or a link to one): opening a named pipe would wait for a writer forever.
+
+    The five values are git's index check: `cp -p`, `tar -x` or a restore can replace a file by
+    another of the same size with its mtime kept, but the replacement gets a new inode or a new
+    change time (ctime moves on every write and rename, and utime cannot set it back)."""
     found = []
     odd = []  # named pipes, sockets, devices that carry an image extension
     seen = set()  # (device, inode) of visited folders: linked folders are followed, link cycles are not
@@ -290,7 +294,7 @@ def _scan(root: Path) -> list[tuple[str, int, int]]:
             if not stat.S_ISREG(st.st_mode):
                 odd.append(rel)
                 continue
-            found.append((rel, int(st.st_size), int(st.st_mtime_ns)))
+            found.append((rel, int(st.st_size), int(st.st_mtime_ns), int(st.st_ino), int(st.st_ctime_ns)))
     if odd:
         what = "1 entry that is not a regular file" if len(odd) == 1 else f"{len(odd)} entries that are not regular files"
         warnings.warn(f"{root}: skipped {what} (a named pipe, socket or device): " + ", ".join(sorted(odd)[:20])
@@ -422,8 +426,9 @@ def load_folder_images(
     (N, R, R, 3), R = cache_resolution(image_size), and the files' paths relative to root.
 
     The first call decodes in parallel processes and writes the cache (atomically: a temp file, then
-    os.replace); later calls only list the folder and compare names, sizes and mtimes with the
-    manifest, so an added, removed or modified file triggers a new decode. Nothing is written under
+    os.replace); later calls only list the folder and compare each file's name, size, mtime, inode
+    and change time with the manifest (_scan), so an added, removed, modified or replaced file
+    triggers a new decode. Nothing is written under
     ``root``. Unreadable files: all are listed in one UserError, or skipped with a warning when
     ``skip_bad``. Runs that load the same folder at once share one decode: the first writes the
     cache while the others wait for it (see _entry_lock).

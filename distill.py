@@ -169,7 +169,7 @@ def distillation_set(task: data.TaskData, labeled: float, seed: int, extra: data
     return data.ImageSet(images, np.arange(len(images), dtype=np.int64), list(task.classes)), known
 
 
-def distillation_loss_fn(student: models.Classifier, teacher: nn.Module,
+def distillation_loss_fn(student: models.Classifier | Callable, teacher: nn.Module,
                          view: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
                          temperature: float, alpha: float, known: torch.Tensor | None,
                          soft_labels: torch.Tensor | None = None, base_features: torch.Tensor | None = None):
@@ -179,7 +179,8 @@ def distillation_loss_fn(student: models.Classifier, teacher: nn.Module,
     batch's images with known labels (v2 eq. 3); the label term is averaged over the known rows
     only, and is 0 for a batch without any (no host sync to find out).
     soft_labels (N, C): precomputed teacher logits; otherwise the teacher runs on the same view.
-    base_features (N, D): cached frozen-base features; then x is not used at all."""
+    base_features (N, D): cached frozen-base features; then x is not used at all. `student` may be
+    its compiled forward (train.compiled) when there are no cached features."""
     def loss_fn(x: torch.Tensor, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         v = None if base_features is not None and soft_labels is not None else view(x, generator)
         if soft_labels is not None:
@@ -243,6 +244,7 @@ class DistillConfig(train.StageConfig):
     weight_decay: float | None = option(None, "None: the preset's", allowed=train.NON_NEGATIVE)
     optimizer: str | None = option(None, "None: the preset's", choices=["sgd", "lars"])
     log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
+    compile: str = train.compile_option()
 
 
 def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data.TaskData | None
@@ -354,7 +356,10 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
                                                precision=cfg.precision)
         val_features = train.extract_features(model.base, task.val, dev, size=image_size, precision=cfg.precision)
     known_t = torch.as_tensor(known, device=dev) if cfg.alpha < 1.0 else None
-    loss_fn = distillation_loss_fn(model, teacher_model, view, s["temperature"], cfg.alpha, known_t, table,
+    # With cached base features only the dense layers run: nothing worth compiling.
+    student = model if cached else train.compiled(model, train.resolve_compile(
+        cfg.compile, dev, s["epochs"] * (len(images) // s["batch_size"]) * s["batch_size"]))
+    loss_fn = distillation_loss_fn(student, teacher_model, view, s["temperature"], cfg.alpha, known_t, table,
                                    base_features)
 
     @torch.no_grad()

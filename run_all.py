@@ -497,13 +497,16 @@ def distill_stage(teacher: str, task: data.TaskData, mode: str, student: str, wi
 
 
 def probe_stage(checkpoint: str, task: data.TaskData, batch_size: int, cfg: TransferConfig, seed: int,
-                device: str) -> Callable[[Path, bool], dict]:
+                device: str, views: dict) -> Callable[[Path, bool], dict]:
     """Study 3: a linear layer on the frozen encoder, trained on crop + flip views (transfer.py's
-    'linear-aug' mode); the encoder's weights and batch-norm statistics never change."""
+    'linear-aug' mode); the encoder's weights and batch-norm statistics never change. `views`: the
+    augmented features of this task and seed, computed by the first batch size and reused by the
+    next (the same views either way: transfer.AugmentedFeatures)."""
     def run(folder: Path, resume: bool) -> dict:
         stage = dataclasses.replace(cfg, source=checkpoint, data=task.name, batch_size=batch_size, seed=seed,
                                     device=device)
-        result = transfer.transfer(stage, folder, resume=resume, overwrite=not resume, task=task)
+        result = transfer.transfer(stage, folder, resume=resume, overwrite=not resume, task=task,
+                                   shared_features=views)
         return dict(_quiet_copy(result), val_top1=result["val"]["top1"], test_top1=result["test"]["top1"],
                     test_top5=result["test"].get("top5"))
     return run
@@ -760,11 +763,15 @@ def _device_info(device: torch.device) -> dict:
     return dict(type=device.type, name=name)
 
 
-def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> None:
-    """train.RunFolder's guards for the run_all folder, and one more: --resume only with the settings
-    the run was started with (its stages would otherwise mix two experiments)."""
+def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> train.RunFolder:
+    """train.RunFolder's guards (and lock) for the run_all folder, and one more: --resume only with the
+    settings the run was started with (its stages would otherwise mix two experiments). The folder
+    stays locked while the returned RunFolder lives: every stage writes inside it."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pass one of them.")
+    run = train.RunFolder(out, resume=resume, overwrite=overwrite, checkpointed=False,
+                          outputs=("stages", "results.json", "results.md", "figure2.png", "figure6.png",
+                                   "pretraining.png"))
     config = out / "config.json"
     if resume and config.is_file():
         old = json.loads(config.read_text()).get("settings", {})
@@ -772,10 +779,8 @@ def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> 
         if changed:
             raise UserError(f"--resume: '{out}' was started with other settings ({', '.join(changed)} differ). Resume "
                             "with the original options, or pass --overwrite to start again.")
-    run = train.RunFolder(out, resume=resume, overwrite=overwrite, checkpointed=False,
-                          outputs=("stages", "results.json", "results.md", "figure2.png", "figure6.png",
-                                   "pretraining.png"))
     run.write_config(dict(settings=settings))
+    return run
 
 
 def pretrained_arch(path: str) -> str:
@@ -854,7 +859,7 @@ def choose_encoders(p: dict, from_scratch: bool, pretrained: str | None, bases: 
 
 def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *, data_spec: str | None = None,
             seed: int = 0, seeds: int | None = None, device: str = "auto", precision: str = "auto",
-            pretrained: str | None = None, resnet_base: str | None = None, vgg_base: str | None = None,
+            compile: str = "auto", pretrained: str | None = None, resnet_base: str | None = None, vgg_base: str | None = None,
             from_scratch: bool = False, resume: bool = False, overwrite: bool = False, root: str | None = None,
             cache_dir: str | None = None, download: bool | None = None, skip_bad: bool = False,
             command: str = "") -> dict:
@@ -876,13 +881,25 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     out = Path(out)
     settings = as_json(dict(preset=preset_name, values=p, data=mapping, seeds=seed_list, device=str(dev),
                             precision=precision, pretrained=checkpoint, bases=bases, skip_bad=skip_bad))
-    prepare_folder(out, settings, resume, overwrite)
+    folder = prepare_folder(out, settings, resume, overwrite)
 
     size = p["image_size"]
     train.seed_everything(seed)
     tasks = load_tasks([mapping["study1"], mapping["study2"], *mapping["study3"]], size, p["tasks"], seed, root,
                        cache_dir, download, skip_bad)
-    pre_cfg = p["pretrain"]
+    # A compiled step is shared by every later run of the same network in this process, so 'auto'
+    # weighs the compile cost against all the images a group of such runs trains on.
+    group = lambda runs, cfg, task: "on" if train.resolve_compile(  # noqa: E731
+        compile, dev, runs * cfg.epochs * len(tasks[task].train)) else "off"
+    p["finetune"] = dataclasses.replace(p["finetune"], compile=group(n_seeds * len(STUDY1_ROWS), p["finetune"],
+                                                                     mapping["study1"]))
+    distill_epochs = p["distill"].epochs or distill.PRESETS[p["distill"].preset]["epochs"]
+    p["distill"] = dataclasses.replace(p["distill"], compile=group(
+        n_seeds, dataclasses.replace(p["distill"], epochs=distill_epochs), mapping["study2"]))
+    probe_images = sum(len(tasks[t].train) for t in mapping["study3"]) * n_seeds * p["probe"].epochs
+    p["probe"] = dataclasses.replace(p["probe"], compile="on" if train.resolve_compile(compile, dev, probe_images)
+                                     else "off")
+    pre_cfg = p["pretrain"] = dataclasses.replace(p["pretrain"], compile=compile)
     res_arch = pretrained_arch(checkpoint) if checkpoint is not None else pre_cfg.model
     separate_teacher = mapping["study2"] != mapping["study1"]
     n_stages = (1 + sum(b is None for b in bases.values()) + n_seeds * (
@@ -935,9 +952,11 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                                                           p["distill_augment"][mode], s, dev_name))
         for s in seed_list:
             for task_name in mapping["study3"]:
+                views: dict = {}
                 for b in p["probe_batch_sizes"]:
                     name = f"seed{s}-study3-{task_name}-b{b}"
-                    runs[name] = pipe.run(name, probe_stage(checkpoint, tasks[task_name], b, p["probe"], s, dev_name))
+                    runs[name] = pipe.run(name, probe_stage(checkpoint, tasks[task_name], b, p["probe"], s, dev_name,
+                                                            views))
 
     summary = summarise(runs, mapping, tasks, seed_list)
     teacher_desc = (f"{res_arch} fine-tuned with all three augmentations on {_display(mapping['study2'])} "
@@ -947,7 +966,9 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                 command=command or f"run_all(preset={preset!r})", pretrain=runs.get("pretrain"), teacher=teacher_desc,
                 encoders=origins,
                 teacher_arch=res_arch, probe=as_json(p["probe"]))
-    return write_results(out, meta, settings, mapping, tasks, pipe.records, runs, summary)
+    results = write_results(out, meta, settings, mapping, tasks, pipe.records, runs, summary)
+    folder.close()
+    return results
 
 
 def _encoder_origin(path: str | None) -> str:
@@ -981,6 +1002,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=train.PRECISIONS,
                    help="autocast of every stage: auto is bf16 on CUDA and on CPUs that compute bf16 natively "
                         "(AMX, AVX512-BF16), else fp32 (default: %(default)s)")
+    p.add_argument("--compile", default="auto", choices=train.COMPILE_CHOICES,
+                   help="torch.compile the training steps: auto compiles a network on a CPU when its runs together "
+                        f"train on at least {train.COMPILE_MIN_IMAGES:,} images (Study 1's fine-tunes in the cpu "
+                        "preset), as each compile is shared by the later runs (default: %(default)s)")
     p.add_argument("--pretrained", default=None,
                    help="the SimCLR pretraining checkpoint the studies start from (default: the released encoder "
                         "for the cpu preset, else pretrained in the run)")
@@ -1005,7 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
     try:
         run_all(args.preset, args.out, data_spec=args.data, seed=args.seed, seeds=args.seeds, device=args.device,
-                precision=args.precision, pretrained=args.pretrained, resnet_base=args.resnet_base,
+                precision=args.precision, compile=args.compile, pretrained=args.pretrained, resnet_base=args.resnet_base,
                 vgg_base=args.vgg_base, from_scratch=args.from_scratch, resume=args.resume, overwrite=args.overwrite, root=args.root,
                 cache_dir=args.cache_dir, download=args.download, skip_bad=args.skip_bad,
                 command=" ".join(["python run_all.py", *argv]))

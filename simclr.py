@@ -103,7 +103,7 @@ class PretrainConfig(train.StageConfig):
     knn_k: int = option(200, "neighbours of the kNN monitor", allowed=train.AT_LEAST_1)
     log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
     checkpoint_every: int = option(0, "steps between checkpoints (0: each epoch)", allowed=train.NON_NEGATIVE)
-    compile: bool = option(False, "torch.compile the model", flag=True)
+    compile: str = train.compile_option()
     release: str | None = option(None, "also write the final encoder and head, without optimiser state, to this "
                                  "file (a released encoder: see README), with the run's log beside it as "
                                  "FILE.log.jsonl")
@@ -163,7 +163,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
             # from batch-local statistics (v1 section 2.3).
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = train.compiled(model, train.resolve_compile(cfg.compile, device, cfg.epochs * len(loader) * global_batch))
     augmentation = augment.SimCLRAugment(cfg.image_size, crop=True, flip=True, color=True, blur=cfg.blur,
                                          strength=cfg.strength, scale=(cfg.crop_min_scale, 1.0))
     lr = train.scaled_lr(cfg.base_lr, global_batch, cfg.lr_scaling)
@@ -193,7 +193,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     loss_fn = contrastive_loss_fn(train_model, augmentation, cfg.temperature, distributed)
     meta = dict(kind="pretrain", arch=arch, config=json.dumps(config), image_size=cfg.image_size,
                 mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
-    history = train.fit(train_model, loss_fn, loader, run, schedule, device=device, seed=cfg.seed, meta=meta,
+    history = train.fit(model, loss_fn, loader, run, schedule, device=device, seed=cfg.seed, meta=meta,
                   evaluate=evaluate, distributed=distributed, desc="pretrain")
     summary = dict(checkpoint=str(run.checkpoint), history=history)
     if cfg.release and distributed.is_main:
@@ -338,6 +338,7 @@ class FinetuneConfig(train.StageConfig):
     weight_decay: float = option(0.0, "weight decay (not on biases and BN)", allowed=train.NON_NEGATIVE)
     momentum: float = option(0.9, "momentum of SGD / LARS", allowed=train.MOMENTUM)
     log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
+    compile: str = train.compile_option()
     arch: dict | None = None   # the network to train from scratch when checkpoint is None
     image_size: int = 32       # its image size
 
@@ -393,9 +394,9 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size,  # noqa: E731
                                                                 precision=cfg.precision)["top1"])
     meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
-    train.fit(model, train.supervised_loss_fn(model, augmentation), loader, run, schedule, device=dev, seed=cfg.seed,
-              meta=meta,
-        evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")
+    step_model = train.compiled(model, train.resolve_compile(cfg.compile, dev, cfg.epochs * len(loader) * cfg.batch_size))
+    train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, device=dev,
+              seed=cfg.seed, meta=meta, evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")
     best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
     result = dict(task=task.name, fraction=cfg.fraction, head_layer=cfg.head_layer,
@@ -533,6 +534,10 @@ def run_command(args: argparse.Namespace) -> None:
         precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
         rows = [bench(args.model, args.size, args.batch, args.width, args.steps, device=args.device, compile=c,
                       precision=p) for p in precisions for c in modes]
+        if rows[0]["device"] == "cpu":
+            native = train.cpu_has_native_bf16()
+            print(f"CPU: {'computes bf16 natively (AMX or AVX512-BF16)' if native else 'no native bf16 (emulated: slower than fp32)'}; "
+                  f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         print("| model | size | batch | device | compile | precision | network img/s | end-to-end img/s | ratio | "
               "augment img/s | peak GiB |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -1410,6 +1410,35 @@ def test_cache_hit_miss_invalidate_and_user_folder_untouched(tmp_path, monkeypat
     assert _snapshot(root) == after
 
 
+def test_cache_notices_a_file_replaced_with_the_same_size_and_mtime(tmp_path):
+    # What `cp -p`, `tar -x` or a restore does: other pixels, the same byte size, the old mtime.
+    root = tmp_path / "imgs"
+    for name, shade in (("a", 20), ("b", 230)):
+        (root / name).mkdir(parents=True)
+        for k in range(3):
+            Image.new("RGB", (20, 20), (shade, shade, shade)).save(root / name / f"{k}.bmp")
+    cache = tmp_path / "cache"
+    first, rels = data.load_folder_images(root, 16, cache_dir=cache, workers=1)
+    assert first[rels.index("a/0.bmp")].max() == 20
+    target = root / "a" / "0.bmp"
+    old = target.stat()
+    replacement = tmp_path / "bright.bmp"
+    Image.new("RGB", (20, 20), (230, 230, 230)).save(replacement)
+    os.replace(replacement, target)
+    os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
+    new = target.stat()
+    assert (new.st_size, new.st_mtime_ns) == (old.st_size, old.st_mtime_ns)  # today's check cannot tell
+    second, rels = data.load_folder_images(root, 16, cache_dir=cache, workers=1)
+    assert second[rels.index("a/0.bmp")].min() == 230
+    # Rewritten in place (same inode), with the mtime set back: the change time still moved.
+    time.sleep(0.01)
+    Image.new("RGB", (20, 20), (90, 90, 90)).save(target)
+    os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert target.stat().st_ino == new.st_ino and target.stat().st_size == old.st_size
+    third, rels = data.load_folder_images(root, 16, cache_dir=cache, workers=1)
+    assert third[rels.index("a/0.bmp")].max() == 90
+
+
 def test_parallel_decode_matches_serial(tmp_path):
     root = tmp_path / "many"
     rng = np.random.default_rng(1)
@@ -1815,6 +1844,56 @@ def test_run_folder_refuses_existing_run(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(train.UserError, match="is a file"):
         train.RunFolder(tmp_path / "file" / "run")
+
+
+def _hold_run_folder(folder: Path) -> subprocess.Popen:
+    """Another real process that writes `folder`: it takes the folder's lock as every command does
+    (train.RunFolder) and waits, as a long run would."""
+    code = ("import sys, time, train; run = train.RunFolder(sys.argv[1]); print('holding', flush=True); "
+            "time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def test_one_writer_per_run_folder_and_a_dead_writers_lock_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = _hold_run_folder(out)
+    try:
+        (out / "config.json").write_text('{"stage": "pretrain"}\n')
+        (out / "inner").mkdir()
+        before = _snapshot(tmp_path)
+        small = ["--data", "shapes-pool", "--n-images", "64", "--image-size", "16", "--width", "0.125",
+                 "--batch-size", "32", "--epochs", "1", "--eval-data", "", "--device", "cpu"]
+        for argv in (["--out", str(out)], ["--out", str(out), "--resume"], ["--out", str(out), "--overwrite"],
+                     ["--out", str(out / "inner" / "deeper"), "--overwrite"]):
+            assert simclr.main(["pretrain", *small, *argv]) == 2
+            err = capsys.readouterr().err
+            assert f"process {holder.pid} on " in err and "is being written by" in err, err
+            assert "inside the run folder" in err if "inner" in argv[1] else "inside" not in err
+        assert run_all.main(["--preset", "tiny", "--out", str(out), "--overwrite", "--device", "cpu"]) == 2
+        assert f"process {holder.pid}" in capsys.readouterr().err
+        assert _snapshot(tmp_path) == before  # refused before touching anything
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without a word (SIGKILL): its run.lock stays, unlocked, and is taken over.
+    assert json.loads((out / "run.lock").read_text())["pid"] == holder.pid
+    assert simclr.main(["pretrain", *small, "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
+    # This process may open its own folder again (a resumed stage, run_all's stage folders).
+    keep = train.RunFolder(out, resume=True)
+    assert simclr.main(["pretrain", *small, "--out", str(out), "--resume"]) == 0
+    keep.close()
+
+
+def test_a_failed_write_names_its_cause(tmp_path):
+    gone = tmp_path / "removed"
+    gone.mkdir()
+    gone.rmdir()  # what a second process with --overwrite, or a clean-up, does to a running run's folder
+    with pytest.raises(train.UserError, match="no longer exists: something removed it") as err:
+        train.atomic_write_text("{}", gone / "stages" / "x.json")
+    assert "space" not in str(err.value)
 
 
 def test_select_device_errors():
@@ -2799,8 +2878,9 @@ def test_pretrain_release_writes_a_small_checkpoint_with_the_same_bytes_each_tim
 # Faults and bad input, through the real command lines
 # ==================================================================================================
 #
-# Every case runs a real `python <file>.py ...` process. The table's processes start together (2 cores
-# share them), and the user's input folders are snapshotted before and compared after all of them.
+# Every case runs its command line in a process of its own (_run_scripts). The table's processes start
+# together (2 cores share them), and the user's input folders are snapshotted before and compared after
+# all of them.
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -2808,6 +2888,55 @@ NO_GPU = not torch.cuda.is_available()
 def _script(name: str, args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, os.path.join(HERE, name), *args], env=env, cwd=HERE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# Each of these command lines runs in a process of its own, forked from one driver that imported torch
+# and the project once: the same `python <file>.py ARGS` code path (the script runs as __main__ with
+# that argv, its exit status and output its own), without paying torch's import per case.
+_FORK_DRIVER = r"""
+import json, os, runpy, sys, traceback
+cases = json.load(sys.stdin)
+import torch, data, distill, run_all, simclr, transfer  # noqa: F401  (inherited by every case)
+children = {}
+for key, (script, args, out, err) in cases.items():
+    pid = os.fork()
+    if pid:
+        children[pid] = key
+        continue
+    code = 1
+    try:
+        for fd, path in ((1, out), (2, err)):
+            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        sys.argv = [script, *args]
+        runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+codes = {}
+while children:
+    pid, status = os.wait()
+    codes[children.pop(pid)] = os.waitstatus_to_exitcode(status)
+print(json.dumps(codes))
+"""
+
+
+def _run_scripts(cases: dict[str, tuple[str, list[str]]], env: dict, folder: Path) -> dict[str, tuple[int, str, str]]:
+    """{case: (script, argv)} -> {case: (exit status, stdout, stderr)}: every case at once, each in its own
+    process forked from one driver (_FORK_DRIVER); `folder` keeps their outputs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {key: (str(folder / f"{k}.out"), str(folder / f"{k}.err")) for k, key in enumerate(cases)}
+    spec = {key: (os.path.join(HERE, script), args, *files[key]) for key, (script, args) in cases.items()}
+    done = subprocess.run([sys.executable, "-c", _FORK_DRIVER], input=json.dumps(spec), cwd=HERE, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    return {key: (codes[key], Path(files[key][0]).read_text(), Path(files[key][1]).read_text()) for key in cases}
 
 
 def _user_files(user: Path, world: dict) -> None:
@@ -2903,9 +3032,9 @@ def bad_input_runs(world, tmp_path_factory):
                        "0.125", "--epochs", "1", "--batch-size", "8", "--eval-data", "", "--device", "cpu",
                        "--out", str(outputs / "skip")],
     }
-    procs = {case: _script(script, args, env) for case, script, args, _ in table}
-    procs.update({case: _script("simclr.py", args, env) for case, args in good.items()})
-    results = {case: (p.wait(timeout=600), *p.communicate()) for case, p in procs.items()}
+    cases = {case: (script, args) for case, script, args, _ in table}
+    cases.update({case: ("simclr.py", args) for case, args in good.items()})
+    results = _run_scripts(cases, env, root / "logs")
     return dict(results=results, table={row[0]: row for row in table}, before=before, after=_snapshot(user),
                 outputs=outputs)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import math
@@ -22,6 +23,8 @@ import sys
 import tempfile
 import time
 import typing
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
@@ -34,6 +37,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import models
+
+try:
+    import fcntl  # flock: one writer per run folder (Linux, macOS); Windows has none
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 if TYPE_CHECKING:  # data.py imports this file (for UserError), so only its types are named here
     import augment
@@ -143,6 +151,55 @@ def autocast(device: torch.device, precision: str = "auto") -> contextlib.Abstra
     return contextlib.nullcontext()
 
 
+COMPILE_CHOICES = ("auto", "on", "off")
+# torch.compile pays back its cost (30-60 s on 2 CPU cores per network and batch shape, then shared by
+# every later run of that network in the process) after about this many training images at ~1.4x
+# the eager speed on CPUs (README, Speed); 'auto' compiles runs at least this long.
+COMPILE_MIN_IMAGES = 200_000
+
+
+def resolve_compile(setting: str, device: torch.device, images: int) -> bool:
+    """Whether to torch.compile a training step that will see `images` images: 'on', 'off', or
+    'auto', which is on for CPU runs of at least COMPILE_MIN_IMAGES images where torch.compile's
+    CPU backend has its C++ compiler (measured on CPU only: CUDA and MPS stay eager under auto)."""
+    if setting not in COMPILE_CHOICES:
+        raise UserError(f"Unknown --compile '{setting}'. Use one of: {', '.join(COMPILE_CHOICES)}.")
+    if setting != "auto":
+        return setting == "on"
+    return device.type == "cpu" and images >= COMPILE_MIN_IMAGES and _cpu_compiler() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_compiler() -> str | None:
+    return next(filter(None, (shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++"))), None)
+
+
+def compiled(model: nn.Module, enabled: bool = True) -> Callable[..., Any]:
+    """torch.compile(model) for the training step, or `model` itself. Compiling happens at the first
+    call; if it fails there (no working compiler, an unsupported operator), a warning says so and
+    the eager model runs instead, so a missing compiler costs speed, never the run."""
+    if not enabled:
+        return model
+    fast = torch.compile(model)
+    chosen = [fast]
+
+    def step(*args, **kwargs):
+        # One memory layout for every input (a flipped or un-augmented batch keeps the loader's
+        # channels-last strides): a new layout would compile the network once more.
+        args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+        try:
+            return chosen[0](*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as e:
+            if chosen[0] is model:
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {_first_line(e)[:300]}); running eagerly.",
+                          stacklevel=2)
+            chosen[0] = model
+            return model(*args, **kwargs)
+    step._orig_mod = model  # unwrap() finds the module behind it
+    return step
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -177,9 +234,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode:
                 os.unlink(tmp)
         if isinstance(e, OSError) and not raw_errors:  # a full disk or a vanished folder: the user's to fix
             kept = f" The previous '{path.name}' is unchanged." if path.exists() else ""
-            raise UserError(f"Could not write '{path}': {e.strerror or e}. Free some space or choose another "
-                            f"--out, then run again (with --resume to continue a run).{kept}") from e
+            raise UserError(f"Could not write '{path}': {write_error_cause(path, e)}.{kept}") from e
         raise
+
+
+def write_error_cause(path: str | os.PathLike, error: OSError) -> str:
+    """Why writing `path` failed, and what to do, in the words of the actual cause."""
+    path = Path(path)
+    if error.errno == errno.ENOENT and not path.parent.is_dir():
+        return (f"its folder '{path.parent}' no longer exists: something removed it while this run was writing "
+                "(another process, or a clean-up). Nothing of this run is left there; start it again")
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{error.strerror}. Free some space or choose another --out, then run again (with --resume to "
+                "continue a run)")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{error.strerror}. Choose an --out where you may write"
+    return f"{error.strerror or error}. Check the folder, then run again (with --resume to continue a run)"
 
 
 def atomic_save(obj: object, path: str | os.PathLike) -> None:
@@ -245,6 +315,90 @@ RESUME_MAY_DIFFER = frozenset({"device", "device_resolved", "precision", "precis
                                "torch", "release"})
 
 
+# One writer per run folder: the process that writes a run folder holds an flock on its run.lock for
+# as long as it runs, and a folder inside a locked one counts as locked. The kernel drops the lock
+# when the process ends, however it ends, so a lock file left by a dead process is simply taken over;
+# the file's text only says who holds it. A second process is refused before it touches anything.
+LOCK_FILE = "run.lock"
+_THIS_PROCESS = "this process"
+
+
+def _host() -> str:
+    return os.uname().nodename if hasattr(os, "uname") else os.environ.get("COMPUTERNAME", "")
+
+
+def _lock_holder(lock: Path) -> str | None:
+    """Who holds `lock`: None when nobody does (no such file, a dead process's file, or a file system
+    without locks), _THIS_PROCESS, or 'process 123 on host (started ...: python ...)'."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:  # flock locks belong to an open file: this process's own lock looks taken too
+        try:
+            owner = json.loads(os.pread(fd, 65536, 0))
+        except (OSError, ValueError):  # being written this very moment
+            return "another process"
+        if owner.get("pid") == os.getpid() and owner.get("host") == _host():
+            return _THIS_PROCESS
+        return f"process {owner.get('pid')} on {owner.get('host')} (started {owner.get('started')}: {owner.get('command')})"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def check_unlocked(folder: Path) -> bool:
+    """UserError naming the other process when one writes `folder` or a run folder containing it;
+    else whether this process already holds such a lock."""
+    if fcntl is None:
+        return False
+    for candidate in [folder, *folder.parents]:
+        holder = _lock_holder(candidate / LOCK_FILE)
+        if holder == _THIS_PROCESS:
+            return True
+        if holder is not None:
+            inside = "" if candidate == folder else f", inside the run folder '{candidate}',"
+            raise UserError(f"'{folder}'{inside} is being written by {holder}. One process writes a run folder at "
+                            "a time: wait for it to finish or stop it, or choose another --out.")
+    return False
+
+
+def lock_folder(folder: Path) -> int | None:
+    """Take the lock of `folder` (an existing folder): the open file descriptor that holds it, which
+    the caller closes when done (the process's end closes it too). None where this process already
+    holds it or a containing folder's, or where the file system has no locks (a warning says that then
+    nothing stops a second writer)."""
+    if fcntl is None:
+        warnings.warn("This system has no file locks (fcntl): nothing stops two processes from writing one run "
+                      "folder.", stacklevel=3)
+        return None
+    if check_unlocked(folder):
+        return None
+    path = folder / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another process took it since the check: name it
+        os.close(fd)
+        check_unlocked(folder)
+        return None
+    except OSError as e:
+        os.close(fd)
+        warnings.warn(f"'{path}' cannot be locked on this file system ({e.strerror}): nothing stops two processes "
+                      "from writing this run folder.", stacklevel=3)
+        return None
+    owner = json.dumps(dict(pid=os.getpid(), host=_host(), command=" ".join(sys.argv),
+                            started=time.strftime("%Y-%m-%d %H:%M:%S")))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, owner.encode(), 0)
+    return fd
+
+
 class RunFolder:
     """One folder per run: config.json, log.jsonl, checkpoint.pt (latest), best.pt, results.
 
@@ -254,13 +408,18 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike, resume: bool = False, overwrite: bool = False,
                  is_main: bool = True, checkpointed: bool = True, outputs: Iterable[str] = ()):
         """checkpointed: the run keeps a checkpoint.pt, so --resume needs one; outputs: further
-        files or folders of the run that --overwrite removes (with its checkpoints, log and config)."""
+        files or folders of the run that --overwrite removes (with its checkpoints, log and config).
+
+        The process holds the folder's lock (LOCK_FILE) until `close()`, the object's end or its own."""
+        self.close: Callable[[], object] = lambda: None
         self.path = Path(path)
         self.is_main = is_main
         for parent in [self.path, *self.path.parents]:
             if parent.exists() and not parent.is_dir():
                 raise UserError(f"Output folder '{self.path}' cannot be created: '{parent}' is a file. "
                                 "Choose another --out.")
+        if is_main:
+            check_unlocked(self.path)  # first: another process writing here is the news, whatever else holds
         holds_run = (self.path / "config.json").exists()
         if holds_run and not (resume or overwrite):
             raise UserError(f"Output folder '{self.path}' already holds a run (config.json). Pass --resume to "
@@ -274,6 +433,8 @@ class RunFolder:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise UserError(f"Output folder '{self.path}' cannot be created: {e.strerror}.") from None
+            lock = lock_folder(self.path)
+            self.close = weakref.finalize(self, os.close, lock) if lock is not None else lambda: None
             if overwrite and not resume:
                 for name in ("checkpoint.pt", "best.pt", "log.jsonl", "config.json", *outputs):
                     target = self.path / name
@@ -327,16 +488,16 @@ class RunFolder:
 
     def log(self, record: dict) -> None:
         if self.is_main:
-            with open(self.path / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise UserError(f"Could not write '{self.path / 'log.jsonl'}': "
+                                f"{write_error_cause(self.path / 'log.jsonl', e)}.") from None
 
     def save(self, state: dict, name: str = "checkpoint.pt") -> None:
         if self.is_main:
-            try:
-                atomic_save(state, self.path / name)
-            except OSError as e:
-                raise UserError(f"Could not write '{self.path / name}': {e}. The previous checkpoint, if any, "
-                                "is intact; free space or choose another --out, then --resume.") from None
+            atomic_save(state, self.path / name)  # a failed write is a UserError naming its cause
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1149,6 +1310,12 @@ def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     `add_options` builds the flag from them. `flag=True` makes a boolean a switch (--skip-bad);
     other booleans take true/false."""
     return field(default=default, metadata=dict(help=help, **argparse_kwargs))
+
+
+def compile_option() -> Any:
+    """The --compile field of every stage that trains a network (resolve_compile)."""
+    return option("auto", f"torch.compile the network (linear-aug: the frozen encoder): auto is on for CPU runs of at least "
+                  f"{COMPILE_MIN_IMAGES:,} training images (README, Speed), off elsewhere", choices=list(COMPILE_CHOICES))
 
 
 @dataclass
