@@ -622,14 +622,53 @@ STANDALONE_USE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(STANDALONE_USE))
-def test_file_works_copied_alone_next_to_torch(name, tmp_path):
-    """Copied into an empty folder, with numpy made unimportable: only torch and the standard library."""
-    (tmp_path / name).write_bytes(Path(HERE, name).read_bytes())
-    code = "import sys; sys.modules['numpy'] = None; " + STANDALONE_USE[name]
+# One interpreter imports torch with numpy made unimportable, then forks a process per file; each
+# sees only its own copy in an empty folder, so a file that needed the project or numpy fails there.
+_STANDALONE_DRIVER = r"""
+import json, os, sys, traceback
+sys.modules["numpy"] = None
+import torch  # noqa: F401
+codes = {}
+for name, (folder, code) in json.load(sys.stdin).items():
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.chdir(folder)
+            sys.path.insert(0, folder)
+            exec(code, {})
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(status)
+    codes[name] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+print(json.dumps(codes))
+"""
+
+
+@pytest.fixture(scope="module")
+def standalone_runs(tmp_path_factory) -> tuple[dict, str]:
+    """{file: exit status} of each leaf file's use (STANDALONE_USE), copied alone into an empty folder."""
+    root = tmp_path_factory.mktemp("alone")
+    spec = {}
+    for name in STANDALONE_USE:
+        (root / name[:-3]).mkdir()
+        (root / name[:-3] / name).write_bytes(Path(HERE, name).read_bytes())
+        spec[name] = (str(root / name[:-3]), STANDALONE_USE[name])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-c", _STANDALONE_DRIVER], input=json.dumps(spec), cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@pytest.mark.parametrize("name", sorted(STANDALONE_USE))
+def test_file_works_copied_alone_next_to_torch(name, standalone_runs):
+    """Copied into an empty folder, with numpy made unimportable: only torch and the standard library."""
+    codes, err = standalone_runs
+    assert codes[name] == 0, err[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -829,6 +868,7 @@ _GLOO_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two processes and a gloo group: seconds of start-up
 def test_nt_xent_global_two_gloo_processes(tmp_path):
     world, n_global, temperature = 2, 6, 0.3
     g = torch.Generator().manual_seed(9)
@@ -2147,6 +2187,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, dump: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes and a gloo group: seconds of start-up
 def test_two_process_gloo_pretraining_keeps_ranks_identical(tmp_path):
     torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=2)
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -2810,6 +2851,7 @@ def _shrunk(preset: dict) -> dict:
     return p
 
 
+@pytest.mark.slow  # ResNet-50 and VGG-16 from scratch, every stage: 20 s on 2 cores
 @pytest.mark.parametrize("preset", ["cuda", "paper"])
 def test_cuda_and_paper_presets_run_end_to_end_on_cpu_at_tiny_sizes(preset, tmp_path, monkeypatch):
     """A configuration error of a GPU preset must show here, not after a GPU was found."""
@@ -3425,12 +3467,12 @@ def test_unsafe_tar_members_exit_2_like_zip(server, tmp_path):
         zf.writestr("../escape.txt", "hello")
     routes["kagglecatsanddogs_5340.zip"] = buf.getvalue()
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    runs = {name: _script("data.py", ["download", name, "--root", str(tmp_path / "root" / name), "--mirror",
-                                      f"{base}/files"], env) for name in ("dtd", "food101", "cats_vs_dogs")}
+    runs = _run_scripts({name: ("data.py", ["download", name, "--root", str(tmp_path / "root" / name), "--mirror",
+                                            f"{base}/files"]) for name in ("dtd", "food101", "cats_vs_dogs")},
+                        env, tmp_path.parent / f"{tmp_path.name}-logs")
     for name, member in (("dtd", "../escape.txt"), ("food101", "food-101/passwd"), ("cats_vs_dogs", "../escape.txt")):
-        proc = runs[name]
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, (name, err[-3000:])
+        code, _, err = runs[name]
+        assert code == 2, (name, err[-3000:])
         assert re.fullmatch(rf"error: \S+archive: unsafe path in archive: {re.escape(member)}", _error_line(err)), err
         assert list((tmp_path / "root" / name).iterdir()) == []  # the partial folder is gone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]  # no escape.txt beside the root
@@ -3444,13 +3486,13 @@ def test_named_pipe_in_an_image_folder_is_skipped_with_a_warning(tmp_path):
     for k in range(4):
         Image.new("RGB", (8, 8), (k, 0, 0)).save(photos / f"{k}.png")
     os.mkfifo(photos / "pipe.jpg")
-    for skip_bad in ([], ["--skip-bad"]):
-        done = subprocess.run([sys.executable, os.path.join(HERE, "data.py"), "info", str(photos), "--size", "16",
-                               "--cache-dir", str(tmp_path / "cache"), *skip_bad], cwd=HERE, capture_output=True,
-                              text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert "photos: 4 unlabeled images" in done.stdout
-        assert "skipped 1 entry that is not a regular file" in done.stderr and "pipe.jpg" in done.stderr, done.stderr
+    runs = _run_scripts({f"skip_bad={bool(skip)}": ("data.py", ["info", str(photos), "--size", "16", "--cache-dir",
+                                                            str(tmp_path / f"cache{len(skip)}"), *skip])
+                         for skip in ([], ["--skip-bad"])}, dict(os.environ, OMP_NUM_THREADS="1"), tmp_path / "logs")
+    for code, out, err in runs.values():
+        assert code == 0, err[-3000:]
+        assert "photos: 4 unlabeled images" in out
+        assert "skipped 1 entry that is not a regular file" in err and "pipe.jpg" in err, err
 
 
 def test_checkpoint_holding_other_objects_is_refused_with_a_plain_message(tmp_path):
@@ -3464,14 +3506,14 @@ def test_checkpoint_holding_other_objects_is_refused_with_a_plain_message(tmp_pa
 
     torch.save({"kind": "pretrain", "model": RunsCode()}, tmp_path / "hostile.pt")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    runs = [_script("simclr.py", ["finetune", "--checkpoint", str(tmp_path / "hostile.pt"), "--out",
-                                  str(tmp_path / "ft"), "--device", "cpu"], env),
-            _script("transfer.py", ["train", "--source", str(tmp_path / "hostile.pt"), "--data", "shapes2", "--out",
-                                    str(tmp_path / "tr"), "--device", "cpu"], env)]
-    for proc in runs:
-        _, err = proc.communicate(timeout=120)
+    runs = _run_scripts({
+        "finetune": ("simclr.py", ["finetune", "--checkpoint", str(tmp_path / "hostile.pt"), "--out", str(tmp_path / "ft"),
+                                   "--device", "cpu"]),
+        "transfer": ("transfer.py", ["train", "--source", str(tmp_path / "hostile.pt"), "--data", "shapes2", "--out",
+                                     str(tmp_path / "tr"), "--device", "cpu"])}, env, tmp_path / "logs")
+    for code, _, err in runs.values():
         message = _error_line(err)
-        assert proc.returncode == 2, err[-3000:]
+        assert code == 2, err[-3000:]
         assert "hostile.pt' holds objects other than tensors" in message and "mkdir" in message, message
         assert "was not loaded, for safety" in message, message
         assert "Never pass weights_only=False to torch.load for a file you do not trust." in message, message
