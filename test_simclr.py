@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import hashlib
 import http.server
+import importlib
 import io
 import itertools
 import json
@@ -1934,6 +1935,31 @@ def test_a_failed_write_names_its_cause(tmp_path):
     with pytest.raises(train.UserError, match="no longer exists: something removed it") as err:
         train.atomic_write_text("{}", gone / "stages" / "x.json")
     assert "space" not in str(err.value)
+
+
+def test_compile_auto_weighs_the_run_and_a_failed_compile_runs_eagerly(monkeypatch):
+    importlib.import_module("torch._dynamo")  # torch.compile imports it; the stand-in below does not
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not train.resolve_compile("auto", cpu, train.COMPILE_MIN_IMAGES - 1)
+    assert train.resolve_compile("auto", cpu, train.COMPILE_MIN_IMAGES) == (train._cpu_compiler() is not None)
+    assert not train.resolve_compile("auto", cuda, 10**9)  # measured on CPUs only
+    assert train.resolve_compile("on", cpu, 1) and not train.resolve_compile("off", cpu, 10**9)
+    with pytest.raises(train.UserError, match="Unknown --compile 'fast'"):
+        train.resolve_compile("fast", cpu, 1)
+    model = nn.Linear(3, 2)
+    assert train.compiled(model, False) is model
+
+    def no_compiler(module):
+        def call(*args, **kwargs):
+            raise torch._dynamo.exc.TorchDynamoException("InvalidCxxCompiler: no working C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    step = train.compiled(model)
+    x = torch.randn(4, 3).t().contiguous().t()  # a non-contiguous input is made contiguous, same values
+    with pytest.warns(UserWarning, match="torch.compile failed .*InvalidCxxCompiler.*running eagerly"):
+        assert torch.equal(step(x), model(x))
+    assert torch.equal(step(x), model(x)) and train.unwrap(step) is model  # no second attempt, no warning
 
 
 def test_select_device_errors():
