@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import augment
 import data
@@ -175,9 +174,8 @@ def distillation_loss_fn(student: models.Classifier | Callable, teacher: nn.Modu
                          soft_labels: torch.Tensor | None = None, base_features: torch.Tensor | None = None):
     """The step's loss for train.fit: loss_fn(x uint8 (B,3,H,W), index (B,), generator) -> scalar.
 
-    alpha * L_distill (losses.distillation_loss, v2 eq. 2) + (1 - alpha) * cross-entropy on the
-    batch's images with known labels (v2 eq. 3); the label term is averaged over the known rows
-    only, and is 0 for a batch without any (no host sync to find out).
+    v2 eq. 3 (losses.distillation_loss): alpha * L_distill + (1 - alpha) * cross-entropy on the
+    batch's images whose label is known (`known`: -1 where hidden).
     soft_labels (N, C): precomputed teacher logits; otherwise the teacher runs on the same view.
     base_features (N, D): cached frozen-base features; then x is not used at all. `student` may be
     its compiled forward (train.compiled) when there are no cached features."""
@@ -191,13 +189,9 @@ def distillation_loss_fn(student: models.Classifier | Callable, teacher: nn.Modu
             # Inference tensors may not be saved for backward; a clone outside the mode is a normal one.
             teacher_logits = teacher_logits.clone()
         student_logits = (student.classify(base_features[index]) if base_features is not None else student(v)).float()
-        loss = losses.distillation_loss(student_logits, teacher_logits.float(), temperature)
-        if known is None or alpha == 1.0:
-            return loss
-        y = known[index]
-        mask = (y >= 0).float()
-        ce = F.cross_entropy(student_logits, y.clamp(min=0), reduction="none")
-        return alpha * loss + (1.0 - alpha) * (ce * mask).sum() / mask.sum().clamp(min=1.0)
+        labels = known[index] if known is not None else None
+        return losses.distillation_loss(student_logits, teacher_logits.float(), temperature, labels,
+                                        alpha if labels is not None else 1.0)
     return loss_fn
 
 
@@ -235,6 +229,10 @@ class DistillConfig(train.StageConfig):
     crop: bool | None = option(None, "crop augmentation; None: the preset's")
     flip: bool | None = option(None, "flip augmentation; None: the preset's")
     color: bool | None = option(None, "color augmentation; None: the preset's")
+    crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image; None: the teacher's "
+                                          "pretraining setting", allowed=train.FRACTION)
+    strength: float | None = option(None, "colour distortion strength; None: the teacher's pretraining setting",
+                                    allowed=train.NON_NEGATIVE)
     extra_unlabeled: str | None = option(None, "extra unlabeled images, e.g. shapes-pool or a folder")
     extra_n: int | None = option(None, "how many extra unlabeled images", allowed=train.POSITIVE)
     epochs: int | None = option(None, "None: the preset's", allowed=train.POSITIVE)
@@ -320,8 +318,14 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     model = model.to(dev)
     run = train.RunFolder(out, resume=resume, overwrite=overwrite)
 
-    augmentation = (augment.SimCLRAugment(image_size, crop=s["crop"], flip=s["flip"], color=s["color"], blur=False,
-                                          strength=0.5) if s["crop"] or s["flip"] or s["color"] else None)
+    # The student sees the kind of views its teacher's encoder was pretrained on.
+    recorded = train.pretrain_augmentation(teacher_ckpt)
+    augmentation = None
+    if s["crop"] or s["flip"] or s["color"]:
+        views = train.matched_augmentation(recorded, image_size, cfg.crop_min_scale, cfg.strength, str(cfg.teacher),
+                                           "distill")
+        augmentation = augment.SimCLRAugment(image_size, crop=s["crop"], flip=s["flip"], color=s["color"], blur=False,
+                                             strength=views["strength"], scale=(views["crop_min_scale"], 1.0))
     view = ((lambda x, g: augmentation(x, g)) if augmentation is not None
             else (lambda x, g: train.to_float(x, image_size)))
     # Without augmentation the teacher would see the same un-augmented image every epoch: run it once.
@@ -332,7 +336,8 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
                   cifar_stem=cifar_stem, student_checkpoint=str(cfg.student_checkpoint) if cfg.student_checkpoint else None,
                   dense_layers=list(dense_layers), alpha=cfg.alpha, labeled_fraction=cfg.labeled_fraction,
                   soft_labels=cfg.soft_labels, soft_labels_effective=effective_soft, cached_base_features=cached,
-                  augmentation=augmentation.describe() if augmentation else "none", extra_unlabeled=cfg.extra_unlabeled,
+                  augmentation=augmentation.describe() if augmentation else "none", pretrain_augmentation=recorded,
+                  extra_unlabeled=cfg.extra_unlabeled,
                   distillation_images=len(images), known_labels=int((known >= 0).sum()), preset=cfg.preset, **s,
                   seed=cfg.seed, device=str(dev), precision=train.resolve_precision(cfg.precision, dev),
                   image_size=image_size)
@@ -374,7 +379,8 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     loader = data.BatchLoader(images, s["batch_size"], dev, shuffle=True, drop_last=True, seed=cfg.seed)
     schedule = train.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
                                weight_decay=s["weight_decay"], log_every=cfg.log_every, precision=cfg.precision)
-    meta = dict(kind="distill", arch=arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
+    meta = dict(kind="distill", arch=arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
+                **({train.PRETRAIN_AUGMENTATION: recorded} if recorded else {}))
     train.fit(model, loss_fn, loader, run, schedule, device=dev, seed=cfg.seed, meta=meta, evaluate=evaluate,
                select="val_top1", desc=f"distill {cfg.mode} {cfg.student}")
     if frozen_state is not None:
@@ -387,10 +393,11 @@ def report(run: train.RunFolder, cfg: DistillConfig, task: data.TaskData, teache
            dev: torch.device, image_size: int) -> dict:
     """The best student (best.pt) and the teacher on val and test, and how often they agree;
     written to results.json and printed."""
-    best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
+    best, ckpt = train.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
     result = dict(task=task.name, mode=cfg.mode, student_arch=cfg.student, teacher_path=str(cfg.teacher),
-                  best=str(run.path / "best.pt"), student={}, teacher={}, agreement={})
+                  augmentation=json.loads(ckpt["config"])["augmentation"], best=str(run.path / "best.pt"),
+                  student={}, teacher={}, agreement={})
     for split_name, split in (("val", task.val), ("test", task.test)):
         for who, net in (("student", best), ("teacher", teacher_model)):
             result[who][split_name] = train.evaluate_classifier(net, split, dev, size=image_size,

@@ -151,14 +151,16 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """SimCLR v2 distillation loss (eq. 2), optionally mixed with the label loss (eq. 3).
 
     student_logits, teacher_logits: (B, C) for the same images (the teacher's are detached);
-    labels: optional (B,) class indices; alpha in [0, 1], 1.0 without labels. Returns the scalar
+    labels: optional (B,) class indices, -1 where an image's label is hidden; alpha in [0, 1],
+    1.0 without labels. Returns the scalar
 
         alpha * mean_x [ -sum_y P_T(y|x; tau) log P_S(y|x; tau) ]
-          + (1 - alpha) * mean_x [ -log P_S(y_x|x) ]          (label term at temperature 1)
+          + (1 - alpha) * mean_{x labeled} [ -log P_S(y_x|x) ]     (label term at temperature 1)
 
     with P(y|x; tau) = softmax(logits / tau), in float32 (float64 stays). Like the paper, no
-    tau^2 factor. Labels outside [0, C) are left to cross_entropy (checking them would wait for
-    the device).
+    tau^2 factor. Eq. 3 sums the label term over the labeled images only, so it is averaged over
+    the rows with a label and is 0 for a batch without any (found without waiting for the device).
+    Labels >= C are left to cross_entropy.
     """
     temperature, alpha = _check_distillation_inputs(student_logits, teacher_logits, temperature, labels, alpha)
     dtype = _compute_dtype(torch.promote_types(student_logits.dtype, teacher_logits.dtype))
@@ -169,7 +171,11 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         distill = -(soft_targets * F.log_softmax(student / temperature, dim=1)).sum(dim=1).mean()
         if labels is None or alpha == 1.0:
             return alpha * distill
-        return alpha * distill + (1.0 - alpha) * F.cross_entropy(student, labels.long())
+        labels = labels.long()
+        known = labels >= 0
+        label_loss = F.cross_entropy(student, labels.clamp(min=0), reduction="none")
+        label_loss = (label_loss * known).sum() / known.sum().clamp(min=1)
+        return alpha * distill + (1.0 - alpha) * label_loss
 
 
 # ----------------------------------------------------------------------------------------------

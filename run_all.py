@@ -110,8 +110,7 @@ PRESETS: dict[str, dict] = {
         pretrain=PretrainConfig(**dict(_SMALL_PRETRAIN, knn_k=10), model="resnet18", width=0.125, epochs=1,
                                 batch_size=64, log_every=1),
         vgg="vgg11_bn",
-        finetune=FinetuneConfig(head_layer=1, epochs=1, batch_size=16, lr=0.05, optimizer="sgd", weight_decay=0.0,
-                                strength=0.5),
+        finetune=FinetuneConfig(head_layer=1, epochs=1, batch_size=16, lr=0.05, optimizer="sgd", weight_decay=0.0),
         distill=DistillConfig(preset="default", epochs=1, batch_size=16, lr=0.05, dense_layers=[32]),
         distill_augment=dict(frozen=False, scratch=True),
         probe=_PROBE(epochs=1), probe_batch_sizes=[32, 64],
@@ -127,8 +126,7 @@ PRESETS: dict[str, dict] = {
         pretrain=PretrainConfig(**_SMALL_PRETRAIN, model="resnet18", width=0.125, epochs=15, batch_size=256,
                                 log_every=10, eval_images=5000, base_lr=4.0),
         vgg="vgg16_bn",
-        finetune=FinetuneConfig(head_layer=1, epochs=15, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=0.0,
-                                strength=0.5),
+        finetune=FinetuneConfig(head_layer=1, epochs=15, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=0.0),
         distill=DistillConfig(preset="default", epochs=15, batch_size=64, lr=0.05, dense_layers=[256]),
         distill_augment=dict(frozen=False, scratch=True),
         probe=_PROBE(epochs=30), probe_batch_sizes=[32, 64],
@@ -141,8 +139,7 @@ PRESETS: dict[str, dict] = {
         pretrain=PretrainConfig(**_SMALL_PRETRAIN, model="resnet18", width=1.0, epochs=40, batch_size=512,
                                 log_every=20, eval_images=5000),
         vgg="vgg16_bn",
-        finetune=FinetuneConfig(head_layer=1, epochs=20, batch_size=128, lr=0.05, optimizer="sgd", weight_decay=0.0,
-                                strength=0.5),
+        finetune=FinetuneConfig(head_layer=1, epochs=20, batch_size=128, lr=0.05, optimizer="sgd", weight_decay=0.0),
         distill=DistillConfig(preset="default", epochs=20, batch_size=128, lr=0.05, dense_layers=[256]),
         distill_augment=dict(frozen=True, scratch=True),
         probe=_PROBE(epochs=15), probe_batch_sizes=[32, 64],
@@ -159,8 +156,7 @@ PRESETS: dict[str, dict] = {
         pretrain=PretrainConfig(head_layers=3, optimizer="lars", temperature=0.1, knn_k=200, model="resnet50",
                                 width=1.0, epochs=100, batch_size=256, log_every=20),
         vgg="vgg16_bn",
-        finetune=FinetuneConfig(head_layer=1, epochs=30, batch_size=64, lr=0.01, optimizer="sgd", weight_decay=1e-4,
-                                strength=1.0),
+        finetune=FinetuneConfig(head_layer=1, epochs=30, batch_size=64, lr=0.01, optimizer="sgd", weight_decay=1e-4),
         distill=DistillConfig(preset="paper", dense_layers=[256]),
         distill_augment=dict(frozen=False, scratch=True),
         probe=_PROBE(epochs=30), probe_batch_sizes=[32, 64],
@@ -576,7 +572,22 @@ def _display(name: str) -> str:
     return Path(name).name if os.sep in name or "/" in name else name
 
 
-def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData], mapping: dict) -> str:
+def _operations(runs: dict, names: Sequence[str]) -> str:
+    """The augmentations the named stages used, as their results record them (augment.describe)."""
+    used = dict.fromkeys(runs[n].get("augmentation", "?") for n in names if n in runs)
+    return ", ".join(f"`{u}`" for u in used) or "-"
+
+
+def _pretraining_views(meta: dict) -> str:
+    views = meta.get("augmentation")
+    if not views:
+        return ("The encoder records no pretraining augmentation, so the stages use pretraining's defaults for "
+                f"{meta['image_size']} px images.")
+    return (f"Crop and colour take the encoder's pretraining settings: crops from {views['crop_min_scale']:.0%} "
+            f"to 100% of the image, colour strength {views['strength']:g} (the seed paper's premise for Study 1).")
+
+
+def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData], mapping: dict, runs: dict) -> str:
     n = len(meta["seeds"])
     spread = f"mean ± std over {n} seeds" if n > 1 else "one seed"
     lines = [f"# The seed paper's three studies, reproduced ({meta['preset']} preset)", "",
@@ -598,7 +609,9 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
     lines += ["## Study 1: augmentation during fine-tuning (their Table 1, Figure 2)", "",
               f"Whole network fine-tuned from the pretrained checkpoint on {_display(t1.name)} "
               f"({t1.num_classes} classes, "
-              f"{len(t1.train)} training labels, chance {1 / t1.num_classes:.3f}); test top-1 of the best-val epoch.", "",
+              f"{len(t1.train)} training labels, chance {1 / t1.num_classes:.3f}); test top-1 of the best-val epoch. "
+              + _pretraining_views(meta) + " Operations of the 'all' row: "
+              + _operations(runs, [f"seed{s}-study1-all" for s in meta["seeds"]]) + ".", "",
               "| operations used while fine-tuning | paper (tf_flowers) | here |", "|---|---|---|"]
     lines += [f"| {label} | {PAPER_TABLE1[key]:.3f} | {_fmt(summary['table1'][key])} |"
               for key, label, _ in STUDY1_ROWS]
@@ -616,7 +629,9 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
               f"Frozen: a SimCLR-pretrained base of the student's architecture (ResNet: {meta['encoders']['resnet']}; "
               f"VGG: {meta['encoders']['vgg']}; the ResNet base from another seed than the teacher's encoder) with "
               "trainable dense layers, as the paper. Scratch: the whole "
-              "student trained from random initialisation (extra rows).", "",
+              "student trained from random initialisation (extra rows). Student views: frozen "
+              + _operations(runs, [n for n in runs if "-study2-frozen-" in n]) + ", scratch "
+              + _operations(runs, [n for n in runs if "-study2-scratch-" in n]) + ".", "",
               "| student | teacher | mode | paper | student | teacher | agreement |", "|---|---|---|---|---|---|---|"]
     for mode, family in STUDY2_ROWS:
         r = rows2[f"{mode}-{family}"]
@@ -625,7 +640,8 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
                      f"{_fmt(r['teacher'])} | {_fmt(r['agreement'])} |")
     lines += [""] + [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"]["study2"].items()] + [""]
     lines += ["## Study 3: transfer to tasks with different numbers of classes (their Table 4, Figure 6)", "",
-              "A linear layer on the frozen pretrained encoder, random crop + flip, lr "
+              "A linear layer on the frozen pretrained encoder, random crop + flip "
+              f"({_operations(runs, [n for n in runs if '-study3-' in n])}), lr "
               f"{meta['probe']['lr']}, no weight decay, {meta['probe']['epochs']} epochs for every batch size; "
               "test top-1 of the best-val epoch.", ""]
     bs = summary["batch_sizes"]
@@ -803,7 +819,7 @@ def write_results(out: Path, meta: dict, settings: dict, mapping: dict, tasks: d
                            for k, v in records.items()},
                    runs=runs, **summary)
     train.atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out / "results.json")
-    markdown = results_markdown(summary, meta, tasks, mapping)
+    markdown = results_markdown(summary, meta, tasks, mapping, runs)
     train.atomic_write_text(markdown, out / "results.md")
     figures = draw_figures(out, summary, tasks, len(meta["seeds"]))
     curve = pretraining_log(meta["checkpoint"])
@@ -962,6 +978,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     teacher_desc = (f"{res_arch} fine-tuned with all three augmentations on {_display(mapping['study2'])} "
                     + ("in its own run per seed" if separate_teacher else "(the 'all' row of Study 1, same seed)"))
     meta = dict(preset=preset_name, seeds=seed_list, device=_device_info(dev), precision=precision, checkpoint=checkpoint,
+                augmentation=train.pretrain_augmentation(train.load_checkpoint(checkpoint)),
                 wall_s=time.perf_counter() - start, image_size=size,
                 command=command or f"run_all(preset={preset!r})", pretrain=runs.get("pretrain"), teacher=teacher_desc,
                 encoders=origins,

@@ -96,7 +96,7 @@ class PretrainConfig(train.StageConfig):
     temperature: float = option(0.5, "NT-Xent temperature", allowed=train.POSITIVE)
     strength: float | None = option(None, "colour distortion strength (default: 0.5 up to 64 px, else 1.0)",
                                     allowed=train.NON_NEGATIVE)
-    crop_min_scale: float = option(0.08, "smallest random-crop area as a fraction of the image (SimCLR: 0.08)",
+    crop_min_scale: float = option(train.PRETRAIN_CROP_MIN_SCALE, "smallest random-crop area as a fraction of the image (SimCLR: 0.08)",
                                    allowed=train.FRACTION)
     blur: bool | None = option(None, "Gaussian blur (default: off up to 64 px)")
     knn_every: int = option(10, "epochs between kNN monitor evaluations", allowed=train.AT_LEAST_1)
@@ -121,7 +121,7 @@ def resolve_defaults(cfg: PretrainConfig) -> PretrainConfig:
     if cfg.weight_decay is None:
         cfg.weight_decay = 1e-4 if small else 1e-6
     if cfg.strength is None:
-        cfg.strength = 0.5 if small else 1.0
+        cfg.strength = train.default_strength(cfg.image_size)
     if cfg.blur is None:
         cfg.blur = not small
     if cfg.warmup_epochs is None:
@@ -330,7 +330,10 @@ class FinetuneConfig(train.StageConfig):
     flip: bool = option(True, "use flip augmentation while fine-tuning")
     color: bool = option(False, "use color augmentation while fine-tuning")
     blur: bool = option(False, "use blur augmentation while fine-tuning")
-    strength: float = option(0.5, "colour distortion strength when --color is on", allowed=train.NON_NEGATIVE)
+    crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image (default: the "
+                                          "encoder's pretraining setting)", allowed=train.FRACTION)
+    strength: float | None = option(None, "colour distortion strength when --color is on (default: the encoder's "
+                                    "pretraining setting)", allowed=train.NON_NEGATIVE)
     epochs: int = option(30, "passes over the labeled subset", allowed=train.POSITIVE)
     batch_size: int = option(128, "labeled images per step", allowed=train.POSITIVE)
     lr: float = option(0.05, "peak learning rate (warm-up, then cosine)", allowed=train.POSITIVE)
@@ -377,13 +380,17 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     model = models.Classifier(pretrained.encoder, pretrained.head, cfg.head_layer, task.num_classes, mean, std).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    recorded = train.pretrain_augmentation(ckpt) if cfg.checkpoint is not None else None
+    views = train.matched_augmentation(recorded, image_size, cfg.crop_min_scale, cfg.strength, cfg.checkpoint,
+                                       "finetune")
     augmentation = augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=cfg.blur,
-                                         strength=cfg.strength, scale=(0.08, 1.0))
+                                         strength=views["strength"], scale=(views["crop_min_scale"], 1.0))
     cls_arch = train.classifier_arch(arch, cfg.head_layer, task.num_classes, mean, std)
     scratch = cfg.from_scratch or cfg.checkpoint is None
     config = dict(stage="finetune", checkpoint=str(cfg.checkpoint), from_scratch=scratch, task=task.name,
                   train_images=len(task.train), test_images=len(task.test), fraction=cfg.fraction,
                   labeled_images=len(labeled), head_layer=cfg.head_layer, augmentation=augmentation.describe(),
+                  pretrain_augmentation=recorded,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                   momentum=cfg.momentum, seed=cfg.seed, device=str(dev),
                   precision=train.resolve_precision(cfg.precision, dev))
@@ -393,7 +400,8 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
                               weight_decay=cfg.weight_decay, log_every=cfg.log_every, precision=cfg.precision)
     evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size,  # noqa: E731
                                                                 precision=cfg.precision)["top1"])
-    meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
+    meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
+                **({train.PRETRAIN_AUGMENTATION: recorded} if recorded else {}))
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, dev, cfg.epochs * len(loader) * cfg.batch_size))
     train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, device=dev,
               seed=cfg.seed, meta=meta, evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")

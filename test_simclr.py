@@ -946,6 +946,19 @@ def test_distillation_mixes_label_loss(alpha):
     assert float(got) == pytest.approx(expected, rel=1e-5)
 
 
+def test_distillation_label_term_counts_labeled_rows_only():
+    # Eq. 3 sums the label loss over the labeled images: -1 rows add nothing and do not dilute the mean.
+    g = torch.Generator().manual_seed(12)
+    student, teacher = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    labels = torch.tensor([2, -1, 0, -1, 1])
+    rows = [0, 2, 4]
+    expected = 0.25 * _distill_by_hand(student, teacher, 1.0) + 0.75 * _label_loss_by_hand(student[rows], labels[rows])
+    got = losses.distillation_loss(student, teacher, 1.0, labels=labels, alpha=0.25)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    hidden = losses.distillation_loss(student, teacher, 1.0, labels=torch.full((5,), -1), alpha=0.25)
+    assert float(hidden) == pytest.approx(0.25 * _distill_by_hand(student, teacher, 1.0), rel=1e-5)
+
+
 def test_distillation_gradients_reach_student_only():
     student = torch.randn(3, 4, requires_grad=True)
     teacher = torch.randn(3, 4, requires_grad=True)
@@ -2304,7 +2317,7 @@ def as_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).float() / 255
 
 
-def save_pretrain(path, seed: int, images: np.ndarray, arch: dict = ARCH):
+def save_pretrain(path, seed: int, images: np.ndarray, arch: dict = ARCH, config: dict | None = None):
     """A pretraining checkpoint as simclr.pretrain writes it: random weights, BN statistics of `images`."""
     torch.manual_seed(seed)
     model = train.build_simclr_model(arch)
@@ -2316,7 +2329,7 @@ def save_pretrain(path, seed: int, images: np.ndarray, arch: dict = ARCH):
     for m in bns:
         m.momentum = 0.1
     train.atomic_save(dict(kind="pretrain", format=train.CHECKPOINT_FORMAT, arch=arch, model=model.state_dict(),
-                            image_size=SIZE, mean=[0.0] * 3, std=[1.0] * 3, config="{}"), path)
+                            image_size=SIZE, mean=[0.0] * 3, std=[1.0] * 3, config=json.dumps(config or {})), path)
     return path
 
 
@@ -2429,6 +2442,36 @@ def test_frozen_base_cached_features_match_forward(world, tmp_path):
     assert config["cached_base_features"] and config["soft_labels_effective"] == "precomputed"
     assert config["lr"] == 0.01 and config["weight_decay"] == 1e-4 and config["temperature"] == 1.0
     assert 0.0 <= res["student"]["test"]["top1"] <= 1.0
+
+
+def test_stages_augment_as_their_encoder_was_pretrained_and_carry_it_on(world, tmp_path, capsys):
+    task = world["task"]
+    origin = save_pretrain(tmp_path / "origin.pt", 1, task.train.images, config=dict(crop_min_scale=0.3, strength=0.7))
+    common = dict(data="shapes2", epochs=1, batch_size=32, device="cpu", log_every=100)
+
+    def used(folder):
+        return json.loads((tmp_path / folder / "config.json").read_text())["augmentation"]
+    ft = simclr.finetune(simclr.FinetuneConfig(checkpoint=str(origin), color=True, **common), tmp_path / "ft", task=task)
+    assert used("ft") == "crop(scale=0.3-1)+flip+color(s=0.7)"
+    carried = dict(crop_min_scale=0.3, strength=0.7)
+    assert train.load_checkpoint(ft["best"])["pretrain_augmentation"] == carried
+    kd = distill.distill(distill.DistillConfig(teacher=ft["best"], mode="scratch", width=0.125, crop=True, flip=True,
+                                               **common), tmp_path / "kd", task=task)
+    assert used("kd") == "crop(scale=0.3-1)+flip" and kd["augmentation"] == used("kd")
+    assert train.load_checkpoint(kd["best"])["pretrain_augmentation"] == carried  # a student carries it on
+    distill.distill(distill.DistillConfig(teacher=ft["best"], mode="scratch", width=0.125, crop=True, flip=True,
+                                          color=True, crop_min_scale=0.5, strength=0.25, **common),
+                    tmp_path / "kd-given", task=task)
+    assert used("kd-given") == "crop(scale=0.5-1)+flip+color(s=0.25)"
+    transfer.transfer(transfer.TransferConfig(source=str(origin), mode="linear-aug", preset="paper", **common),
+                      tmp_path / "probe", task=task)
+    assert used("probe") == "crop(scale=0.3-1)+flip"
+    assert "does not record" not in capsys.readouterr().err
+    # A file without the record (here: pretrained before it existed) gets pretraining's defaults, and says so.
+    simclr.finetune(simclr.FinetuneConfig(checkpoint=str(world["origin"]), color=True, **common), tmp_path / "old",
+                    task=task)
+    assert used("old") == "crop+flip+color(s=0.5)"
+    assert "does not record the augmentation it was pretrained with" in capsys.readouterr().err
 
 
 def test_frozen_base_must_not_be_the_teachers_encoder(world, tmp_path):

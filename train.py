@@ -931,6 +931,7 @@ class Encoder:
     path: str
     classifier: nn.Module | None = None  # the whole classifier when the source is one (for predictions)
     classes: list[str] | None = None
+    augmentation: dict | None = None     # pretrain_augmentation(): the views it was pretrained on, if recorded
 
 
 _ARCH_KEYS = ("encoder", "width", "cifar_stem", "head_layers", "head_hidden", "out_dim")
@@ -1002,7 +1003,8 @@ def _project_encoder(path, ckpt: dict, arch, width, cifar_stem, normalize, head_
             raise UserError(f"--head-layer {head_layer} is deeper than the {a['head_layers']}-layer projection "
                             f"head of '{path}'.")
         return Encoder(model.encoder, model.head if head_layer else None, head_layer, a, list(ckpt["mean"]),
-                       list(ckpt["std"]), int(ckpt["image_size"]), "pretrain", str(path))
+                       list(ckpt["std"]), int(ckpt["image_size"]), "pretrain", str(path),
+                       augmentation=pretrain_augmentation(ckpt))
     model, ckpt = load_classifier(path)
     a = {k: ckpt["arch"][k] for k in _ARCH_KEYS if k in ckpt["arch"]}  # a student has no head
     _check_requested(path, a, arch, width, cifar_stem, model.encoder)
@@ -1011,7 +1013,7 @@ def _project_encoder(path, ckpt: dict, arch, width, cifar_stem, normalize, head_
                         f"--head-layer {head_layer} cannot be chosen for it.")
     return Encoder(model.encoder, model.head, model.head_layer, a, model.mean.flatten().tolist(),
                    model.std.flatten().tolist(), int(ckpt.get("image_size") or 32), "classifier", str(path),
-                   classifier=model, classes=ckpt.get("classes"))
+                   classifier=model, classes=ckpt.get("classes"), augmentation=pretrain_augmentation(ckpt))
 
 
 def _check_requested(path, have: dict, arch, width, cifar_stem, encoder: nn.Module) -> None:
@@ -1091,6 +1093,58 @@ def pretrained_encoder(path: str | os.PathLike, name: str, width: float, cifar_s
         raise UserError(f"{e} It was pretrained as {a['encoder']} width {a['width']} cifar_stem {a['cifar_stem']}; "
                         f"this run asked for --student {name} --width {width} --cifar-stem {cifar_stem}.") from None
     return encoder, ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# The views an encoder was pretrained on
+#
+# The seed paper's Study 1 fine-tunes with "similar data augmentation operations that were used for
+# training the pre-trained model", so fine-tuning, distillation and the probes take the crop floor
+# and colour strength from the encoder's pretraining. A pretraining checkpoint records them in its
+# config; each classifier trained from it carries them on as PRETRAIN_AUGMENTATION.
+
+PRETRAIN_AUGMENTATION = "pretrain_augmentation"
+PRETRAIN_CROP_MIN_SCALE = 0.08  # SimCLR's random-resized-crop floor (v1 appendix A)
+
+
+def default_strength(image_size: int) -> float:
+    """SimCLR's colour strength: 0.5 for CIFAR-sized images (v1 appendix B.9), 1.0 above 64 px."""
+    return 0.5 if image_size <= 64 else 1.0
+
+
+def pretrain_augmentation(ckpt: dict | None) -> dict | None:
+    """{crop_min_scale, strength} of the views the encoder in `ckpt` was pretrained on, or None when
+    the file does not record them (a torchvision file, a checkpoint older than the record)."""
+    if not isinstance(ckpt, dict):
+        return None
+    if isinstance(ckpt.get(PRETRAIN_AUGMENTATION), dict):
+        return dict(ckpt[PRETRAIN_AUGMENTATION])
+    if ckpt.get("kind") != "pretrain":
+        return None
+    config = ckpt.get("config")
+    try:
+        config = json.loads(config) if isinstance(config, str) else config
+    except ValueError:
+        return None
+    if not isinstance(config, dict) or config.get("crop_min_scale") is None or config.get("strength") is None:
+        return None
+    return dict(crop_min_scale=float(config["crop_min_scale"]), strength=float(config["strength"]))
+
+
+def matched_augmentation(recorded: dict | None, image_size: int, crop_min_scale: float | None,
+                         strength: float | None, source: str | None, stage: str) -> dict:
+    """The crop floor and colour strength a stage augments with: the encoder's pretraining record,
+    each replaced by an explicit option; without a record, pretraining's defaults for the image
+    size, and the run says so on stderr (unless there is no encoder file: source None)."""
+    if recorded is None:
+        recorded = dict(crop_min_scale=PRETRAIN_CROP_MIN_SCALE, strength=default_strength(image_size))
+        if source is not None and (crop_min_scale is None or strength is None):
+            print(f"{stage}: '{source}' does not record the augmentation it was pretrained with; using "
+                  f"pretraining's defaults for {image_size} px images (crops from {recorded['crop_min_scale']:.0%} "
+                  f"of the image, colour strength {recorded['strength']:g}). --crop-min-scale and --strength "
+                  "override them.", file=sys.stderr)
+    return dict(crop_min_scale=recorded["crop_min_scale"] if crop_min_scale is None else crop_min_scale,
+                strength=recorded["strength"] if strength is None else strength)
 
 
 def check_input_size(name: str, image_size: int) -> None:

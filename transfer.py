@@ -98,6 +98,10 @@ class TransferConfig(train.StageConfig):
     crop: bool | None = option(None, "crop augmentation; None: the preset's")
     flip: bool | None = option(None, "flip augmentation; None: the preset's")
     color: bool | None = option(None, "color augmentation; None: the preset's")
+    crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image; None: the "
+                                          "encoder's pretraining setting", allowed=train.FRACTION)
+    strength: float | None = option(None, "colour distortion strength; None: the encoder's pretraining setting",
+                                    allowed=train.NON_NEGATIVE)
     epochs: int | None = option(None, "None: the preset's", allowed=train.POSITIVE)
     batch_size: int | None = option(None, "None: the preset's", allowed=train.POSITIVE)
     lr: float | None = option(None, "peak lr, used as given; None: preset's, scaled by batch", allowed=train.POSITIVE)
@@ -226,13 +230,17 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     frozen = {k: v.clone() for k, v in frozen_parts.state_dict().items()} if cfg.mode != "finetune" else None
     run = (train.RunFolder.redo(out, "transfer", resume, overwrite) if cfg.mode == "linear-cached"
            else train.RunFolder(out, resume=resume, overwrite=overwrite))
-    augmentation = (augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=False,
-                                          strength=0.5)
-                    if cfg.mode != "linear-cached" and (cfg.crop or cfg.flip or cfg.color) else None)
+    augmentation = None
+    if cfg.mode != "linear-cached" and (cfg.crop or cfg.flip or cfg.color):
+        views = train.matched_augmentation(enc.augmentation, image_size, cfg.crop_min_scale, cfg.strength,
+                                           str(cfg.source), "transfer")
+        augmentation = augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=False,
+                                             strength=views["strength"], scale=(views["crop_min_scale"], 1.0))
     described = augmentation.describe() if augmentation else "none"
     config = dict(stage="transfer", source=str(cfg.source), source_kind=enc.kind, arch=enc.arch,
                   head_layer=enc.head_layer,
                   mean=enc.mean, std=enc.std, task=task.name, mode=cfg.mode, preset=cfg.preset, augmentation=described,
+                  pretrain_augmentation=enc.augmentation,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                   image_size=image_size, seed=cfg.seed, device=str(dev),
                   precision=train.resolve_precision(cfg.precision, dev))
@@ -241,7 +249,8 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
           f"std {enc.std}) -> {task.name} ({task.num_classes} classes, {len(task.train)} train images at "
           f"{image_size}px), {cfg.mode}, augment {described}, lr {cfg.lr:.4g}, wd {cfg.weight_decay}, batch {cfg.batch_size}, "
           f"{cfg.epochs} epochs, device {dev}, {config['precision']}", file=sys.stderr)
-    meta = dict(kind="transfer", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config))
+    meta = dict(kind="transfer", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
+                **({train.PRETRAIN_AUGMENTATION: enc.augmentation} if enc.augmentation else {}))
 
     if cfg.mode == "linear-cached":
         reports = train.linear_probe(model, task, dev, image_size, epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -278,7 +287,7 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     if frozen is not None:
         train.check_frozen(frozen, frozen_parts)
     result = dict(task=task.name, mode=cfg.mode, preset=cfg.preset, source=str(cfg.source), classes=task.num_classes,
-                  best=str(run.path / "best.pt"), **reports)
+                  augmentation=described, best=str(run.path / "best.pt"), **reports)
     train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     test = reports["test"]
     top5 = f", top-5 {test['top5']:.4f}" if "top5" in test else ""
