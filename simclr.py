@@ -2,6 +2,7 @@
 
     pretrain     task-agnostic contrastive pretraining (SimCLR v1 Alg. 1, v2 section 2.1)
     linear-eval  frozen encoder, features computed once, a linear classifier on top (v1 section 4)
+    knn          weighted kNN on frozen features: every training image votes for the test images
     finetune     supervised fine-tuning from a middle layer of the projection head (v2 section 2.2)
     bench        throughput: network alone, augmentation alone, end to end
 
@@ -10,6 +11,7 @@ LARS, the schedule, the training loop) lives in train.py.
 
 Command line:  python simclr.py pretrain --data shapes-pool --out runs/pretrain
                python simclr.py linear-eval --checkpoint runs/pretrain/checkpoint.pt --data shapes5
+               python simclr.py knn --checkpoint runs/pretrain/checkpoint.pt --data cifar10
                python simclr.py finetune --checkpoint runs/pretrain/checkpoint.pt --data shapes5 --fraction 0.1
                python simclr.py finetune --checkpoint encoders/resnet18-w0.125-seed0.pt --from-scratch ...
                python simclr.py bench --width 0.125 --batch 256 --precision both
@@ -310,6 +312,50 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
     return result
 
 
+@dataclass
+class KnnConfig(train.StageConfig):
+    """kNN evaluation of a pretraining checkpoint on a labeled task's test split."""
+    checkpoint: str = option(None, "a pretraining checkpoint.pt", required=True)
+    data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
+    train_images: int | None = _split_size("train")
+    test_images: int | None = _split_size("test")
+    split: str = option("test", "queries: test (bank: every training image, val included) or val (bank: train)",
+                        choices=["test", "val"])
+    k: int = option(200, "neighbours that vote", allowed=train.AT_LEAST_1)
+
+
+def knn_eval(cfg: KnnConfig) -> dict:
+    """Weighted kNN top-1 (knn_accuracy: k neighbours, temperature 0.1) of the encoder's features h
+    on the task's test split, with every training image as the bank (the kNN protocol of SSL
+    papers, e.g. solo-learn's CIFAR-10 numbers), beside random_encoder's score."""
+    train.validate(cfg)
+    dev = train.select_device(cfg.device)
+    model, ckpt = train.load_pretrained(cfg.checkpoint)
+    size = int(ckpt["image_size"])
+    task = data.load_task(cfg.data, image_size=size, root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                          skip_bad=cfg.skip_bad, n_train=cfg.train_images, n_test=cfg.test_images)
+    if cfg.split == "test":
+        bank_set = data.ImageSet(np.concatenate([task.train.images, task.val.images]),
+                                 np.concatenate([task.train.labels, task.val.labels]), task.classes)
+        queries = task.test
+    else:
+        bank_set, queries = task.train, task.val
+    scores = {}
+    for name, encoder in (("knn_top1", model.encoder), ("knn_top1_random_encoder", random_encoder(ckpt["arch"], cfg.seed))):
+        # The encoder alone, behind the input normalisation its weights expect.
+        classifier = models.Classifier(encoder, None, 0, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev).eval()
+        features = [train.extract_features(classifier.base, images, dev, size=size, precision=cfg.precision)
+                    for images in (bank_set, queries)]
+        labels = [torch.as_tensor(np.asarray(images.labels), dtype=torch.long, device=dev)
+                  for images in (bank_set, queries)]
+        scores[name] = knn_accuracy(features[0], labels[0], features[1], labels[1], task.num_classes, k=cfg.k)
+    result = dict(task=task.name, checkpoint=str(cfg.checkpoint), split=cfg.split, k=cfg.k, bank_images=len(bank_set),
+                  query_images=len(queries), **scores)
+    print(f"kNN (k {cfg.k}) on {task.name} {cfg.split} ({len(queries):,} images; bank: {len(bank_set):,} training "
+          f"images): top-1 {scores['knn_top1']:.4f}, random encoder {scores['knn_top1_random_encoder']:.4f}")
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # Stage 2: fine-tuning from a projection-head layer
 
@@ -510,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_options(e, LinearEvalConfig)
     train.add_run(e, required=False)
 
+    k = sub.add_parser("knn", help="kNN accuracy of frozen features on a test split", formatter_class=train.HelpFormatter)
+    train.add_options(k, KnnConfig)
+
     f = sub.add_parser("finetune", help="supervised fine-tuning from a head layer", formatter_class=train.HelpFormatter)
     train.add_options(f, FinetuneConfig)
     train.add_run(f)
@@ -535,6 +584,8 @@ def run_command(args: argparse.Namespace) -> None:
         pretrain(train.from_args(PretrainConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "linear-eval":
         linear_eval(train.from_args(LinearEvalConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
+    elif args.command == "knn":
+        knn_eval(train.from_args(KnnConfig, args))
     elif args.command == "finetune":
         finetune(train.from_args(FinetuneConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "bench":

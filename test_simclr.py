@@ -2474,6 +2474,41 @@ def test_stages_augment_as_their_encoder_was_pretrained_and_carry_it_on(world, t
     assert "does not record the augmentation it was pretrained with" in capsys.readouterr().err
 
 
+def _knn_by_hand(bank, bank_labels, query, k, temperature=0.1):
+    """Weighted kNN votes, one query at a time in float64 (the reference for simclr.knn_eval)."""
+    bank = nn.functional.normalize(bank.double(), dim=1)
+    predictions = []
+    for q in nn.functional.normalize(query.double(), dim=1):
+        sim = bank @ q
+        top = sim.argsort(descending=True)[:k]
+        votes = {}
+        for i in top.tolist():
+            votes[int(bank_labels[i])] = votes.get(int(bank_labels[i]), 0.0) + math.exp(sim[i] / temperature)
+        predictions.append(max(votes, key=votes.get))
+    return predictions
+
+
+def test_knn_command_scores_the_test_split_with_every_training_image_as_bank(world, capsys):
+    task = data.load_task("shapes2", image_size=SIZE, n_train=200, n_test=100, seed=0)
+    args = ["knn", "--checkpoint", str(world["origin"]), "--data", "shapes2", "--train-images", "200",
+            "--test-images", "100", "--k", "15", "--device", "cpu", "--precision", "fp32"]
+    assert simclr.main(args) == 0
+    line = capsys.readouterr().out
+    assert "on shapes2 test (100 images; bank: 200 training images)" in line and "random encoder" in line
+    res = simclr.knn_eval(simclr.KnnConfig(checkpoint=str(world["origin"]), data="shapes2", train_images=200,
+                                           test_images=100, k=15, device="cpu", precision="fp32"))
+    encoder = train.load_pretrained(world["origin"])[0].encoder.eval()
+    with torch.no_grad():
+        bank_images = np.concatenate([task.train.images, task.val.images])
+        bank_labels = np.concatenate([task.train.labels, task.val.labels])
+        expected = _knn_by_hand(encoder(as_float(bank_images)), bank_labels, encoder(as_float(task.test.images)), 15)
+    assert res["knn_top1"] == pytest.approx(float(np.mean(np.asarray(expected) == task.test.labels)))
+    assert (res["bank_images"], res["query_images"]) == (200, 100)
+    val = simclr.knn_eval(simclr.KnnConfig(checkpoint=str(world["origin"]), data="shapes2", train_images=200,
+                                           test_images=100, split="val", device="cpu"))
+    assert (val["bank_images"], val["query_images"]) == (len(task.train), len(task.val))
+
+
 def test_frozen_base_must_not_be_the_teachers_encoder(world, tmp_path):
     common = dict(mode="frozen", width=0.125, epochs=1, batch_size=32, device="cpu")
     with pytest.raises(train.UserError, match="teacher's own pretrained encoder"):
