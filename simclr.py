@@ -269,12 +269,17 @@ def _split_size(split: str):
 
 
 @dataclass
-class LinearEvalConfig(train.StageConfig):
-    """Linear evaluation of a pretraining checkpoint on a labeled task."""
+class FrozenEvalConfig(train.StageConfig):
+    """What an evaluation of a frozen pretraining checkpoint reads: the checkpoint and a labeled task."""
     checkpoint: str = option(None, "a pretraining checkpoint.pt", required=True)
     data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
     train_images: int | None = _split_size("train")
     test_images: int | None = _split_size("test")
+
+
+@dataclass
+class LinearEvalConfig(FrozenEvalConfig):
+    """Linear evaluation of a pretraining checkpoint on a labeled task."""
     epochs: int = option(100, "epochs of the linear layer on cached features", allowed=train.POSITIVE)
     lr: float = option(0.1, "learning rate (SGD, momentum 0.9, cosine)", allowed=train.POSITIVE)
     batch_size: int = option(256, "batch of cached features", allowed=train.POSITIVE)
@@ -313,12 +318,8 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
 
 
 @dataclass
-class KnnConfig(train.StageConfig):
+class KnnConfig(FrozenEvalConfig):
     """kNN evaluation of a pretraining checkpoint on a labeled task's test split."""
-    checkpoint: str = option(None, "a pretraining checkpoint.pt", required=True)
-    data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
-    train_images: int | None = _split_size("train")
-    test_images: int | None = _split_size("test")
     split: str = option("test", "queries: test (bank: every training image, val included) or val (bank: train)",
                         choices=["test", "val"])
     k: int = option(200, "neighbours that vote", allowed=train.AT_LEAST_1)

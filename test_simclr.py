@@ -3786,8 +3786,13 @@ def test_cli_interrupt_outside_training_is_a_message_and_exit_128_plus_signal(tm
         time.sleep(1)  # the handler runs at the next bytecode; never reached
     monkeypatch.setattr(train, "select_device", interrupted_here)
     monkeypatch.chdir(tmp_path)
+    # Python's Ctrl-C handler, also where pytest was started in the background (SIGINT ignored).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGTERM)
-    code = script.main([*args, "--out", str(tmp_path / "run"), "--device", "cpu"])
+    try:
+        code = script.main([*args, "--out", str(tmp_path / "run"), "--device", "cpu"])
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
     err = capsys.readouterr().err
     assert code == 128 + sig, err
     assert f"Stopped by {sig.name}" in err and "--resume" in err and "Traceback" not in err, err
