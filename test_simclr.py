@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import http.server
@@ -2246,10 +2247,28 @@ TINY_CLI = ["pretrain", "--data", "shapes-pool", "--n-images", "128", "--image-s
             "--device", "cpu"]
 
 
+@contextlib.contextmanager
+def _ctrl_c_raises():
+    """Python's Ctrl-C handler (KeyboardInterrupt) in this process for the block, also where pytest
+    was started in the background with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_as_default() -> None:
+    """Run in a child before it starts: Ctrl-C's signal acts as at a terminal, also where pytest was
+    started in the background with SIGINT ignored (which a child would inherit)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, os.path.join(HERE, "simclr.py"), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_default, **kwargs)
 
 
 def _wait_for_step(run_dir, step, proc, timeout=120):
@@ -3033,7 +3052,7 @@ NO_GPU = not torch.cuda.is_available()
 
 def _script(name: str, args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, os.path.join(HERE, name), *args], env=env, cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_default)
 
 
 # Each of these command lines runs in a process of its own, forked from one driver that imported torch
@@ -3786,13 +3805,9 @@ def test_cli_interrupt_outside_training_is_a_message_and_exit_128_plus_signal(tm
         time.sleep(1)  # the handler runs at the next bytecode; never reached
     monkeypatch.setattr(train, "select_device", interrupted_here)
     monkeypatch.chdir(tmp_path)
-    # Python's Ctrl-C handler, also where pytest was started in the background (SIGINT ignored).
-    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGTERM)
-    try:
+    with _ctrl_c_raises():
         code = script.main([*args, "--out", str(tmp_path / "run"), "--device", "cpu"])
-    finally:
-        signal.signal(signal.SIGINT, previous_int)
     err = capsys.readouterr().err
     assert code == 128 + sig, err
     assert f"Stopped by {sig.name}" in err and "--resume" in err and "Traceback" not in err, err
@@ -3832,7 +3847,7 @@ def test_run_all_interrupted_anywhere_says_how_to_resume_and_ends_in_the_same_ta
     def draw_chart_interrupted(*a, **k):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the KeyboardInterrupt arrives here
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, _ctrl_c_raises():
         patch.setattr(run_all, "draw_chart", draw_chart_interrupted)
         assert run_all.main([*args, "--resume"]) == 130
     err = capsys.readouterr().err
