@@ -318,12 +318,15 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     model = model.to(dev)
     run = train.RunFolder(out, resume=resume, overwrite=overwrite)
 
-    # The student sees the kind of views its teacher's encoder was pretrained on.
+    # The student sees the kind of views its teacher's encoder was pretrained on; it carries on its
+    # own base's record where it has a pretrained base, else the teacher's.
     recorded = train.pretrain_augmentation(teacher_ckpt)
+    carried = (train.pretrain_augmentation(train.load_checkpoint(cfg.student_checkpoint))
+               if cfg.mode != "scratch" and cfg.student_checkpoint else recorded)
     augmentation = None
     if s["crop"] or s["flip"] or s["color"]:
-        views = train.matched_augmentation(recorded, image_size, cfg.crop_min_scale, cfg.strength, str(cfg.teacher),
-                                           "distill")
+        views = train.matched_augmentation(recorded, image_size, cfg.crop_min_scale, cfg.strength,
+                                           str(cfg.teacher) if s["crop"] or s["color"] else None, "distill")
         augmentation = augment.SimCLRAugment(image_size, crop=s["crop"], flip=s["flip"], color=s["color"], blur=False,
                                              strength=views["strength"], scale=(views["crop_min_scale"], 1.0))
     view = ((lambda x, g: augmentation(x, g)) if augmentation is not None
@@ -380,7 +383,7 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     schedule = train.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
                                weight_decay=s["weight_decay"], log_every=cfg.log_every, precision=cfg.precision)
     meta = dict(kind="distill", arch=arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
-                **({train.PRETRAIN_AUGMENTATION: recorded} if recorded else {}))
+                **({train.PRETRAIN_AUGMENTATION: carried} if carried else {}))
     train.fit(model, loss_fn, loader, run, schedule, device=dev, seed=cfg.seed, meta=meta, evaluate=evaluate,
                select="val_top1", desc=f"distill {cfg.mode} {cfg.student}")
     if frozen_state is not None:

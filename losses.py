@@ -151,7 +151,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     """SimCLR v2 distillation loss (eq. 2), optionally mixed with the label loss (eq. 3).
 
     student_logits, teacher_logits: (B, C) for the same images (the teacher's are detached);
-    labels: optional (B,) class indices, -1 where an image's label is hidden; alpha in [0, 1],
+    labels: optional (B,) class indices, negative (-1) where an image's label is hidden; alpha in [0, 1],
     1.0 without labels. Returns the scalar
 
         alpha * mean_x [ -sum_y P_T(y|x; tau) log P_S(y|x; tau) ]
@@ -263,8 +263,9 @@ def _check_distillation_inputs(student_logits: object, teacher_logits: object, t
             raise ValueError(
                 f"labels must be a (B,) tensor of class indices, got "
                 f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype in (torch.bool, torch.uint8):
+            raise ValueError(f"labels must be a signed integer tensor of class indices (-1: hidden), got dtype "
+                             f"{labels.dtype}")
         if labels.shape[0] != student_logits.shape[0]:
             raise ValueError(
                 f"labels must have one entry per row of the logits ({student_logits.shape[0]}), "

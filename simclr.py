@@ -311,48 +311,47 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
                               train_images=len(task.train), test_images=len(task.test),
                               precision=train.resolve_precision(cfg.precision, dev)))
         arch = train.classifier_arch(ckpt["arch"], cfg.head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
+        recorded = train.pretrain_augmentation(ckpt)
         run.save(dict(kind="linear-eval", format=train.CHECKPOINT_FORMAT, arch=arch, model=classifier.state_dict(),
-                      classes=task.classes, image_size=ckpt["image_size"]), "best.pt")
+                      classes=task.classes, image_size=ckpt["image_size"],
+                      **({train.PRETRAIN_AUGMENTATION: recorded} if recorded else {})), "best.pt")
         train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     return result
 
 
 @dataclass
 class KnnConfig(FrozenEvalConfig):
-    """kNN evaluation of a pretraining checkpoint on a labeled task's test split."""
+    """kNN evaluation of a pretraining checkpoint on a labeled task's test (or val) split."""
     split: str = option("test", "queries: test (bank: every training image, val included) or val (bank: train)",
                         choices=["test", "val"])
     k: int = option(200, "neighbours that vote", allowed=train.AT_LEAST_1)
 
 
 def knn_eval(cfg: KnnConfig) -> dict:
-    """Weighted kNN top-1 (knn_accuracy: k neighbours, temperature 0.1) of the encoder's features h
-    on the task's test split, with every training image as the bank (the kNN protocol of SSL
-    papers, e.g. solo-learn's CIFAR-10 numbers), beside random_encoder's score."""
+    """Weighted kNN top-1 (knn_accuracy: k neighbours, temperature 0.1, as the pretraining monitor)
+    of the encoder's features h on the task's test split with every training image (train and val)
+    as the bank, or on val with train as the bank; beside random_encoder(arch, seed)'s score, which
+    is pretrain's reference when --seed is the pretraining seed."""
     train.validate(cfg)
     dev = train.select_device(cfg.device)
     model, ckpt = train.load_pretrained(cfg.checkpoint)
     size = int(ckpt["image_size"])
     task = data.load_task(cfg.data, image_size=size, root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad, n_train=cfg.train_images, n_test=cfg.test_images)
-    if cfg.split == "test":
-        bank_set = data.ImageSet(np.concatenate([task.train.images, task.val.images]),
-                                 np.concatenate([task.train.labels, task.val.labels]), task.classes)
-        queries = task.test
-    else:
-        bank_set, queries = task.train, task.val
+    bank_sets, queries = ([task.train, task.val], task.test) if cfg.split == "test" else ([task.train], task.val)
+    labels = lambda sets: torch.as_tensor(np.concatenate([s.labels for s in sets]), dtype=torch.long, device=dev)  # noqa: E731
     scores = {}
     for name, encoder in (("knn_top1", model.encoder), ("knn_top1_random_encoder", random_encoder(ckpt["arch"], cfg.seed))):
         # The encoder alone, behind the input normalisation its weights expect.
         classifier = models.Classifier(encoder, None, 0, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev).eval()
-        features = [train.extract_features(classifier.base, images, dev, size=size, precision=cfg.precision)
-                    for images in (bank_set, queries)]
-        labels = [torch.as_tensor(np.asarray(images.labels), dtype=torch.long, device=dev)
-                  for images in (bank_set, queries)]
-        scores[name] = knn_accuracy(features[0], labels[0], features[1], labels[1], task.num_classes, k=cfg.k)
-    result = dict(task=task.name, checkpoint=str(cfg.checkpoint), split=cfg.split, k=cfg.k, bank_images=len(bank_set),
+        features = lambda sets: torch.cat([train.extract_features(  # noqa: E731
+            classifier.base, s, dev, size=size, precision=cfg.precision) for s in sets])
+        scores[name] = knn_accuracy(features(bank_sets), labels(bank_sets), features([queries]), labels([queries]),
+                                    task.num_classes, k=cfg.k)
+    n_bank = sum(len(s) for s in bank_sets)
+    result = dict(task=task.name, checkpoint=str(cfg.checkpoint), split=cfg.split, k=cfg.k, bank_images=n_bank,
                   query_images=len(queries), **scores)
-    print(f"kNN (k {cfg.k}) on {task.name} {cfg.split} ({len(queries):,} images; bank: {len(bank_set):,} training "
+    print(f"kNN (k {cfg.k}) on {task.name} {cfg.split} ({len(queries):,} images; bank: {n_bank:,} training "
           f"images): top-1 {scores['knn_top1']:.4f}, random encoder {scores['knn_top1_random_encoder']:.4f}")
     return result
 
@@ -428,8 +427,8 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     recorded = train.pretrain_augmentation(ckpt) if cfg.checkpoint is not None else None
-    views = train.matched_augmentation(recorded, image_size, cfg.crop_min_scale, cfg.strength, cfg.checkpoint,
-                                       "finetune")
+    views = train.matched_augmentation(recorded, image_size, cfg.crop_min_scale, cfg.strength,
+                                       cfg.checkpoint if cfg.crop or cfg.color else None, "finetune")
     augmentation = augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=cfg.blur,
                                          strength=views["strength"], scale=(views["crop_min_scale"], 1.0))
     cls_arch = train.classifier_arch(arch, cfg.head_layer, task.num_classes, mean, std)
@@ -447,8 +446,9 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
                               weight_decay=cfg.weight_decay, log_every=cfg.log_every, precision=cfg.precision)
     evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size,  # noqa: E731
                                                                 precision=cfg.precision)["top1"])
+    # A network trained from scratch was not pretrained: it carries no record on.
     meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
-                **({train.PRETRAIN_AUGMENTATION: recorded} if recorded else {}))
+                **({train.PRETRAIN_AUGMENTATION: recorded} if recorded and not scratch else {}))
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, dev, cfg.epochs * len(loader) * cfg.batch_size))
     train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, device=dev,
               seed=cfg.seed, meta=meta, evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")

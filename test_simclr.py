@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from pathlib import Path
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import http.server
@@ -61,6 +60,16 @@ import train
 import transfer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_as_at_a_terminal():
+    """Python's Ctrl-C handler for the whole session. Where pytest is started in the background with
+    SIGINT ignored, Python installs none, and every child would inherit the ignoring; a handler set
+    here becomes the default action in each child started with exec."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 # ==================================================================================================
@@ -985,6 +994,7 @@ def test_distillation_float32_under_autocast():
     ({"alpha": -0.1, "labels": torch.zeros(3, dtype=torch.long)}, r"alpha must be a number in \[0, 1\]"),
     ({"temperature": 0.0}, "temperature"),
     ({"labels": torch.zeros(3), "alpha": 0.5}, "integer"),
+    ({"labels": torch.zeros(3, dtype=torch.uint8), "alpha": 0.5}, "signed integer"),  # cannot hold -1
     ({"labels": torch.zeros(4, dtype=torch.long), "alpha": 0.5}, "one entry per row"),
     ({"labels": torch.zeros(3, 1, dtype=torch.long), "alpha": 0.5}, r"\(B,\)"),
 ])
@@ -2247,28 +2257,10 @@ TINY_CLI = ["pretrain", "--data", "shapes-pool", "--n-images", "128", "--image-s
             "--device", "cpu"]
 
 
-@contextlib.contextmanager
-def _ctrl_c_raises():
-    """Python's Ctrl-C handler (KeyboardInterrupt) in this process for the block, also where pytest
-    was started in the background with SIGINT ignored."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _sigint_as_default() -> None:
-    """Run in a child before it starts: Ctrl-C's signal acts as at a terminal, also where pytest was
-    started in the background with SIGINT ignored (which a child would inherit)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _cli(args, **kwargs):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, os.path.join(HERE, "simclr.py"), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_sigint_as_default, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
 
 def _wait_for_step(run_dir, step, proc, timeout=120):
@@ -2485,6 +2477,17 @@ def test_stages_augment_as_their_encoder_was_pretrained_and_carry_it_on(world, t
     transfer.transfer(transfer.TransferConfig(source=str(origin), mode="linear-aug", preset="paper", **common),
                       tmp_path / "probe", task=task)
     assert used("probe") == "crop(scale=0.3-1)+flip"
+    # A linear-eval classifier and an exported torchvision-layout file carry it on too; a network
+    # fine-tuned from scratch (not pretrained) does not.
+    simclr.linear_eval(simclr.LinearEvalConfig(checkpoint=str(origin), data="shapes2", train_images=200,
+                                               test_images=100, epochs=1, device="cpu"), tmp_path / "lin")
+    assert train.load_checkpoint(tmp_path / "lin" / "best.pt")["pretrain_augmentation"] == carried
+    transfer.export(str(origin), tmp_path / "exported.pt")
+    assert train.load_encoder(tmp_path / "exported.pt").augmentation == carried
+    scratch = simclr.finetune(simclr.FinetuneConfig(checkpoint=str(origin), from_scratch=True, **common),
+                              tmp_path / "scratch", task=task)
+    assert used("scratch") == "crop(scale=0.3-1)+flip"
+    assert "pretrain_augmentation" not in train.load_checkpoint(scratch["best"])
     assert "does not record" not in capsys.readouterr().err
     # A file without the record (here: pretrained before it existed) gets pretraining's defaults, and says so.
     simclr.finetune(simclr.FinetuneConfig(checkpoint=str(world["origin"]), color=True, **common), tmp_path / "old",
@@ -3052,7 +3055,7 @@ NO_GPU = not torch.cuda.is_available()
 
 def _script(name: str, args: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, os.path.join(HERE, name), *args], env=env, cwd=HERE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_default)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 # Each of these command lines runs in a process of its own, forked from one driver that imported torch
@@ -3806,8 +3809,7 @@ def test_cli_interrupt_outside_training_is_a_message_and_exit_128_plus_signal(tm
     monkeypatch.setattr(train, "select_device", interrupted_here)
     monkeypatch.chdir(tmp_path)
     before = signal.getsignal(signal.SIGTERM)
-    with _ctrl_c_raises():
-        code = script.main([*args, "--out", str(tmp_path / "run"), "--device", "cpu"])
+    code = script.main([*args, "--out", str(tmp_path / "run"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 128 + sig, err
     assert f"Stopped by {sig.name}" in err and "--resume" in err and "Traceback" not in err, err
@@ -3847,7 +3849,7 @@ def test_run_all_interrupted_anywhere_says_how_to_resume_and_ends_in_the_same_ta
     def draw_chart_interrupted(*a, **k):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the KeyboardInterrupt arrives here
-    with monkeypatch.context() as patch, _ctrl_c_raises():
+    with monkeypatch.context() as patch:
         patch.setattr(run_all, "draw_chart", draw_chart_interrupted)
         assert run_all.main([*args, "--resume"]) == 130
     err = capsys.readouterr().err

@@ -1061,7 +1061,7 @@ def _torchvision_encoder(path, state: dict, arch, width, cifar_stem, normalize, 
           f"normalisation mean {list(mean)} std {list(std)}.", file=sys.stderr)
     a = dict(encoder=arch, width=width, cifar_stem=cifar_stem)
     return Encoder(encoder, None, 0, a, list(mean), list(std), int(side.get("image_size", 224)), "torchvision",
-                   str(path))
+                   str(path), augmentation=side.get(PRETRAIN_AUGMENTATION))
 
 
 def classifier_for(enc: Encoder, num_classes: int) -> tuple[models.Classifier, dict]:

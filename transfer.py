@@ -127,7 +127,8 @@ class AugmentedFeatures:
     the layers on top on those features, in the order data.BatchLoader gives for (seed, epoch).
     Resuming mid-epoch recomputes the same views. Since the views do not depend on the batch size,
     runs that differ only in it may pass one `shared` dict (epoch -> features) and compute each
-    epoch once; it keeps at most `shared_bytes` of them (run_all's Study 3 uses this).
+    epoch once; it keeps at most `shared_bytes` of them, and starts it afresh for a run with another
+    seed or augmentation (run_all's Study 3 uses this).
     `compile`: torch.compile the base's forward (train.compiled), about 2x on a CPU."""
     CHUNK = 256  # views per forward pass of the base
 
@@ -141,6 +142,11 @@ class AugmentedFeatures:
         self.labels = torch.as_tensor(np.asarray(images.labels), dtype=torch.long, device=device)
         self.shared = {} if shared is None else shared
         self.shared_bytes = shared_bytes
+        # Features shared by a run with other views (another seed or augmentation) are not these.
+        views_of = (seed, getattr(view, "describe", lambda: "none")(), len(images))
+        if self.shared.get("views of") != views_of:
+            self.shared.clear()
+            self.shared["views of"] = views_of
 
     def __len__(self) -> int:
         return len(self.order)
@@ -159,7 +165,7 @@ class AugmentedFeatures:
                     padded = F.pad(views, (0, 0, 0, 0, 0, 0, 0, self.CHUNK - len(views)))
                     out.append(self.base(padded)[:len(views)].float())
             out = torch.cat(out)
-            if sum(f.nbytes for f in self.shared.values()) + out.nbytes > self.shared_bytes:
+            if sum(f.nbytes for f in self.shared.values() if isinstance(f, torch.Tensor)) + out.nbytes > self.shared_bytes:
                 return out
             self.shared[key] = out
         return self.shared[key]
@@ -233,7 +239,7 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     augmentation = None
     if cfg.mode != "linear-cached" and (cfg.crop or cfg.flip or cfg.color):
         views = train.matched_augmentation(enc.augmentation, image_size, cfg.crop_min_scale, cfg.strength,
-                                           str(cfg.source), "transfer")
+                                           str(cfg.source) if cfg.crop or cfg.color else None, "transfer")
         augmentation = augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=False,
                                              strength=views["strength"], scale=(views["crop_min_scale"], 1.0))
     described = augmentation.describe() if augmentation else "none"
@@ -368,7 +374,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, arch: str | Non
     train.atomic_save(state, out)
     description = dict(format="torchvision-state-dict", arch=enc.arch["encoder"], width=enc.arch["width"],
                        cifar_stem=enc.arch["cifar_stem"], mean=enc.mean, std=enc.std, image_size=enc.image_size,
-                       source=str(source))
+                       source=str(source), **({train.PRETRAIN_AUGMENTATION: enc.augmentation} if enc.augmentation else {}))
     train.atomic_write_text(json.dumps(description, indent=2) + "\n", side)
     print(f"export: {len(state)} tensors of {description['arch']} (width {description['width']}) -> {out} "
           f"(+ {side.name}: normalisation mean {enc.mean} std {enc.std})", file=sys.stderr)
