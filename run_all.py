@@ -8,7 +8,8 @@ fine-tune -> distill):
                or SimCLR pretraining on the unlabeled pool here (simclr.pretrain: --from-scratch, and
                the cuda and paper presets)
     Study 1    fine-tune the whole network on the 5-class task (all its training labels) with each of
-               the seven augmentation settings of their Table 1; same steps and seed for every row
+               the seven augmentation settings of their Table 1; same steps and seed for every row;
+               crops and colour distortion as the encoder was pretrained (as in every stage here)
     Study 2    a fine-tuned ResNet teacher distilled with soft labels only (alpha = 1, T = 1) into a
                same-architecture ResNet and a VGG student, each with a frozen SimCLR-pretrained base
                (released, given, or pretrained here on the same pool with the same budget; the ResNet
