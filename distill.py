@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import augment
 import data
 import losses
 import models
@@ -321,14 +320,11 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     # The student sees the kind of views its teacher's encoder was pretrained on; it carries on its
     # own base's record where it has a pretrained base, else the teacher's.
     recorded = train.pretrain_augmentation(teacher_ckpt)
-    carried = (train.pretrain_augmentation(train.load_checkpoint(cfg.student_checkpoint))
-               if cfg.mode != "scratch" and cfg.student_checkpoint else recorded)
-    augmentation = None
-    if s["crop"] or s["flip"] or s["color"]:
-        views = train.matched_augmentation(recorded, image_size, cfg.crop_min_scale, cfg.strength,
-                                           str(cfg.teacher) if s["crop"] or s["color"] else None, "distill")
-        augmentation = augment.SimCLRAugment(image_size, crop=s["crop"], flip=s["flip"], color=s["color"], blur=False,
-                                             strength=views["strength"], scale=(views["crop_min_scale"], 1.0))
+    student_record = (train.pretrain_augmentation(train.load_checkpoint(cfg.student_checkpoint))
+                      if cfg.mode != "scratch" and cfg.student_checkpoint else recorded)
+    augmentation = (train.matched_views(recorded, image_size, crop=s["crop"], flip=s["flip"], color=s["color"],
+                                        crop_min_scale=cfg.crop_min_scale, strength=cfg.strength, source=cfg.teacher,
+                                        stage="distill") if s["crop"] or s["flip"] or s["color"] else None)
     view = ((lambda x, g: augmentation(x, g)) if augmentation is not None
             else (lambda x, g: train.to_float(x, image_size)))
     # Without augmentation the teacher would see the same un-augmented image every epoch: run it once.
@@ -383,24 +379,23 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     schedule = train.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
                                weight_decay=s["weight_decay"], log_every=cfg.log_every, precision=cfg.precision)
     meta = dict(kind="distill", arch=arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
-                **({train.PRETRAIN_AUGMENTATION: carried} if carried else {}))
+                **train.carried(student_record))
     train.fit(model, loss_fn, loader, run, schedule, device=dev, seed=cfg.seed, meta=meta, evaluate=evaluate,
                select="val_top1", desc=f"distill {cfg.mode} {cfg.student}")
     if frozen_state is not None:
         train.check_frozen(frozen_state, model.encoder)
 
-    return report(run, cfg, task, teacher_model, dev, image_size)
+    return report(run, cfg, task, teacher_model, dev, image_size, config["augmentation"])
 
 
 def report(run: train.RunFolder, cfg: DistillConfig, task: data.TaskData, teacher_model: nn.Module,
-           dev: torch.device, image_size: int) -> dict:
+           dev: torch.device, image_size: int, augmentation: str) -> dict:
     """The best student (best.pt) and the teacher on val and test, and how often they agree;
     written to results.json and printed."""
-    best, ckpt = train.load_classifier(run.path / "best.pt", task.num_classes)
+    best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
     result = dict(task=task.name, mode=cfg.mode, student_arch=cfg.student, teacher_path=str(cfg.teacher),
-                  augmentation=json.loads(ckpt["config"])["augmentation"], best=str(run.path / "best.pt"),
-                  student={}, teacher={}, agreement={})
+                  augmentation=augmentation, best=str(run.path / "best.pt"), student={}, teacher={}, agreement={})
     for split_name, split in (("val", task.val), ("test", task.test)):
         for who, net in (("student", best), ("teacher", teacher_model)):
             result[who][split_name] = train.evaluate_classifier(net, split, dev, size=image_size,

@@ -942,10 +942,11 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                 name = f"seed{s}-study1-{key}"
                 runs[name] = pipe.run(name, finetune_stage(checkpoint, tasks[mapping["study1"]], aug, p["finetune"],
                                                            s, dev_name))
+        encoder_ckpt = train.load_checkpoint(checkpoint)
         # Student bases not given or released: SimCLR-pretrained here for each student architecture
         # on the same pool with the same budget; the ResNet one from another seed, so it is not the
         # teacher's own encoder.
-        width = train.load_checkpoint(checkpoint)["arch"]["width"]
+        width = encoder_ckpt["arch"]["width"]
         student_cfg = dataclasses.replace(pre_cfg, model=res_arch, width=width)
         for family, arch, base_seed in (("resnet", res_arch, seed + 10_000), ("vgg", p["vgg"], seed)):
             if bases[family] is None:
@@ -979,7 +980,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     teacher_desc = (f"{res_arch} fine-tuned with all three augmentations on {_display(mapping['study2'])} "
                     + ("in its own run per seed" if separate_teacher else "(the 'all' row of Study 1, same seed)"))
     meta = dict(preset=preset_name, seeds=seed_list, device=_device_info(dev), precision=precision, checkpoint=checkpoint,
-                augmentation=train.pretrain_augmentation(train.load_checkpoint(checkpoint)),
+                augmentation=train.pretrain_augmentation(encoder_ckpt),
                 wall_s=time.perf_counter() - start, image_size=size,
                 command=command or f"run_all(preset={preset!r})", pretrain=runs.get("pretrain"), teacher=teacher_desc,
                 encoders=origins,

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -242,16 +242,21 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Ten
     return float(correct) / len(query)
 
 
-def knn_monitor(encoder: nn.Module, bank_set: data.ImageSet, val: data.ImageSet, device: torch.device,
-                k: int = 200, size: int | None = None, precision: str = "auto") -> float:
-    """kNN accuracy of `encoder`'s features: train images as the bank, val images as queries."""
+def knn_monitor(encoder: nn.Module, bank: data.ImageSet | Sequence[data.ImageSet], queries: data.ImageSet,
+                device: torch.device, k: int = 200, size: int | None = None, precision: str = "auto") -> float:
+    """kNN accuracy of `encoder`'s features: the bank images (one set, or several whose features are
+    joined) vote for the query images (pretraining's monitor: train votes for val)."""
+    bank = [bank] if isinstance(bank, data.ImageSet) else list(bank)
     was_training = encoder.training
     encoder.eval()
-    bank = train.extract_features(encoder, bank_set, device, size=size, precision=precision)
-    query = train.extract_features(encoder, val, device, size=size, precision=precision)
+    features = lambda sets: torch.cat([train.extract_features(  # noqa: E731
+        encoder, s, device, size=size, precision=precision) for s in sets])
+    labels = lambda sets: torch.as_tensor(np.concatenate([np.asarray(s.labels) for s in sets]),  # noqa: E731
+                                          device=device, dtype=torch.long)
+    accuracy = knn_accuracy(features(bank), labels(bank), features([queries]), labels([queries]),
+                            len(queries.classes), k=k)
     encoder.train(was_training)
-    to = lambda a: torch.as_tensor(np.asarray(a), device=device, dtype=torch.long)
-    return knn_accuracy(bank, to(bank_set.labels), query, to(val.labels), len(bank_set.classes), k=k)
+    return accuracy
 
 
 def random_encoder(arch: dict, seed: int) -> nn.Module:
@@ -311,10 +316,9 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
                               train_images=len(task.train), test_images=len(task.test),
                               precision=train.resolve_precision(cfg.precision, dev)))
         arch = train.classifier_arch(ckpt["arch"], cfg.head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
-        recorded = train.pretrain_augmentation(ckpt)
         run.save(dict(kind="linear-eval", format=train.CHECKPOINT_FORMAT, arch=arch, model=classifier.state_dict(),
                       classes=task.classes, image_size=ckpt["image_size"],
-                      **({train.PRETRAIN_AUGMENTATION: recorded} if recorded else {})), "best.pt")
+                      **train.carried(train.pretrain_augmentation(ckpt))), "best.pt")
         train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     return result
 
@@ -328,8 +332,8 @@ class KnnConfig(FrozenEvalConfig):
 
 
 def knn_eval(cfg: KnnConfig) -> dict:
-    """Weighted kNN top-1 (knn_accuracy: k neighbours, temperature 0.1, as the pretraining monitor)
-    of the encoder's features h on the task's test split with every training image (train and val)
+    """Weighted kNN top-1 (knn_monitor: k neighbours, temperature 0.1, as during pretraining) of the
+    encoder's features h on the task's test split with every training image (train and val)
     as the bank, or on val with train as the bank; beside random_encoder(arch, seed)'s score, which
     is pretrain's reference when --seed is the pretraining seed."""
     train.validate(cfg)
@@ -339,15 +343,9 @@ def knn_eval(cfg: KnnConfig) -> dict:
     task = data.load_task(cfg.data, image_size=size, root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad, n_train=cfg.train_images, n_test=cfg.test_images)
     bank_sets, queries = ([task.train, task.val], task.test) if cfg.split == "test" else ([task.train], task.val)
-    labels = lambda sets: torch.as_tensor(np.concatenate([s.labels for s in sets]), dtype=torch.long, device=dev)  # noqa: E731
-    scores = {}
-    for name, encoder in (("knn_top1", model.encoder), ("knn_top1_random_encoder", random_encoder(ckpt["arch"], cfg.seed))):
-        # The encoder alone, behind the input normalisation its weights expect.
-        classifier = models.Classifier(encoder, None, 0, task.num_classes, ckpt["mean"], ckpt["std"]).to(dev).eval()
-        features = lambda sets: torch.cat([train.extract_features(  # noqa: E731
-            classifier.base, s, dev, size=size, precision=cfg.precision) for s in sets])
-        scores[name] = knn_accuracy(features(bank_sets), labels(bank_sets), features([queries]), labels([queries]),
-                                    task.num_classes, k=cfg.k)
+    scores = {name: knn_monitor(encoder.to(dev), bank_sets, queries, dev, cfg.k, size, cfg.precision)
+              for name, encoder in (("knn_top1", model.encoder),
+                                    ("knn_top1_random_encoder", random_encoder(ckpt["arch"], cfg.seed)))}
     n_bank = sum(len(s) for s in bank_sets)
     result = dict(task=task.name, checkpoint=str(cfg.checkpoint), split=cfg.split, k=cfg.k, bank_images=n_bank,
                   query_images=len(queries), **scores)
@@ -427,10 +425,9 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     recorded = train.pretrain_augmentation(ckpt) if cfg.checkpoint is not None else None
-    views = train.matched_augmentation(recorded, image_size, cfg.crop_min_scale, cfg.strength,
-                                       cfg.checkpoint if cfg.crop or cfg.color else None, "finetune")
-    augmentation = augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=cfg.blur,
-                                         strength=views["strength"], scale=(views["crop_min_scale"], 1.0))
+    augmentation = train.matched_views(recorded, image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color,
+                                       blur=cfg.blur, crop_min_scale=cfg.crop_min_scale, strength=cfg.strength,
+                                       source=cfg.checkpoint, stage="finetune")
     cls_arch = train.classifier_arch(arch, cfg.head_layer, task.num_classes, mean, std)
     scratch = cfg.from_scratch or cfg.checkpoint is None
     config = dict(stage="finetune", checkpoint=str(cfg.checkpoint), from_scratch=scratch, task=task.name,
@@ -448,7 +445,7 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
                                                                 precision=cfg.precision)["top1"])
     # A network trained from scratch was not pretrained: it carries no record on.
     meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
-                **({train.PRETRAIN_AUGMENTATION: recorded} if recorded and not scratch else {}))
+                **train.carried(None if scratch else recorded))
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, dev, cfg.epochs * len(loader) * cfg.batch_size))
     train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, device=dev,
               seed=cfg.seed, meta=meta, evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")

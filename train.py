@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import augment
 import models
 
 try:
@@ -44,7 +45,6 @@ except ImportError:  # pragma: no cover
     fcntl = None
 
 if TYPE_CHECKING:  # data.py imports this file (for UserError), so only its types are named here
-    import augment
     from data import BatchLoader, ImageSet, TaskData
 
 
@@ -1131,20 +1131,28 @@ def pretrain_augmentation(ckpt: dict | None) -> dict | None:
     return dict(crop_min_scale=float(config["crop_min_scale"]), strength=float(config["strength"]))
 
 
-def matched_augmentation(recorded: dict | None, image_size: int, crop_min_scale: float | None,
-                         strength: float | None, source: str | None, stage: str) -> dict:
-    """The crop floor and colour strength a stage augments with: the encoder's pretraining record,
-    each replaced by an explicit option; without a record, pretraining's defaults for the image
-    size, and the run says so on stderr (unless there is no encoder file: source None)."""
+def matched_views(recorded: dict | None, image_size: int, *, crop: bool, flip: bool, color: bool,
+                  blur: bool = False, crop_min_scale: float | None = None, strength: float | None = None,
+                  source: str | os.PathLike | None = None, stage: str = "") -> augment.SimCLRAugment:
+    """The stage's augmentation with the encoder's pretraining crop floor and colour strength
+    (`recorded`), each replaced by an explicit option. Without a record: pretraining's defaults for
+    the image size, and where crop or colour is on, the run says so on stderr (naming `source`, the
+    encoder's file; None: no file, nothing to say)."""
     if recorded is None:
         recorded = dict(crop_min_scale=PRETRAIN_CROP_MIN_SCALE, strength=default_strength(image_size))
-        if source is not None and (crop_min_scale is None or strength is None):
+        if source is not None and (crop or color) and (crop_min_scale is None or strength is None):
             print(f"{stage}: '{source}' does not record the augmentation it was pretrained with; using "
                   f"pretraining's defaults for {image_size} px images (crops from {recorded['crop_min_scale']:.0%} "
                   f"of the image, colour strength {recorded['strength']:g}). --crop-min-scale and --strength "
                   "override them.", file=sys.stderr)
-    return dict(crop_min_scale=recorded["crop_min_scale"] if crop_min_scale is None else crop_min_scale,
-                strength=recorded["strength"] if strength is None else strength)
+    scale = recorded["crop_min_scale"] if crop_min_scale is None else crop_min_scale
+    return augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=blur,
+                                 strength=recorded["strength"] if strength is None else strength, scale=(scale, 1.0))
+
+
+def carried(recorded: dict | None) -> dict:
+    """The checkpoint entry that carries a pretraining record on (none without a record)."""
+    return {PRETRAIN_AUGMENTATION: recorded} if recorded else {}
 
 
 def check_input_size(name: str, image_size: int) -> None:

@@ -48,7 +48,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import augment
 import data
 import models
 import train
@@ -126,9 +125,9 @@ class AugmentedFeatures:
     them through the base once, in large batches without gradients; the epoch's steps then train
     the layers on top on those features, in the order data.BatchLoader gives for (seed, epoch).
     Resuming mid-epoch recomputes the same views. Since the views do not depend on the batch size,
-    runs that differ only in it may pass one `shared` dict (epoch -> features) and compute each
-    epoch once; it keeps at most `shared_bytes` of them, and starts it afresh for a run with another
-    seed or augmentation (run_all's Study 3 uses this).
+    runs that differ only in it may pass one `shared` dict ((views, epoch) -> features) and compute
+    each epoch once; it keeps at most `shared_bytes` of them and drops those of other views (another
+    seed or augmentation) (run_all's Study 3 uses this).
     `compile`: torch.compile the base's forward (train.compiled), about 2x on a CPU."""
     CHUNK = 256  # views per forward pass of the base
 
@@ -143,10 +142,9 @@ class AugmentedFeatures:
         self.shared = {} if shared is None else shared
         self.shared_bytes = shared_bytes
         # Features shared by a run with other views (another seed or augmentation) are not these.
-        views_of = (seed, getattr(view, "describe", lambda: "none")(), len(images))
-        if self.shared.get("views of") != views_of:
-            self.shared.clear()
-            self.shared["views of"] = views_of
+        self.views_of = (seed, getattr(view, "describe", lambda: "none")(), len(images))
+        for other in [k for k in self.shared if k[0] != self.views_of]:
+            del self.shared[other]
 
     def __len__(self) -> int:
         return len(self.order)
@@ -154,9 +152,10 @@ class AugmentedFeatures:
     @torch.no_grad()
     def features(self, epoch: int) -> torch.Tensor:
         """(N, D) float32: the base's features of epoch `epoch`'s view of every image, in image order."""
-        key = epoch if self.varies else 0  # without augmentation every epoch sees the same images
+        view_epoch = epoch if self.varies else 0  # without augmentation every epoch sees the same images
+        key = (self.views_of, view_epoch)
         if key not in self.shared:
-            g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + key)
+            g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + view_epoch)
             out = []
             with train.autocast(self.device, self.precision):
                 for x, _ in self.images.batches(self.CHUNK, self.device).epoch(0):
@@ -165,7 +164,7 @@ class AugmentedFeatures:
                     padded = F.pad(views, (0, 0, 0, 0, 0, 0, 0, self.CHUNK - len(views)))
                     out.append(self.base(padded)[:len(views)].float())
             out = torch.cat(out)
-            if sum(f.nbytes for f in self.shared.values() if isinstance(f, torch.Tensor)) + out.nbytes > self.shared_bytes:
+            if sum(f.nbytes for f in self.shared.values()) + out.nbytes > self.shared_bytes:
                 return out
             self.shared[key] = out
         return self.shared[key]
@@ -236,12 +235,10 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     frozen = {k: v.clone() for k, v in frozen_parts.state_dict().items()} if cfg.mode != "finetune" else None
     run = (train.RunFolder.redo(out, "transfer", resume, overwrite) if cfg.mode == "linear-cached"
            else train.RunFolder(out, resume=resume, overwrite=overwrite))
-    augmentation = None
-    if cfg.mode != "linear-cached" and (cfg.crop or cfg.flip or cfg.color):
-        views = train.matched_augmentation(enc.augmentation, image_size, cfg.crop_min_scale, cfg.strength,
-                                           str(cfg.source) if cfg.crop or cfg.color else None, "transfer")
-        augmentation = augment.SimCLRAugment(image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color, blur=False,
-                                             strength=views["strength"], scale=(views["crop_min_scale"], 1.0))
+    augmentation = (train.matched_views(enc.augmentation, image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color,
+                                        crop_min_scale=cfg.crop_min_scale, strength=cfg.strength, source=cfg.source,
+                                        stage="transfer")
+                    if cfg.mode != "linear-cached" and (cfg.crop or cfg.flip or cfg.color) else None)
     described = augmentation.describe() if augmentation else "none"
     config = dict(stage="transfer", source=str(cfg.source), source_kind=enc.kind, arch=enc.arch,
                   head_layer=enc.head_layer,
@@ -256,7 +253,7 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
           f"{image_size}px), {cfg.mode}, augment {described}, lr {cfg.lr:.4g}, wd {cfg.weight_decay}, batch {cfg.batch_size}, "
           f"{cfg.epochs} epochs, device {dev}, {config['precision']}", file=sys.stderr)
     meta = dict(kind="transfer", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
-                **({train.PRETRAIN_AUGMENTATION: enc.augmentation} if enc.augmentation else {}))
+                **train.carried(enc.augmentation))
 
     if cfg.mode == "linear-cached":
         reports = train.linear_probe(model, task, dev, image_size, epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -374,7 +371,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, arch: str | Non
     train.atomic_save(state, out)
     description = dict(format="torchvision-state-dict", arch=enc.arch["encoder"], width=enc.arch["width"],
                        cifar_stem=enc.arch["cifar_stem"], mean=enc.mean, std=enc.std, image_size=enc.image_size,
-                       source=str(source), **({train.PRETRAIN_AUGMENTATION: enc.augmentation} if enc.augmentation else {}))
+                       source=str(source), **train.carried(enc.augmentation))
     train.atomic_write_text(json.dumps(description, indent=2) + "\n", side)
     print(f"export: {len(state)} tensors of {description['arch']} (width {description['width']}) -> {out} "
           f"(+ {side.name}: normalisation mean {enc.mean} std {enc.std})", file=sys.stderr)
