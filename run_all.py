@@ -175,16 +175,16 @@ ENCODERS = Path(__file__).resolve().parent / "encoders"
 _RELEASE_COMMAND = ("python simclr.py pretrain --data shapes-pool --n-images 25600 --model {model} --width 0.125 "
                     "--head-layers 3 --epochs {epochs} --batch-size 256 --base-lr 2.0 --strength 1.0 "
                     "--crop-min-scale 0.4 --knn-k 50 --eval-images 5000 --knn-every 1 --log-every 100 "
-                    "--precision bf16 --seed {seed} --out runs/release/{model}-seed{seed} --release encoders/{file}")
+                    "--precision fp32 --seed {seed} --out runs/release/{model}-seed{seed} --release encoders/{file}")
 RELEASED: dict[str, dict] = {
     # Study 1 fine-tunes it, Study 2 distils the result, Study 3 probes it.
     "teacher": dict(file="resnet18-w0.125-seed0.pt", model="resnet18", seed=0, epochs=100,
-                    sha256="f7b242e8ceb13527c863e6bf481700a48c1bdb45b603ea14baedc513324f04dc"),
+                    sha256="87b47f091a99a6e5f0f293525ff41e4604d41268cacc84ff8585383961624373"),
     # The frozen bases of Study 2's students, each from a seed other than the teacher's.
     "resnet": dict(file="resnet18-w0.125-seed1.pt", model="resnet18", seed=1, epochs=30,
-                   sha256="224b76685881db3f275365690b29eab10b4eddea73bbc84002e66521a7740e3e"),
+                   sha256="74dc938c1b52d177258fff3614b6b590c04d93294dc63e7e303e185aaacb983b"),
     "vgg": dict(file="vgg16_bn-w0.125-seed2.pt", model="vgg16_bn", seed=2, epochs=30,
-                sha256="38ee488b47039520d1998af57f28a485ec19e9fdff6f935f29b66f4e62f1e684"),
+                sha256="5c1e4029213359b7dc9b46542a48ff5eb9047f392ac0ea992e6f00f9ea87e7d6"),
 }
 
 

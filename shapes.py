@@ -6,17 +6,23 @@ unlabeled images for pretraining. Class identity is carried by structure only (s
 texture pattern); colour, position, scale, rotation, mirroring, clutter, lighting and noise vary
 inside every class, so SimCLR's colour distortion matters as it does on natural images.
 
+An object image holds one or two copies of its class's outline, each in its own place, size, turn
+and mirroring, and each filled with its own two-tone texture (where the class allows several).
+Every part of the image shows the class, while which textures, sizes and places it holds is a
+per-image accident: as in a photo, where a crop shows part of an object, SimCLR's random crops make
+two views share the class and not the layout, so cropping matters as in SimCLR v1's Figure 5.
+Texture images (shapes47) are one texture over the whole frame.
+
 Each image is rendered from a few dozen random numbers, vectorised over a chunk of images:
-an object (one of 10 outlines, signed-distance functions in its own rotated, scaled, possibly
-mirrored frame) filled with a two-tone texture (one of 47 periodic or noise patterns, in a second
-random frame), laid over a cluttered background (colour blotches, stray lines, a lighting
-gradient), plus pixel noise. "Texture" images (shapes47) are the texture over the whole frame.
-Edges are anti-aliased from the signed distance and the pixel footprint, so every image size
-shows the same scene at a different resolution.
+outlines are signed-distance functions (10 of them) in their own rotated, scaled, possibly
+mirrored frames, textures are 47 periodic or noise patterns in second random frames, over a
+cluttered background (colour blotches, stray lines, a lighting gradient), plus pixel noise. Edges
+are anti-aliased from the signed distance and the pixel footprint, so every image size shows the
+same scene at a different resolution.
 
 Colours are drawn per image from a lightness / chroma / hue model in which the two texture tones
-and the object against its background always differ in lightness, so the structure survives the
-grayscale and colour jitter of SimCLR; the class never depends on a colour.
+and the objects against their background always differ in lightness, so the structure survives
+the grayscale and colour jitter of SimCLR; the class never depends on a colour.
 
 data.py wraps ``generate`` into its containers (``data.load_task("shapes5")``); this file needs
 only numpy (and train.py's UserError, for the message a command line prints).
@@ -497,6 +503,8 @@ _SHAPES = {
 }
 SHAPE_NAMES: tuple[str, ...] = tuple(_SHAPES)
 _FILL = -1  # shape id of texture-only images
+MAX_OBJECTS = 2  # copies of the outline an image may hold
+OBJECT_RADIUS = (0.4, 0.75)  # range of each copy's radius, in image half-widths
 
 
 def _class_table(name: str) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]]:
@@ -505,8 +513,9 @@ def _class_table(name: str) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]
     shapes2 is a coarse two-way split of outlines (round vs pointed, like cats vs dogs: several
     sub-kinds per class); shapes5 five outlines (flowers); shapes47 the 47 textures over the whole
     frame (DTD); shapes100 every outline x object-texture pair (CIFAR-100 / Food-101), so its classes
-    differ in one attribute from 18 others. Where a class allows several textures or shapes, each image
-    draws one, so texture is a nuisance there and only the outline decides.
+    differ in one attribute from 18 others. Where a class allows several shapes, each image draws one
+    (its copies share it); where it allows several textures, each copy draws one, so texture is a
+    nuisance there and only the outline decides.
     """
     sid = {s: k for k, s in enumerate(SHAPE_NAMES)}
     if name == "shapes2":
@@ -525,7 +534,7 @@ def _class_table(name: str) -> list[tuple[str, tuple[int, ...], tuple[str, ...]]
 
 EMBEDDED_TASKS: dict[str, int] = {"shapes2": 2, "shapes5": 5, "shapes47": 47, "shapes100": 100}
 POOL_NAME = "shapes-pool"
-_GENERATOR_VERSION = 1  # part of every seed: bump when the renderer changes what a seed draws
+_GENERATOR_VERSION = 2  # part of every seed: bump when the renderer changes what a seed draws
 _TEX_IDS = {t: k for k, t in enumerate(("solid",) + TEXTURE_NAMES)}
 _TEX_FNS = [_OBJECT_TEXTURE_FN[t] for t in ("solid",) + TEXTURE_NAMES]
 _RENDER_CHUNK = 512  # images rendered together: large enough to amortise Python, small enough for cache
@@ -554,37 +563,50 @@ def _colour(rng: np.random.Generator, lightness: np.ndarray, max_chroma: float) 
 
 
 def _frame(cx, cy, angle, sx, sy, mirror) -> np.ndarray:
-    """Affine coefficients (n, 2, 3): local (u, v) = A @ (x, y, 1) for a rotated, scaled, mirrored frame."""
+    """Affine coefficients (..., 2, 3): local (u, v) = A @ (x, y, 1) for a rotated, scaled, mirrored frame."""
     c, s = np.cos(angle), np.sin(angle)
-    a = np.empty((cx.shape[0], 2, 3))
-    a[:, 0, 0], a[:, 0, 1] = c * mirror / sx, s * mirror / sx
-    a[:, 1, 0], a[:, 1, 1] = -s / sy, c / sy
-    a[:, 0, 2] = -(a[:, 0, 0] * cx + a[:, 0, 1] * cy)
-    a[:, 1, 2] = -(a[:, 1, 0] * cx + a[:, 1, 1] * cy)
+    a = np.empty((*cx.shape, 2, 3))
+    a[..., 0, 0], a[..., 0, 1] = c * mirror / sx, s * mirror / sx
+    a[..., 1, 0], a[..., 1, 1] = -s / sy, c / sy
+    a[..., 0, 2] = -(a[..., 0, 0] * cx + a[..., 0, 1] * cy)
+    a[..., 1, 2] = -(a[..., 1, 0] * cx + a[..., 1, 1] * cy)
     return a
 
 
 def _draw_scenes(rng: np.random.Generator, shape_ids: np.ndarray, tex_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Every random number of every image (all float64 until rendering), given its structure."""
-    n = shape_ids.shape[0]
+    """Every random number of every image (all float64 until rendering), given its structure:
+    shape_ids (n,), tex_ids (n, MAX_OBJECTS), the texture of each object an image may hold."""
+    n, k_max = tex_ids.shape
     obj = shape_ids >= 0
-    u = lambda lo, hi: rng.uniform(lo, hi, n)  # noqa: E731 - local shorthand
-    flip = lambda: np.where(rng.random(n) < 0.5, -1.0, 1.0)  # noqa: E731
-    # Object frame: radius 0.55..0.8 of the half-width, kept mostly inside the image.
-    scale = u(0.55, 0.8)
+    u = lambda lo, hi, *shape: rng.uniform(lo, hi, (n, *shape))  # noqa: E731 - local shorthand
+    flip = lambda *shape: np.where(rng.random((n, *shape)) < 0.5, -1.0, 1.0)  # noqa: E731
+    # 1 to MAX_OBJECTS copies of the outline, each with its own place, size, turn, mirroring and
+    # texture: every part of the image shows the class, and the image's layout is a nuisance.
+    count = np.where(obj, rng.integers(1, k_max + 1, n), 1)
+    scale = u(OBJECT_RADIUS[0], OBJECT_RADIUS[1], k_max)
     room = 0.95 - 0.85 * scale
-    cx, cy = u(-1, 1) * room, u(-1, 1) * room
-    aspect = u(0.87, 1.15)
-    shape_frame = _frame(cx, cy, u(0, 2 * np.pi), scale * aspect, scale / aspect, flip())
-    # Texture frame: period from the texture's base period, relative to the object's size.
+    cx, cy = u(-1, 1, k_max) * room, u(-1, 1, k_max) * room
+    for k in range(1, k_max):  # redraw a copy that would hide much of an earlier one (a few tries)
+        for _ in range(8):
+            gap = np.hypot(cx[:, :k] - cx[:, k:k + 1], cy[:, :k] - cy[:, k:k + 1])
+            close = (gap < 0.8 * (scale[:, :k] + scale[:, k:k + 1])).any(1)
+            if not close.any():
+                break
+            m = int(close.sum())
+            cx[close, k] = rng.uniform(-1, 1, m) * room[close, k]
+            cy[close, k] = rng.uniform(-1, 1, m) * room[close, k]
+    aspect = u(0.87, 1.15, k_max)
+    shape_frame = _frame(cx, cy, u(0, 2 * np.pi, k_max), scale * aspect, scale / aspect, flip(k_max))
+    # Texture frames: period from the texture's base period, relative to the object's size.
     base = np.array([f[1] for f in _TEX_FNS])[tex_ids]
     centred = np.array([f[2] for f in _TEX_FNS])[tex_ids]
-    period = base * u(0.85, 1.2) * np.where(obj, scale / 0.55, 1.0)
-    ox = np.where(obj, cx + u(-0.1, 0.1) * scale, u(-0.5, 0.5))
-    oy = np.where(obj, cy + u(-0.1, 0.1) * scale, u(-0.5, 0.5))
-    tex_frame = _frame(ox, oy, u(0, 2 * np.pi), period, period, flip())
-    tex_frame[:, :, 2] += np.where(centred, 0.0, 1.0)[:, None] * rng.uniform(0, 64, (n, 2))
-    # Colours: lightness keeps texture tones and object / background apart (see the section note).
+    o = obj[:, None]
+    period = base * u(0.85, 1.2, k_max) * np.where(o, scale / 0.55, 1.0)
+    ox = np.where(o, cx + u(-0.1, 0.1, k_max) * scale, u(-0.5, 0.5, k_max))
+    oy = np.where(o, cy + u(-0.1, 0.1, k_max) * scale, u(-0.5, 0.5, k_max))
+    tex_frame = _frame(ox, oy, u(0, 2 * np.pi, k_max), period, period, flip(k_max))
+    tex_frame[..., 2] += np.where(centred, 0.0, 1.0)[..., None] * rng.uniform(0, 64, (n, k_max, 2))
+    # Colours, one palette per image: lightness keeps texture tones and objects / background apart.
     l_bg = u(0.12, 0.88)
     l_1 = _lightness_apart(rng, l_bg, 0.22, 0.5)
     l_2 = _lightness_apart(rng, l_1, 0.28, 0.6)
@@ -601,12 +623,13 @@ def _draw_scenes(rng: np.random.Generator, shape_ids: np.ndarray, tex_ids: np.nd
     lines[:, :, 2] = rng.uniform(-0.85, 0.85, (n, 2))
     return {
         "shape": shape_ids.astype(np.int64),
+        "count": count.astype(np.int64),
         "tex": tex_ids.astype(np.int64),
         "shape_frame": shape_frame,
         "shape_px": 1.0 / (scale * np.minimum(aspect, 1 / aspect)),
         "tex_frame": tex_frame,
         "tex_px": 1.0 / period,
-        "extra": rng.random((n, 8)),
+        "extra": rng.random((n, k_max, 8)),
         "c_bg": _colour(rng, l_bg, 0.3),
         "c_bg2": _colour(rng, np.clip(l_bg + rng.normal(0, 0.08, n), 0, 1), 0.3),
         "c_1": _colour(rng, l_1, 0.35),
@@ -622,6 +645,36 @@ def _draw_scenes(rng: np.random.Generator, shape_ids: np.ndarray, tex_ids: np.nd
         "noise": u(0.0, 0.045),
         "noise_seed": rng.integers(0, 2**63 - 1, n),
     }
+
+
+def _paint_objects(g: dict[str, np.ndarray], img: list[np.ndarray], affine, per_image, pix: np.float32) -> None:
+    """Paint each image's copies of its outline over the RGB planes ``img``, later copies over
+    earlier ones; a texture-only image is one copy filling the frame. One group per texture and
+    per shape, so each texture or outline function runs once per copy slot."""
+    size = img[0].shape[-1]
+    for k in range(g["tex"].shape[1]):
+        on = np.flatnonzero(g["count"] > k)
+        if on.size == 0:
+            break
+        t = np.empty((on.size, size, size), _F)
+        tex = g["tex"][on, k]
+        for tid in np.unique(tex):
+            idx = on[tex == tid]
+            p, q = affine(g["tex_frame"][idx, k, 0]), affine(g["tex_frame"][idx, k, 1])
+            t[tex == tid] = _TEX_FNS[tid][0](p, q, pix * per_image(g["tex_px"][idx, k]), g["extra"][idx, k].astype(_F))
+        mask = np.ones((on.size, size, size), _F)
+        shp = g["shape"][on]
+        for sid in np.unique(shp):
+            if sid < 0:
+                continue
+            idx = on[shp == sid]
+            u, v = affine(g["shape_frame"][idx, k, 0]), affine(g["shape_frame"][idx, k, 1])
+            mask[shp == sid] = _cover(_SHAPES[SHAPE_NAMES[sid]](u, v), pix * per_image(g["shape_px"][idx, k]))
+        for c in range(3):
+            obj = per_image(g["c_1"][on, c]) + t * per_image(g["c_2"][on, c] - g["c_1"][on, c])
+            plane = img[c][on]
+            plane += mask * (obj - plane)
+            img[c][on] = plane
 
 
 def _render(prm: dict[str, np.ndarray], lo: int, hi: int, size: int) -> np.ndarray:
@@ -658,20 +711,7 @@ def _render(prm: dict[str, np.ndarray], lo: int, hi: int, size: int) -> np.ndarr
             plane = img[c][idx]
             plane += cov * (per_image(g["c_line"][idx, k, c]) - plane)
             img[c][idx] = plane
-    # Texture, one group of images per texture.
-    t = np.empty((n, size, size), _F)
-    for tid in np.unique(g["tex"]):
-        idx = np.flatnonzero(g["tex"] == tid)
-        p, q = affine(g["tex_frame"][idx, 0]), affine(g["tex_frame"][idx, 1])
-        t[idx] = _TEX_FNS[tid][0](p, q, pix * per_image(g["tex_px"][idx]), g["extra"][idx].astype(_F))
-    # Object mask, one group per shape; texture-only images are all object.
-    mask = np.ones((n, size, size), _F)
-    for sid in np.unique(g["shape"]):
-        if sid < 0:
-            continue
-        idx = np.flatnonzero(g["shape"] == sid)
-        u, v = affine(g["shape_frame"][idx, 0]), affine(g["shape_frame"][idx, 1])
-        mask[idx] = _cover(_SHAPES[SHAPE_NAMES[sid]](u, v), pix * per_image(g["shape_px"][idx]))
+    _paint_objects(g, img, affine, per_image, pix)
     light = affine(np.concatenate([g["light"], np.ones((n, 1))], 1))
     light *= _F(255.0)
     # Uniform noise from raw bytes (a fraction of the cost of Gaussian draws), std = noise level.
@@ -680,9 +720,7 @@ def _render(prm: dict[str, np.ndarray], lo: int, hi: int, size: int) -> np.ndarr
     noise_scale = per_image(g["noise"] * 255.0 * np.sqrt(12.0) / 256.0)
     out = np.empty((3, n, size, size), _F)
     for c in range(3):
-        obj = per_image(g["c_1"][:, c]) + t * per_image(g["c_2"][:, c] - g["c_1"][:, c])
         plane = img[c]
-        plane += mask * (obj - plane)
         plane *= light
         plane += (noise[c] - _F(127.5)) * noise_scale
         plane += _F(0.5)
@@ -703,7 +741,7 @@ def generate(name: str, n: int, split: str = "train", image_size: int = 32,
     Deterministic for (name, split, n, image_size, seed). Disjointness: every (task, split) pair
     draws from its own seed namespace (task and split names are part of the seed sequence entropy,
     the pool's name is neither a task nor a split), so no two splits share a random stream; and an
-    image is rendered from ~70 continuous random numbers, so two streams could only yield the same
+    image is rendered from ~100 continuous random numbers, so two streams could only yield the same
     image by drawing all of them equal. The test suite checks it on thousands of images.
     """
     if name != POOL_NAME and name not in EMBEDDED_TASKS:
@@ -716,18 +754,24 @@ def generate(name: str, n: int, split: str = "train", image_size: int = 32,
         structures += [(_FILL, _TEX_IDS[t]) for t in TEXTURE_NAMES]
         pick = rng.integers(0, len(structures), n)
         table = np.array(structures, dtype=np.int64).reshape(-1, 2)
-        shape_ids, tex_ids = table[pick, 0], table[pick, 1]
+        shape_ids = table[pick, 0]
+        # The picked texture fills the first copy (or the frame); further copies draw their own.
+        tex_ids = np.repeat(table[pick, 1:], MAX_OBJECTS, 1)
+        object_tex = np.array([_TEX_IDS[t] for t in _OBJECT_TEXTURES])
+        others = object_tex[rng.integers(0, len(object_tex), (n, MAX_OBJECTS - 1))]
+        tex_ids[:, 1:] = np.where(shape_ids[:, None] >= 0, others, tex_ids[:, 1:])
         labels, classes = None, []
     else:
         table = _class_table(name)
         classes = [c[0] for c in table]
         labels = rng.permutation(np.arange(n) % len(table)).astype(np.int64)
         shape_ids = np.empty(n, np.int64)
-        tex_ids = np.empty(n, np.int64)
+        tex_ids = np.empty((n, MAX_OBJECTS), np.int64)
         for k, (_, shapes, textures) in enumerate(table):
             idx = np.flatnonzero(labels == k)
             shape_ids[idx] = np.array(shapes)[rng.integers(0, len(shapes), idx.size)]
-            tex_ids[idx] = np.array([_TEX_IDS[t] for t in textures])[rng.integers(0, len(textures), idx.size)]
+            choices = np.array([_TEX_IDS[t] for t in textures])
+            tex_ids[idx] = choices[rng.integers(0, len(textures), (idx.size, MAX_OBJECTS))]
     prm = _draw_scenes(rng, shape_ids, tex_ids)
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     for lo in range(0, n, _RENDER_CHUNK):

@@ -386,6 +386,8 @@ class FinetuneConfig(train.StageConfig):
     momentum: float = option(0.9, "momentum of SGD / LARS", allowed=train.MOMENTUM)
     log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
     compile: str = train.compile_option()
+    data_seed: int | None = option(None, "seed of the task's images and splits (default: --seed; run_all.py's "
+                                   "studies draw every task from seed 0 and vary only --seed)")
     arch: dict | None = None   # the network to train from scratch when checkpoint is None
     image_size: int = 32       # its image size
 
@@ -411,7 +413,8 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
             raise ValueError("finetune from scratch needs `arch`")
         arch, image_size = cfg.arch, cfg.image_size
         pretrained, mean, std = train.build_simclr_model(arch), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=cfg.seed,
+    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=data_seed,
                                   cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad, n_train=cfg.train_images,
                                   n_test=cfg.test_images)
     if cfg.head_layer > arch["head_layers"]:
@@ -435,7 +438,7 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
                   labeled_images=len(labeled), head_layer=cfg.head_layer, augmentation=augmentation.describe(),
                   pretrain_augmentation=recorded,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                  momentum=cfg.momentum, seed=cfg.seed, device=str(dev),
+                  momentum=cfg.momentum, seed=cfg.seed, data_seed=cfg.data_seed, device=str(dev),
                   precision=train.resolve_precision(cfg.precision, dev))
     run.start(config)
     loader = data.BatchLoader(labeled, cfg.batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)

@@ -2084,16 +2084,26 @@ def read_log(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
 
 
-def test_pretrain_lowers_loss_and_beats_random_encoder(tmp_path):
+def test_pretrain_lowers_loss(tmp_path):
     summary = simclr.pretrain(tiny_pretrain_config(epochs=8, n_images=512, knn_every=8), tmp_path / "run")
     steps = [r for r in read_log(tmp_path / "run") if "loss" in r]
     first, last = np.mean([r["loss"] for r in steps[:4]]), np.mean([r["loss"] for r in steps[-4:]])
     assert last < first - 0.1, (first, last)
-    # A seeded run of this size gives a clear gap between the pretrained and a random encoder on the
-    # 5-class val split; chance is 0.2.
-    assert summary["knn_top1"] > summary["knn_top1_random_encoder"] + 0.05, summary
+    assert 0 <= summary["knn_top1_random_encoder"] <= 1 and 0 <= summary["knn_top1"] <= 1
     ckpt = train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["kind"] == "pretrain" and ckpt["step"] == len(steps)
+
+
+@pytest.mark.slow  # two minutes on 2 cores: the world's classes take the cpu preset's budget to show
+def test_pretrain_beats_random_encoder_at_the_cpu_presets_budget(tmp_path):
+    """README's augmentation ablation, 'full' row, seed 0: 15 epochs of 4,096 pool images at 32 px.
+    Seeds 0-2 gave kNN 0.412 / 0.352 / 0.332 against 0.248 / 0.282 / 0.284 for a random encoder
+    (2026-12-04, fp32); the bar is two standard errors of a kNN score on 500 queries (~0.04)."""
+    cfg = tiny_pretrain_config(image_size=32, n_images=4096, head_layers=3, epochs=15, batch_size=256, base_lr=4.0,
+                               strength=1.0, crop_min_scale=0.4, knn_k=50, eval_images=5000, knn_every=15,
+                               log_every=10, precision="fp32")
+    summary = simclr.pretrain(cfg, tmp_path / "run")
+    assert summary["knn_top1"] > summary["knn_top1_random_encoder"] + 0.04, summary
 
 
 def _change_loss_at_step(monkeypatch, step: int, change) -> None:
@@ -2415,11 +2425,11 @@ def majority(labels) -> float:
 def test_distilled_student_agrees_with_fixed_teacher(world, tmp_path):
     task = world["relabelled"]
     res = distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", width=0.125, mode="scratch",
-                                                epochs=4, batch_size=32, lr=0.1, crop=False, flip=False, device="cpu",
+                                                epochs=8, batch_size=32, lr=0.1, crop=False, flip=False, device="cpu",
                                                 log_every=100), tmp_path / "kd", task=task)
     chance = majority(task.test.labels)  # what a constant student would agree
-    # Seeded runs (seeds 0-2) agreed 0.74-0.84 on test against a majority rate of 0.52; without
-    # learning from the soft labels a student stays near chance.
+    # Seeded runs (seeds 0-2) agreed 0.76-0.79 on test against a majority rate of 0.54 (4 epochs gave
+    # 0.68-0.69 in this world); without learning from the soft labels a student stays near chance.
     assert res["agreement"]["test"] > chance + 0.15, (res["agreement"], chance)
     assert res["teacher"]["test"]["top1"] == 1.0  # the labels are the teacher's own predictions
     student, meta = train.load_classifier(res["best"], 2)  # a plain student loads with the shared loader
@@ -2494,6 +2504,22 @@ def test_stages_augment_as_their_encoder_was_pretrained_and_carry_it_on(world, t
                     task=task)
     assert used("old") == "crop+flip+color(s=0.5)"
     assert "does not record the augmentation it was pretrained with" in capsys.readouterr().err
+    # An override of an operation that is off changes nothing, and the run says so.
+    simclr.finetune(simclr.FinetuneConfig(checkpoint=str(origin), crop=False, strength=0.9, crop_min_scale=0.5,
+                                          **common), tmp_path / "idle", task=task)
+    err = capsys.readouterr().err
+    assert "--strength: colour distortion is off" in err and "--crop-min-scale: cropping is off" in err
+
+
+def test_finetune_draws_its_task_from_data_seed(world, tmp_path, monkeypatch):
+    """run_all's Study 1 draws the task from seed 0 and varies only the training seed; --data-seed
+    lets one command reproduce a row."""
+    seeds, load_task = [], data.load_task
+    monkeypatch.setattr(data, "load_task", lambda *a, **k: seeds.append(k["seed"]) or load_task(*a, **k))
+    simclr.finetune(simclr.FinetuneConfig(checkpoint=str(world["origin"]), data="shapes2", train_images=100,
+                                          test_images=50, epochs=1, batch_size=32, device="cpu", seed=1,
+                                          data_seed=0), tmp_path / "ft")
+    assert seeds == [0] and json.loads((tmp_path / "ft" / "config.json").read_text())["data_seed"] == 0
 
 
 def _knn_by_hand(bank, bank_labels, query, k, temperature=0.1):
