@@ -1173,6 +1173,63 @@ def _looks_like_path(name: str) -> bool:
     return os.sep in name or "/" in name or name.startswith((".", "~")) or Path(name).exists()
 
 
+CLASS_MARK = "@"  # NAME@class+class: a task of some of a dataset's classes, in that order
+
+
+def split_classes(name: str) -> tuple[str, list[str] | None]:
+    """'cifar10@cat+dog' -> ('cifar10', ['cat', 'dog']); a name without a selection -> (name, None).
+
+    The one way every command selects classes (also inside run_all's --data map, whose separators
+    are ',', '=' and ':'). A path that exists as written is never split, so a folder whose name holds
+    an '@' still loads whole."""
+    if CLASS_MARK not in name or Path(name).expanduser().exists():
+        return name, None
+    base, _, listed = name.rpartition(CLASS_MARK)
+    chosen = [c.strip() for c in listed.split("+")]
+    if not base.strip() or not all(chosen):
+        raise UserError(f"{name!r}: select classes as NAME{CLASS_MARK}class+class, e.g. cifar10{CLASS_MARK}cat+dog.")
+    twice = sorted({c for c in chosen if chosen.count(c) > 1})
+    if twice:
+        raise UserError(f"{name!r} names the class{'es' if len(twice) > 1 else ''} {', '.join(map(repr, twice))} twice.")
+    return base, chosen
+
+
+def _select(label: str, chosen: list[str], task: TaskData) -> tuple[ImageSet, ImageSet | None, ImageSet]:
+    """The splits of ``task`` with only the ``chosen`` classes, relabelled 0.. in the order given
+    (val None when the task's source has none, as load_task(val_fraction=0) leaves it empty)."""
+    index = {c: k for k, c in enumerate(task.classes)}
+    unknown = [c for c in chosen if c not in index]
+    if unknown:
+        shown = ", ".join(task.classes[:40]) + (f" ... ({len(task.classes)} in all)" if len(task.classes) > 40 else "")
+        raise UserError(f"{label}: {task.name} has no class {', '.join(map(repr, unknown))}. Its classes: {shown}.")
+    new_label = np.full(len(task.classes), -1, np.int64)
+    new_label[[index[c] for c in chosen]] = np.arange(len(chosen))
+
+    def keep(split: ImageSet) -> ImageSet:
+        out = split.subset(np.flatnonzero(new_label[split.labels] >= 0))
+        out.labels, out.classes = new_label[out.labels], list(chosen)
+        return out
+    return keep(task.train), keep(task.val) if len(task.val) else None, keep(task.test)
+
+
+def _selected_task(name: str, chosen: list[str], image_size, root, val_fraction, seed, n_train, n_test, download,
+                   cache_dir, skip_bad) -> TaskData:
+    """load_task for NAME@class+class: the whole task first (no subsample, no validation carve),
+    then the classes, then n_train / n_test and the carve on what is left. An embedded task is
+    generated large enough that about n_train / n_test images remain after the selection."""
+    if len(chosen) < 2:
+        raise UserError(f"{name}{CLASS_MARK}{chosen[0]}: a labeled task needs at least two classes; name two or more, "
+                        f"joined by '+' (e.g. cifar10{CLASS_MARK}cat+dog).")
+    key = _normalise(name)
+    grow = lambda n: None if n is None else -(-int(n) * EMBEDDED_TASKS[key] // len(chosen))  # noqa: E731
+    sizes = (grow(n_train if n_train is not None else EMBEDDED_SIZES[key][0]),
+             grow(n_test if n_test is not None else EMBEDDED_SIZES[key][1])) if key in EMBEDDED_TASKS else (None, None)
+    whole = load_task(name, image_size, root, 0.0, seed, *sizes, download, cache_dir, skip_bad)
+    label = f"{whole.name}{CLASS_MARK}{'+'.join(chosen)}"
+    train, val, test = _select(label, chosen, whole)
+    return _finish(label, train, val, test, chosen, val_fraction, seed, n_train, n_test)
+
+
 def load_task(
     name_or_path: str | Path,
     image_size: int = 32,
@@ -1190,7 +1247,9 @@ def load_task(
     name_or_path: an embedded task (shapes2, shapes5, shapes47, shapes100), a named dataset
         (cifar10, cifar100, cifar100_coarse, tf_flowers, dtd, food101, cats_vs_dogs; looked up under
         ``root``, default default_data_root(), downloaded there when ``download``), or a folder:
-        CIFAR pickles, root/class/img, or root/{train,test[,val]}/class/img.
+        CIFAR pickles, root/class/img, or root/{train,test[,val]}/class/img. Any of them followed by
+        @class+class (``cifar10@cat+dog``) is a task of those classes only, labelled 0.. in the order
+        given (split_classes); n_train and n_test then count the selected classes' images.
     image_size: working size. Embedded and CIFAR images come at exactly this size; decoded folders
         at cache_resolution(image_size) (a margin for crops, see the image-folder section).
     n_train / n_test: size of the train split before the validation carve / of the test split
@@ -1200,7 +1259,10 @@ def load_task(
     seed: embedded tasks: the whole dataset; real data: the train subsample and validation carve
         (test splits carved for sources without one use a fixed seed, so every run tests alike).
     """
-    name = str(name_or_path)
+    name, chosen = split_classes(str(name_or_path))
+    if chosen is not None:
+        return _selected_task(name, chosen, image_size, root, val_fraction, seed, n_train, n_test, download,
+                              cache_dir, skip_bad)
     key = _normalise(name)
     if key in EMBEDDED_TASKS:
         d_train, d_test = EMBEDDED_SIZES[key]
@@ -1237,13 +1299,14 @@ def load_unlabeled(
         structures of the embedded tasks, from its own seed namespace: it holds no image of any
         embedded task's train, val or test split (see shapes.generate()).
     An embedded task or named dataset: its train split (before the validation carve), labels
-        dropped; never its test split. (Embedded tasks: ``n`` images of the train namespace; with
+        dropped; never its test split. With @class+class (split_classes), those classes' only. (Embedded tasks: ``n`` images of the train namespace; with
         n None, exactly the images load_task(name, seed=seed) splits into train and val.)
     A folder: every image under it, recursively (a flat folder of photos works), as the cache's
         read-only memory map when ``n`` is None.
     n: a seeded random subset of that many images.
     """
     name = str(name_or_path)
+    selected = split_classes(name)[1] is not None
     key = _normalise(name)
     if key == POOL_NAME:
         out = ImageSet(*shapes.generate(POOL_NAME, int(n if n is not None else DEFAULT_POOL_SIZE), "pool", image_size, seed))
@@ -1251,7 +1314,11 @@ def load_unlabeled(
     if key in EMBEDDED_TASKS:
         m = int(n if n is not None else EMBEDDED_SIZES[key][0])
         return ImageSet(shapes.generate(key, m, "train", image_size, seed)[0], None, [])
-    if key in DATASETS:
+    if selected:  # one class is fine here: no classifier is trained on these
+        base, chosen = split_classes(name)
+        whole = load_task(base, image_size, root, 0.0, seed, None, None, download, cache_dir, skip_bad)
+        images = _select(name, chosen, whole)[0].images
+    elif key in DATASETS:
         task = load_task(name, image_size, root, 0.0, seed, None, None, download, cache_dir, skip_bad)
         images = task.train.images
     elif _looks_like_path(name):

@@ -431,7 +431,8 @@ def load_tasks(names: Sequence[str], image_size: int, sizes: dict, seed: int, ro
     (train_per_class, min_train, test_per_class, min_test); real datasets keep their own splits."""
     tasks = {}
     for name in dict.fromkeys(names):
-        classes = data.EMBEDDED_TASKS.get(name)
+        base, chosen = data.split_classes(name)
+        classes = data.EMBEDDED_TASKS.get(base) and (len(chosen) if chosen else data.EMBEDDED_TASKS[base])
         # An embedded task sized by the preset; 0 (the paper preset) keeps data.py's own sizes.
         n_train = max(sizes["min_train"], classes * sizes["train_per_class"]) if classes else None
         n_test = max(sizes["min_test"], classes * sizes["test_per_class"]) if classes else None

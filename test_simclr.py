@@ -1621,6 +1621,43 @@ def test_cifar100_fine_and_coarse(tmp_path):
     assert data.load_task("cifar100_coarse", root=tmp_path, val_fraction=0.0).num_classes == 20
 
 
+def test_class_selection_keeps_the_named_classes_in_the_order_given(tmp_path):
+    _cifar10_folder(tmp_path / "cifar10")
+    whole = data.load_task("cifar10", root=tmp_path, val_fraction=0.0)
+    task = data.load_task("cifar10@c7+c2+c5", root=tmp_path, val_fraction=0.1)
+    assert task.name == "cifar10@c7+c2+c5" and task.classes == ["c7", "c2", "c5"] == task.test.classes
+    # Every image of the three classes, relabelled 0, 1, 2 in that order; the pixels are the originals'.
+    for split, source in ((task.test, whole.test), (data.ImageSet(np.concatenate([task.train.images, task.val.images]),
+                                                                    np.concatenate([task.train.labels, task.val.labels]),
+                                                                    task.classes), whole.train)):
+        for new, old in enumerate((7, 2, 5)):
+            assert _hashes(split.images[split.labels == new]) == _hashes(source.images[source.labels == old])
+        assert len(split) == int(np.isin(source.labels, [7, 2, 5]).sum())
+    # n_train / n_test count the selected classes' images; the form works for every kind of source.
+    sized = data.load_task("cifar10@c1+c0", root=tmp_path, n_train=10, n_test=3)
+    assert (len(sized.train) + len(sized.val), len(sized.test)) == (10, 3)
+    embedded = data.load_task("shapes5@ring+star", n_train=100, n_test=50)
+    assert embedded.classes == ["ring", "star"] and (len(embedded.train) + len(embedded.val), len(embedded.test)) == (100, 50)
+    assert len(data.load_unlabeled("shapes5@ring", n=30)) == 30  # unlabeled: one class is enough
+    assert data.split_classes(str(tmp_path / "cifar10")) == (str(tmp_path / "cifar10"), None)
+    odd = tmp_path / "shots@home"  # an existing path is never split at its '@'
+    odd.mkdir()
+    assert data.split_classes(str(odd)) == (str(odd), None)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("cifar10@c1+dog", "cifar10 has no class 'dog'. Its classes: c0, c1"),
+    ("cifar10@c1+c1", "names the class 'c1' twice"),
+    ("cifar10@c1", "needs at least two classes"),
+    ("cifar10@", "select classes as NAME@class"),
+    ("cifar10@c1++c2", "select classes as NAME@class"),
+])
+def test_class_selection_errors_name_the_problem(tmp_path, name, message):
+    _cifar10_folder(tmp_path / "cifar10")
+    with pytest.raises(train.UserError, match=re.escape(message)):
+        data.load_task(name, root=tmp_path)
+
+
 def test_named_dataset_missing_says_how_to_download(tmp_path):
     with pytest.raises(train.UserError, match="python data.py download cifar100"):
         data.load_task("cifar100", root=tmp_path)
@@ -2789,6 +2826,9 @@ def test_parse_data_maps_studies_and_study2_follows_study1():
     m = run_all.parse_data("study1=/data/flowers,study3=a:b:c", defaults)
     assert m == dict(pool="shapes-pool", study1="/data/flowers", study2="/data/flowers", study3=["a", "b", "c"])
     assert run_all.parse_data("study2=x", defaults)["study2"] == "x"
+    # The class-selection form passes through the map whole (its separators are '@' and '+').
+    m = run_all.parse_data("study1=cifar10@airplane+cat+dog,study3=cifar10@cat+dog:cifar10", defaults)
+    assert m["study1"] == "cifar10@airplane+cat+dog" and m["study3"] == ["cifar10@cat+dog", "cifar10"]
     for bad in ("study4=x", "study1", "study1=", "study1=a,study1=b"):
         with pytest.raises(run_all.UserError):
             run_all.parse_data(bad, defaults)
