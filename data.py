@@ -1299,14 +1299,15 @@ def load_unlabeled(
         structures of the embedded tasks, from its own seed namespace: it holds no image of any
         embedded task's train, val or test split (see shapes.generate()).
     An embedded task or named dataset: its train split (before the validation carve), labels
-        dropped; never its test split. With @class+class (split_classes), those classes' only. (Embedded tasks: ``n`` images of the train namespace; with
-        n None, exactly the images load_task(name, seed=seed) splits into train and val.)
+        dropped; never its test split. With @class+class (split_classes), those classes' only.
+        (Embedded tasks: ``n`` images of the train namespace; with n None, exactly the images
+        load_task(name, seed=seed) splits into train and val.)
     A folder: every image under it, recursively (a flat folder of photos works), as the cache's
         read-only memory map when ``n`` is None.
     n: a seeded random subset of that many images.
     """
     name = str(name_or_path)
-    selected = split_classes(name)[1] is not None
+    base, chosen = split_classes(name)
     key = _normalise(name)
     if key == POOL_NAME:
         out = ImageSet(*shapes.generate(POOL_NAME, int(n if n is not None else DEFAULT_POOL_SIZE), "pool", image_size, seed))
@@ -1314,8 +1315,7 @@ def load_unlabeled(
     if key in EMBEDDED_TASKS:
         m = int(n if n is not None else EMBEDDED_SIZES[key][0])
         return ImageSet(shapes.generate(key, m, "train", image_size, seed)[0], None, [])
-    if selected:  # one class is fine here: no classifier is trained on these
-        base, chosen = split_classes(name)
+    if chosen is not None:  # one class is fine here: no classifier is trained on these
         whole = load_task(base, image_size, root, 0.0, seed, None, None, download, cache_dir, skip_bad)
         images = _select(name, chosen, whole)[0].images
     elif key in DATASETS:

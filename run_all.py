@@ -432,7 +432,7 @@ def load_tasks(names: Sequence[str], image_size: int, sizes: dict, seed: int, ro
     tasks = {}
     for name in dict.fromkeys(names):
         base, chosen = data.split_classes(name)
-        classes = data.EMBEDDED_TASKS.get(base) and (len(chosen) if chosen else data.EMBEDDED_TASKS[base])
+        classes = (len(chosen) if chosen else data.EMBEDDED_TASKS[base]) if base in data.EMBEDDED_TASKS else None
         # An embedded task sized by the preset; 0 (the paper preset) keeps data.py's own sizes.
         n_train = max(sizes["min_train"], classes * sizes["train_per_class"]) if classes else None
         n_test = max(sizes["min_test"], classes * sizes["test_per_class"]) if classes else None

@@ -573,6 +573,22 @@ def _frame(cx, cy, angle, sx, sy, mirror) -> np.ndarray:
     return a
 
 
+def _spread_apart(rng: np.random.Generator, cx: np.ndarray, cy: np.ndarray, scale: np.ndarray,
+                  room: np.ndarray, tries: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Centres (n, k) of each image's copies, a copy that would hide much of an earlier one (centres
+    closer than 0.8x the sum of their radii) drawn again inside its room, at most ``tries`` times."""
+    for k in range(1, cx.shape[1]):
+        for _ in range(tries):
+            gap = np.hypot(cx[:, :k] - cx[:, k:k + 1], cy[:, :k] - cy[:, k:k + 1])
+            close = (gap < 0.8 * (scale[:, :k] + scale[:, k:k + 1])).any(1)
+            if not close.any():
+                break
+            m = int(close.sum())
+            cx[close, k] = rng.uniform(-1, 1, m) * room[close, k]
+            cy[close, k] = rng.uniform(-1, 1, m) * room[close, k]
+    return cx, cy
+
+
 def _draw_scenes(rng: np.random.Generator, shape_ids: np.ndarray, tex_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Every random number of every image (all float64 until rendering), given its structure:
     shape_ids (n,), tex_ids (n, MAX_OBJECTS), the texture of each object an image may hold."""
@@ -585,16 +601,7 @@ def _draw_scenes(rng: np.random.Generator, shape_ids: np.ndarray, tex_ids: np.nd
     count = np.where(obj, rng.integers(1, k_max + 1, n), 1)
     scale = u(OBJECT_RADIUS[0], OBJECT_RADIUS[1], k_max)
     room = 0.95 - 0.85 * scale
-    cx, cy = u(-1, 1, k_max) * room, u(-1, 1, k_max) * room
-    for k in range(1, k_max):  # redraw a copy that would hide much of an earlier one (a few tries)
-        for _ in range(8):
-            gap = np.hypot(cx[:, :k] - cx[:, k:k + 1], cy[:, :k] - cy[:, k:k + 1])
-            close = (gap < 0.8 * (scale[:, :k] + scale[:, k:k + 1])).any(1)
-            if not close.any():
-                break
-            m = int(close.sum())
-            cx[close, k] = rng.uniform(-1, 1, m) * room[close, k]
-            cy[close, k] = rng.uniform(-1, 1, m) * room[close, k]
+    cx, cy = _spread_apart(rng, u(-1, 1, k_max) * room, u(-1, 1, k_max) * room, scale, room)
     aspect = u(0.87, 1.15, k_max)
     shape_frame = _frame(cx, cy, u(0, 2 * np.pi, k_max), scale * aspect, scale / aspect, flip(k_max))
     # Texture frames: period from the texture's base period, relative to the object's size.

@@ -1145,7 +1145,8 @@ def matched_views(recorded: dict | None, image_size: int, *, crop: bool, flip: b
                   f"pretraining's defaults for {image_size} px images (crops from {recorded['crop_min_scale']:.0%} "
                   f"of the image, colour strength {recorded['strength']:g}). --crop-min-scale and --strength "
                   "override them.", file=sys.stderr)
-    for given, on, what in ((crop_min_scale, crop, "--crop-min-scale: cropping"), (strength, color, "--strength: colour distortion")):
+    for given, on, what in ((crop_min_scale, crop, "--crop-min-scale: cropping"),
+                            (strength, color, "--strength: colour distortion")):
         if given is not None and not on:
             print(f"{stage}: {what} is off, so the value {given:g} changes nothing.", file=sys.stderr)
     scale = recorded["crop_min_scale"] if crop_min_scale is None else crop_min_scale
