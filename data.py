@@ -187,6 +187,11 @@ def _stratified_take(labels: np.ndarray | None, k: int, seed: int, n: int) -> np
     return np.sort(np.concatenate(picked))
 
 
+def stratified_subset(split: ImageSet, k: int, seed: int = 0) -> ImageSet:
+    """``k`` images of ``split`` drawn class-proportionally (the whole split when k >= its size)."""
+    return split.subset(_stratified_take(split.labels, int(k), seed, len(split)))
+
+
 def labeled_fraction(split: ImageSet, fraction: float, seed: int = 0) -> ImageSet:
     """A class-balanced subset with about ``fraction`` of the labels (SimCLR v2's 1% / 10% subsets):
     the images at ``labeled_indices(split, fraction, seed)``, as a copy."""
@@ -842,6 +847,7 @@ def _resize_square(images: np.ndarray, size: int) -> np.ndarray:
 
 DATASETS: dict[str, dict] = {
     "cifar10": {
+        "classes": 10,
         "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         "md5": "c58f30108f718f92721af3b95e74349a",
         "sha256": None,
@@ -850,6 +856,7 @@ DATASETS: dict[str, dict] = {
         "split": "official: 50,000 train / 10,000 test",
     },
     "cifar100": {
+        "classes": 100,
         "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         "md5": "eb9058c3a382ffc7106e4002c42a8d85",
         "sha256": None,
@@ -858,6 +865,7 @@ DATASETS: dict[str, dict] = {
         "split": "official: 50,000 train / 10,000 test (fine labels; 'cifar100_coarse' for the 20 superclasses)",
     },
     "tf_flowers": {
+        "classes": 5,
         "url": "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz",
         "md5": None,
         "sha256": "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c",
@@ -866,6 +874,7 @@ DATASETS: dict[str, dict] = {
         "split": "none published: seeded stratified 20% test split (seed 0, fixed)",
     },
     "dtd": {
+        "classes": 47,
         "url": "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz",
         "md5": None,
         "sha256": None,
@@ -876,6 +885,7 @@ DATASETS: dict[str, dict] = {
         "note": "no publisher checksum; TensorFlow Datasets records sha256 e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205",
     },
     "food101": {
+        "classes": 101,
         "url": "http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
         "md5": None,
         "sha256": None,
@@ -886,6 +896,7 @@ DATASETS: dict[str, dict] = {
         "note": "no publisher checksum; TensorFlow Datasets records sha256 d97d15e438b7f4498f96086a4f7e2fa42a32f2712e87d3295441b2b6314053a4",
     },
     "cats_vs_dogs": {
+        "classes": 2,
         "url": "https://download.microsoft.com/download/3/E/1/3E1C3F21-ECDB-4869-8368-6DEBA77B919F/kagglecatsanddogs_5340.zip",
         "md5": None,
         "sha256": None,
@@ -910,6 +921,33 @@ def _normalise(name: str) -> str:
 
 def known_names() -> list[str]:
     return [*EMBEDDED_TASKS, POOL_NAME, *DATASETS, "cifar100_coarse"]
+
+
+def num_classes(name: str) -> int | None:
+    """Classes of a labeled task named by an embedded or dataset name (with or without an
+    @class+class selection), without loading it; None for a folder."""
+    base, chosen = split_classes(name)
+    if chosen is not None:
+        return len(chosen)
+    key = _normalise(base)
+    if key in EMBEDDED_TASKS:
+        return EMBEDDED_TASKS[key]
+    if base.strip().lower().replace("-", "_") == "cifar100_coarse":
+        return 20
+    return DATASETS[key]["classes"] if key in DATASETS else None
+
+
+def is_present(name: str, root: str | Path | None = None) -> bool:
+    """Whether a task can load without a download: embedded, a folder that exists, or a named
+    dataset already under ``root``."""
+    key = _normalise(split_classes(name)[0])
+    if key not in DATASETS:
+        return key in EMBEDDED_TASKS or Path(name).expanduser().exists()
+    try:
+        _locate(key, root, fetch=False)
+    except UserError:
+        return False
+    return True
 
 
 def _mirror_url(url: str, mirror: str | None) -> str:

@@ -4,7 +4,7 @@ Nguyen, Nguyen & Le, *Semi-Supervised Learning, Transfer Learning, and Knowledge
 SimCLR* (Georgia Tech), on top of the SimCLR v2 recipe (Chen et al. 2020: pretrain ->
 fine-tune -> distill):
 
-    encoders   the project's released SimCLR encoders (encoders/, the cpu preset), or --pretrained CKPT,
+    encoders   the project's released SimCLR encoders (encoders/, the cpu and cifar presets), or --pretrained CKPT,
                or SimCLR pretraining on the unlabeled pool here (simclr.pretrain: --from-scratch, and
                the cuda and paper presets)
     Study 1    fine-tune the whole network on the 5-class task (all its training labels) with each of
@@ -28,6 +28,7 @@ runs/NAME/ (each stage's own run folder: config, log, checkpoints).
 Command line:
     python run_all.py                                  # default preset for the device, embedded data
     python run_all.py --from-scratch                   # the cpu preset, pretraining its encoders here
+    python run_all.py --preset cifar --root DIR        # real photos: CIFAR-10 (DIR/cifar-10-batches-py)
     python run_all.py --preset tiny --out /tmp/tiny    # the whole pipeline in seconds (the tests)
     python run_all.py --seeds 5                        # mean +- std over 5 seeds per study
     python run_all.py --preset paper --data study1=tf_flowers,study3=cats_vs_dogs:tf_flowers:dtd:cifar100
@@ -36,8 +37,9 @@ Command line:
 --data maps studies to datasets: comma-separated KEY=VALUE pairs, KEY one of pool (unlabeled
 pretraining images), study1, study2 (labeled tasks; study2 follows study1 unless given) and study3
 (a colon-separated list of labeled tasks). A VALUE is an embedded name (shapes2, shapes5, shapes47,
-shapes100, shapes-pool), a dataset name data.py knows (cifar10, cifar100, tf_flowers, dtd, food101,
-cats_vs_dogs), or a folder (root/class/image for tasks, any image folder for the pool).
+shapes100, shapes-pool), a dataset name data.py knows (cifar10, cifar100, cifar100_coarse, tf_flowers,
+dtd, food101, cats_vs_dogs), or a folder (root/class/image for tasks, any image folder for the pool).
+NAME@class+class selects classes of a task, labelled in the order given: study3=cifar10@cat+dog:cifar10.
 """
 from __future__ import annotations
 
@@ -84,9 +86,13 @@ from transfer import TransferConfig
 # pretrain, finetune, distill, probe: each stage's config (simclr.PretrainConfig, simclr.FinetuneConfig,
 #           distill.DistillConfig, transfer.TransferConfig); the data, seed, device and checkpoint
 #           fields are filled in per run.
-# tasks:    sizes of the embedded tasks: images per class with a floor on each split's total
-#           (real datasets keep their own splits).
-# released: start from the project's released encoders (RELEASED) instead of pretraining in the run.
+# tasks:    sizes of the tasks: images per class with a floor on each split's total; embedded tasks
+#           only, unless real=True (then named datasets too, counted on the classes selected); 0
+#           keeps a dataset's own split.
+# released: None, or the source whose released encoders (RELEASED[source]) the preset starts from
+#           instead of pretraining in the run.
+# knn_check: the encoder's kNN check on a task's val split: True for study1's task, a task name, or False.
+# optional_study3: Study 3 tasks added when their data is already on disk (never downloaded for it).
 
 # The embedded world at 32 px departs from SimCLR's CIFAR augmentations in two ways, both chosen on
 # the kNN check (shapes5's validation split, 500 images; never the test split) of the CPU preset:
@@ -102,10 +108,16 @@ _SMALL_PRETRAIN = dict(head_layers=3, optimizer="lars", knn_k=50, strength=1.0, 
 _PROBE = functools.partial(TransferConfig, mode="linear-aug", preset="paper", crop=True, flip=True, color=False,
                            lr=0.1, weight_decay=0.0)
 
+# SimCLR's CIFAR-10 recipe (v1 appendix B.9: LARS, batch 256, colour strength 0.5) as the CIFAR-10
+# encoders were released; the kNN monitor's k = 200 as in the usual CIFAR protocol.
+_CIFAR_PRETRAIN = dict(head_layers=3, optimizer="lars", knn_k=200, strength=0.5, crop_min_scale=0.08,
+                       epochs=100, batch_size=256, base_lr=2.0)
+CIFAR10_FIVE = "cifar10@airplane+automobile+bird+cat+deer"  # CIFAR-10's first five classes
+
 PRESETS: dict[str, dict] = {
     # The tests: every stage runs, nothing is meant to be accurate. VGG needs 32 px inputs.
     "tiny": dict(
-        image_size=32, seeds_cpu=1, seeds_cuda=1, knn_check=False, released=False,
+        image_size=32, seeds_cpu=1, seeds_cuda=1, knn_check=False, released=None,
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
         pool_images=128, tasks=dict(train_per_class=2, min_train=80, test_per_class=1, min_test=40),
         pretrain=PretrainConfig(**dict(_SMALL_PRETRAIN, knn_k=10), model="resnet18", width=0.125, epochs=1,
@@ -121,7 +133,7 @@ PRESETS: dict[str, dict] = {
     # settings below are used by --from-scratch only: 240 SimCLR steps learn more at 4x SimCLR's CIFAR
     # learning rate (README, "How the CPU preset was chosen"); the probe runs the paper's 30 epochs.
     "cpu": dict(
-        image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check=True, released=True,
+        image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check=True, released="shapes",
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
         pool_images=4096, tasks=dict(train_per_class=20, min_train=1000, test_per_class=10, min_test=1000),
         pretrain=PretrainConfig(**_SMALL_PRETRAIN, model="resnet18", width=0.125, epochs=15, batch_size=256,
@@ -132,9 +144,26 @@ PRESETS: dict[str, dict] = {
         distill_augment=dict(frozen=False, scratch=True),
         probe=_PROBE(epochs=30), probe_batch_sizes=[32, 64],
     ),
+    # Real photos on a 2-core CPU in fp32 (README, "Real images: CIFAR-10"): the released CIFAR-10
+    # encoders, the three studies on CIFAR-10 classes (Study 1 on five of them, as the paper's five
+    # flowers), CIFAR-100's tasks when it is on disk. The pretraining settings are the release's
+    # (used by --from-scratch only): colour strength 0.5 and crops from 8%, chosen on a validation
+    # split of CIFAR-10's training images (README, "How the CIFAR-10 encoders were chosen").
+    "cifar": dict(
+        image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check="cifar10", released="cifar10",
+        data=dict(pool="cifar10", study1=CIFAR10_FIVE, study3=["cifar10@cat+dog", CIFAR10_FIVE, "cifar10"]),
+        optional_study3=["cifar100_coarse", "cifar100"],
+        pool_images=None, tasks=dict(train_per_class=300, min_train=0, test_per_class=200, min_test=1000, real=True),
+        pretrain=PretrainConfig(**_CIFAR_PRETRAIN, model="resnet18", width=0.125, log_every=100, knn_every=5),
+        vgg="vgg16_bn",
+        finetune=FinetuneConfig(head_layer=1, epochs=15, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=0.0),
+        distill=DistillConfig(preset="default", epochs=15, batch_size=64, lr=0.05, dense_layers=[256]),
+        distill_augment=dict(frozen=False, scratch=True),
+        probe=_PROBE(epochs=30), probe_batch_sizes=[32, 64],
+    ),
     # One H100 in about 8 minutes: ResNet-18 at full width, enough pretraining for good features.
     "cuda": dict(
-        image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check=True, released=False,
+        image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check=True, released=None,
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
         pool_images=30000, tasks=dict(train_per_class=100, min_train=5000, test_per_class=20, min_test=1000),
         pretrain=PretrainConfig(**_SMALL_PRETRAIN, model="resnet18", width=1.0, epochs=40, batch_size=512,
@@ -151,7 +180,7 @@ PRESETS: dict[str, dict] = {
     # --pretrained starts from a simclr.py pretraining checkpoint (e.g. one pretrained elsewhere on a
     # bigger GPU) instead of pretraining here.
     "paper": dict(
-        image_size=224, seeds_cpu=1, seeds_cuda=3, knn_check=True, released=False,
+        image_size=224, seeds_cpu=1, seeds_cuda=3, knn_check=True, released=None,
         data=dict(pool="tf_flowers", study1="tf_flowers", study3=["cats_vs_dogs", "tf_flowers", "dtd", "cifar100"]),
         pool_images=None, tasks=dict(train_per_class=0, min_train=0, test_per_class=0, min_test=0),
         pretrain=PretrainConfig(head_layers=3, optimizer="lars", temperature=0.1, knn_k=200, model="resnet50",
@@ -165,39 +194,48 @@ PRESETS: dict[str, dict] = {
 }
 PRESET_CHOICES = ("default", *PRESETS)
 
-# The project's released encoders: SimCLR pretraining checkpoints of the embedded world (encoder,
-# projection head, architecture; no optimiser state), committed under encoders/ with their training
-# logs. The CPU preset starts from them, as the seed paper started from Google's released ResNet-50:
-# a 2-core CPU cannot pretrain a strong encoder in minutes. Each was made by the command beside it
-# (README, "Released encoders"), which gives the same bytes on the same torch and CPU; the sha256
-# makes sure the run uses exactly those bytes.
+# The project's released encoders, per source of their pretraining images: SimCLR pretraining
+# checkpoints (encoder, projection head, architecture; no optimiser state), committed under encoders/
+# with their training logs. The cpu and cifar presets start from them, as the seed paper started
+# from Google's released ResNet-50: a 2-core CPU cannot pretrain a strong encoder in minutes. Each
+# was made by the command beside it (README, "Released encoders"), which gives the same bytes on the
+# same torch and CPU; the sha256 makes sure the run uses exactly those bytes.
 ENCODERS = Path(__file__).resolve().parent / "encoders"
-_RELEASE_COMMAND = ("python simclr.py pretrain --data shapes-pool --n-images 25600 --model {model} --width 0.125 "
-                    "--head-layers 3 --epochs {epochs} --batch-size 256 --base-lr 2.0 --strength 1.0 "
-                    "--crop-min-scale 0.4 --knn-k 50 --eval-images 5000 --knn-every 1 --log-every 100 "
-                    "--precision fp32 --seed {seed} --out runs/release/{model}-seed{seed} --release encoders/{file}")
-RELEASED: dict[str, dict] = {
-    # Study 1 fine-tunes it, Study 2 distils the result, Study 3 probes it.
-    "teacher": dict(file="resnet18-w0.125-seed0.pt", model="resnet18", seed=0, epochs=100,
-                    sha256="87b47f091a99a6e5f0f293525ff41e4604d41268cacc84ff8585383961624373"),
-    # The frozen bases of Study 2's students, each from a seed other than the teacher's.
-    "resnet": dict(file="resnet18-w0.125-seed1.pt", model="resnet18", seed=1, epochs=30,
-                   sha256="74dc938c1b52d177258fff3614b6b590c04d93294dc63e7e303e185aaacb983b"),
-    "vgg": dict(file="vgg16_bn-w0.125-seed2.pt", model="vgg16_bn", seed=2, epochs=30,
-                sha256="5c1e4029213359b7dc9b46542a48ff5eb9047f392ac0ea992e6f00f9ea87e7d6"),
+_RELEASE_COMMANDS = {
+    "shapes": ("python simclr.py pretrain --data shapes-pool --n-images 25600 --model {model} --width 0.125 "
+               "--head-layers 3 --epochs {epochs} --batch-size 256 --base-lr 2.0 --strength 1.0 "
+               "--crop-min-scale 0.4 --knn-k 50 --eval-images 5000 --knn-every 1 --log-every 100 "
+               "--precision {precision} --seed {seed} --out runs/release/{model}-seed{seed} --release encoders/{file}"),
+    # --root names the folder that holds cifar-10-batches-py (data.py downloads it there with --download).
+    "cifar10": ("python simclr.py pretrain --data cifar10 --root ../shared/data --eval-data cifar10 --model {model} "
+                "--width 0.125 --head-layers 3 --epochs {epochs} --batch-size 256 --base-lr 2.0 --crop-min-scale 0.08 "
+                "--strength 0.5 --knn-every 5 --log-every 100 --precision {precision} --seed {seed} "
+                "--out runs/release/cifar10-{model}-seed{seed} --release encoders/{file}"),
+}
+RELEASED: dict[str, dict[str, dict]] = {
+    "shapes": {
+        # Study 1 fine-tunes it, Study 2 distils the result, Study 3 probes it.
+        "teacher": dict(file="resnet18-w0.125-seed0.pt", model="resnet18", seed=0, epochs=100, precision="fp32",
+                        sha256="87b47f091a99a6e5f0f293525ff41e4604d41268cacc84ff8585383961624373"),
+        # The frozen bases of Study 2's students, each from a seed other than the teacher's.
+        "resnet": dict(file="resnet18-w0.125-seed1.pt", model="resnet18", seed=1, epochs=30, precision="fp32",
+                       sha256="74dc938c1b52d177258fff3614b6b590c04d93294dc63e7e303e185aaacb983b"),
+        "vgg": dict(file="vgg16_bn-w0.125-seed2.pt", model="vgg16_bn", seed=2, epochs=30, precision="fp32",
+                    sha256="5c1e4029213359b7dc9b46542a48ff5eb9047f392ac0ea992e6f00f9ea87e7d6"),
+    },
 }
 
 
-def release_command(role: str) -> str:
-    """The one command that made the released encoder `role` (run from the repository's folder)."""
-    return _RELEASE_COMMAND.format(**RELEASED[role])
+def release_command(role: str, source: str = "shapes") -> str:
+    """The one command that made the released encoder `role` of `source` (run from the repository's folder)."""
+    return _RELEASE_COMMANDS[source].format(**RELEASED[source][role])
 
 
-def released_encoder(role: str) -> str:
-    """The path of the released encoder `role`, after checking that its bytes are the released ones."""
-    entry = RELEASED[role]
+def released_encoder(role: str, source: str = "shapes") -> str:
+    """The path of the released encoder `role` of `source`, after checking that its bytes are the released ones."""
+    entry = RELEASED[source][role]
     path = ENCODERS / entry["file"]
-    rebuild = (f"Restore it (git checkout -- encoders/) or rebuild it with:\n  {release_command(role)}\n"
+    rebuild = (f"Restore it (git checkout -- encoders/) or rebuild it with:\n  {release_command(role, source)}\n"
                "Elsewhere than the machine that made it, that command gives an equivalent file with other bytes: "
                f"pass it with {'--pretrained' if role == 'teacher' else f'--{role}-base'}. Or pass --from-scratch "
                "to pretrain inside the run.")
@@ -208,6 +246,8 @@ def released_encoder(role: str) -> str:
         raise UserError(f"The released encoder '{path}' has changed: its sha256 is {digest}, the released file's "
                         f"is {entry['sha256']}. {rebuild}")
     return str(path)
+
+
 DATA_KEYS = ("pool", "study1", "study2", "study3")
 
 # The seed paper's own numbers (their Tables 1, 2 and 4). Study 1 rows: key, their wording, augmentations used.
@@ -427,13 +467,15 @@ def load_tasks(names: Sequence[str], image_size: int, sizes: dict, seed: int, ro
                cache_dir: str | None, download: bool, skip_bad: bool = False) -> dict[str, data.TaskData]:
     """Each labeled task once (shared by every seed and stage, so all rows see the same images).
 
-    sizes: for embedded tasks, train/test images per class with a floor on the totals
-    (train_per_class, min_train, test_per_class, min_test); real datasets keep their own splits."""
+    sizes: train/test images per class with a floor on the totals (train_per_class, min_train,
+    test_per_class, min_test) for embedded tasks, and for named datasets too when sizes["real"];
+    otherwise real datasets and folders keep their own splits."""
     tasks = {}
     for name in dict.fromkeys(names):
-        base, chosen = data.split_classes(name)
-        classes = (len(chosen) if chosen else data.EMBEDDED_TASKS[base]) if base in data.EMBEDDED_TASKS else None
-        # An embedded task sized by the preset; 0 (the paper preset) keeps data.py's own sizes.
+        base, _ = data.split_classes(name)
+        sized = base in data.EMBEDDED_TASKS or sizes.get("real", False)
+        classes = data.num_classes(name) if sized else None
+        # A task sized by the preset; 0 (the paper preset) keeps data.py's own sizes.
         n_train = max(sizes["min_train"], classes * sizes["train_per_class"]) if classes else None
         n_test = max(sizes["min_test"], classes * sizes["test_per_class"]) if classes else None
         n_train, n_test = n_train or None, n_test or None
@@ -456,7 +498,7 @@ def pretrain_stage(cfg: PretrainConfig, pool: str, eval_task: str | None, image_
         summary = simclr.pretrain(cfg, folder, resume=resume, overwrite=not resume)
         keep = {k: summary[k] for k in ("checkpoint", "knn_top1", "knn_top1_random_encoder") if k in summary}
         loss = [r["loss"] for r in _read_log(folder) if "loss" in r]
-        return dict(keep, model=cfg.model, width=cfg.width, seed=seed,
+        return dict(keep, task=eval_task, model=cfg.model, width=cfg.width, seed=seed,
                     pool_seed=data_seed, final_loss=loss[-1] if loss else None)
     return run
 
@@ -574,6 +616,12 @@ def _display(name: str) -> str:
     return Path(name).name if os.sep in name or "/" in name else name
 
 
+def _short(name: str) -> str:
+    """A task as a figure labels it: a selection of more than two classes by its count."""
+    base, chosen = data.split_classes(name)
+    return f"{_display(base)} ({len(chosen)} classes)" if chosen and len(chosen) > 2 else _display(name)
+
+
 def _operations(runs: dict, names: Sequence[str]) -> str:
     """The augmentations the named stages used, as their results record them (augment.describe)."""
     used = dict.fromkeys(runs[n].get("augmentation", "?") for n in names if n in runs)
@@ -604,7 +652,8 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
              f"Encoder: {meta['encoders']['teacher']}."]
     pre = meta.get("pretrain") or {}
     if pre.get("knn_top1") is not None:
-        lines += [f"Pretraining check: kNN top-1 on {_display(mapping['study1'])} val {pre['knn_top1']:.3f} with "
+        lines += [f"Pretraining check: kNN top-1 on {_display(pre.get('task') or mapping['study1'])} val "
+                  f"{pre['knn_top1']:.3f} with "
                   f"this encoder vs {pre['knn_top1_random_encoder']:.3f} with a random one."]
     lines += [""]
     t1 = tasks[mapping["study1"]]
@@ -647,12 +696,13 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
               f"{meta['probe']['lr']}, no weight decay, {meta['probe']['epochs']} epochs for every batch size; "
               "test top-1 of the best-val epoch.", ""]
     bs = summary["batch_sizes"]
-    lines += ["| dataset | classes | image size | chance | paper dataset | paper (batch 64) | "
-              + " | ".join(f"here (batch {b})" for b in bs) + " |", "|---" * (6 + len(bs)) + "|"]
+    lines += ["| dataset | classes | train / val / test | image size | chance | paper dataset | paper (batch 64) | "
+              + " | ".join(f"here (batch {b})" for b in bs) + " |", "|---" * (7 + len(bs)) + "|"]
     for name in summary["study3_tasks"]:
         task = tasks[name]
         paper = PAPER_TABLE4.get(task.num_classes)
-        lines.append(f"| {_display(name)} | {task.num_classes} | {meta['image_size']} | {1 / task.num_classes:.3f} | "
+        lines.append(f"| {_display(name)} | {task.num_classes} | {len(task.train)} / {len(task.val)} / {len(task.test)} | "
+                     f"{meta['image_size']} | {1 / task.num_classes:.3f} | "
                      f"{paper[0] if paper else '-'} | {f'{paper[1]:.3f}' if paper else '-'} | "
                      + " | ".join(_fmt(summary["table4"][name][str(b)]) for b in bs) + " |")
     lines += [""] + [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"]["study3"].items()]
@@ -740,11 +790,11 @@ def draw_figures(out: Path, summary: dict, tasks: dict[str, data.TaskData], n_se
     paper = [PAPER_TABLE4.get(tasks[t].num_classes, (None, float("nan")))[1] for t in names]
     series.append(("paper, batch 64 (their datasets)", PAPER_COLOUR, paper, None))
     draw_chart(out / "figure6.png", "Figure 6: linear transfer vs number of classes (Table 4)",
-               "number of classes (task)", [f"{tasks[t].num_classes}\n{_display(t)}" for t in names], series, kind="line")
+               "number of classes (task)", [f"{tasks[t].num_classes}\n{_short(t)}" for t in names], series, kind="line")
     return ["figure2.png", "figure6.png"]
 
 
-def draw_pretraining(path: Path, log: Sequence[dict], batch_size: int, title: str) -> None:
+def draw_pretraining(path: Path, log: Sequence[dict], batch_size: int, eval_data: str, title: str) -> None:
     """The pretraining curve from a run's log.jsonl: kNN top-1 and the NT-Xent loss per epoch, the
     loss divided by ln(2N - 1), the loss of a network that cannot tell the positive from the 2N - 2
     negatives, so that both read on one 0..1 axis."""
@@ -757,7 +807,7 @@ def draw_pretraining(path: Path, log: Sequence[dict], batch_size: int, title: st
             loss[math.ceil(r["epoch"] - 1e-9) - 1].append(r["loss"] / math.log(2 * batch_size - 1))
     step = max(1, epochs // 10)
     draw_chart(path, title, "epoch", [str(e) if e % step == 0 else "" for e in range(1, epochs + 1)],
-               [("kNN top-1 (shapes5 val)", HERE_COLOURS[0], knn, None),
+               [(f"kNN top-1 ({_short(eval_data)} val)", HERE_COLOURS[0], knn, None),
                 ("NT-Xent loss / ln(2N - 1)", HERE_COLOURS[1], [statistics.fmean(v) if v else float("nan")
                                                                 for v in loss], None)],
                kind="line", ylabel="kNN top-1, relative loss", marker=2)
@@ -834,14 +884,15 @@ def write_results(out: Path, meta: dict, settings: dict, mapping: dict, tasks: d
     return results
 
 
-def pretraining_log(checkpoint: str) -> tuple[list[dict], int] | None:
-    """(log records, batch size) of the run that made a pretraining checkpoint: the log kept
-    beside a released file, or the run folder's own; None when neither is there."""
+def pretraining_log(checkpoint: str) -> tuple[list[dict], int, str] | None:
+    """(log records, batch size, kNN task) of the run that made a pretraining checkpoint: the log
+    kept beside a released file, or the run folder's own; None when neither is there."""
     path = Path(checkpoint)
     for log in (Path(f"{path}.log.jsonl"), path.parent / "log.jsonl" if path.name == "checkpoint.pt" else None):
         if log is not None and log.is_file():
-            batch = json.loads(train.load_checkpoint(path)["config"])["batch_size"]
-            return [json.loads(line) for line in log.read_text().splitlines() if line.strip()], batch
+            config = json.loads(train.load_checkpoint(path)["config"])
+            records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            return records, config["batch_size"], config.get("eval_data") or "?"
     return None
 
 
@@ -858,7 +909,7 @@ def encoder_check_stage(checkpoint: str, task_name: str, image_size: int, seed: 
         task = data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir, **sizes)
         knn = lambda enc: simclr.knn_monitor(enc.to(dev), task.train, task.val, dev, knn_k, image_size,  # noqa: E731
                                              precision)
-        result = dict(checkpoint=checkpoint, knn_top1=knn(model.encoder))
+        result = dict(checkpoint=checkpoint, task=task_name, knn_top1=knn(model.encoder))
         result["knn_top1_random_encoder"] = knn(simclr.random_encoder(ckpt["arch"], seed))
         return result
     return run
@@ -868,9 +919,9 @@ def choose_encoders(p: dict, from_scratch: bool, pretrained: str | None, bases: 
     """(teacher encoder or None to pretrain it here, {family: base or None}): given files first,
     then the released encoders where the preset starts from them, else pretraining in the run.
     The released bases go with the released teacher only: a given teacher may differ in width."""
-    use_released = p["released"] and not from_scratch
-    teacher = pretrained or (released_encoder("teacher") if use_released else None)
-    chosen = {family: bases.get(family) or (released_encoder(family) if use_released and not pretrained else None)
+    source = None if from_scratch else p["released"]
+    teacher = pretrained or (released_encoder("teacher", source) if source else None)
+    chosen = {family: bases.get(family) or (released_encoder(family, source) if source and not pretrained else None)
               for family in ("resnet", "vgg")}
     return teacher, chosen
 
@@ -890,6 +941,8 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     for key in ("pretrain", "finetune", "distill", "probe"):
         p[key] = dataclasses.replace(p[key], precision=precision)
     mapping = parse_data(data_spec, p["data"])
+    if mapping["study3"] == p["data"]["study3"]:  # the preset's own list: add what is on disk
+        mapping["study3"] = mapping["study3"] + [t for t in p.get("optional_study3", []) if data.is_present(t, root)]
     n_seeds = seeds if seeds is not None else p["seeds_cuda" if dev.type == "cuda" else "seeds_cpu"]
     if n_seeds < 1:
         raise UserError(f"--seeds must be at least 1; got {n_seeds}.")
@@ -927,7 +980,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     runs: dict[str, dict] = {}
     common = dict(image_size=size, n_images=p["pool_images"], device=dev_name, root=root, cache_dir=cache_dir,
                   data_seed=seed, skip_bad=skip_bad)
-    knn_task = mapping["study1"] if p["knn_check"] else None
+    knn_task = (mapping["study1"] if p["knn_check"] is True else p["knn_check"]) or None
     origins = {"teacher": _encoder_origin(checkpoint), **{family: _encoder_origin(b) for family, b in bases.items()}}
     with pipe:
         if checkpoint is None:
@@ -995,7 +1048,7 @@ def _encoder_origin(path: str | None) -> str:
     """How results.md names where an encoder came from (None: pretrained in the run)."""
     if path is None:
         return "SimCLR-pretrained in this run"
-    released = {str(ENCODERS / e["file"]): e["file"] for e in RELEASED.values()}
+    released = {str(ENCODERS / e["file"]): e["file"] for roles in RELEASED.values() for e in roles.values()}
     return f"the released encoder encoders/{released[path]}" if path in released else f"the given file {path}"
 
 
@@ -1011,7 +1064,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=RawHelpFormatter)
     p.add_argument("--preset", default="default", choices=PRESET_CHOICES,
-                   help="default: cuda on a GPU, cpu otherwise; tiny: seconds (tests); paper: the seed paper's settings")
+                   help="default: cuda on a GPU, cpu otherwise; tiny: seconds (tests); cifar: real photos on a CPU "
+                        "(needs CIFAR-10 under --root); paper: the seed paper's settings")
     p.add_argument("--data", default=None, help="study-to-dataset map, e.g. study1=tf_flowers,study3=a:b:c (see below)")
     p.add_argument("--out", default="runs/run_all", help="run folder (default: %(default)s)")
     p.add_argument("--seed", type=train.bounded(int, train.NON_NEGATIVE, "seed"), default=0,
@@ -1028,7 +1082,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "preset), as each compile is shared by the later runs (default: %(default)s)")
     p.add_argument("--pretrained", default=None,
                    help="the SimCLR pretraining checkpoint the studies start from (default: the released encoder "
-                        "for the cpu preset, else pretrained in the run)")
+                        "for the cpu and cifar presets, else pretrained in the run)")
     p.add_argument("--resnet-base", default=None,
                    help="pretraining checkpoint of Study 2's frozen ResNet student (default: released with the "
                         "released encoder, else pretrained in the run)")

@@ -369,6 +369,9 @@ class FinetuneConfig(train.StageConfig):
     train_images: int | None = _split_size("train")
     test_images: int | None = _split_size("test")
     fraction: float = option(1.0, "fraction of training labels (0.01, 0.1, 1)", allowed=train.FRACTION)
+    val_images: int | None = option(None, "keep at most this many val images (class-proportional) to pick the best "
+                                    "epoch: with few labels, a val split no larger than the labeled set is honest "
+                                    "(default: the whole val split)", allowed=train.AT_LEAST_1)
     head_layer: int = option(1, "fine-tune from this head layer (SimCLR v2: 1)", allowed=train.NON_NEGATIVE)
     crop: bool = option(True, "use crop augmentation while fine-tuning")
     flip: bool = option(True, "use flip augmentation while fine-tuning")
@@ -419,6 +422,8 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
                                   n_test=cfg.test_images)
     if cfg.head_layer > arch["head_layers"]:
         raise UserError(f"--head-layer {cfg.head_layer} is deeper than the {arch['head_layers']}-layer projection head.")
+    if cfg.val_images is not None:
+        task = dataclasses.replace(task, val=data.stratified_subset(task.val, cfg.val_images, data_seed))
     labeled = data.labeled_fraction(task.train, cfg.fraction, cfg.seed) if cfg.fraction < 1 else task.train
     if cfg.batch_size > len(labeled):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(labeled)} labeled training images "
@@ -434,7 +439,8 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     cls_arch = train.classifier_arch(arch, cfg.head_layer, task.num_classes, mean, std)
     scratch = cfg.from_scratch or cfg.checkpoint is None
     config = dict(stage="finetune", checkpoint=str(cfg.checkpoint), from_scratch=scratch, task=task.name,
-                  train_images=len(task.train), test_images=len(task.test), fraction=cfg.fraction,
+                  train_images=len(task.train), val_images=len(task.val), test_images=len(task.test),
+                  fraction=cfg.fraction,
                   labeled_images=len(labeled), head_layer=cfg.head_layer, augmentation=augmentation.describe(),
                   pretrain_augmentation=recorded,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,

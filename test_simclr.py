@@ -40,6 +40,7 @@ import textwrap
 import threading
 import time
 import zipfile
+from collections.abc import Sequence
 
 from PIL import Image
 import numpy as np
@@ -1567,13 +1568,29 @@ def _write(path: Path, obj) -> None:
         pickle.dump(obj, f, protocol=2)
 
 
-def _cifar10_folder(root: Path) -> Path:
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _cifar10_folder(root: Path, names: Sequence[str] = tuple(f"c{k}" for k in range(10)), per_batch: int = 20,
+                    n_test: int = 20) -> Path:
+    """cifar-10-batches-py under root: five train batches of per_batch noise images and a test batch."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     for i in range(1, 6):
-        _write(folder / f"data_batch_{i}", _cifar_batch(20, 10, i))
-    _write(folder / "test_batch", _cifar_batch(20, 10, 99))
-    _write(folder / "batches.meta", {b"label_names": [f"c{k}".encode() for k in range(10)]})
+        _write(folder / f"data_batch_{i}", _cifar_batch(per_batch, 10, i))
+    _write(folder / "test_batch", _cifar_batch(n_test, 10, 99))
+    _write(folder / "batches.meta", {b"label_names": [name.encode() for name in names]})
+    return folder
+
+
+def _cifar100_folder(root: Path, n_train: int = 100, n_test: int = 100) -> Path:
+    """cifar-100-python under root (every class in test when n_test >= 100)."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    _write(folder / "train", _cifar_batch(n_train, 100, 0, hundred=True))
+    _write(folder / "test", _cifar_batch(n_test, 100, 100, hundred=True))
+    _write(folder / "meta", {b"fine_label_names": [f"f{k}".encode() for k in range(100)],
+                             b"coarse_label_names": [f"g{k}".encode() for k in range(20)]})
     return folder
 
 
@@ -1609,16 +1626,16 @@ def test_cifar_missing_batch_and_hostile_pickle(tmp_path):
 
 
 def test_cifar100_fine_and_coarse(tmp_path):
-    folder = tmp_path / "cifar-100-python"
-    folder.mkdir()
-    _write(folder / "train", _cifar_batch(100, 100, 0, hundred=True))  # every class in train and in test
-    _write(folder / "test", _cifar_batch(100, 100, 100, hundred=True))
-    _write(folder / "meta", {b"fine_label_names": [f"f{k}".encode() for k in range(100)], b"coarse_label_names": [f"g{k}".encode() for k in range(20)]})
+    folder = _cifar100_folder(tmp_path)  # every class in train and in test
     fine, _ = data.load_cifar(folder)
     coarse, _ = data.load_cifar(folder, coarse=True)
     assert len(fine.classes) == 100 and len(coarse.classes) == 20
     np.testing.assert_array_equal(coarse.labels, fine.labels // 5)
     assert data.load_task("cifar100_coarse", root=tmp_path, val_fraction=0.0).num_classes == 20
+    assert [data.num_classes(n) for n in ("cifar100", "cifar100_coarse", "cifar10@cat+dog", "shapes47", "x/y")] == \
+        [100, 20, 2, 47, None]
+    assert data.is_present("cifar100", tmp_path) and data.is_present("cifar100_coarse", tmp_path)
+    assert not data.is_present("cifar10", tmp_path) and data.is_present("shapes5", tmp_path)
 
 
 def test_class_selection_keeps_the_named_classes_in_the_order_given(tmp_path):
@@ -2922,26 +2939,33 @@ def test_resume_reruns_only_the_stage_without_a_record(tiny_run, monkeypatch):
 # --- released encoders, precision, and the cuda and paper presets at tiny sizes ---------------------
 
 
-@pytest.mark.parametrize("role", list(run_all.RELEASED))
-def test_released_encoder_loads_and_matches_its_sha256(role):
-    path = Path(run_all.released_encoder(role))  # checks the sha256 kept in run_all.py
-    entry = run_all.RELEASED[role]
+RELEASED_FILES = [(source, role) for source, roles in run_all.RELEASED.items() for role in roles]
+
+
+@pytest.mark.parametrize("source, role", RELEASED_FILES)
+def test_released_encoder_loads_and_matches_its_sha256(source, role):
+    path = Path(run_all.released_encoder(role, source))  # checks the sha256 kept in run_all.py
+    entry = run_all.RELEASED[source][role]
     assert path.stat().st_size <= 5 * 2**20
     model, ckpt = train.load_pretrained(path)  # weights_only=True inside
     assert ckpt["kind"] == "pretrain" and "optimizer" not in ckpt
     assert ckpt["arch"]["encoder"] == entry["model"] and ckpt["arch"]["head_layers"] == 3  # Study 1 needs layer 1
     config = json.loads(ckpt["config"])
-    command = run_all.release_command(role)
-    assert f"--seed {config['seed']} " in command and f"--epochs {config['epochs']} " in command
-    assert config["release"] == f"encoders/{entry['file']}"
+    command = run_all.release_command(role, source)
+    for flag in ("seed", "epochs", "data", "precision", "width", "batch_size", "strength", "crop_min_scale"):
+        assert f"--{flag.replace('_', '-')} {config[flag]} " in command, flag
+    assert config["release"] == f"encoders/{entry['file']}" and config["precision"] == entry["precision"]
     log = [json.loads(line) for line in Path(f"{path}.log.jsonl").read_text().splitlines()]
     epochs_with_loss = {round(r["epoch"]) for r in log if "loss" in r}
     epochs_with_knn = {r["epoch"] for r in log if "knn_top1" in r}
-    assert epochs_with_loss == epochs_with_knn == set(range(1, entry["epochs"] + 1))
+    assert epochs_with_loss == set(range(1, entry["epochs"] + 1))
+    assert epochs_with_knn == set(range(config["knn_every"], entry["epochs"] + 1, config["knn_every"]))
 
 
 def test_released_encoders_fit_the_size_budget():
-    assert sum((run_all.ENCODERS / e["file"]).stat().st_size for e in run_all.RELEASED.values()) <= 12 * 2**20
+    files = [e["file"] for roles in run_all.RELEASED.values() for e in roles.values()]
+    assert len(set(files)) == len(files)
+    assert sum((run_all.ENCODERS / f).stat().st_size for f in files) <= 20 * 2**20
 
 
 def test_released_resnet_probe_beats_a_random_encoder():
@@ -2960,16 +2984,17 @@ def test_released_resnet_probe_beats_a_random_encoder():
 
 
 def test_changed_or_missing_released_encoder_is_refused_with_the_rebuild_command(tmp_path, monkeypatch, capsys):
-    for role, entry in run_all.RELEASED.items():
+    shapes = run_all.RELEASED["shapes"]
+    for role, entry in shapes.items():
         (tmp_path / entry["file"]).write_bytes((run_all.ENCODERS / entry["file"]).read_bytes())
-    changed = tmp_path / run_all.RELEASED["vgg"]["file"]
+    changed = tmp_path / shapes["vgg"]["file"]
     changed.write_bytes(changed.read_bytes() + b"\0")
     monkeypatch.setattr(run_all, "ENCODERS", tmp_path)
-    assert run_all.released_encoder("teacher") == str(tmp_path / run_all.RELEASED["teacher"]["file"])
+    assert run_all.released_encoder("teacher") == str(tmp_path / shapes["teacher"]["file"])
     with pytest.raises(train.UserError, match="has changed") as e:
         run_all.released_encoder("vgg")
     assert run_all.release_command("vgg") in str(e.value) and "--vgg-base" in str(e.value)
-    (tmp_path / run_all.RELEASED["teacher"]["file"]).unlink()
+    (tmp_path / shapes["teacher"]["file"]).unlink()
     # through the command line, before any work: nothing is written
     assert run_all.main(["--preset", "cpu", "--device", "cpu", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
@@ -3064,6 +3089,55 @@ def test_cuda_and_paper_presets_run_end_to_end_on_cpu_at_tiny_sizes(preset, tmp_
         assert str(tmp_path) not in tables and "| flowers | 5 | 32 |" in md and "| cats | 2 | 32 |" in md
         pre = json.loads((tmp_path / "run" / "runs" / "pretrain" / "config.json").read_text())
         assert pre["model"] == "resnet50" and pre["knn_k"] == 10
+
+
+def test_cifar_preset_end_to_end_on_generated_cifar_files(tmp_path, monkeypatch):
+    """The real-photo preset's tasks, class selections and optional CIFAR-100 tasks, on generated
+    CIFAR-10 and CIFAR-100 files at tiny sizes, encoders pretrained in the run."""
+    _cifar10_folder(tmp_path / "data", CIFAR10_NAMES, per_batch=40, n_test=100)
+    _cifar100_folder(tmp_path / "data", n_train=200)
+    p = dict(_shrunk(run_all.PRESETS["cifar"]), probe_batch_sizes=[8, 16],
+             tasks=dict(train_per_class=16, min_train=0, test_per_class=4, min_test=20, real=True))
+    monkeypatch.setitem(run_all.PRESETS, "cifar", p)
+    out = tmp_path / "run"
+    assert run_all.main(["--preset", "cifar", "--device", "cpu", "--seeds", "1", "--from-scratch",
+                         "--root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    five = "cifar10@airplane+automobile+bird+cat+deer"
+    assert results["data"]["study1"] == five and results["pretrain"]["task"] == "cifar10"
+    assert results["study3_tasks"] == ["cifar10@cat+dog", five, "cifar10", "cifar100_coarse", "cifar100"]
+    sizes = {k: (t["classes"], t["train"] + t["val"], t["test"]) for k, t in results["tasks"].items()}
+    # 16 per class before the val carve, 4 test images per class with a floor of 20; CIFAR-100 has
+    # only 200 train and 100 test images here, so it keeps them all.
+    assert sizes == {five: (5, 80, 20), "cifar10@cat+dog": (2, 32, 20), "cifar10": (10, 160, 40),
+                     "cifar100_coarse": (20, 200, 80), "cifar100": (100, 200, 100)}
+    assert all(math.isfinite(v) for v in _numbers(results["table4"]))
+    md = (out / "results.md").read_text()
+    assert "kNN top-1 on cifar10 val" in md and f"| {five} | 5 | 72 / 8 / 20 |" in md
+    # Without CIFAR-100 on disk the preset keeps its three CIFAR-10 tasks; a --data study3 is kept as given.
+    assert run_all.parse_data(None, p["data"])["study3"] == ["cifar10@cat+dog", five, "cifar10"]
+
+
+def test_cifar_preset_starts_from_the_released_cifar10_encoders():
+    p = run_all.PRESETS["cifar"]
+    teacher, bases = run_all.choose_encoders(p, False, None, {})
+    assert teacher == run_all.released_encoder("teacher", "cifar10") and "cifar10" in Path(teacher).name
+    assert bases == {f: run_all.released_encoder(f, "cifar10") for f in ("resnet", "vgg")}
+    assert p["seeds_cpu"] >= 3 and p["tasks"]["min_test"] >= 1000 and p["pretrain"].precision in ("auto", "fp32")
+    assert p["data"]["study1"] == run_all.CIFAR10_FIVE and data.num_classes(p["data"]["study1"]) == 5
+
+
+def test_finetune_val_images_caps_the_split_that_picks_the_epoch(tmp_path):
+    simclr.pretrain(tiny_pretrain_config(eval_data=None, epochs=1), tmp_path / "pre")
+    common = dict(checkpoint=str(tmp_path / "pre" / "checkpoint.pt"), data="shapes5", train_images=400,
+                  test_images=20, epochs=1, batch_size=16, device="cpu")
+    capped = simclr.finetune(simclr.FinetuneConfig(**common, val_images=15), tmp_path / "capped")
+    whole = simclr.finetune(simclr.FinetuneConfig(**common), tmp_path / "whole")
+    config = {k: json.loads((tmp_path / k / "config.json").read_text()) for k in ("capped", "whole")}
+    assert (config["whole"]["val_images"], config["capped"]["val_images"]) == (40, 15)
+    assert config["whole"]["train_images"] == config["capped"]["train_images"] == 360  # train is untouched
+    assert sorted(capped["val"]["per_class"]) == sorted(whole["val"]["per_class"])  # every class kept
+    assert simclr.main(["finetune", "--checkpoint", common["checkpoint"], "--val-images", "0", "--out", "x"]) == 2
 
 
 def test_finetune_from_scratch_keeps_the_architecture_and_drops_the_weights(tmp_path, monkeypatch):
