@@ -3118,6 +3118,33 @@ def test_cifar_preset_end_to_end_on_generated_cifar_files(tmp_path, monkeypatch)
     assert run_all.parse_data(None, p["data"])["study3"] == ["cifar10@cat+dog", five, "cifar10"]
 
 
+def _png_folders_from_cifar(root: Path, cifar_root: Path) -> Path:
+    """root/{train,test}/<class>/<k>.png from generated CIFAR-10 files, two classes told apart by
+    brightness (the noise of the generated files carries no class), as a user's image folder."""
+    splits = dict(zip(("train", "test"), data.load_cifar(_cifar10_folder(cifar_root, CIFAR10_NAMES, 100, 200))))
+    for split, images in splits.items():
+        for k in np.flatnonzero(images.labels < 2):
+            label = int(images.labels[k])
+            pixels = images.images[k] // 8 + 64 + 96 * label  # dark or bright, with some noise
+            (root / split / CIFAR10_NAMES[label]).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / split / CIFAR10_NAMES[label] / f"{k}.png")
+    return root
+
+
+def test_released_cifar10_encoder_on_image_folders_through_transfer_and_linear_eval(tmp_path):
+    folder = _png_folders_from_cifar(tmp_path / "photos", tmp_path / "cifar")
+    encoder = run_all.released_encoder("teacher", "cifar10")
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--precision", "fp32", "--device", "cpu", "--batch-size", "30"]
+    assert transfer.main(["train", "--source", encoder, "--data", str(folder), "--mode", "linear-cached",
+                          "--image-size", "32", "--out", str(tmp_path / "transfer"), *cache]) == 0
+    assert simclr.main(["linear-eval", "--checkpoint", encoder, "--data", str(folder), "--epochs", "30",
+                        "--out", str(tmp_path / "linear"), *cache]) == 0
+    for run in ("transfer", "linear"):
+        result = json.loads((tmp_path / run / "results.json").read_text())
+        assert sorted(result["test"]["per_class"]) == ["airplane", "automobile"]
+        assert result["test"]["top1"] >= 0.9, (run, result["test"])  # 40 test images, 90 train
+
+
 def test_cifar_preset_starts_from_the_released_cifar10_encoders():
     p = run_all.PRESETS["cifar"]
     teacher, bases = run_all.choose_encoders(p, False, None, {})
