@@ -940,9 +940,10 @@ def num_classes(name: str) -> int | None:
 def is_present(name: str, root: str | Path | None = None) -> bool:
     """Whether a task can load without a download: embedded, a folder that exists, or a named
     dataset already under ``root``."""
-    key = _normalise(split_classes(name)[0])
+    base = split_classes(name)[0]
+    key = _normalise(base)
     if key not in DATASETS:
-        return key in EMBEDDED_TASKS or Path(name).expanduser().exists()
+        return key in EMBEDDED_TASKS or key == POOL_NAME or Path(base).expanduser().exists()
     try:
         _locate(key, root, fetch=False)
     except UserError:

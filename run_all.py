@@ -87,8 +87,8 @@ from transfer import TransferConfig
 #           distill.DistillConfig, transfer.TransferConfig); the data, seed, device and checkpoint
 #           fields are filled in per run.
 # tasks:    sizes of the tasks: images per class with a floor on each split's total; embedded tasks
-#           only, unless real=True (then named datasets too, counted on the classes selected); 0
-#           keeps a dataset's own split.
+#           only, unless real=True (then named datasets too, counted on the classes selected; folders
+#           keep their own splits); 0 keeps a dataset's own split.
 # released: None, or the source whose released encoders (RELEASED[source]) the preset starts from
 #           instead of pretraining in the run.
 # knn_check: the encoder's kNN check on a task's val split: True for study1's task, a task name, or False.
@@ -108,8 +108,9 @@ _SMALL_PRETRAIN = dict(head_layers=3, optimizer="lars", knn_k=50, strength=1.0, 
 _PROBE = functools.partial(TransferConfig, mode="linear-aug", preset="paper", crop=True, flip=True, color=False,
                            lr=0.1, weight_decay=0.0)
 
-# SimCLR's CIFAR-10 recipe (v1 appendix B.9: LARS, batch 256, colour strength 0.5) as the CIFAR-10
-# encoders were released; the kNN monitor's k = 200 as in the usual CIFAR protocol.
+# The CIFAR-10 encoders' pretraining, as released: SimCLR's CIFAR-10 choices (v1 appendix B.9: LARS,
+# temperature 0.5, colour strength 0.5) at batch 256 and base learning rate 2.0, crops from 8%; the
+# kNN monitor's k = 200 as in the usual CIFAR protocol.
 _CIFAR_PRETRAIN = dict(head_layers=3, optimizer="lars", knn_k=200, strength=0.5, crop_min_scale=0.08,
                        epochs=100, batch_size=256, base_lr=2.0)
 CIFAR10_FIVE = "cifar10@airplane+automobile+bird+cat+deer"  # CIFAR-10's first five classes
@@ -144,11 +145,11 @@ PRESETS: dict[str, dict] = {
         distill_augment=dict(frozen=False, scratch=True),
         probe=_PROBE(epochs=30), probe_batch_sizes=[32, 64],
     ),
-    # Real photos on a 2-core CPU in fp32 (README, "Real images: CIFAR-10"): the released CIFAR-10
+    # Real photos on a 2-core CPU in fp32 (README, "Real photos: CIFAR-10"): the released CIFAR-10
     # encoders, the three studies on CIFAR-10 classes (Study 1 on five of them, as the paper's five
     # flowers), CIFAR-100's tasks when it is on disk. The pretraining settings are the release's
-    # (used by --from-scratch only): colour strength 0.5 and crops from 8%, chosen on a validation
-    # split of CIFAR-10's training images (README, "How the CIFAR-10 encoders were chosen").
+    # (used by --from-scratch only): colour strength 0.5 and crops from 8%, chosen with 5-epoch runs
+    # on a validation split of CIFAR-10's training images (README, "How they were chosen").
     "cifar": dict(
         image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check="cifar10", released="cifar10",
         data=dict(pool="cifar10", study1=CIFAR10_FIVE, study3=["cifar10@cat+dog", CIFAR10_FIVE, "cifar10"]),
@@ -306,6 +307,15 @@ def parse_data(spec: str | None, defaults: dict) -> dict:
     if "study2" not in given:
         mapping["study2"] = mapping["study1"]
     return mapping
+
+
+def with_optional_study3(mapping: dict, preset: dict, root: str | None) -> dict:
+    """The mapping with the preset's optional Study 3 tasks whose data is on disk, unless --data gave
+    study3 (parse_data keeps the preset's own list object only when it was not given)."""
+    if mapping["study3"] is not preset["data"]["study3"]:
+        return mapping
+    present = [t for t in preset.get("optional_study3", []) if data.is_present(t, root)]
+    return dict(mapping, study3=mapping["study3"] + present)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,7 +483,8 @@ def load_tasks(names: Sequence[str], image_size: int, sizes: dict, seed: int, ro
     tasks = {}
     for name in dict.fromkeys(names):
         base, _ = data.split_classes(name)
-        sized = base in data.EMBEDDED_TASKS or sizes.get("real", False)
+        # num_classes(base) is None for a folder: a folder keeps its own splits
+        sized = base in data.EMBEDDED_TASKS or (sizes.get("real", False) and data.num_classes(base) is not None)
         classes = data.num_classes(name) if sized else None
         # A task sized by the preset; 0 (the paper preset) keeps data.py's own sizes.
         n_train = max(sizes["min_train"], classes * sizes["train_per_class"]) if classes else None
@@ -706,6 +717,10 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
                      f"{paper[0] if paper else '-'} | {f'{paper[1]:.3f}' if paper else '-'} | "
                      + " | ".join(_fmt(summary["table4"][name][str(b)]) for b in bs) + " |")
     lines += [""] + [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"]["study3"].items()]
+    own = [_display(t) for t in summary["study3_tasks"] if data.split_classes(t)[0] == mapping["pool"]]
+    if own:
+        lines += [f"- {', '.join(own)}: from the dataset the encoder was pretrained on (without labels): "
+                  "in-domain linear evaluation, not transfer to a new dataset."]
     lines += ["", "Figures: figure2.png (Study 1), figure6.png (Study 3). Every number: results.json.", ""]
     return "\n".join(lines)
 
@@ -940,9 +955,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     preset_name, p = resolve_preset(preset, dev)
     for key in ("pretrain", "finetune", "distill", "probe"):
         p[key] = dataclasses.replace(p[key], precision=precision)
-    mapping = parse_data(data_spec, p["data"])
-    if mapping["study3"] == p["data"]["study3"]:  # the preset's own list: add what is on disk
-        mapping["study3"] = mapping["study3"] + [t for t in p.get("optional_study3", []) if data.is_present(t, root)]
+    mapping = with_optional_study3(parse_data(data_spec, p["data"]), p, root)
     n_seeds = seeds if seeds is not None else p["seeds_cuda" if dev.type == "cuda" else "seeds_cpu"]
     if n_seeds < 1:
         raise UserError(f"--seeds must be at least 1; got {n_seeds}.")

@@ -369,8 +369,9 @@ class FinetuneConfig(train.StageConfig):
     train_images: int | None = _split_size("train")
     test_images: int | None = _split_size("test")
     fraction: float = option(1.0, "fraction of training labels (0.01, 0.1, 1)", allowed=train.FRACTION)
-    val_images: int | None = option(None, "keep at most this many val images (class-proportional) to pick the best "
-                                    "epoch: with few labels, a val split no larger than the labeled set is honest "
+    val_images: int | None = option(None, "keep at most this many val images (class-proportional, at least one per "
+                                    "class) to pick the best epoch; the others are left out, not moved into train. "
+                                    "With few labels, a val split no larger than the labeled set is honest "
                                     "(default: the whole val split)", allowed=train.AT_LEAST_1)
     head_layer: int = option(1, "fine-tune from this head layer (SimCLR v2: 1)", allowed=train.NON_NEGATIVE)
     crop: bool = option(True, "use crop augmentation while fine-tuning")
@@ -423,6 +424,9 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     if cfg.head_layer > arch["head_layers"]:
         raise UserError(f"--head-layer {cfg.head_layer} is deeper than the {arch['head_layers']}-layer projection head.")
     if cfg.val_images is not None:
+        if cfg.val_images < task.num_classes:
+            raise UserError(f"--val-images {cfg.val_images} cannot hold one image of each of {task.name}'s "
+                            f"{task.num_classes} classes; use at least {task.num_classes}.")
         task = dataclasses.replace(task, val=data.stratified_subset(task.val, cfg.val_images, data_seed))
     labeled = data.labeled_fraction(task.train, cfg.fraction, cfg.seed) if cfg.fraction < 1 else task.train
     if cfg.batch_size > len(labeled):
