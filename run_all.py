@@ -224,6 +224,15 @@ RELEASED: dict[str, dict[str, dict]] = {
         "vgg": dict(file="vgg16_bn-w0.125-seed2.pt", model="vgg16_bn", seed=2, epochs=30, precision="fp32",
                     sha256="5c1e4029213359b7dc9b46542a48ff5eb9047f392ac0ea992e6f00f9ea87e7d6"),
     },
+    # Pretrained on CIFAR-10's 50,000 training images without labels, in bf16 on a CPU with AMX.
+    "cifar10": {
+        "teacher": dict(file="cifar10-resnet18-w0.125-seed0.pt", model="resnet18", seed=0, epochs=100,
+                        precision="bf16", sha256="dfbe0355b6c6feb7ffc8bc7ea034e46187aa30d04243fe5b53bfbeb3e619a278"),
+        "resnet": dict(file="cifar10-resnet18-w0.125-seed1.pt", model="resnet18", seed=1, epochs=15,
+                       precision="bf16", sha256="68c05fe4082059b601baaf5e53959a366307605fce71669bf0e75891ff1f6bbc"),
+        "vgg": dict(file="cifar10-vgg16_bn-w0.125-seed2.pt", model="vgg16_bn", seed=2, epochs=15,
+                    precision="bf16", sha256="155621165e9e4742d88853003c46b3974142105d9821cf9bb4519a3b875c6393"),
+    },
 }
 
 
