@@ -2035,9 +2035,11 @@ def test_compile_auto_weighs_the_run_and_a_failed_compile_runs_eagerly(monkeypat
     monkeypatch.setattr(torch, "compile", no_compiler)
     step = train.compiled(model)
     x = torch.randn(4, 3).t().contiguous().t()  # a non-contiguous input is made contiguous, same values
+    # (compared with the contiguous input's output: on some CPUs, e.g. with AMX, a strided matmul
+    # rounds the last bit differently)
     with pytest.warns(UserWarning, match="torch.compile failed .*InvalidCxxCompiler.*running eagerly"):
-        assert torch.equal(step(x), model(x))
-    assert torch.equal(step(x), model(x)) and train.unwrap(step) is model  # no second attempt, no warning
+        assert torch.equal(step(x), model(x.contiguous()))
+    assert torch.equal(step(x), model(x.contiguous())) and train.unwrap(step) is model  # no second attempt, no warning
 
 
 def test_select_device_errors():
@@ -3086,7 +3088,8 @@ def test_cuda_and_paper_presets_run_end_to_end_on_cpu_at_tiny_sizes(preset, tmp_
     md = (tmp_path / "run" / "results.md").read_text()
     if preset == "paper":
         tables = "\n".join(line for line in md.splitlines() if "Command:" not in line)  # the command names paths
-        assert str(tmp_path) not in tables and "| flowers | 5 | 32 |" in md and "| cats | 2 | 32 |" in md
+        assert str(tmp_path) not in tables, [line for line in tables.splitlines() if str(tmp_path) in line]
+        assert re.search(r"\| flowers \| 5 \| \d+ / \d+ / \d+ \| 32 \|", md) and "| cats | 2 |" in md
         pre = json.loads((tmp_path / "run" / "runs" / "pretrain" / "config.json").read_text())
         assert pre["model"] == "resnet50" and pre["knn_k"] == 10
 
