@@ -7,7 +7,7 @@
     bench        throughput: network alone, augmentation alone, end to end
 
 The engine these stages share with distill.py and transfer.py (devices, run folders, checkpoints,
-LARS, the schedule, the training loop) lives in train.py.
+the training loop) lives in train.py; LARS and the schedule in optim.py.
 
 Command line:  python simclr.py pretrain --data shapes-pool --out runs/pretrain
                python simclr.py linear-eval --checkpoint runs/pretrain/checkpoint.pt --data shapes5

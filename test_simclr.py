@@ -5,7 +5,7 @@ Contents (search for the heading):
   losses.py and models.py    NT-Xent, distillation, encoders, torchvision layout, projection head
   shapes.py and data.py      the procedural world, image folders and the cache, CIFAR, downloads,
                              label fractions and batches, data.py's command line
-  train.py                   optimisation (LARS, schedule), checkpoints and run folders, the
+  train.py, optim.py         optimisation (LARS, schedule), checkpoints and run folders, the
                              training loop, the linear probe and the kNN monitor on toy problems
   simclr.py                  pretraining, resume, evaluation, fine-tuning, faults of real runs
   distill.py and transfer.py distillation, transfer, command lines
@@ -631,6 +631,8 @@ STANDALONE_USE = {
                   "assert augment.SimCLRAugment(32)(x).shape == (4, 3, 32, 32)",
     "losses.py": "import losses, torch; assert losses.nt_xent(torch.randn(4, 8), torch.randn(4, 8)) > 0",
     "models.py": "import models, torch; assert models.resnet18(num_classes=3).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 3)",
+    "optim.py": "import optim, torch; m = torch.nn.Linear(3, 2); o = optim.LARS(optim.parameter_groups(m, 1e-6), lr=0.1); "
+                "m(torch.rand(4, 3)).sum().backward(); o.step(); assert optim.learning_rate(0, 10, 2, 1.0) == 0.5",
 }
 
 
