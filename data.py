@@ -923,6 +923,11 @@ def known_names() -> list[str]:
     return [*EMBEDDED_TASKS, POOL_NAME, *DATASETS, "cifar100_coarse"]
 
 
+def _is_coarse(name: str) -> bool:
+    """'cifar100_coarse' (CIFAR-100's 20 superclasses) in any spelling _normalise accepts; its key is cifar100."""
+    return name.strip().lower().replace("-", "_") == "cifar100_coarse"
+
+
 def num_classes(name: str) -> int | None:
     """Classes of a labeled task named by an embedded or dataset name (with or without an
     @class+class selection), without loading it; None for a folder."""
@@ -932,7 +937,7 @@ def num_classes(name: str) -> int | None:
     key = _normalise(base)
     if key in EMBEDDED_TASKS:
         return EMBEDDED_TASKS[key]
-    if base.strip().lower().replace("-", "_") == "cifar100_coarse":
+    if _is_coarse(base):
         return 20
     return DATASETS[key]["classes"] if key in DATASETS else None
 
@@ -1314,8 +1319,7 @@ def load_task(
     if key == POOL_NAME:
         raise UserError(f"{POOL_NAME} is the unlabeled pretraining pool; load it with load_unlabeled('{POOL_NAME}')")
     if key in DATASETS:
-        coarse = name.strip().lower().replace("-", "_") == "cifar100_coarse"
-        return _named_task(key, coarse, image_size, root, val_fraction, seed, n_train, n_test, download, cache_dir, skip_bad)
+        return _named_task(key, _is_coarse(name), image_size, root, val_fraction, seed, n_train, n_test, download, cache_dir, skip_bad)
     if not _looks_like_path(name):
         raise _unknown(name)
     folder = _check_folder(Path(name))

@@ -3051,13 +3051,17 @@ def test_bf16_and_fp32_losses_agree_on_one_step():
     assert abs(losses_by["bf16"] - losses_by["fp32"]) <= 0.02 * abs(losses_by["fp32"]), losses_by
 
 
-def _shapes_folder(root: Path, task: str, n: int) -> Path:
-    """root/<class>/<k>.png: n images of an embedded task, written as a user's image folder."""
-    images, labels, classes = shapes.generate(task, n, image_size=32)
+def _image_folder(root: Path, images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> Path:
+    """root/<class>/<k>.png, as a user's image folder (k: the image's index in `images`)."""
     for k, (image, label) in enumerate(zip(images, labels)):
         (root / classes[label]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(root / classes[label] / f"{k}.png")
     return root
+
+
+def _shapes_folder(root: Path, task: str, n: int) -> Path:
+    """root/<class>/<k>.png: n images of an embedded task, written as a user's image folder."""
+    return _image_folder(root, *shapes.generate(task, n, image_size=32))
 
 
 def _shrunk(preset: dict) -> dict:
@@ -3133,11 +3137,10 @@ def _png_folders_from_cifar(root: Path, cifar_root: Path) -> Path:
     brightness (the noise of the generated files carries no class), as a user's image folder."""
     splits = dict(zip(("train", "test"), data.load_cifar(_cifar10_folder(cifar_root, CIFAR10_NAMES, 100, 200))))
     for split, images in splits.items():
-        for k in np.flatnonzero(images.labels < 2):
-            label = int(images.labels[k])
-            pixels = images.images[k] // 8 + 64 + 96 * label  # dark or bright, with some noise
-            (root / split / CIFAR10_NAMES[label]).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(root / split / CIFAR10_NAMES[label] / f"{k}.png")
+        two = images.labels < 2
+        labels = images.labels[two]
+        pixels = images.images[two] // 8 + 64 + 96 * labels[:, None, None, None].astype(np.uint8)  # dark or bright
+        _image_folder(root / split, pixels, labels, CIFAR10_NAMES)
     return root
 
 

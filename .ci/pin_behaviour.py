@@ -20,7 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 # Keys whose values are measurements of the machine, not of behaviour.
@@ -88,7 +87,7 @@ def _file_record(path: Path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _tensors(obj, prefix=""):
+def _tensors(obj):
     """Every tensor of a checkpoint as a sha256 of its bytes; other leaves cleaned as JSON values."""
     if isinstance(obj, torch.Tensor):
         return hashlib.sha256(obj.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
@@ -120,7 +119,7 @@ def record(out: Path) -> None:
     sys.path.insert(0, ".")
     import shapes
     from PIL import Image
-    images, labels, _ = shapes.generate("shapes5", 12, image_size=32)
+    images = shapes.generate("shapes5", 12, image_size=32)[0]
     for k, image in enumerate(images):
         Image.fromarray(image).save(runs / "images" / f"{k}.png")
     result = {}
@@ -128,8 +127,6 @@ def record(out: Path) -> None:
         done = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
         entry = dict(rc=done.returncode, stdout=_lines(done.stdout), stderr=_lines(done.stderr))
         folder = runs / name.replace("run_all-tiny", "run_all")
-        if name in ("export", "extract"):
-            folder = runs / name
         entry["files"] = {str(p.relative_to(folder)): _file_record(p) for p in sorted(folder.rglob("*"))
                           if p.is_file() and p.suffix not in (".lock",)} if folder.is_dir() else {}
         result[name] = entry
