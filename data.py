@@ -69,8 +69,9 @@ except ImportError:
 
 import shapes
 from shapes import EMBEDDED_TASKS, POOL_NAME
-import train
-from train import HelpFormatter, UserError
+import checkpoints
+import options
+from options import HelpFormatter, UserError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,7 +610,7 @@ def _decode_to_cache(root, files, res, entry, skip_bad, workers, progress, locke
             "bad": [list(b) for b in bad],
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        train.atomic_write(entry / "manifest.json", lambda f: f.write(json.dumps(manifest)), "w", raw_errors=True)
+        checkpoints.atomic_write(entry / "manifest.json", lambda f: f.write(json.dumps(manifest)), "w", raw_errors=True)
     except OSError as exc:  # a full disk, a read-only or vanished cache: the user's to fix, not a bug
         npy.unlink(missing_ok=True)
         raise _cache_write_error(entry, shape, exc) from None
@@ -1606,15 +1607,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grid", help="save a PNG grid of samples per class", formatter_class=HelpFormatter)
     p.add_argument("name", help=f"dataset name ({', '.join(known_names())}) or folder")
     p.add_argument("--out", default="grid.png", help="PNG file to write")
-    p.add_argument("--size", type=train.bounded(int, train.Range(8), "size"), default=32, help="image size")
-    p.add_argument("--per-class", type=train.bounded(int, train.AT_LEAST_1, "per-class"), default=8, help="images per class (row)")
-    p.add_argument("--max-classes", type=train.bounded(int, train.AT_LEAST_1, "max-classes"), default=20, help="rows to show at most")
-    p.add_argument("--seed", type=train.bounded(int, train.NON_NEGATIVE, "seed"), default=0, help="random seed")
+    p.add_argument("--size", type=options.bounded(int, options.Range(8), "size"), default=32, help="image size")
+    p.add_argument("--per-class", type=options.bounded(int, options.AT_LEAST_1, "per-class"), default=8, help="images per class (row)")
+    p.add_argument("--max-classes", type=options.bounded(int, options.AT_LEAST_1, "max-classes"), default=20, help="rows to show at most")
+    p.add_argument("--seed", type=options.bounded(int, options.NON_NEGATIVE, "seed"), default=0, help="random seed")
     p.add_argument("--root", default=None, help="data root for named datasets; None: $SIMCLR_DATA, else ~/.local/share/simclr")
     p.add_argument("--cache-dir", default=None, help="decode cache; None: $SIMCLR_CACHE, else ~/.cache/simclr")
     p = sub.add_parser("info", help="print splits, classes and channel statistics", formatter_class=HelpFormatter)
     p.add_argument("name", help="dataset name or folder")
-    p.add_argument("--size", type=train.bounded(int, train.Range(8), "size"), default=32, help="image size")
+    p.add_argument("--size", type=options.bounded(int, options.Range(8), "size"), default=32, help="image size")
     p.add_argument("--root", default=None, help="data root for named datasets")
     p.add_argument("--cache-dir", default=None, help="decode cache")
     p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images with a warning")
@@ -1624,8 +1625,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="data root; None: $SIMCLR_DATA, else ~/.local/share/simclr")
     p.add_argument("--mirror", default=None, help="base URL serving the archives by file name; None: $SIMCLR_MIRROR, else the publisher")
     p = sub.add_parser("bench", help="generator speed on one CPU core", formatter_class=HelpFormatter)
-    p.add_argument("--n", type=train.bounded(int, train.AT_LEAST_1, "n"), default=20000, help="images to generate")
-    p.add_argument("--size", type=train.bounded(int, train.Range(8), "size"), default=32, help="image size")
+    p.add_argument("--n", type=options.bounded(int, options.AT_LEAST_1, "n"), default=20000, help="images to generate")
+    p.add_argument("--size", type=options.bounded(int, options.Range(8), "size"), default=32, help="image size")
     p.add_argument("--name", default=POOL_NAME, help="embedded dataset to render")
     return parser
 
@@ -1646,7 +1647,7 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return train.main(argv, run=run_command, parser=build_parser())
+    return options.main(argv, run=run_command, parser=build_parser())
 
 
 def _print_info(args: argparse.Namespace) -> None:

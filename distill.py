@@ -45,11 +45,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import checkpoints
 import data
 import losses
 import models
+import options
 import train
-from train import UserError, option
+from options import UserError, option
 
 MODES = ("scratch", "finetune", "frozen")
 SOFT_LABELS = ("online", "precomputed")
@@ -78,7 +80,7 @@ PRESETS: dict[str, dict] = {
 
 def load_teacher(path: str | os.PathLike, task: data.TaskData, device: torch.device) -> tuple[nn.Module, dict]:
     """The teacher in eval mode without gradients, checked against the task's classes."""
-    teacher, ckpt = train.load_classifier(path, task.num_classes)
+    teacher, ckpt = checkpoints.load_classifier(path, task.num_classes)
     names = ckpt.get("classes")
     if names is not None and list(names) != list(task.classes):
         raise UserError(f"The teacher '{path}' was trained on classes {list(names)[:8]} but '{task.name}' has "
@@ -113,7 +115,7 @@ def check_independent_base(student_checkpoint: str | os.PathLike, base: nn.Modul
     if _same_weights(state, teacher.encoder.state_dict()):
         raise UserError(refuse.format(f"identical weights to the encoder of '{teacher_path}'"))
     if origin is not None:
-        origin_ckpt = train.load_checkpoint(origin)
+        origin_ckpt = checkpoints.load_checkpoint(origin)
         origin_state = {k[len("encoder."):]: v for k, v in origin_ckpt.get("model", {}).items()
                         if k.startswith("encoder.")}
         if _same_weights(state, origin_state):
@@ -136,10 +138,10 @@ def build_student(mode: str, name: str, width: float, cifar_stem: bool, num_clas
             raise UserError(f"--mode {mode} needs --student-checkpoint: a SimCLR pretraining checkpoint of the student "
                             f"architecture (python simclr.py pretrain --model {name} --width {width} ..., on the "
                             "teacher's unlabeled data with the same budget).")
-        encoder, ckpt = train.pretrained_encoder(student_checkpoint, name, width, cifar_stem, image_size)
+        encoder, ckpt = checkpoints.pretrained_encoder(student_checkpoint, name, width, cifar_stem, image_size)
         mean, std = ckpt.get("mean", mean), ckpt.get("std", std)
     arch = dict(encoder=name, width=width, cifar_stem=cifar_stem)  # the student uses no projection head
-    arch = train.classifier_arch(arch, 0, num_classes, mean, std, dense_layers)
+    arch = checkpoints.classifier_arch(arch, 0, num_classes, mean, std, dense_layers)
     student = models.Classifier(encoder, None, 0, num_classes, mean, std, dense_layers)
     if mode == "frozen":
         student.freeze_base()
@@ -204,7 +206,7 @@ def agreement(a: list[int], b: list[int]) -> float:
 
 
 @dataclass
-class DistillConfig(train.StageConfig):
+class DistillConfig(options.StageConfig):
     """Every setting of a distillation run; settings left as None take PRESETS[preset]'s value, and
     dense_layers None means (256,) in frozen mode and none otherwise."""
     teacher: str = option(None, "classifier checkpoint (best.pt of a finetune/distill/transfer run)", required=True)
@@ -212,35 +214,35 @@ class DistillConfig(train.StageConfig):
     mode: str = option("scratch", "student: from scratch, fine-tuned from a pretrained encoder, or frozen pretrained "
                        "base + dense layers (seed paper)", choices=MODES)
     student: str = option("resnet18", "student architecture", choices=models.MODEL_NAMES)
-    width: float = option(1.0, "student channel multiplier", allowed=train.POSITIVE)
+    width: float = option(1.0, "student channel multiplier", allowed=options.POSITIVE)
     cifar_stem: bool | None = option(None, "3x3 stem; None: on up to 64 px")
     student_checkpoint: str | None = option(None, "SimCLR pretraining checkpoint of the student architecture "
                                             "(finetune and frozen modes)")
     dense_layers: list[int] | None = option(None, "widths of the trainable Linear+ReLU layers before the classifier; "
-                                            "None: 256 in frozen mode", allowed=train.AT_LEAST_1)
+                                            "None: 256 in frozen mode", allowed=options.AT_LEAST_1)
     preset: str = option("default", "'default' (short runs) or 'paper' (the seed paper's Table 3) "
                          "(default: %(default)s)", choices=list(PRESETS))
-    temperature: float | None = option(None, "softmax temperature tau (preset: 1.0)", allowed=train.POSITIVE)
-    alpha: float = option(1.0, "weight of the distillation term; 1 - alpha for labels", allowed=train.UNIT)
-    labeled_fraction: float = option(0.0, "fraction of train labels known (alpha < 1)", allowed=train.UNIT)
+    temperature: float | None = option(None, "softmax temperature tau (preset: 1.0)", allowed=options.POSITIVE)
+    alpha: float = option(1.0, "weight of the distillation term; 1 - alpha for labels", allowed=options.UNIT)
+    labeled_fraction: float = option(0.0, "fraction of train labels known (alpha < 1)", allowed=options.UNIT)
     soft_labels: str = option("online", "teacher on each augmented view (SimCLR v2) or once on un-augmented images",
                               choices=SOFT_LABELS)
     crop: bool | None = option(None, "crop augmentation; None: the preset's")
     flip: bool | None = option(None, "flip augmentation; None: the preset's")
     color: bool | None = option(None, "color augmentation; None: the preset's")
     crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image; None: the teacher's "
-                                          "pretraining setting", allowed=train.FRACTION)
+                                          "pretraining setting", allowed=options.FRACTION)
     strength: float | None = option(None, "colour distortion strength; None: the teacher's pretraining setting",
-                                    allowed=train.NON_NEGATIVE)
+                                    allowed=options.NON_NEGATIVE)
     extra_unlabeled: str | None = option(None, "extra unlabeled images, e.g. shapes-pool or a folder")
-    extra_n: int | None = option(None, "how many extra unlabeled images", allowed=train.POSITIVE)
-    epochs: int | None = option(None, "None: the preset's", allowed=train.POSITIVE)
-    batch_size: int | None = option(None, "None: the preset's", allowed=train.POSITIVE)
-    lr: float | None = option(None, "peak learning rate, cosine decay; None: the preset's", allowed=train.POSITIVE)
-    momentum: float | None = option(None, "None: the preset's", allowed=train.MOMENTUM)
-    weight_decay: float | None = option(None, "None: the preset's", allowed=train.NON_NEGATIVE)
+    extra_n: int | None = option(None, "how many extra unlabeled images", allowed=options.POSITIVE)
+    epochs: int | None = option(None, "None: the preset's", allowed=options.POSITIVE)
+    batch_size: int | None = option(None, "None: the preset's", allowed=options.POSITIVE)
+    lr: float | None = option(None, "peak learning rate, cosine decay; None: the preset's", allowed=options.POSITIVE)
+    momentum: float | None = option(None, "None: the preset's", allowed=options.MOMENTUM)
+    weight_decay: float | None = option(None, "None: the preset's", allowed=options.NON_NEGATIVE)
     optimizer: str | None = option(None, "None: the preset's", choices=["sgd", "lars"])
-    log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
+    log_every: int = option(20, "steps between log lines (host syncs)", allowed=options.AT_LEAST_1)
     compile: str = train.compile_option()
 
 
@@ -248,7 +250,7 @@ def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data
               ) -> tuple[int, data.TaskData, nn.Module, dict, data.ImageSet, np.ndarray]:
     """(image size, task, teacher in eval mode, its checkpoint, the images to distil on, their known
     labels): the teacher's image size and split seed decide the task's images."""
-    teacher_ckpt_meta = train.load_checkpoint(cfg.teacher)
+    teacher_ckpt_meta = checkpoints.load_checkpoint(cfg.teacher)
     image_size = int(teacher_ckpt_meta.get("image_size") or 32)
     # The split seed is the teacher's: with another seed the validation carve (and a generated task's
     # images) would differ, and the teacher's training images would select the student's best epoch.
@@ -272,7 +274,7 @@ def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data
 def resolve_settings(cfg: DistillConfig) -> tuple[dict, tuple[int, ...]]:
     """(the optimisation and augmentation settings: cfg's where given, else the preset's; the dense
     layer widths), after checking every option."""
-    train.validate(cfg)
+    options.validate(cfg)
     if cfg.preset not in PRESETS:
         raise UserError(f"Unknown --preset '{cfg.preset}'. Use one of: {', '.join(PRESETS)}.")
     given = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
@@ -303,7 +305,7 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
 
     Returns dict(student={val, test reports vs ground truth}, teacher={val, test}, agreement={val, test},
     best=<best.pt path>, ...); best.pt is the student with the best val top-1 (never the test split),
-    loadable by load_classifier here (and by train.load_classifier once it knows dense layers)."""
+    loadable by load_classifier here (and by checkpoints.load_classifier once it knows dense layers)."""
     s, dense_layers = resolve_settings(cfg)
     dev = train.select_device(cfg.device)
     train.seed_everything(cfg.seed)
@@ -315,12 +317,12 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     if cfg.mode == "frozen":
         check_independent_base(cfg.student_checkpoint, model.encoder, teacher_model, teacher_ckpt, cfg.teacher)
     model = model.to(dev)
-    run = train.RunFolder(out, resume=resume, overwrite=overwrite)
+    run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite)
 
     # The student sees the kind of views its teacher's encoder was pretrained on; it carries on its
     # own base's record where it has a pretrained base, else the teacher's.
-    recorded = train.pretrain_augmentation(teacher_ckpt)
-    student_record = (train.pretrain_augmentation(train.load_checkpoint(cfg.student_checkpoint))
+    recorded = checkpoints.pretrain_augmentation(teacher_ckpt)
+    student_record = (checkpoints.pretrain_augmentation(checkpoints.load_checkpoint(cfg.student_checkpoint))
                       if cfg.mode != "scratch" and cfg.student_checkpoint else recorded)
     augmentation = (train.matched_views(recorded, image_size, crop=s["crop"], flip=s["flip"], color=s["color"],
                                         crop_min_scale=cfg.crop_min_scale, strength=cfg.strength, source=cfg.teacher,
@@ -379,7 +381,7 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     schedule = train.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
                                weight_decay=s["weight_decay"], log_every=cfg.log_every, precision=cfg.precision)
     meta = dict(kind="distill", arch=arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
-                **train.carried(student_record))
+                **checkpoints.carried(student_record))
     train.fit(model, loss_fn, loader, run, schedule, device=dev, seed=cfg.seed, meta=meta, evaluate=evaluate,
                select="val_top1", desc=f"distill {cfg.mode} {cfg.student}")
     if frozen_state is not None:
@@ -388,11 +390,11 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     return report(run, cfg, task, teacher_model, dev, image_size, config["augmentation"])
 
 
-def report(run: train.RunFolder, cfg: DistillConfig, task: data.TaskData, teacher_model: nn.Module,
+def report(run: checkpoints.RunFolder, cfg: DistillConfig, task: data.TaskData, teacher_model: nn.Module,
            dev: torch.device, image_size: int, augmentation: str) -> dict:
     """The best student (best.pt) and the teacher on val and test, and how often they agree;
     written to results.json and printed."""
-    best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
+    best, _ = checkpoints.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
     result = dict(task=task.name, mode=cfg.mode, student_arch=cfg.student, teacher_path=str(cfg.teacher),
                   augmentation=augmentation, best=str(run.path / "best.pt"), student={}, teacher={}, agreement={})
@@ -402,7 +404,7 @@ def report(run: train.RunFolder, cfg: DistillConfig, task: data.TaskData, teache
                                                                 precision=cfg.precision)
         result["agreement"][split_name] = agreement(result["student"][split_name].pop("predictions"),
                                                     result["teacher"][split_name].pop("predictions"))
-    train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
+    checkpoints.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     print(f"distill {task.name} ({cfg.mode} {cfg.student}): student test top-1 {result['student']['test']['top1']:.4f} "
           f"(val {result['student']['val']['top1']:.4f}), teacher test top-1 {result['teacher']['test']['top1']:.4f}, "
           f"agreement {result['agreement']['test']:.4f}; best: {result['best']}", file=sys.stderr)
@@ -415,15 +417,15 @@ def report(run: train.RunFolder, cfg: DistillConfig, task: data.TaskData, teache
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=train.HelpFormatter,
+                                formatter_class=options.HelpFormatter,
                                 epilog="presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    train.add_options(p, DistillConfig)
-    train.add_run(p)
+    options.add_options(p, DistillConfig)
+    options.add_run(p)
     return p
 
 
 def run_command(args: argparse.Namespace) -> None:
-    distill(train.from_args(DistillConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
+    distill(options.from_args(DistillConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ __all__ = [
     "BasicBlock", "Bottleneck", "ResNet", "VGG",
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "vgg11", "vgg13", "vgg16", "vgg19",
-    "ProjectionHead", "SimCLRModel", "MODEL_NAMES", "create_model",
+    "ProjectionHead", "SimCLRModel", "Classifier", "MODEL_NAMES", "create_model",
 ]
 
 

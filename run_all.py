@@ -70,14 +70,16 @@ import tqdm as tqdm_module
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+import checkpoints
 import data
 import distill
+import options
 import simclr
 import train
 import transfer
 from distill import DistillConfig
+from options import UserError
 from simclr import FinetuneConfig, PretrainConfig
-from train import UserError
 from transfer import TransferConfig
 
 # ----------------------------------------------------------------------------------------------
@@ -370,7 +372,7 @@ def _in_mean(pairs: Sequence[tuple[Sequence[float], Sequence[float]]]) -> bool:
 # Interrupts: Ctrl-C or SIGTERM anywhere ends with where it landed and the command that resumes
 
 # A stage's training loop stops itself (train.Stopped, checkpoint saved); elsewhere the signal raises
-# KeyboardInterrupt (SIGTERM: train.Terminated, see train.main). Either way every file written so far is
+# KeyboardInterrupt (SIGTERM: options.Terminated, see train.main). Either way every file written so far is
 # whole (stage records, results and figures are written atomically), so --resume picks up from there.
 _INTERRUPTS = (KeyboardInterrupt, train.Stopped)
 
@@ -398,17 +400,17 @@ def resume_command(argv: Sequence[str]) -> str:
 
 
 def interrupted(error: BaseException, argv: Sequence[str]) -> KeyboardInterrupt:
-    """An interrupt of the run -> the KeyboardInterrupt (train.Terminated for SIGTERM) that train.main
+    """An interrupt of the run -> the KeyboardInterrupt (options.Terminated for SIGTERM) that train.main
     prints, with where it landed and the resume command, and answers with exit 128 + the signal."""
     if isinstance(error, train.Stopped):
         signum = signal.Signals(error.signum)
     else:
-        signum = signal.SIGTERM if isinstance(error, train.Terminated) else signal.SIGINT
+        signum = signal.SIGTERM if isinstance(error, options.Terminated) else signal.SIGINT
     where = getattr(error, "run_all_where", "while preparing the run")
     detail = f" ({error.progress})" if isinstance(error, train.Stopped) else ""
     text = (f"run_all stopped by {signum.name} {where}{detail}. Finished stages are kept. Resume with:\n"
             f"  {resume_command(argv)}")
-    return train.Terminated(text) if signum == signal.SIGTERM else KeyboardInterrupt(text)
+    return options.Terminated(text) if signum == signal.SIGTERM else KeyboardInterrupt(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,7 +454,7 @@ class Pipeline:
             result = fn(folder, sub_resume)
         record = dict(name=name, result=result, wall_s=round(time.perf_counter() - start, 2),
                       finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), resumed=sub_resume)
-        train.atomic_write_text(json.dumps(record, indent=2) + "\n", record_path)
+        checkpoints.atomic_write_text(json.dumps(record, indent=2) + "\n", record_path)
         self.records[name] = dict(record, reused=False)
         self.bar.update(1)
         return result
@@ -533,7 +535,7 @@ def _read_log(folder: Path) -> list[dict]:
 def finetune_stage(checkpoint: str, task: data.TaskData, augmentation: dict, cfg: FinetuneConfig, seed: int,
                    device: str) -> Callable[[Path, bool], dict]:
     def run(folder: Path, resume: bool) -> dict:
-        head_layer = min(cfg.head_layer, train.load_checkpoint(checkpoint)["arch"]["head_layers"])
+        head_layer = min(cfg.head_layer, checkpoints.load_checkpoint(checkpoint)["arch"]["head_layers"])
         stage = dataclasses.replace(cfg, checkpoint=checkpoint, data=task.name, fraction=1.0, head_layer=head_layer,
                                     blur=False, seed=seed, device=device, **augmentation)
         result = simclr.finetune(stage, folder, resume=resume, overwrite=not resume, task=task)
@@ -793,7 +795,7 @@ def draw_chart(path: Path, title: str, xlabel: str, categories: Sequence[str],
         d.rectangle([legend_x, 50, legend_x + 16, 66], fill=colour)  # legend: one row under the title
         d.text((legend_x + 22, 58), name, fill="black", font=small, anchor="lm")
         legend_x += 22 + d.textlength(name, font=small) + 30
-    train.atomic_write(path, lambda f: img.save(f, format="PNG"))
+    checkpoints.atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 @_part("while drawing the figures")
@@ -855,13 +857,13 @@ def _device_info(device: torch.device) -> dict:
     return dict(type=device.type, name=name)
 
 
-def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> train.RunFolder:
-    """train.RunFolder's guards (and lock) for the run_all folder, and one more: --resume only with the
+def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> checkpoints.RunFolder:
+    """checkpoints.RunFolder's guards (and lock) for the run_all folder, and one more: --resume only with the
     settings the run was started with (its stages would otherwise mix two experiments). The folder
     stays locked while the returned RunFolder lives: every stage writes inside it."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pass one of them.")
-    run = train.RunFolder(out, resume=resume, overwrite=overwrite, checkpointed=False,
+    run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite, checkpointed=False,
                           outputs=("stages", "results.json", "results.md", "figure2.png", "figure6.png",
                                    "pretraining.png"))
     config = out / "config.json"
@@ -877,7 +879,7 @@ def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> 
 
 def pretrained_arch(path: str) -> str:
     """The encoder name of a --pretrained checkpoint, which must be a pretraining checkpoint."""
-    ckpt = train.load_checkpoint(path)
+    ckpt = checkpoints.load_checkpoint(path)
     if ckpt["kind"] != "pretrain":
         raise UserError(f"--pretrained '{path}' is a '{ckpt['kind']}' checkpoint; pass a pretraining "
                         "checkpoint written by simclr.py pretrain (its checkpoint.pt).")
@@ -894,9 +896,9 @@ def write_results(out: Path, meta: dict, settings: dict, mapping: dict, tasks: d
                    stages={k: dict(wall_s=v["wall_s"], reused=v["reused"], finished=v["finished"])
                            for k, v in records.items()},
                    runs=runs, **summary)
-    train.atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out / "results.json")
+    checkpoints.atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out / "results.json")
     markdown = results_markdown(summary, meta, tasks, mapping, runs)
-    train.atomic_write_text(markdown, out / "results.md")
+    checkpoints.atomic_write_text(markdown, out / "results.md")
     figures = draw_figures(out, summary, tasks, len(meta["seeds"]))
     curve = pretraining_log(meta["checkpoint"])
     if curve is not None:
@@ -914,7 +916,7 @@ def pretraining_log(checkpoint: str) -> tuple[list[dict], int, str] | None:
     path = Path(checkpoint)
     for log in (Path(f"{path}.log.jsonl"), path.parent / "log.jsonl" if path.name == "checkpoint.pt" else None):
         if log is not None and log.is_file():
-            config = json.loads(train.load_checkpoint(path)["config"])
+            config = json.loads(checkpoints.load_checkpoint(path)["config"])
             records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             return records, config["batch_size"], config.get("eval_data") or "?"
     return None
@@ -928,7 +930,7 @@ def encoder_check_stage(checkpoint: str, task_name: str, image_size: int, seed: 
     random encoder of the same architecture."""
     def run(folder: Path, resume: bool) -> dict:
         dev = train.select_device(device)
-        model, ckpt = train.load_pretrained(checkpoint)
+        model, ckpt = checkpoints.load_pretrained(checkpoint)
         sizes = dict(n_train=eval_images) if eval_images and task_name in data.EMBEDDED_TASKS else {}
         task = data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir, **sizes)
         knn = lambda enc: simclr.knn_monitor(enc.to(dev), task.train, task.val, dev, knn_k, image_size,  # noqa: E731
@@ -1018,7 +1020,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
                 name = f"seed{s}-study1-{key}"
                 runs[name] = pipe.run(name, finetune_stage(checkpoint, tasks[mapping["study1"]], aug, p["finetune"],
                                                            s, dev_name))
-        encoder_ckpt = train.load_checkpoint(checkpoint)
+        encoder_ckpt = checkpoints.load_checkpoint(checkpoint)
         # Student bases not given or released: SimCLR-pretrained here for each student architecture
         # on the same pool with the same budget; the ResNet one from another seed, so it is not the
         # teacher's own encoder.
@@ -1056,7 +1058,7 @@ def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *,
     teacher_desc = (f"{res_arch} fine-tuned with all three augmentations on {_display(mapping['study2'])} "
                     + ("in its own run per seed" if separate_teacher else "(the 'all' row of Study 1, same seed)"))
     meta = dict(preset=preset_name, seeds=seed_list, device=_device_info(dev), precision=precision, checkpoint=checkpoint,
-                augmentation=train.pretrain_augmentation(encoder_ckpt),
+                augmentation=checkpoints.pretrain_augmentation(encoder_ckpt),
                 wall_s=time.perf_counter() - start, image_size=size,
                 command=command or f"run_all(preset={preset!r})", pretrain=runs.get("pretrain"), teacher=teacher_desc,
                 encoders=origins,
@@ -1078,7 +1080,7 @@ def _encoder_origin(path: str | None) -> str:
 # Command line
 
 
-class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, train.HelpFormatter):
+class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, options.HelpFormatter):
     """The module docstring's stage list kept as written, each option with its default."""
 
 
@@ -1090,12 +1092,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(needs CIFAR-10 under --root); paper: the seed paper's settings")
     p.add_argument("--data", default=None, help="study-to-dataset map, e.g. study1=tf_flowers,study3=a:b:c (see below)")
     p.add_argument("--out", default="runs/run_all", help="run folder (default: %(default)s)")
-    p.add_argument("--seed", type=train.bounded(int, train.NON_NEGATIVE, "seed"), default=0,
+    p.add_argument("--seed", type=options.bounded(int, options.NON_NEGATIVE, "seed"), default=0,
                    help="first seed; seed k is SEED + k (default: %(default)s)")
-    p.add_argument("--seeds", type=train.bounded(int, train.AT_LEAST_1, "seeds"), default=None,
+    p.add_argument("--seeds", type=options.bounded(int, options.AT_LEAST_1, "seeds"), default=None,
                    help="seeds per study, mean ± std (default: the preset's: 3, 1 for tiny and paper on CPU)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    p.add_argument("--precision", default="auto", choices=train.PRECISIONS,
+    p.add_argument("--precision", default="auto", choices=options.PRECISIONS,
                    help="autocast of every stage: auto is bf16 on CUDA and on CPUs that compute bf16 natively "
                         "(AMX, AVX512-BF16), else fp32 (default: %(default)s)")
     p.add_argument("--compile", default="auto", choices=train.COMPILE_CHOICES,
@@ -1118,7 +1120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="cache for decoded image folders (default: data.py's default)")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave unreadable images of a folder out with a warning, instead of stopping")
-    p.add_argument("--download", type=train.bool_arg, default=None,
+    p.add_argument("--download", type=options.bool_arg, default=None,
                    help="download named datasets that are missing (default: on for --preset paper)")
     return p
 

@@ -25,7 +25,8 @@ and the objects against their background always differ in lightness, so the stru
 the grayscale and colour jitter of SimCLR; the class never depends on a colour.
 
 data.py wraps ``generate`` into its containers (``data.load_task("shapes5")``); this file needs
-only numpy (and train.py's UserError, for the message a command line prints).
+only numpy (and options.py's UserError, for the message a command line prints; options.py needs only
+the standard library).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import zlib
 
 import numpy as np
 
-from train import UserError
+from options import UserError
 
 _F = np.float32
 _TAU = _F(2.0 * np.pi)

@@ -34,11 +34,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
+import checkpoints
 import data
 import losses
 import models
+import options
 import train
-from train import UserError, option
+from options import UserError, option
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,43 +70,43 @@ def contrastive_loss_fn(model: nn.Module, augmentation: augment.SimCLRAugment, t
 
 
 @dataclass
-class PretrainConfig(train.StageConfig):
+class PretrainConfig(options.StageConfig):
     """Every setting of a pretraining run. Defaults follow the official CIFAR command up to 64 px and
     the ImageNet settings above; None means 'choose by image size' (see `resolve_defaults`)."""
     data: str = option("shapes-pool", "unlabeled images: shapes-pool, a folder, or a dataset name")
     eval_data: str | None = option("shapes5", "labeled task for the kNN monitor, its train split the bank and its "
                                    "val split the queries ('' for none)")
     eval_images: int | None = option(None, "train images of an embedded --eval-data (10%% become its val queries); "
-                                     "None: its default", allowed=train.POSITIVE)
-    image_size: int = option(32, "working resolution in pixels", allowed=train.POSITIVE)
-    n_images: int | None = option(None, "pool size (generated) or cap (folder)", allowed=train.POSITIVE)
+                                     "None: its default", allowed=options.POSITIVE)
+    image_size: int = option(32, "working resolution in pixels", allowed=options.POSITIVE)
+    n_images: int | None = option(None, "pool size (generated) or cap (folder)", allowed=options.POSITIVE)
     model: str = option("resnet18", "encoder (models.py)", choices=models.MODEL_NAMES)
-    width: float = option(1.0, "channel multiplier (SimCLR 2x, 4x; 0.25 for CPU)", allowed=train.POSITIVE)
+    width: float = option(1.0, "channel multiplier (SimCLR 2x, 4x; 0.25 for CPU)", allowed=options.POSITIVE)
     cifar_stem: bool | None = option(None, "3x3 stem, no max-pool (default: on up to 64 px)")
-    head_layers: int = option(2, "2 (SimCLR v1) or 3 (v2)", allowed=train.AT_LEAST_1)
+    head_layers: int = option(2, "2 (SimCLR v1) or 3 (v2)", allowed=options.AT_LEAST_1)
     head_hidden: int | None = option(None, "head width (default: the encoder's feature width)",
-                                     allowed=train.AT_LEAST_1)
-    out_dim: int = option(128, "projection size z (the loss's input)", allowed=train.AT_LEAST_1)
-    epochs: int = option(100, "passes over the unlabeled images", allowed=train.POSITIVE)
-    batch_size: int = option(512, "global batch (all processes)", allowed=train.POSITIVE)
+                                     allowed=options.AT_LEAST_1)
+    out_dim: int = option(128, "projection size z (the loss's input)", allowed=options.AT_LEAST_1)
+    epochs: int = option(100, "passes over the unlabeled images", allowed=options.POSITIVE)
+    batch_size: int = option(512, "global batch (all processes)", allowed=options.POSITIVE)
     optimizer: str = option("lars", "LARS (SimCLR) or SGD with momentum", choices=["lars", "sgd"])
     base_lr: float | None = option(None, "scaled by batch/256 (default: 1.0 up to 64 px, else 0.3)",
-                                   allowed=train.POSITIVE)
+                                   allowed=options.POSITIVE)
     lr_scaling: str = option("linear", "lr = base-lr x batch/256 (linear) or base-lr x sqrt(batch) (sqrt; SimCLR v2 "
                              "uses 0.075)", choices=["linear", "sqrt"])
-    weight_decay: float | None = option(None, "default: 1e-4 up to 64 px, else 1e-6", allowed=train.NON_NEGATIVE)
-    momentum: float = option(0.9, "momentum of LARS / SGD", allowed=train.MOMENTUM)
-    warmup_epochs: float | None = option(None, "default: 10, at most a tenth of the run", allowed=train.NON_NEGATIVE)
-    temperature: float = option(0.5, "NT-Xent temperature", allowed=train.POSITIVE)
+    weight_decay: float | None = option(None, "default: 1e-4 up to 64 px, else 1e-6", allowed=options.NON_NEGATIVE)
+    momentum: float = option(0.9, "momentum of LARS / SGD", allowed=options.MOMENTUM)
+    warmup_epochs: float | None = option(None, "default: 10, at most a tenth of the run", allowed=options.NON_NEGATIVE)
+    temperature: float = option(0.5, "NT-Xent temperature", allowed=options.POSITIVE)
     strength: float | None = option(None, "colour distortion strength (default: 0.5 up to 64 px, else 1.0)",
-                                    allowed=train.NON_NEGATIVE)
+                                    allowed=options.NON_NEGATIVE)
     crop_min_scale: float = option(train.PRETRAIN_CROP_MIN_SCALE, "smallest random-crop area as a fraction of the image (SimCLR: 0.08)",
-                                   allowed=train.FRACTION)
+                                   allowed=options.FRACTION)
     blur: bool | None = option(None, "Gaussian blur (default: off up to 64 px)")
-    knn_every: int = option(10, "epochs between kNN monitor evaluations", allowed=train.AT_LEAST_1)
-    knn_k: int = option(200, "neighbours of the kNN monitor", allowed=train.AT_LEAST_1)
-    log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
-    checkpoint_every: int = option(0, "steps between checkpoints (0: each epoch)", allowed=train.NON_NEGATIVE)
+    knn_every: int = option(10, "epochs between kNN monitor evaluations", allowed=options.AT_LEAST_1)
+    knn_k: int = option(200, "neighbours of the kNN monitor", allowed=options.AT_LEAST_1)
+    log_every: int = option(20, "steps between log lines (host syncs)", allowed=options.AT_LEAST_1)
+    checkpoint_every: int = option(0, "steps between checkpoints (0: each epoch)", allowed=options.NON_NEGATIVE)
     compile: str = train.compile_option()
     release: str | None = option(None, "also write the final encoder and head, without optimiser state, to this "
                                  "file (a released encoder: see README), with the run's log beside it as "
@@ -135,12 +137,12 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     """SimCLR pretraining (v1 Algorithm 1 with v2's deeper head); returns a summary dict with the
     checkpoint path, the final loss and the kNN accuracy of the learned and of a random encoder."""
     cfg = resolve_defaults(cfg)
-    train.validate(cfg)
+    options.validate(cfg)
     train.check_batch_for_batch_norm(cfg.batch_size)
     device = train.select_device(cfg.device)
     precision = train.resolve_precision(cfg.precision, device)
     distributed = train.init_distributed(device)
-    run = train.RunFolder(out, resume=resume, overwrite=overwrite, is_main=distributed.is_main)
+    run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite, is_main=distributed.is_main)
     train.seed_everything(cfg.seed)
     # A separate data seed lets runs with different training seeds share one pool (run_all.py's student bases).
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
@@ -156,7 +158,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
                               seed=cfg.seed, rank=distributed.rank, world_size=distributed.world_size)
     arch = dict(encoder=cfg.model, width=cfg.width, cifar_stem=cfg.cifar_stem, head_layers=cfg.head_layers,
                 head_hidden=cfg.head_hidden, out_dim=cfg.out_dim)
-    model = train.build_simclr_model(arch).to(device)
+    model = checkpoints.build_simclr_model(arch).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if distributed.world_size > 1:
@@ -205,18 +207,18 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
         summary["knn_top1_random_encoder"] = knn(random_encoder(arch, cfg.seed).to(device))
         print(f"kNN (k={cfg.knn_k}) top-1 on {cfg.eval_data} val: pretrained {summary['knn_top1']:.4f}, "
               f"random encoder {summary['knn_top1_random_encoder']:.4f}", file=sys.stderr)
-        train.atomic_write_text(json.dumps(summary, indent=2) + "\n", run.path / "summary.json")
+        checkpoints.atomic_write_text(json.dumps(summary, indent=2) + "\n", run.path / "summary.json")
     return summary
 
 
-def release_encoder(run: train.RunFolder, path: str | os.PathLike) -> str:
+def release_encoder(run: checkpoints.RunFolder, path: str | os.PathLike) -> str:
     """Copy a finished run's encoder and projection head into a small pretraining checkpoint: no
     optimiser state, RNG or data position (those only matter to --resume), so it is about a third of
     checkpoint.pt and its bytes depend only on the training. The run's log goes beside it."""
-    ckpt = train.load_checkpoint(run.checkpoint)
+    ckpt = checkpoints.load_checkpoint(run.checkpoint)
     keep = ("kind", "format", "arch", "model", "image_size", "mean", "std", "config", "history")
-    train.atomic_save({k: ckpt[k] for k in keep}, path)
-    train.atomic_write_text((run.path / "log.jsonl").read_text(), f"{path}.log.jsonl")
+    checkpoints.atomic_save({k: ckpt[k] for k in keep}, path)
+    checkpoints.atomic_write_text((run.path / "log.jsonl").read_text(), f"{path}.log.jsonl")
     print(f"released encoder: {path} ({os.path.getsize(path) / 2**20:.1f} MiB), log {path}.log.jsonl", file=sys.stderr)
     return str(path)
 
@@ -263,18 +265,18 @@ def random_encoder(arch: dict, seed: int) -> nn.Module:
     """The kNN check's reference: an untrained encoder of the same architecture, seeded from seed + 1,
     so that pretrain and run_all's check of a released encoder compare with the same network."""
     torch.manual_seed(seed + 1)
-    return train.build_simclr_model(arch).encoder
+    return checkpoints.build_simclr_model(arch).encoder
 
 
 def _split_size(split: str):
     """The option that sizes a labeled task's train or test split (linear-eval and finetune)."""
     what = ("size of the task's train split before 10%% become val (embedded: generated, real data: a seeded "
             "subsample); None: the task's own" if split == "train" else "size of the task's test split, the same way")
-    return option(None, what, allowed=train.AT_LEAST_1)
+    return option(None, what, allowed=options.AT_LEAST_1)
 
 
 @dataclass
-class FrozenEvalConfig(train.StageConfig):
+class FrozenEvalConfig(options.StageConfig):
     """What an evaluation of a frozen pretraining checkpoint reads: the checkpoint and a labeled task."""
     checkpoint: str = option(None, "a pretraining checkpoint.pt", required=True)
     data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
@@ -285,21 +287,21 @@ class FrozenEvalConfig(train.StageConfig):
 @dataclass
 class LinearEvalConfig(FrozenEvalConfig):
     """Linear evaluation of a pretraining checkpoint on a labeled task."""
-    epochs: int = option(100, "epochs of the linear layer on cached features", allowed=train.POSITIVE)
-    lr: float = option(0.1, "learning rate (SGD, momentum 0.9, cosine)", allowed=train.POSITIVE)
-    batch_size: int = option(256, "batch of cached features", allowed=train.POSITIVE)
-    head_layer: int = option(0, "0: encoder output; k: after head layer k", allowed=train.NON_NEGATIVE)
+    epochs: int = option(100, "epochs of the linear layer on cached features", allowed=options.POSITIVE)
+    lr: float = option(0.1, "learning rate (SGD, momentum 0.9, cosine)", allowed=options.POSITIVE)
+    batch_size: int = option(256, "batch of cached features", allowed=options.POSITIVE)
+    head_layer: int = option(0, "0: encoder output; k: after head layer k", allowed=options.NON_NEGATIVE)
 
 
 def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, resume: bool = False,
                 overwrite: bool = False) -> dict:
     """Linear evaluation (SimCLR v1 section 4): frozen encoder, features of the un-augmented train,
     val and test images computed once, a linear layer trained on them; top-1/top-5 on val and test."""
-    train.validate(cfg)
+    options.validate(cfg)
     dev = train.select_device(cfg.device)
-    run = train.RunFolder.redo(out, "linear-eval", resume, overwrite) if out is not None else None  # before any work
+    run = checkpoints.RunFolder.redo(out, "linear-eval", resume, overwrite) if out is not None else None  # before any work
     train.seed_everything(cfg.seed)
-    model, ckpt = train.load_pretrained(cfg.checkpoint)
+    model, ckpt = checkpoints.load_pretrained(cfg.checkpoint)
     task = data.load_task(cfg.data, image_size=ckpt["image_size"], root=cfg.root, seed=cfg.seed,
                           cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad, n_train=cfg.train_images,
                           n_test=cfg.test_images)
@@ -315,11 +317,11 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
                               lr=cfg.lr, batch_size=cfg.batch_size, head_layer=cfg.head_layer, seed=cfg.seed,
                               train_images=len(task.train), test_images=len(task.test),
                               precision=train.resolve_precision(cfg.precision, dev)))
-        arch = train.classifier_arch(ckpt["arch"], cfg.head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
-        run.save(dict(kind="linear-eval", format=train.CHECKPOINT_FORMAT, arch=arch, model=classifier.state_dict(),
+        arch = checkpoints.classifier_arch(ckpt["arch"], cfg.head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
+        run.save(dict(kind="linear-eval", format=checkpoints.CHECKPOINT_FORMAT, arch=arch, model=classifier.state_dict(),
                       classes=task.classes, image_size=ckpt["image_size"],
-                      **train.carried(train.pretrain_augmentation(ckpt))), "best.pt")
-        train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
+                      **checkpoints.carried(checkpoints.pretrain_augmentation(ckpt))), "best.pt")
+        checkpoints.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     return result
 
 
@@ -328,7 +330,7 @@ class KnnConfig(FrozenEvalConfig):
     """kNN evaluation of a pretraining checkpoint on a labeled task's test (or val) split."""
     split: str = option("test", "queries: test (bank: every training image, val included) or val (bank: train)",
                         choices=["test", "val"])
-    k: int = option(200, "neighbours that vote", allowed=train.AT_LEAST_1)
+    k: int = option(200, "neighbours that vote", allowed=options.AT_LEAST_1)
 
 
 def knn_eval(cfg: KnnConfig) -> dict:
@@ -336,9 +338,9 @@ def knn_eval(cfg: KnnConfig) -> dict:
     encoder's features h on the task's test split with every training image (train and val)
     as the bank, or on val with train as the bank; beside random_encoder(arch, seed)'s score, which
     is pretrain's reference when --seed is the pretraining seed."""
-    train.validate(cfg)
+    options.validate(cfg)
     dev = train.select_device(cfg.device)
-    model, ckpt = train.load_pretrained(cfg.checkpoint)
+    model, ckpt = checkpoints.load_pretrained(cfg.checkpoint)
     size = int(ckpt["image_size"])
     task = data.load_task(cfg.data, image_size=size, root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad, n_train=cfg.train_images, n_test=cfg.test_images)
@@ -359,7 +361,7 @@ def knn_eval(cfg: KnnConfig) -> dict:
 
 
 @dataclass
-class FinetuneConfig(train.StageConfig):
+class FinetuneConfig(options.StageConfig):
     """Fine-tuning from a pretraining checkpoint (SimCLR v2 section 2.2). `checkpoint=None` with
     `arch` and `image_size` trains the same network from random initialisation (a supervised baseline)."""
     checkpoint: str | None = option(None, "a pretraining checkpoint.pt", required=True)
@@ -368,27 +370,27 @@ class FinetuneConfig(train.StageConfig):
     data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
     train_images: int | None = _split_size("train")
     test_images: int | None = _split_size("test")
-    fraction: float = option(1.0, "fraction of training labels (0.01, 0.1, 1)", allowed=train.FRACTION)
+    fraction: float = option(1.0, "fraction of training labels (0.01, 0.1, 1)", allowed=options.FRACTION)
     val_images: int | None = option(None, "keep at most this many val images (class-proportional, at least one per "
                                     "class) to pick the best epoch; the others are left out, not moved into train. "
                                     "With few labels, a val split no larger than the labeled set is honest "
-                                    "(default: the whole val split)", allowed=train.AT_LEAST_1)
-    head_layer: int = option(1, "fine-tune from this head layer (SimCLR v2: 1)", allowed=train.NON_NEGATIVE)
+                                    "(default: the whole val split)", allowed=options.AT_LEAST_1)
+    head_layer: int = option(1, "fine-tune from this head layer (SimCLR v2: 1)", allowed=options.NON_NEGATIVE)
     crop: bool = option(True, "use crop augmentation while fine-tuning")
     flip: bool = option(True, "use flip augmentation while fine-tuning")
     color: bool = option(False, "use color augmentation while fine-tuning")
     blur: bool = option(False, "use blur augmentation while fine-tuning")
     crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image (default: the "
-                                          "encoder's pretraining setting)", allowed=train.FRACTION)
+                                          "encoder's pretraining setting)", allowed=options.FRACTION)
     strength: float | None = option(None, "colour distortion strength when --color is on (default: the encoder's "
-                                    "pretraining setting)", allowed=train.NON_NEGATIVE)
-    epochs: int = option(30, "passes over the labeled subset", allowed=train.POSITIVE)
-    batch_size: int = option(128, "labeled images per step", allowed=train.POSITIVE)
-    lr: float = option(0.05, "peak learning rate (warm-up, then cosine)", allowed=train.POSITIVE)
+                                    "pretraining setting)", allowed=options.NON_NEGATIVE)
+    epochs: int = option(30, "passes over the labeled subset", allowed=options.POSITIVE)
+    batch_size: int = option(128, "labeled images per step", allowed=options.POSITIVE)
+    lr: float = option(0.05, "peak learning rate (warm-up, then cosine)", allowed=options.POSITIVE)
     optimizer: str = option("sgd", "optimiser", choices=["lars", "sgd"])
-    weight_decay: float = option(0.0, "weight decay (not on biases and BN)", allowed=train.NON_NEGATIVE)
-    momentum: float = option(0.9, "momentum of SGD / LARS", allowed=train.MOMENTUM)
-    log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
+    weight_decay: float = option(0.0, "weight decay (not on biases and BN)", allowed=options.NON_NEGATIVE)
+    momentum: float = option(0.9, "momentum of SGD / LARS", allowed=options.MOMENTUM)
+    log_every: int = option(20, "steps between log lines (host syncs)", allowed=options.AT_LEAST_1)
     compile: str = train.compile_option()
     data_seed: int | None = option(None, "seed of the task's images and splits (default: --seed; run_all.py's "
                                    "studies draw every task from seed 0 and vary only --seed)")
@@ -403,20 +405,20 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
 
     Model selection: best val top-1 (best.pt); the test split is reported
     for that model only. Returns val/test reports and the best.pt path (a distillation teacher)."""
-    train.validate(cfg)
+    options.validate(cfg)
     train.check_batch_for_batch_norm(cfg.batch_size)
     dev = train.select_device(cfg.device)
     train.seed_everything(cfg.seed)
     if cfg.checkpoint is not None:
-        pretrained, ckpt = train.load_pretrained(cfg.checkpoint)
+        pretrained, ckpt = checkpoints.load_pretrained(cfg.checkpoint)
         arch, image_size, mean, std = ckpt["arch"], ckpt["image_size"], ckpt["mean"], ckpt["std"]
         if cfg.from_scratch:
-            pretrained = train.build_simclr_model(arch)
+            pretrained = checkpoints.build_simclr_model(arch)
     else:
         if cfg.arch is None:
             raise ValueError("finetune from scratch needs `arch`")
         arch, image_size = cfg.arch, cfg.image_size
-        pretrained, mean, std = train.build_simclr_model(arch), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        pretrained, mean, std = checkpoints.build_simclr_model(arch), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=data_seed,
                                   cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad, n_train=cfg.train_images,
@@ -432,15 +434,15 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     if cfg.batch_size > len(labeled):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(labeled)} labeled training images "
                         f"of '{task.name}' at fraction {cfg.fraction}. Use a batch of at most {len(labeled)}.")
-    run = train.RunFolder(out, resume=resume, overwrite=overwrite)
+    run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite)
     model = models.Classifier(pretrained.encoder, pretrained.head, cfg.head_layer, task.num_classes, mean, std).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    recorded = train.pretrain_augmentation(ckpt) if cfg.checkpoint is not None else None
+    recorded = checkpoints.pretrain_augmentation(ckpt) if cfg.checkpoint is not None else None
     augmentation = train.matched_views(recorded, image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color,
                                        blur=cfg.blur, crop_min_scale=cfg.crop_min_scale, strength=cfg.strength,
                                        source=cfg.checkpoint, stage="finetune")
-    cls_arch = train.classifier_arch(arch, cfg.head_layer, task.num_classes, mean, std)
+    cls_arch = checkpoints.classifier_arch(arch, cfg.head_layer, task.num_classes, mean, std)
     scratch = cfg.from_scratch or cfg.checkpoint is None
     config = dict(stage="finetune", checkpoint=str(cfg.checkpoint), from_scratch=scratch, task=task.name,
                   train_images=len(task.train), val_images=len(task.val), test_images=len(task.test),
@@ -458,11 +460,11 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
                                                                 precision=cfg.precision)["top1"])
     # A network trained from scratch was not pretrained: it carries no record on.
     meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
-                **train.carried(None if scratch else recorded))
+                **checkpoints.carried(None if scratch else recorded))
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, dev, cfg.epochs * len(loader) * cfg.batch_size))
     train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, device=dev,
               seed=cfg.seed, meta=meta, evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")
-    best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
+    best, _ = checkpoints.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
     result = dict(task=task.name, fraction=cfg.fraction, head_layer=cfg.head_layer,
                   augmentation=augmentation.describe(),
@@ -471,7 +473,7 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
                      for name, split in (("val", task.val), ("test", task.test))})
     for split in ("val", "test"):
         result[split].pop("predictions")
-    train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
+    checkpoints.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     print(f"finetune {task.name} ({'from scratch, ' if scratch else ''}{cfg.fraction:.0%} labels, "
           f"{augmentation.describe()}): val top-1 "
           f"{result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}", file=sys.stderr)
@@ -507,7 +509,7 @@ def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, w
     torch.manual_seed(0)
     blur = size > 64 if blur is None else blur
     arch = dict(encoder=model_name, width=width, cifar_stem=size <= 64, head_layers=3, head_hidden=None, out_dim=128)
-    model = train.build_simclr_model(arch).to(dev)
+    model = checkpoints.build_simclr_model(arch).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compile else model
@@ -557,48 +559,48 @@ def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, w
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=train.HelpFormatter)
+                                     formatter_class=options.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="SimCLR contrastive pretraining", formatter_class=train.HelpFormatter)
-    train.add_options(p, PretrainConfig)
-    train.add_run(p)
+    p = sub.add_parser("pretrain", help="SimCLR contrastive pretraining", formatter_class=options.HelpFormatter)
+    options.add_options(p, PretrainConfig)
+    options.add_run(p)
 
-    e = sub.add_parser("linear-eval", help="linear classifier on frozen features", formatter_class=train.HelpFormatter)
-    train.add_options(e, LinearEvalConfig)
-    train.add_run(e, required=False)
+    e = sub.add_parser("linear-eval", help="linear classifier on frozen features", formatter_class=options.HelpFormatter)
+    options.add_options(e, LinearEvalConfig)
+    options.add_run(e, required=False)
 
-    k = sub.add_parser("knn", help="kNN accuracy of frozen features on a test split", formatter_class=train.HelpFormatter)
-    train.add_options(k, KnnConfig)
+    k = sub.add_parser("knn", help="kNN accuracy of frozen features on a test split", formatter_class=options.HelpFormatter)
+    options.add_options(k, KnnConfig)
 
-    f = sub.add_parser("finetune", help="supervised fine-tuning from a head layer", formatter_class=train.HelpFormatter)
-    train.add_options(f, FinetuneConfig)
-    train.add_run(f)
+    f = sub.add_parser("finetune", help="supervised fine-tuning from a head layer", formatter_class=options.HelpFormatter)
+    options.add_options(f, FinetuneConfig)
+    options.add_run(f)
 
-    b = sub.add_parser("bench", help="pretraining throughput", formatter_class=train.HelpFormatter)
+    b = sub.add_parser("bench", help="pretraining throughput", formatter_class=options.HelpFormatter)
     b.add_argument("--model", default="resnet18", choices=models.MODEL_NAMES, help="encoder")
-    b.add_argument("--size", type=train.bounded(int, train.Range(8), "size"), default=32, help="image size in pixels")
-    b.add_argument("--batch", type=train.bounded(int, train.Range(2), "batch"), default=512,
+    b.add_argument("--size", type=options.bounded(int, options.Range(8), "size"), default=32, help="image size in pixels")
+    b.add_argument("--batch", type=options.bounded(int, options.Range(2), "batch"), default=512,
                    help="source images per step (two views each)")
-    b.add_argument("--width", type=train.bounded(float, train.POSITIVE, "width"), default=1.0,
+    b.add_argument("--width", type=options.bounded(float, options.POSITIVE, "width"), default=1.0,
                    help="channel multiplier")
-    b.add_argument("--steps", type=train.bounded(int, train.AT_LEAST_1, "steps"), default=20,
+    b.add_argument("--steps", type=options.bounded(int, options.AT_LEAST_1, "steps"), default=20,
                    help="timed steps (after 5 warm-up steps)")
     b.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    b.add_argument("--precision", choices=[*train.PRECISIONS, "both"], default="auto",
+    b.add_argument("--precision", choices=[*options.PRECISIONS, "both"], default="auto",
                    help="autocast (see pretrain --precision); both: fp32, then bf16, in one run")
     return parser
 
 
 def run_command(args: argparse.Namespace) -> None:
     if args.command == "pretrain":
-        pretrain(train.from_args(PretrainConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
+        pretrain(options.from_args(PretrainConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "linear-eval":
-        linear_eval(train.from_args(LinearEvalConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
+        linear_eval(options.from_args(LinearEvalConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "knn":
-        knn_eval(train.from_args(KnnConfig, args))
+        knn_eval(options.from_args(KnnConfig, args))
     elif args.command == "finetune":
-        finetune(train.from_args(FinetuneConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
+        finetune(options.from_args(FinetuneConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "bench":
         modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
         precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]

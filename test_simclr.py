@@ -50,6 +50,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment as A
+import checkpoints
 import data
 import distill
 import losses
@@ -57,6 +58,7 @@ import models
 import run_all
 import shapes
 import simclr
+import options
 import train
 import transfer
 
@@ -1249,6 +1251,21 @@ def generated(name: str, n: int, split: str, size: int, seed: int) -> data.Image
     return data.ImageSet(*shapes.generate(name, n, split, size, seed))
 
 
+def test_shapes_works_copied_with_options_next_to_numpy(tmp_path):
+    """shapes.py with options.py (its UserError) in an empty folder, torch made unimportable."""
+    for name in ("shapes.py", "options.py"):
+        (tmp_path / name).write_bytes(Path(HERE, name).read_bytes())
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import shapes, options\n"
+            "images, labels, classes = shapes.generate('shapes5', 10, 'train', 16, 0)\n"
+            "assert images.shape == (10, 16, 16, 3) and images.dtype.name == 'uint8' and len(classes) == 5\n"
+            "try:\n    shapes.generate('shapes3', 10, 'train', 16, 0)\nexcept options.UserError:\n    pass\n"
+            "else:\n    raise AssertionError('no UserError')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def _hashes(images: np.ndarray) -> set[bytes]:
     return {hashlib.sha1(np.ascontiguousarray(im).tobytes()).digest() for im in images}
 
@@ -1335,9 +1352,9 @@ def test_embedded_task_splits_sizes_and_val_stratified():
 
 
 def test_unknown_name_lists_known_names():
-    with pytest.raises(train.UserError, match="shapes100.*cifar10"):
+    with pytest.raises(options.UserError, match="shapes100.*cifar10"):
         data.load_task("shapes7")
-    with pytest.raises(train.UserError, match="load_unlabeled"):
+    with pytest.raises(options.UserError, match="load_unlabeled"):
         data.load_task("shapes-pool")
 
 
@@ -1406,35 +1423,35 @@ def _bad_files(folder: Path) -> tuple[Path, Path]:
 def test_bad_files_listed_together_or_skipped(tmp_path):
     root = _odd_mode_folder(tmp_path / "imgs")
     corrupt, truncated = _bad_files(root / "a")
-    with pytest.raises(train.UserError) as err:
+    with pytest.raises(options.UserError) as err:
         data.load_task(root, 16, cache_dir=tmp_path / "cache")
     assert str(corrupt) in str(err.value) and str(truncated) in str(err.value) and "skip_bad" in str(err.value)
     with pytest.warns(UserWarning, match="2 unreadable"):
         task = data.load_task(root, 16, cache_dir=tmp_path / "cache", skip_bad=True, val_fraction=0.0)
     assert len(task.train) + len(task.test) == 8
     # The cached decision keeps failing loudly without skip_bad.
-    with pytest.raises(train.UserError, match="truncated.jpg"):
+    with pytest.raises(options.UserError, match="truncated.jpg"):
         data.load_task(root, 16, cache_dir=tmp_path / "cache")
 
 
 def test_folder_errors(tmp_path):
-    with pytest.raises(train.UserError, match="not found"):
+    with pytest.raises(options.UserError, match="not found"):
         data.load_task(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(train.UserError, match="no image files"):
+    with pytest.raises(options.UserError, match="no image files"):
         data.load_task(tmp_path / "empty", cache_dir=tmp_path / "cache")
     root = _odd_mode_folder(tmp_path / "imgs")
     (root / "c").mkdir()
     (root / "c" / "notes.txt").write_text("no images here")
-    with pytest.raises(train.UserError, match=r"without images: .*imgs[/\\]c"):
+    with pytest.raises(options.UserError, match=r"without images: .*imgs[/\\]c"):
         data.load_task(root, cache_dir=tmp_path / "cache")
     flat = tmp_path / "flat"
     flat.mkdir()
     for k in range(3):
         Image.new("RGB", (10, 10), (k, k, k)).save(flat / f"{k}.png")
-    with pytest.raises(train.UserError, match="load_unlabeled"):
+    with pytest.raises(options.UserError, match="load_unlabeled"):
         data.load_task(flat, cache_dir=tmp_path / "cache")
-    with pytest.raises(train.UserError, match="inside the dataset folder"):
+    with pytest.raises(options.UserError, match="inside the dataset folder"):
         data.load_task(root, cache_dir=root / "cache")
 
 
@@ -1614,7 +1631,7 @@ def test_cifar10_layout_and_pixels(tmp_path):
 def test_cifar_missing_batch_and_hostile_pickle(tmp_path):
     folder = _cifar10_folder(tmp_path)
     (folder / "data_batch_3").unlink()
-    with pytest.raises(train.UserError, match="data_batch_3"):
+    with pytest.raises(options.UserError, match="data_batch_3"):
         data.load_task(folder)
     _write(folder / "data_batch_3", _cifar_batch(20, 10, 3))
 
@@ -1623,7 +1640,7 @@ def test_cifar_missing_batch_and_hostile_pickle(tmp_path):
             return (os.system, ("echo pwned",))
 
     _write(folder / "test_batch", Evil())
-    with pytest.raises(train.UserError, match="refusing"):
+    with pytest.raises(options.UserError, match="refusing"):
         data.load_cifar(folder)
 
 
@@ -1673,12 +1690,12 @@ def test_class_selection_keeps_the_named_classes_in_the_order_given(tmp_path):
 ])
 def test_class_selection_errors_name_the_problem(tmp_path, name, message):
     _cifar10_folder(tmp_path / "cifar10")
-    with pytest.raises(train.UserError, match=re.escape(message)):
+    with pytest.raises(options.UserError, match=re.escape(message)):
         data.load_task(name, root=tmp_path)
 
 
 def test_named_dataset_missing_says_how_to_download(tmp_path):
-    with pytest.raises(train.UserError, match="python data.py download cifar100"):
+    with pytest.raises(options.UserError, match="python data.py download cifar100"):
         data.load_task("cifar100", root=tmp_path)
 
 
@@ -1754,7 +1771,7 @@ def test_download_failures_leave_no_partial_files(server, tmp_path, failure):
     routes["a.tar.gz"] = archive
     url = {"checksum": f"{base}/files/a.tar.gz", "dropped": f"{base}/drop/a.tar.gz", "missing": f"{base}/files/nope.tar.gz"}[failure]
     message = {"checksum": "checksum mismatch", "dropped": "stopped after|dropped", "missing": "404"}[failure]
-    with pytest.raises(train.UserError, match=message):
+    with pytest.raises(options.UserError, match=message):
         data.download_and_extract(url, tmp_path / "a", sha256="0" * 64)
     assert list(tmp_path.iterdir()) == []
 
@@ -1765,7 +1782,7 @@ def test_dataset_table_mirror_and_checksum(server, tmp_path, monkeypatch):
     # md5 rejects it, and nothing is left in the data root.
     routes["cifar-10-python.tar.gz"] = _tar_gz({"cifar-10-batches-py/batches.meta": b"x"})
     monkeypatch.setenv("SIMCLR_MIRROR", f"{base}/files/")
-    with pytest.raises(train.UserError, match="expected md5 c58f30108f718f92721af3b95e74349a"):
+    with pytest.raises(options.UserError, match="expected md5 c58f30108f718f92721af3b95e74349a"):
         data.download("cifar10", tmp_path / "root")
     assert list((tmp_path / "root").iterdir()) == []
     # Datasets without a published checksum download as they are; the argument beats the variable.
@@ -1792,7 +1809,7 @@ def test_labeled_fraction_balanced_seeded_subset():
     np.testing.assert_array_equal(data.labeled_fraction(split, 0.1, seed=0).images, ten.images)
     assert not np.array_equal(data.labeled_fraction(split, 0.1, seed=1).images, ten.images)
     assert _hashes(ten.images) <= _hashes(split.images)
-    with pytest.raises(train.UserError):
+    with pytest.raises(options.UserError):
         data.labeled_fraction(split, 0.0)
 
 
@@ -1831,7 +1848,7 @@ def test_batch_loader_rank_shards_are_disjoint():
 
 def test_batch_loader_errors_and_unlabeled(tmp_path):
     split = generated("shapes2", 20, "train", 16, 0)
-    with pytest.raises(train.UserError, match="drop_last"):
+    with pytest.raises(options.UserError, match="drop_last"):
         data.BatchLoader(split, 21, "cpu")
     assert len(data.BatchLoader(split, 21, "cpu", drop_last=False)) == 1
     pool = data.load_unlabeled("shapes-pool", 16, n=40)
@@ -1916,24 +1933,24 @@ def test_learning_rate_warmup_then_cosine_per_step():
 
 def test_atomic_save_crash_between_write_and_rename_keeps_old_file(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    train.atomic_save({"kind": "test", "v": torch.tensor([1.0])}, path)
+    checkpoints.atomic_save({"kind": "test", "v": torch.tensor([1.0])}, path)
 
     def crash(src, dst):
         raise KeyboardInterrupt("simulated crash before rename")
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_save({"kind": "test", "v": torch.tensor([2.0])}, path)
+        checkpoints.atomic_save({"kind": "test", "v": torch.tensor([2.0])}, path)
     monkeypatch.undo()
-    assert train.load_checkpoint(path)["v"].item() == 1.0
+    assert checkpoints.load_checkpoint(path)["v"].item() == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no temporary left behind
 
 
 def test_truncated_checkpoint_is_a_user_error(tmp_path):
     path = tmp_path / "c.pt"
-    train.atomic_save({"kind": "pretrain", "x": torch.zeros(1000)}, path)
+    checkpoints.atomic_save({"kind": "pretrain", "x": torch.zeros(1000)}, path)
     path.write_bytes(path.read_bytes()[:300])
-    with pytest.raises(train.UserError, match="could not be read"):
-        train.load_checkpoint(path)
+    with pytest.raises(options.UserError, match="could not be read"):
+        checkpoints.load_checkpoint(path)
 
 
 def test_checkpoints_in_the_earlier_layout_still_load(tmp_path):
@@ -1946,31 +1963,31 @@ def test_checkpoints_in_the_earlier_layout_still_load(tmp_path):
                         head_layer=0, num_classes=3, mean=[0.0] * 3, std=[1.0] * 3, dense_layers=[5])
     state = student.state_dict()
     assert any(k.startswith("dense.0.") for k in state) and not any(k.startswith("head.") for k in state)
-    train.atomic_save(dict(kind="distill", format=1, tag="best", step=4, arch=earlier_arch, model=state,
+    checkpoints.atomic_save(dict(kind="distill", format=1, tag="best", step=4, arch=earlier_arch, model=state,
                            classes=["a", "b", "c"], image_size=32), tmp_path / "student.pt")
-    loaded, ckpt = train.load_classifier(tmp_path / "student.pt", 3)
+    loaded, ckpt = checkpoints.load_classifier(tmp_path / "student.pt", 3)
     x = torch.rand(2, 3, 32, 32)
     assert loaded.head is None and loaded.dense_layers == [5]
     assert torch.equal(loaded.eval()(x), student(x))
-    enc = train.load_encoder(tmp_path / "student.pt")  # a student as a transfer source
+    enc = checkpoints.load_encoder(tmp_path / "student.pt")  # a student as a transfer source
     assert enc.kind == "classifier" and enc.head_layer == 0 and torch.equal(enc.classifier.eval()(x), student(x))
 
 
 def test_run_folder_refuses_existing_run(tmp_path):
-    run = train.RunFolder(tmp_path / "r")
+    run = checkpoints.RunFolder(tmp_path / "r")
     run.write_config({"a": 1})
-    with pytest.raises(train.UserError, match="already holds a run"):
-        train.RunFolder(tmp_path / "r")
-    train.RunFolder(tmp_path / "r", overwrite=True)
+    with pytest.raises(options.UserError, match="already holds a run"):
+        checkpoints.RunFolder(tmp_path / "r")
+    checkpoints.RunFolder(tmp_path / "r", overwrite=True)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(train.UserError, match="is a file"):
-        train.RunFolder(tmp_path / "file" / "run")
+    with pytest.raises(options.UserError, match="is a file"):
+        checkpoints.RunFolder(tmp_path / "file" / "run")
 
 
 def _hold_run_folder(folder: Path) -> subprocess.Popen:
     """Another real process that writes `folder`: it takes the folder's lock as every command does
-    (train.RunFolder) and waits, as a long run would."""
-    code = ("import sys, time, train; run = train.RunFolder(sys.argv[1]); print('holding', flush=True); "
+    (checkpoints.RunFolder) and waits, as a long run would."""
+    code = ("import sys, time, checkpoints; run = checkpoints.RunFolder(sys.argv[1]); print('holding', flush=True); "
             "time.sleep(300)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], cwd=HERE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "holding"
@@ -2003,7 +2020,7 @@ def test_one_writer_per_run_folder_and_a_dead_writers_lock_is_taken_over(tmp_pat
     assert simclr.main(["pretrain", *small, "--out", str(out), "--overwrite"]) == 0
     assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
     # This process may open its own folder again (a resumed stage, run_all's stage folders).
-    keep = train.RunFolder(out, resume=True)
+    keep = checkpoints.RunFolder(out, resume=True)
     assert simclr.main(["pretrain", *small, "--out", str(out), "--resume"]) == 0
     keep.close()
 
@@ -2012,8 +2029,8 @@ def test_a_failed_write_names_its_cause(tmp_path):
     gone = tmp_path / "removed"
     gone.mkdir()
     gone.rmdir()  # what a second process with --overwrite, or a clean-up, does to a running run's folder
-    with pytest.raises(train.UserError, match="no longer exists: something removed it") as err:
-        train.atomic_write_text("{}", gone / "stages" / "x.json")
+    with pytest.raises(options.UserError, match="no longer exists: something removed it") as err:
+        checkpoints.atomic_write_text("{}", gone / "stages" / "x.json")
     assert "space" not in str(err.value)
 
 
@@ -2024,7 +2041,7 @@ def test_compile_auto_weighs_the_run_and_a_failed_compile_runs_eagerly(monkeypat
     assert train.resolve_compile("auto", cpu, train.COMPILE_MIN_IMAGES) == (train._cpu_compiler() is not None)
     assert not train.resolve_compile("auto", cuda, 10**9)  # measured on CPUs only
     assert train.resolve_compile("on", cpu, 1) and not train.resolve_compile("off", cpu, 10**9)
-    with pytest.raises(train.UserError, match="Unknown --compile 'fast'"):
+    with pytest.raises(options.UserError, match="Unknown --compile 'fast'"):
         train.resolve_compile("fast", cpu, 1)
     model = nn.Linear(3, 2)
     assert train.compiled(model, False) is model
@@ -2046,10 +2063,10 @@ def test_compile_auto_weighs_the_run_and_a_failed_compile_runs_eagerly(monkeypat
 
 def test_select_device_errors():
     assert train.select_device("cpu").type == "cpu"
-    with pytest.raises(train.UserError, match="Unknown device"):
+    with pytest.raises(options.UserError, match="Unknown device"):
         train.select_device("tpu9")
     if not torch.cuda.is_available():
-        with pytest.raises(train.UserError, match="no usable CUDA"):
+        with pytest.raises(options.UserError, match="no usable CUDA"):
             train.select_device("cuda")
 
 
@@ -2075,7 +2092,7 @@ def test_fit_trains_logs_evaluates_and_keeps_the_best(tmp_path):
             x = torch.from_numpy(images.images).permute(0, 3, 1, 2).float() / 255 - 0.5
             return dict(acc=float((model(x).argmax(1).numpy() == images.labels).mean()))
 
-    run = train.RunFolder(tmp_path / "toy")
+    run = checkpoints.RunFolder(tmp_path / "toy")
     schedule = train.Schedule(epochs=6, lr=0.5, optimizer="sgd", log_every=2)
     history = train.fit(model, loss_fn, loader, run, schedule, device=torch.device("cpu"), evaluate=evaluate,
                         select="acc", meta=dict(kind="toy"))
@@ -2084,9 +2101,9 @@ def test_fit_trains_logs_evaluates_and_keeps_the_best(tmp_path):
     assert len(history) == 6 and [r["epoch"] for r in history] == list(range(1, 7))
     assert len(losses_logged) == 6 * 4 // 2 and losses_logged[-1] < losses_logged[0] / 2
     assert history[-1]["acc"] == 1.0
-    best = train.load_checkpoint(tmp_path / "toy" / "best.pt")
+    best = checkpoints.load_checkpoint(tmp_path / "toy" / "best.pt")
     assert best["kind"] == "toy" and best["best"] == max(r["acc"] for r in history) and best["optimizer"] == {}
-    assert train.load_checkpoint(run.checkpoint)["step"] == 6 * len(loader)
+    assert checkpoints.load_checkpoint(run.checkpoint)["step"] == 6 * len(loader)
 
 
 def test_train_linear_separates_and_does_not_depend_on_feature_scale():
@@ -2118,9 +2135,9 @@ def test_knn_accuracy_on_hand_made_points():
 
 
 def test_checkpoint_of_a_newer_format_is_refused(tmp_path):
-    train.atomic_save(dict(kind="pretrain", format=train.CHECKPOINT_FORMAT + 1), tmp_path / "new.pt")
-    with pytest.raises(train.UserError, match="newer version of this project"):
-        train.load_checkpoint(tmp_path / "new.pt")
+    checkpoints.atomic_save(dict(kind="pretrain", format=checkpoints.CHECKPOINT_FORMAT + 1), tmp_path / "new.pt")
+    with pytest.raises(options.UserError, match="newer version of this project"):
+        checkpoints.load_checkpoint(tmp_path / "new.pt")
 
 
 # ==================================================================================================
@@ -2148,7 +2165,7 @@ def test_pretrain_lowers_loss(tmp_path):
     first, last = np.mean([r["loss"] for r in steps[:4]]), np.mean([r["loss"] for r in steps[-4:]])
     assert last < first - 0.1, (first, last)
     assert 0 <= summary["knn_top1_random_encoder"] <= 1 and 0 <= summary["knn_top1"] <= 1
-    ckpt = train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    ckpt = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["kind"] == "pretrain" and ckpt["step"] == len(steps)
 
 
@@ -2181,18 +2198,18 @@ def _change_loss_at_step(monkeypatch, step: int, change) -> None:
 def test_resume_after_sigint_equals_uninterrupted_run(tmp_path, monkeypatch):
     cfg = tiny_pretrain_config(eval_data=None, n_images=128, batch_size=32, epochs=2)
     simclr.pretrain(cfg, tmp_path / "straight")
-    reference = train.load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    reference = checkpoints.load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
 
     def interrupt(loss_fn, x, y, g):
         os.kill(os.getpid(), signal.SIGINT)
         return loss_fn(x, y, g)
     _change_loss_at_step(monkeypatch, 5, interrupt)  # 4 steps per epoch: step 5 is the first of epoch 2
-    with pytest.raises(train.UserError, match="--resume"):
+    with pytest.raises(options.UserError, match="--resume"):
         simclr.pretrain(cfg, tmp_path / "resumed")
     monkeypatch.undo()
-    assert train.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 5
+    assert checkpoints.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 5
     simclr.pretrain(cfg, tmp_path / "resumed", resume=True)
-    resumed = train.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
+    resumed = checkpoints.load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")
     assert resumed["step"] == reference["step"]
     for k, v in reference["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, rtol=0, atol=0, msg=k)
@@ -2207,7 +2224,7 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(train.NonFiniteLoss, match=r"at step 7 .*checkpoint\.pt"):
         simclr.pretrain(cfg, tmp_path / "run")
     # The epoch-1 checkpoint (step 4) survives; nothing after the bad step was saved.
-    assert train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+    assert checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
 
 
 def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
@@ -2220,7 +2237,7 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
 
 def test_resume_of_a_redo_stage_never_replaces_another_run(tmp_path, capsys):
     run = tmp_path / "pretrain-run"
-    train.RunFolder(run).write_config({"stage": "pretrain"})
+    checkpoints.RunFolder(run).write_config({"stage": "pretrain"})
     (run / "checkpoint.pt").write_bytes(b"the user's pretraining")
     code = simclr.main(["linear-eval", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(run), "--resume",
                         "--device", "cpu"])
@@ -2269,10 +2286,10 @@ def test_linear_eval_and_finetune_from_pretrained(tmp_path):
     assert 0.0 <= res["test"]["top1"] <= 1.0 and set(res["test"]["per_class"]) == set(res["val"]["per_class"])
     ft = simclr.finetune(simclr.FinetuneConfig(checkpoint=ckpt, data="shapes5", fraction=0.5, head_layer=1, epochs=1,
                                                batch_size=32, device="cpu"), tmp_path / "ft")
-    teacher, meta = train.load_classifier(ft["best"], num_classes=5)
+    teacher, meta = checkpoints.load_classifier(ft["best"], num_classes=5)
     assert meta["kind"] == "finetune" and teacher.head_layer == 1
-    with pytest.raises(train.UserError, match="predicts 5 classes"):
-        train.load_classifier(ft["best"], num_classes=2)
+    with pytest.raises(options.UserError, match="predicts 5 classes"):
+        checkpoints.load_classifier(ft["best"], num_classes=2)
 
 
 def test_check_frozen_catches_a_changed_bn_statistic():
@@ -2358,15 +2375,15 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, kill_after):
     _wait_for_step(tmp_path / "killed", kill_after, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    ckpt = train.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")  # never unreadable
+    ckpt = checkpoints.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")  # never unreadable
     assert kill_after - 1 <= ckpt["step"] <= kill_after + 2
     assert _snapshot(photos) == before
     resumed = _cli([*cli, "--out", str(tmp_path / "killed"), "--resume"])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert _snapshot(photos) == before
-    a = train.load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
-    b = train.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["model"]
+    a = checkpoints.load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["model"]
+    b = checkpoints.load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["model"]
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
@@ -2380,7 +2397,7 @@ def test_sigint_sigterm_save_and_say_how_to_resume(tmp_path, sig):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, err
     assert "--resume" in err and "Traceback" not in err
-    assert train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] >= 2
+    assert checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] >= 2
 
 
 # ==================================================================================================
@@ -2399,7 +2416,7 @@ def as_float(images: np.ndarray) -> torch.Tensor:
 def save_pretrain(path, seed: int, images: np.ndarray, arch: dict = ARCH, config: dict | None = None):
     """A pretraining checkpoint as simclr.pretrain writes it: random weights, BN statistics of `images`."""
     torch.manual_seed(seed)
-    model = train.build_simclr_model(arch)
+    model = checkpoints.build_simclr_model(arch)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.momentum = None  # cumulative average: one pass gives the statistics of all of `images`
@@ -2407,7 +2424,7 @@ def save_pretrain(path, seed: int, images: np.ndarray, arch: dict = ARCH, config
         model.train()(as_float(images))
     for m in bns:
         m.momentum = 0.1
-    train.atomic_save(dict(kind="pretrain", format=train.CHECKPOINT_FORMAT, arch=arch, model=model.state_dict(),
+    checkpoints.atomic_save(dict(kind="pretrain", format=checkpoints.CHECKPOINT_FORMAT, arch=arch, model=model.state_dict(),
                             image_size=SIZE, mean=[0.0] * 3, std=[1.0] * 3, config=json.dumps(config or {})), path)
     return path
 
@@ -2417,7 +2434,7 @@ def save_teacher(path, origin, task: data.TaskData, sharpness: float = 4.0):
     layer that bins (at the train quantiles) the feature direction that best predicts an image's
     brightness. A simple, smooth function of the image, so a small student can learn it from ~200
     images; its predictions are spread evenly over the classes."""
-    pre, ckpt = train.load_pretrained(origin)
+    pre, ckpt = checkpoints.load_pretrained(origin)
     clf = models.Classifier(pre.encoder, None, 0, task.num_classes).eval()
     with torch.no_grad():
         f = clf.features(as_float(task.train.images)).double()
@@ -2431,8 +2448,8 @@ def save_teacher(path, origin, task: data.TaskData, sharpness: float = 4.0):
         offsets = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(cuts, 0)])
         clf.fc.weight.copy_((sharpness / z.std() * c[:, None] * u[None, :]).float())
         clf.fc.bias.copy_((sharpness / z.std() * (-c * (mu @ u) - offsets)).float())
-    arch = train.classifier_arch(ckpt["arch"], 0, task.num_classes)
-    train.atomic_save(dict(kind="finetune", format=train.CHECKPOINT_FORMAT, arch=arch, model=clf.state_dict(),
+    arch = checkpoints.classifier_arch(ckpt["arch"], 0, task.num_classes)
+    checkpoints.atomic_save(dict(kind="finetune", format=checkpoints.CHECKPOINT_FORMAT, arch=arch, model=clf.state_dict(),
                             classes=task.classes, image_size=SIZE, config=json.dumps(dict(checkpoint=str(origin)))),
                        path)
     return path
@@ -2468,7 +2485,7 @@ def world(tmp_path_factory):
     origin = save_pretrain(root / "origin.pt", 1, task.train.images)
     teacher = save_teacher(root / "teacher.pt", origin, task)
     base = save_pretrain(root / "student_base.pt", 2, task.train.images)
-    model, _ = train.load_classifier(teacher, task.num_classes)
+    model, _ = checkpoints.load_classifier(teacher, task.num_classes)
     return dict(root=root, task=task, origin=origin, teacher=teacher, base=base,
                 relabelled=relabelled(task, model.eval()))
 
@@ -2490,7 +2507,7 @@ def test_distilled_student_agrees_with_fixed_teacher(world, tmp_path):
     # 0.68-0.69 in this world); without learning from the soft labels a student stays near chance.
     assert res["agreement"]["test"] > chance + 0.15, (res["agreement"], chance)
     assert res["teacher"]["test"]["top1"] == 1.0  # the labels are the teacher's own predictions
-    student, meta = train.load_classifier(res["best"], 2)  # a plain student loads with the shared loader
+    student, meta = checkpoints.load_classifier(res["best"], 2)  # a plain student loads with the shared loader
     assert meta["kind"] == "distill" and meta["arch"]["encoder"] == "resnet18"
 
 
@@ -2501,8 +2518,8 @@ def test_frozen_base_never_changes_and_dense_layers_learn(world, tmp_path):
                                                 student="resnet18", width=0.125, student_checkpoint=world["base"],
                                                 dense_layers=(32,), epochs=3, batch_size=32, lr=0.1, crop=False,
                                                 flip=True, device="cpu", log_every=100), tmp_path / "kd", task=task)
-    base = train.load_checkpoint(world["base"])["model"]
-    student, meta = train.load_classifier(res["best"], 2)
+    base = checkpoints.load_checkpoint(world["base"])["model"]
+    student, meta = checkpoints.load_classifier(res["best"], 2)
     for k, v in student.encoder.state_dict().items():
         assert torch.equal(v, base["encoder." + k]), k
     assert meta["arch"]["dense_layers"] == [32] and isinstance(student.dense[0], nn.Linear)
@@ -2533,11 +2550,11 @@ def test_stages_augment_as_their_encoder_was_pretrained_and_carry_it_on(world, t
     ft = simclr.finetune(simclr.FinetuneConfig(checkpoint=str(origin), color=True, **common), tmp_path / "ft", task=task)
     assert used("ft") == "crop(scale=0.3-1)+flip+color(s=0.7)"
     carried = dict(crop_min_scale=0.3, strength=0.7)
-    assert train.load_checkpoint(ft["best"])["pretrain_augmentation"] == carried
+    assert checkpoints.load_checkpoint(ft["best"])["pretrain_augmentation"] == carried
     kd = distill.distill(distill.DistillConfig(teacher=ft["best"], mode="scratch", width=0.125, crop=True, flip=True,
                                                **common), tmp_path / "kd", task=task)
     assert used("kd") == "crop(scale=0.3-1)+flip" and kd["augmentation"] == used("kd")
-    assert train.load_checkpoint(kd["best"])["pretrain_augmentation"] == carried  # a student carries it on
+    assert checkpoints.load_checkpoint(kd["best"])["pretrain_augmentation"] == carried  # a student carries it on
     distill.distill(distill.DistillConfig(teacher=ft["best"], mode="scratch", width=0.125, crop=True, flip=True,
                                           color=True, crop_min_scale=0.5, strength=0.25, **common),
                     tmp_path / "kd-given", task=task)
@@ -2549,13 +2566,13 @@ def test_stages_augment_as_their_encoder_was_pretrained_and_carry_it_on(world, t
     # fine-tuned from scratch (not pretrained) does not.
     simclr.linear_eval(simclr.LinearEvalConfig(checkpoint=str(origin), data="shapes2", train_images=200,
                                                test_images=100, epochs=1, device="cpu"), tmp_path / "lin")
-    assert train.load_checkpoint(tmp_path / "lin" / "best.pt")["pretrain_augmentation"] == carried
+    assert checkpoints.load_checkpoint(tmp_path / "lin" / "best.pt")["pretrain_augmentation"] == carried
     transfer.export(str(origin), tmp_path / "exported.pt")
-    assert train.load_encoder(tmp_path / "exported.pt").augmentation == carried
+    assert checkpoints.load_encoder(tmp_path / "exported.pt").augmentation == carried
     scratch = simclr.finetune(simclr.FinetuneConfig(checkpoint=str(origin), from_scratch=True, **common),
                               tmp_path / "scratch", task=task)
     assert used("scratch") == "crop(scale=0.3-1)+flip"
-    assert "pretrain_augmentation" not in train.load_checkpoint(scratch["best"])
+    assert "pretrain_augmentation" not in checkpoints.load_checkpoint(scratch["best"])
     assert "does not record" not in capsys.readouterr().err
     # A file without the record (here: pretrained before it existed) gets pretraining's defaults, and says so.
     simclr.finetune(simclr.FinetuneConfig(checkpoint=str(world["origin"]), color=True, **common), tmp_path / "old",
@@ -2603,7 +2620,7 @@ def test_knn_command_scores_the_test_split_with_every_training_image_as_bank(wor
     assert "on shapes2 test (100 images; bank: 200 training images)" in line and "random encoder" in line
     res = simclr.knn_eval(simclr.KnnConfig(checkpoint=str(world["origin"]), data="shapes2", train_images=200,
                                            test_images=100, k=15, device="cpu", precision="fp32"))
-    encoder = train.load_pretrained(world["origin"])[0].encoder.eval()
+    encoder = checkpoints.load_pretrained(world["origin"])[0].encoder.eval()
     with torch.no_grad():
         bank_images = np.concatenate([task.train.images, task.val.images])
         bank_labels = np.concatenate([task.train.labels, task.val.labels])
@@ -2617,32 +2634,32 @@ def test_knn_command_scores_the_test_split_with_every_training_image_as_bank(wor
 
 def test_frozen_base_must_not_be_the_teachers_encoder(world, tmp_path):
     common = dict(mode="frozen", width=0.125, epochs=1, batch_size=32, device="cpu")
-    with pytest.raises(train.UserError, match="teacher's own pretrained encoder"):
+    with pytest.raises(options.UserError, match="teacher's own pretrained encoder"):
         distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2",
                                               student_checkpoint=world["origin"],
                                               **common), tmp_path / "a", task=world["task"])
     copy = tmp_path / "copy.pt"
     copy.write_bytes(world["origin"].read_bytes())
-    with pytest.raises(train.UserError, match="identical weights"):
+    with pytest.raises(options.UserError, match="identical weights"):
         distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", student_checkpoint=copy,
                                               **common), tmp_path / "b", task=world["task"])
-    with pytest.raises(train.UserError, match="needs --student-checkpoint"):
+    with pytest.raises(options.UserError, match="needs --student-checkpoint"):
         distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2",
                                               **common), tmp_path / "c", task=world["task"])
 
 
 def test_student_checkpoint_of_another_architecture_lists_keys_and_shapes(world, tmp_path):
-    with pytest.raises(train.UserError, match=r"wrong shapes: conv1\.weight") as e:
+    with pytest.raises(options.UserError, match=r"wrong shapes: conv1\.weight") as e:
         distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="finetune", width=0.25,
                                               student_checkpoint=world["base"], epochs=1, batch_size=32,
                                               device="cpu"), tmp_path / "a", task=world["task"])
     assert "pretrained as resnet18 width 0.125" in str(e.value)
-    with pytest.raises(train.UserError, match=r"missing keys: layer1\.2\."):
+    with pytest.raises(options.UserError, match=r"missing keys: layer1\.2\."):
         distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen",
                                               student="resnet34", width=0.125, student_checkpoint=world["base"],
                                               epochs=1, batch_size=32,
                                               device="cpu"), tmp_path / "b", task=world["task"])
-    with pytest.raises(train.UserError, match="vgg11 needs images of at least 32 px"):
+    with pytest.raises(options.UserError, match="vgg11 needs images of at least 32 px"):
         distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", mode="frozen",
                                               student="vgg11", width=0.125, student_checkpoint=world["base"],
                                               epochs=1, batch_size=32,
@@ -2691,7 +2708,7 @@ def test_linear_probe_beats_chance(world, tmp_path):
     # a seeded run reaches about 1.0.
     assert res["test"]["top1"] > 0.6, res["test"]
     assert set(res["test"]["per_class"]) == {"r", "g", "b"} and "top5" not in res["test"]
-    model, meta = train.load_classifier(res["best"], 3)
+    model, meta = checkpoints.load_classifier(res["best"], 3)
     assert meta["kind"] == "transfer" and meta["arch"]["mean"] == [0.0, 0.0, 0.0]
     again = train.evaluate_classifier(model, task.test, CPU)
     assert again["top1"] == pytest.approx(res["test"]["top1"])
@@ -2701,8 +2718,8 @@ def test_torchvision_state_dict_loads_and_linear_aug_keeps_encoder_frozen(tmp_pa
     torch.manual_seed(0)
     net = models.resnet18(num_classes=1000, width=0.125)  # torchvision's layout, fc included
     torch.save(net.state_dict(), tmp_path / "tv.pth")
-    enc = train.load_encoder(tmp_path / "tv.pth", arch="resnet18", width=0.125)
-    assert enc.kind == "torchvision" and enc.mean == list(train.NORMALIZATIONS["imagenet"][0])
+    enc = checkpoints.load_encoder(tmp_path / "tv.pth", arch="resnet18", width=0.125)
+    assert enc.kind == "torchvision" and enc.mean == list(checkpoints.NORMALIZATIONS["imagenet"][0])
     x = torch.rand(2, 3, 32, 32)
     net.fc = nn.Identity()
     torch.testing.assert_close(enc.encoder.eval()(x), net.eval()(x))
@@ -2710,7 +2727,7 @@ def test_torchvision_state_dict_loads_and_linear_aug_keeps_encoder_frozen(tmp_pa
                                                     width=0.125, normalize="none", image_size=SIZE, preset="paper",
                                                     epochs=2, batch_size=32,
                                                     device="cpu"), tmp_path / "t", task=colour_task())
-    model, meta = train.load_classifier(res["best"], 3)
+    model, meta = checkpoints.load_classifier(res["best"], 3)
     assert meta["arch"]["std"] == [1.0, 1.0, 1.0] and meta["arch"]["cifar_stem"] is False
     for k, v in model.encoder.state_dict().items():  # BN statistics included
         assert torch.equal(v, enc.encoder.state_dict()[k]), k
@@ -2718,16 +2735,16 @@ def test_torchvision_state_dict_loads_and_linear_aug_keeps_encoder_frozen(tmp_pa
 
 def test_encoder_file_that_does_not_fit_is_reported(tmp_path):
     torch.save(models.resnet18(num_classes=10, width=0.125).state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(train.UserError, match=r"missing keys: layer1\.2\.") as e:
-        train.load_encoder(tmp_path / "r18.pth", arch="resnet34", width=0.125)
+    with pytest.raises(options.UserError, match=r"missing keys: layer1\.2\.") as e:
+        checkpoints.load_encoder(tmp_path / "r18.pth", arch="resnet34", width=0.125)
     assert "r18.pth" in str(e.value)
-    with pytest.raises(train.UserError, match=r"wrong shapes: conv1\.weight: checkpoint \(8, 3, 7, 7\) vs model \(16, 3, 7, 7\)"):
-        train.load_encoder(tmp_path / "r18.pth", arch="resnet18", width=0.25)
-    with pytest.raises(train.UserError, match="--arch"):
-        train.load_encoder(tmp_path / "r18.pth")
+    with pytest.raises(options.UserError, match=r"wrong shapes: conv1\.weight: checkpoint \(8, 3, 7, 7\) vs model \(16, 3, 7, 7\)"):
+        checkpoints.load_encoder(tmp_path / "r18.pth", arch="resnet18", width=0.25)
+    with pytest.raises(options.UserError, match="--arch"):
+        checkpoints.load_encoder(tmp_path / "r18.pth")
     torch.save({"backbone.w": torch.zeros(2)}, tmp_path / "odd.pt")
-    with pytest.raises(train.UserError, match="unknown layout"):
-        train.load_encoder(tmp_path / "odd.pt", arch="resnet18")
+    with pytest.raises(options.UserError, match="unknown layout"):
+        checkpoints.load_encoder(tmp_path / "odd.pt", arch="resnet18")
 
 
 def test_export_then_reload_round_trip(world, tmp_path):
@@ -2737,8 +2754,8 @@ def test_export_then_reload_round_trip(world, tmp_path):
     net = models.resnet18(num_classes=7, width=0.125, cifar_stem=True)  # torchvision's names, fc included
     missing, unexpected = net.load_state_dict(state, strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
-    original = train.load_pretrained(world["base"])[0].encoder.eval()
-    back = train.load_encoder(tmp_path / "enc.pt")  # arch, stem and normalisation from the side-car
+    original = checkpoints.load_pretrained(world["base"])[0].encoder.eval()
+    back = checkpoints.load_encoder(tmp_path / "enc.pt")  # arch, stem and normalisation from the side-car
     assert back.mean == [0.0, 0.0, 0.0] and back.arch["cifar_stem"] is True
     for k, v in original.state_dict().items():
         assert torch.equal(back.encoder.state_dict()[k], v), k
@@ -2761,15 +2778,15 @@ def test_extract_features_and_predictions_for_a_folder(world, tmp_path):
     preds = transfer.extract(world["teacher"], folder, tmp_path / "preds", what="predictions", **kw)
     record = json.loads((tmp_path / "preds.json").read_text())
     assert np.load(preds["npy"]).shape == (5, 2) and set(record["predicted"]) <= set(world["task"].classes)
-    with pytest.raises(train.UserError, match="needs a classifier checkpoint"):
+    with pytest.raises(options.UserError, match="needs a classifier checkpoint"):
         transfer.extract(world["base"], folder, tmp_path / "x", what="predictions", **kw)
 
 
 def test_batch_larger_than_dataset_is_refused(world, tmp_path):
-    with pytest.raises(train.UserError, match="--batch-size 500 is larger than the 120"):
+    with pytest.raises(options.UserError, match="--batch-size 500 is larger than the 120"):
         transfer.transfer(transfer.TransferConfig(source=world["base"], data="colours", batch_size=500,
                                                   device="cpu"), tmp_path / "t", task=colour_task())
-    with pytest.raises(train.UserError, match="--batch-size 1000 is larger than the 180 distillation images"):
+    with pytest.raises(options.UserError, match="--batch-size 1000 is larger than the 180 distillation images"):
         distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", batch_size=1000,
                                               device="cpu"), tmp_path / "d", task=world["task"])
 
@@ -2951,7 +2968,7 @@ def test_released_encoder_loads_and_matches_its_sha256(source, role):
     path = Path(run_all.released_encoder(role, source))  # checks the sha256 kept in run_all.py
     entry = run_all.RELEASED[source][role]
     assert path.stat().st_size <= 5 * 2**20
-    model, ckpt = train.load_pretrained(path)  # weights_only=True inside
+    model, ckpt = checkpoints.load_pretrained(path)  # weights_only=True inside
     assert ckpt["kind"] == "pretrain" and "optimizer" not in ckpt
     assert ckpt["arch"]["encoder"] == entry["model"] and ckpt["arch"]["head_layers"] == 3  # Study 1 needs layer 1
     config = json.loads(ckpt["config"])
@@ -2977,10 +2994,10 @@ def test_released_resnet_probe_beats_a_random_encoder():
     assert len(task.val) == 200
     scores = {}
     for name in ("released", "random"):
-        pre, ckpt = train.load_pretrained(run_all.released_encoder("teacher"))
+        pre, ckpt = checkpoints.load_pretrained(run_all.released_encoder("teacher"))
         if name == "random":
             torch.manual_seed(0)
-            pre = train.build_simclr_model(ckpt["arch"])
+            pre = checkpoints.build_simclr_model(ckpt["arch"])
         model = models.Classifier(pre.encoder, pre.head, 0, 5, ckpt["mean"], ckpt["std"])
         scores[name] = train.linear_probe(model, task, torch.device("cpu"), 32, epochs=30, batch_size=256, lr=0.1,
                                           precision="fp32")["val"]["top1"]
@@ -2995,7 +3012,7 @@ def test_changed_or_missing_released_encoder_is_refused_with_the_rebuild_command
     changed.write_bytes(changed.read_bytes() + b"\0")
     monkeypatch.setattr(run_all, "ENCODERS", tmp_path)
     assert run_all.released_encoder("teacher") == str(tmp_path / shapes["teacher"]["file"])
-    with pytest.raises(train.UserError, match="has changed") as e:
+    with pytest.raises(options.UserError, match="has changed") as e:
         run_all.released_encoder("vgg")
     assert run_all.release_command("vgg") in str(e.value) and "--vgg-base" in str(e.value)
     (tmp_path / shapes["teacher"]["file"]).unlink()
@@ -3027,17 +3044,17 @@ def test_resolve_precision(monkeypatch):
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
     assert train.resolve_precision("auto", torch.device("cpu")) == "bf16"
     assert train.resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    with pytest.raises(train.UserError, match="precision"):
+    with pytest.raises(options.UserError, match="precision"):
         train.resolve_precision("fp16", torch.device("cpu"))
-    with pytest.raises(train.UserError, match="--precision"):
-        train.validate(simclr.FinetuneConfig(checkpoint="x", precision="half"))
+    with pytest.raises(options.UserError, match="--precision"):
+        options.validate(simclr.FinetuneConfig(checkpoint="x", precision="half"))
 
 
 def test_bf16_and_fp32_losses_agree_on_one_step():
     """One SimCLR step from identical weights and batch: the loss under bf16 autocast within 2%
     (relative; fixed before measuring) of the fp32 loss, and it stays float32."""
     torch.manual_seed(0)
-    model = train.build_simclr_model(dict(encoder="resnet18", width=0.125, cifar_stem=True, head_layers=3,
+    model = checkpoints.build_simclr_model(dict(encoder="resnet18", width=0.125, cifar_stem=True, head_layers=3,
                                           head_hidden=None, out_dim=128))
     images = torch.as_tensor(shapes.generate("shapes5", 64, image_size=32)[0]).permute(0, 3, 1, 2).contiguous()
     loss_fn = simclr.contrastive_loss_fn(model, A.SimCLRAugment(32, strength=1.0, scale=(0.4, 1.0)), 0.5,
@@ -3180,7 +3197,7 @@ def test_finetune_val_images_caps_the_split_that_picks_the_epoch(tmp_path):
     assert config["whole"]["train_images"] == config["capped"]["train_images"] == 360  # train is untouched
     assert sorted(capped["val"]["per_class"]) == sorted(whole["val"]["per_class"])  # every class kept
     assert simclr.main(["finetune", "--checkpoint", common["checkpoint"], "--val-images", "0", "--out", "x"]) == 2
-    with pytest.raises(train.UserError, match="cannot hold one image of each of shapes5's 5 classes"):
+    with pytest.raises(options.UserError, match="cannot hold one image of each of shapes5's 5 classes"):
         simclr.finetune(simclr.FinetuneConfig(**common, val_images=4), tmp_path / "four")
 
 
@@ -3188,7 +3205,7 @@ def test_finetune_from_scratch_keeps_the_architecture_and_drops_the_weights(tmp_
     pre_dir = tmp_path / "pre"
     simclr.pretrain(simclr.PretrainConfig(width=0.125, epochs=1, n_images=64, batch_size=32, head_layers=3,
                                           eval_data="", device="cpu"), pre_dir)
-    pretrained = train.load_pretrained(pre_dir / "checkpoint.pt")[0].encoder.state_dict()
+    pretrained = checkpoints.load_pretrained(pre_dir / "checkpoint.pt")[0].encoder.state_dict()
     seen = {}
 
     def capture(model, *args, **kwargs):
@@ -3217,12 +3234,12 @@ def test_pretrain_release_writes_a_small_checkpoint_with_the_same_bytes_each_tim
                             "--eval-images", "100", "--knn-k", "5", "--knn-every", "1", "--log-every", "2",
                             "--device", "cpu", "--precision", "fp32", "--out", "run", "--release", "enc.pt"]) == 0
         digests.append(hashlib.sha256(Path("enc.pt").read_bytes()).hexdigest())
-        ckpt = train.load_checkpoint("enc.pt")
+        ckpt = checkpoints.load_checkpoint("enc.pt")
         assert "optimizer" not in ckpt and "rng" not in ckpt
         assert Path("enc.pt").stat().st_size < 0.6 * Path("run/checkpoint.pt").stat().st_size
         assert [r["epoch"] for r in map(json.loads, Path("enc.pt.log.jsonl").read_text().splitlines())
                 if "knn_top1" in r] == [1, 2]
-        train.load_pretrained("enc.pt")
+        checkpoints.load_pretrained("enc.pt")
     assert digests[0] == digests[1]
 
 
@@ -3421,7 +3438,7 @@ def test_good_inputs_of_every_mode_and_skip_bad_run(bad_input_runs):
         assert code == 0, (case, err[-2000:])
     assert "2 unreadable" in bad_input_runs["results"]["--skip-bad"][2]
     for run in ("modes", "skip"):
-        assert train.load_checkpoint(bad_input_runs["outputs"] / run / "checkpoint.pt")["kind"] == "pretrain"
+        assert checkpoints.load_checkpoint(bad_input_runs["outputs"] / run / "checkpoint.pt")["kind"] == "pretrain"
 
 
 def test_no_case_modified_anything_of_the_user(bad_input_runs):
@@ -3445,7 +3462,7 @@ def test_write_error_while_saving_is_a_message_and_keeps_the_last_checkpoint(tmp
     assert code == 2 and "Traceback" not in err, err
     assert "No space left on device" in err and "checkpoint.pt" in err and "is unchanged" in err, err
     monkeypatch.undo()
-    assert train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2  # the epoch-1 checkpoint
+    assert checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 2  # the epoch-1 checkpoint
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.endswith(".tmp")]
 
 
@@ -3467,7 +3484,7 @@ def test_inf_in_a_batch_stops_at_that_step(tmp_path, monkeypatch):
     cfg = tiny_pretrain_config(eval_data=None, n_images=128, batch_size=32, epochs=3, log_every=3)
     with pytest.raises(train.NonFiniteLoss, match=r"at step 5 .*checkpoint\.pt"):
         simclr.pretrain(cfg, tmp_path / "run")
-    assert train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+    assert checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
 
 
 def test_too_high_learning_rate_stops_at_the_first_bad_step(tmp_path):
@@ -3481,7 +3498,7 @@ def test_too_high_learning_rate_stops_at_the_first_bad_step(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in logged if r["step"] < step)
     assert 1 <= step <= 12 and "Last good checkpoint" in str(err.value)
     if (tmp_path / "run" / "checkpoint.pt").exists():  # whatever was saved holds finite weights
-        saved = train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+        saved = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
         assert saved["step"] < step and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
@@ -3737,7 +3754,7 @@ def test_labeled_sets_too_small_exit_2_before_training(world, tmp_path, capsys):
     presplit = tmp_path / "presplit"
     _class_folder(presplit / "train", 5)
     _class_folder(presplit / "test", 2, classes=("a", "b", "c"))
-    with pytest.raises(train.UserError, match=r"class 'c' has no image in the train split \(1 such class\(es\)\); it could"):
+    with pytest.raises(options.UserError, match=r"class 'c' has no image in the train split \(1 such class\(es\)\); it could"):
         data.load_task(presplit, 16, cache_dir=tmp_path / "cache")
     seven = _class_folder(tmp_path / "seven", 4, classes=("a",))
     _class_folder(seven, 3, classes=("b",))
@@ -3837,7 +3854,7 @@ def test_checkpoint_holding_other_objects_is_refused_with_a_plain_message(tmp_pa
 
 
 def _numeric_options(parser: argparse.ArgumentParser) -> list[tuple[str, object]]:
-    """(flag, allowed range) of each range-checked option of a parser (train.bounded types)."""
+    """(flag, allowed range) of each range-checked option of a parser (options.bounded types)."""
     return [(a.option_strings[0], a.type.allowed) for a in parser._actions
             if a.option_strings and hasattr(a.type, "allowed")]
 
@@ -3878,11 +3895,11 @@ def test_every_numeric_option_of_every_command_is_range_checked(tmp_path, capsys
 
 
 def test_a_config_out_of_range_is_refused_from_python_too(tmp_path):
-    with pytest.raises(train.UserError, match=r"--momentum must be in \[0, 1\); got 1.5"):
+    with pytest.raises(options.UserError, match=r"--momentum must be in \[0, 1\); got 1.5"):
         simclr.pretrain(simclr.PretrainConfig(momentum=1.5), tmp_path / "p")
-    with pytest.raises(train.UserError, match="--temperature must be positive; got inf"):
+    with pytest.raises(options.UserError, match="--temperature must be positive; got inf"):
         distill.distill(distill.DistillConfig(teacher="missing.pt", temperature=math.inf), tmp_path / "d")
-    with pytest.raises(train.UserError, match="--batch-size must be at least 2 when batch norm trains"):
+    with pytest.raises(options.UserError, match="--batch-size must be at least 2 when batch norm trains"):
         simclr.finetune(simclr.FinetuneConfig(checkpoint="missing.pt", batch_size=1), tmp_path / "f")
 
 
@@ -3920,7 +3937,7 @@ def _toy_fit(folder: Path, resume: bool = False, on_step=None, on_evaluate=None)
             x = torch.from_numpy(images.images).permute(0, 3, 1, 2).float() / 255 - 0.5
             return dict(acc=float((model(x).argmax(1).numpy() == images.labels).mean()))
 
-    run = train.RunFolder(folder, resume=resume)
+    run = checkpoints.RunFolder(folder, resume=resume)
     schedule = train.Schedule(epochs=3, lr=0.5, optimizer="sgd", log_every=2)
     history = train.fit(model, loss_fn, data.BatchLoader(images, 16, "cpu", seed=0), run, schedule,
                         device=torch.device("cpu"), evaluate=evaluate, select="acc", meta=dict(kind="toy"))
@@ -3935,7 +3952,7 @@ def _sigint(when: int):
 def _assert_same_run(folder: Path, reference: Path, history: list[dict], reference_history: list[dict]) -> None:
     assert history == reference_history
     for name in ("checkpoint.pt", "best.pt"):
-        a, b = train.load_checkpoint(reference / name), train.load_checkpoint(folder / name)
+        a, b = checkpoints.load_checkpoint(reference / name), checkpoints.load_checkpoint(folder / name)
         assert (b["step"], b["best"], b["history"]) == (a["step"], a["best"], a["history"]), name
         for k, v in a["model"].items():
             torch.testing.assert_close(b["model"][k], v, rtol=0, atol=0, msg=f"{name} {k}")
@@ -3945,9 +3962,9 @@ def test_fit_interrupt_on_an_epochs_last_step_evaluates_and_writes_best_first(tm
     reference, _, _ = _toy_fit(tmp_path / "straight")
     with pytest.raises(train.Stopped, match=r"Stopped by SIGINT at step 4 of 12; checkpoint saved .*--resume"):
         _toy_fit(tmp_path / "run", on_step=_sigint(4))  # step 4 ends epoch 1
-    best = train.load_checkpoint(tmp_path / "run" / "best.pt")  # the epoch was evaluated before stopping
+    best = checkpoints.load_checkpoint(tmp_path / "run" / "best.pt")  # the epoch was evaluated before stopping
     assert best["step"] == 4 and json.loads(best["history"])[0]["epoch"] == 1
-    assert train.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+    assert checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
     history, _, calls = _toy_fit(tmp_path / "run", resume=True)
     assert calls == {"steps": 8, "evaluations": 2}
     _assert_same_run(tmp_path / "run", tmp_path / "straight", history, reference)

@@ -13,7 +13,7 @@ linear layers on a frozen SimCLR ResNet-50 with random crop + flip, lr 0.1, no w
                    paper's Study 3)
     finetune       every weight trained (v1's fine-tuning protocol)
 
-train.Encoder sources:
+checkpoints.Encoder sources:
     * a checkpoint of this project: a SimCLR pretraining checkpoint (optionally features from a
       projection-head layer), or any classifier checkpoint (its encoder is reused);
     * a torchvision-layout ResNet/VGG state dict (torchvision's ImageNet weights, official SimCLR v1
@@ -48,10 +48,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import data
 import models
+import options
 import train
-from train import UserError, option
+from options import UserError, option
 
 MODES = ("linear-cached", "linear-aug", "finetune")
 
@@ -75,38 +77,38 @@ PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class TransferConfig(train.StageConfig):
+class TransferConfig(options.StageConfig):
     """Every setting of a transfer run; settings left as None take PRESETS[preset]'s value. The
     source options (source, arch, width, cifar_stem, normalize) are shared with extract and export."""
     source: str = option(None, "a checkpoint of this project, or a torchvision-layout ResNet/VGG state dict (.pt/.pth)",
                          required=True, flags=["--source", "--encoder-weights"])
     arch: str | None = option(None, "network of a torchvision-layout file; None: its export side-car",
                               choices=models.MODEL_NAMES)
-    width: float | None = option(None, "channel multiplier of a torchvision-layout file (1)", allowed=train.POSITIVE)
+    width: float | None = option(None, "channel multiplier of a torchvision-layout file (1)", allowed=options.POSITIVE)
     cifar_stem: bool | None = option(None, "3x3 stem in a torchvision-layout file; None: off, as torchvision")
     normalize: str | None = option(None, "input normalisation of a torchvision-layout file; None: imagenet "
                                    "(converted SimCLR weights need none); project checkpoints carry their own",
-                                   choices=list(train.NORMALIZATIONS))
+                                   choices=list(checkpoints.NORMALIZATIONS))
     data: str = option("shapes47", "labeled task: an embedded name, a dataset name or a folder")
     preset: str = option("simclr", "simclr: SimCLR v1's transfer protocol; paper: the seed paper's Study 3",
                          choices=list(PRESETS))
     mode: str | None = option(None, "None: the preset's (simclr: linear-cached, paper: linear-aug)", choices=MODES)
     head_layer: int | None = option(None, "features after this projection-head layer (0: encoder)",
-                                    allowed=train.NON_NEGATIVE)
-    image_size: int | None = option(None, "working size; None: the source's", allowed=train.POSITIVE)
+                                    allowed=options.NON_NEGATIVE)
+    image_size: int | None = option(None, "working size; None: the source's", allowed=options.POSITIVE)
     crop: bool | None = option(None, "crop augmentation; None: the preset's")
     flip: bool | None = option(None, "flip augmentation; None: the preset's")
     color: bool | None = option(None, "color augmentation; None: the preset's")
     crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image; None: the "
-                                          "encoder's pretraining setting", allowed=train.FRACTION)
+                                          "encoder's pretraining setting", allowed=options.FRACTION)
     strength: float | None = option(None, "colour distortion strength; None: the encoder's pretraining setting",
-                                    allowed=train.NON_NEGATIVE)
-    epochs: int | None = option(None, "None: the preset's", allowed=train.POSITIVE)
-    batch_size: int | None = option(None, "None: the preset's", allowed=train.POSITIVE)
-    lr: float | None = option(None, "peak lr, used as given; None: preset's, scaled by batch", allowed=train.POSITIVE)
-    momentum: float | None = option(None, "None: the preset's", allowed=train.MOMENTUM)
-    weight_decay: float | None = option(None, "None: the preset's", allowed=train.NON_NEGATIVE)
-    log_every: int = option(20, "steps between log lines (host syncs)", allowed=train.AT_LEAST_1)
+                                    allowed=options.NON_NEGATIVE)
+    epochs: int | None = option(None, "None: the preset's", allowed=options.POSITIVE)
+    batch_size: int | None = option(None, "None: the preset's", allowed=options.POSITIVE)
+    lr: float | None = option(None, "peak lr, used as given; None: preset's, scaled by batch", allowed=options.POSITIVE)
+    momentum: float | None = option(None, "None: the preset's", allowed=options.MOMENTUM)
+    weight_decay: float | None = option(None, "None: the preset's", allowed=options.NON_NEGATIVE)
+    log_every: int = option(20, "steps between log lines (host syncs)", allowed=options.AT_LEAST_1)
     compile: str = train.compile_option()
 
 
@@ -184,7 +186,7 @@ class AugmentedFeatures:
 def resolve_settings(cfg: TransferConfig) -> TransferConfig:
     """A copy of cfg with every setting left as None taken from its preset (the learning rate
     scaled by batch / 256 where the preset says so), after checking the options."""
-    train.validate(cfg)
+    options.validate(cfg)
     if cfg.preset not in PRESETS:
         raise UserError(f"Unknown --preset '{cfg.preset}'. Use one of: {', '.join(PRESETS)}.")
     p = PRESETS[cfg.preset]
@@ -213,11 +215,11 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
 
     Settings left as None come from PRESETS[preset]. Returns dict(val=..., test=... reports with top1,
     top5 (more than 5 classes) and per_class, best=<best.pt>, ...); best.pt is a classifier checkpoint
-    (train.load_classifier) chosen by val top-1 in the trained modes (linear-cached keeps the last)."""
+    (checkpoints.load_classifier) chosen by val top-1 in the trained modes (linear-cached keeps the last)."""
     cfg = resolve_settings(cfg)
     dev = train.select_device(cfg.device)
     train.seed_everything(cfg.seed)
-    enc = train.load_encoder(cfg.source, arch=cfg.arch, width=cfg.width, cifar_stem=cfg.cifar_stem,
+    enc = checkpoints.load_encoder(cfg.source, arch=cfg.arch, width=cfg.width, cifar_stem=cfg.cifar_stem,
                              normalize=cfg.normalize,
                        head_layer=cfg.head_layer)
     image_size = cfg.image_size or enc.image_size
@@ -227,14 +229,14 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     if cfg.batch_size > len(task.train):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(task.train)} training images of "
                         f"'{task.name}'. Use a batch of at most {len(task.train)}.")
-    model, cls_arch = train.classifier_for(enc, task.num_classes)
+    model, cls_arch = checkpoints.classifier_for(enc, task.num_classes)
     model = model.to(dev)
     if cfg.mode != "finetune":
         model.freeze_base()
     frozen_parts = nn.ModuleDict({"encoder": model.encoder, **({"head": model.head} if model.head is not None else {})})
     frozen = {k: v.clone() for k, v in frozen_parts.state_dict().items()} if cfg.mode != "finetune" else None
-    run = (train.RunFolder.redo(out, "transfer", resume, overwrite) if cfg.mode == "linear-cached"
-           else train.RunFolder(out, resume=resume, overwrite=overwrite))
+    run = (checkpoints.RunFolder.redo(out, "transfer", resume, overwrite) if cfg.mode == "linear-cached"
+           else checkpoints.RunFolder(out, resume=resume, overwrite=overwrite))
     augmentation = (train.matched_views(enc.augmentation, image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color,
                                         crop_min_scale=cfg.crop_min_scale, strength=cfg.strength, source=cfg.source,
                                         stage="transfer")
@@ -253,13 +255,13 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
           f"{image_size}px), {cfg.mode}, augment {described}, lr {cfg.lr:.4g}, wd {cfg.weight_decay}, batch {cfg.batch_size}, "
           f"{cfg.epochs} epochs, device {dev}, {config['precision']}", file=sys.stderr)
     meta = dict(kind="transfer", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
-                **train.carried(enc.augmentation))
+                **checkpoints.carried(enc.augmentation))
 
     if cfg.mode == "linear-cached":
         reports = train.linear_probe(model, task, dev, image_size, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                      lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, seed=cfg.seed,
                                      precision=cfg.precision)
-        run.save(dict(meta, format=train.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
+        run.save(dict(meta, format=checkpoints.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
     else:
         view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, image_size))
         schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
@@ -281,7 +283,7 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
                 model, task.val, dev, size=image_size, precision=cfg.precision)["top1"])
         train.fit(model, loss_fn, loader, run, schedule, device=dev, seed=cfg.seed, meta=meta, evaluate=evaluate,
                   select="val_top1", desc=f"transfer {cfg.mode} {task.name}")
-        best, _ = train.load_classifier(run.path / "best.pt", task.num_classes)
+        best, _ = checkpoints.load_classifier(run.path / "best.pt", task.num_classes)
         best = best.to(dev)
         reports = {name: train.evaluate_classifier(best, split, dev, size=image_size, precision=cfg.precision)
                    for name, split in (("val", task.val), ("test", task.test))}
@@ -291,7 +293,7 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
         train.check_frozen(frozen, frozen_parts)
     result = dict(task=task.name, mode=cfg.mode, preset=cfg.preset, source=str(cfg.source), classes=task.num_classes,
                   augmentation=described, best=str(run.path / "best.pt"), **reports)
-    train.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
+    checkpoints.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     test = reports["test"]
     top5 = f", top-5 {test['top5']:.4f}" if "top5" in test else ""
     worst = sorted(test["per_class"].items(), key=lambda kv: kv[1])[:3]
@@ -322,7 +324,7 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
     for f in (npy, index):
         if f.exists() and not overwrite:
             raise UserError(f"'{f}' exists already. Pass --overwrite to replace it, or choose another --out.")
-    enc = train.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize,
+    enc = checkpoints.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize,
                              head_layer=head_layer)
     if what == "predictions" and enc.classifier is None:
         raise UserError(f"--what predictions needs a classifier checkpoint (best.pt of a finetune, distill or "
@@ -336,7 +338,7 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
         net = enc.classifier.to(dev).eval()
         fn = net if what == "predictions" else net.features
     else:
-        net, _ = train.classifier_for(enc, 1)  # the fc is never used: features only
+        net, _ = checkpoints.classifier_for(enc, 1)  # the fc is never used: features only
         net = net.to(dev).eval()
         fn = net.base
     values = train.extract_features(fn, folder, dev, batch_size, size=image_size, desc="extract").cpu().numpy()
@@ -346,8 +348,8 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
         record["classes"] = list(enc.classes or [])
         record["predicted"] = [record["classes"][i] if record["classes"] else int(i) for i in values.argmax(1)]
     out.parent.mkdir(parents=True, exist_ok=True)
-    train.atomic_write(npy, lambda f: np.save(f, values.astype(np.float32)))
-    train.atomic_write_text(json.dumps(record, indent=1) + "\n", index)
+    checkpoints.atomic_write(npy, lambda f: np.save(f, values.astype(np.float32)))
+    checkpoints.atomic_write_text(json.dumps(record, indent=1) + "\n", index)
     print(f"extract: {what} {values.shape} of {len(files)} images under '{images}' -> {npy}, {index}", file=sys.stderr)
     return dict(npy=str(npy), index=str(index), shape=list(values.shape))
 
@@ -356,7 +358,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, arch: str | Non
            cifar_stem: bool | None = None, normalize: str | None = None, overwrite: bool = False) -> dict:
     """Write the encoder of `source` as a plain torchvision-layout state dict (names -> tensors, no
     classifier) to `out`, and its description (arch, width, cifar_stem, mean, std, image_size) to
-    <out>.json, which train.load_encoder reads back. torchvision's resnetXX() / vggXX() of the same width
+    <out>.json, which checkpoints.load_encoder reads back. torchvision's resnetXX() / vggXX() of the same width
     loads the file with strict=False, reporting only the classifier (fc.* / classifier.*) as missing;
     an encoder with the CIFAR stem (3x3 conv1) needs that conv1 swapped in first. Projection-head
     layers are not part of the export."""
@@ -365,14 +367,14 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, arch: str | Non
     for f in (out, side):
         if f.exists() and not overwrite:
             raise UserError(f"'{f}' exists already. Pass --overwrite to replace it, or choose another --out.")
-    enc = train.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize)
+    enc = checkpoints.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize)
     state = {k: v.detach().cpu().clone() for k, v in enc.encoder.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    train.atomic_save(state, out)
+    checkpoints.atomic_save(state, out)
     description = dict(format="torchvision-state-dict", arch=enc.arch["encoder"], width=enc.arch["width"],
                        cifar_stem=enc.arch["cifar_stem"], mean=enc.mean, std=enc.std, image_size=enc.image_size,
-                       source=str(source), **train.carried(enc.augmentation))
-    train.atomic_write_text(json.dumps(description, indent=2) + "\n", side)
+                       source=str(source), **checkpoints.carried(enc.augmentation))
+    checkpoints.atomic_write_text(json.dumps(description, indent=2) + "\n", side)
     print(f"export: {len(state)} tensors of {description['arch']} (width {description['width']}) -> {out} "
           f"(+ {side.name}: normalisation mean {enc.mean} std {enc.std})", file=sys.stderr)
     return dict(path=str(out), description=str(side), keys=len(state))
@@ -384,28 +386,28 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, arch: str | Non
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=train.HelpFormatter)
+                                     formatter_class=options.HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="transfer to a labeled dataset", formatter_class=train.HelpFormatter,
+    t = sub.add_parser("train", help="transfer to a labeled dataset", formatter_class=options.HelpFormatter,
                        epilog="presets: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    train.add_options(t, TransferConfig)
-    train.add_run(t)
+    options.add_options(t, TransferConfig)
+    options.add_run(t)
 
     e = sub.add_parser("extract", help="features or predictions for a folder of images",
-                       formatter_class=train.HelpFormatter)
-    train.add_options(e, TransferConfig, only=(*SOURCE_OPTIONS, "head_layer", "image_size", "device", "skip_bad",
+                       formatter_class=options.HelpFormatter)
+    options.add_options(e, TransferConfig, only=(*SOURCE_OPTIONS, "head_layer", "image_size", "device", "skip_bad",
                                                 "cache_dir"))
     e.add_argument("--images", required=True, help="folder of images (searched recursively)")
     e.add_argument("--out", required=True, help="output prefix: writes <out>.npy and <out>.json")
     e.add_argument("--what", default="features", choices=["features", "predictions"],
                    help="encoder features, or class predictions of a classifier checkpoint")
-    e.add_argument("--batch-size", type=train.bounded(int, train.POSITIVE, "batch-size"), default=256,
+    e.add_argument("--batch-size", type=options.bounded(int, options.POSITIVE, "batch-size"), default=256,
                    help="images per forward pass")
     e.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     x = sub.add_parser("export", help="an encoder as a plain torchvision-layout state dict",
-                       formatter_class=train.HelpFormatter)
-    train.add_options(x, TransferConfig, only=SOURCE_OPTIONS)
+                       formatter_class=options.HelpFormatter)
+    options.add_options(x, TransferConfig, only=SOURCE_OPTIONS)
     x.add_argument("--out", required=True, help="the .pt file to write (plus <out>.json with its normalisation)")
     x.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
@@ -414,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_command(args: argparse.Namespace) -> None:
     source = dict(arch=args.arch, width=args.width, cifar_stem=args.cifar_stem, normalize=args.normalize)
     if args.command == "train":
-        transfer(train.from_args(TransferConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
+        transfer(options.from_args(TransferConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "extract":
         extract(args.source, args.images, args.out, what=args.what, head_layer=args.head_layer,
                 image_size=args.image_size, batch_size=args.batch_size, device=args.device,
