@@ -140,7 +140,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 # Settings a resumed run may change: where and how fast it runs, and how often it reports. Every
-# other setting changes what the run is (README, "Resuming").
+# other setting changes what the run is (README, Reliability: "Resume").
 RESUME_MAY_DIFFER = frozenset({"device", "device_resolved", "precision", "precision_resolved", "compile",
                                "log_every", "knn_every", "checkpoint_every", "root", "cache_dir", "skip_bad",
                                "torch", "release"})

@@ -102,7 +102,7 @@ from transfer import TransferConfig
 #   two images apart (SimCLR v1 section 3, Figure 6) unless the distortion is strong;
 # - crops of at least 40% of the image, not 8%: the class is an outline, and at 32 px a crop of 8%
 #   (9x9 pixels) keeps only texture.
-# The measurements behind both: README, "How the CPU preset was chosen".
+# The measurements behind both: RESULTS.md, "How the CPU pretraining settings were chosen".
 _SMALL_PRETRAIN = dict(head_layers=3, optimizer="lars", knn_k=50, strength=1.0, crop_min_scale=0.4)
 
 # Study 3's probe: a new linear layer on the frozen encoder, trained on crop + flip views (the seed
@@ -131,10 +131,11 @@ PRESETS: dict[str, dict] = {
         distill_augment=dict(frozen=False, scratch=True),
         probe=_PROBE(epochs=1), probe_batch_sizes=[32, 64],
     ),
-    # A 2-core CPU in under 15 minutes with bf16 (see README): the studies start from the released
+    # A 2-core CPU in under 15 minutes with bf16 (see RESULTS.md): the studies start from the released
     # encoders (RELEASED), three seeds each, at least 1,000 test images per task. The pretraining
     # settings below are used by --from-scratch only: 240 SimCLR steps learn more at 4x SimCLR's CIFAR
-    # learning rate (README, "How the CPU preset was chosen"); the probe runs the paper's 30 epochs.
+    # learning rate (RESULTS.md, "How the CPU pretraining settings were chosen"); the probe runs the
+    # paper's 30 epochs.
     "cpu": dict(
         image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check=True, released="shapes",
         data=dict(pool="shapes-pool", study1="shapes5", study3=["shapes2", "shapes5", "shapes47", "shapes100"]),
@@ -147,11 +148,11 @@ PRESETS: dict[str, dict] = {
         distill_augment=dict(frozen=False, scratch=True),
         probe=_PROBE(epochs=30), probe_batch_sizes=[32, 64],
     ),
-    # Real photos on a 2-core CPU in fp32 (README, "Real photos: CIFAR-10"): the released CIFAR-10
+    # Real photos on a 2-core CPU in fp32 (RESULTS.md, "Real photos: CIFAR-10"): the released CIFAR-10
     # encoders, the three studies on CIFAR-10 classes (Study 1 on five of them, as the paper's five
     # flowers), CIFAR-100's tasks when it is on disk. The pretraining settings are the release's
     # (used by --from-scratch only): colour strength 0.5 and crops from 8%, chosen with 5-epoch runs
-    # on a validation split of CIFAR-10's training images (README, "How they were chosen").
+    # on a validation split of CIFAR-10's training images (RESULTS.md, "How they were chosen").
     "cifar": dict(
         image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check="cifar10", released="cifar10",
         data=dict(pool="cifar10", study1=CIFAR10_FIVE, study3=["cifar10@cat+dog", CIFAR10_FIVE, "cifar10"]),
@@ -201,7 +202,7 @@ PRESET_CHOICES = ("default", *PRESETS)
 # checkpoints (encoder, projection head, architecture; no optimiser state), committed under encoders/
 # with their training logs. The cpu and cifar presets start from them, as the seed paper started
 # from Google's released ResNet-50: a 2-core CPU cannot pretrain a strong encoder in minutes. Each
-# was made by the command beside it (README, "Released encoders"), which gives the same bytes on the
+# was made by the command beside it (RESULTS.md, "Released encoders"), which gives the same bytes on the
 # same torch and CPU; the sha256 makes sure the run uses exactly those bytes.
 ENCODERS = Path(__file__).resolve().parent / "encoders"
 _RELEASE_COMMANDS = {

@@ -109,7 +109,7 @@ class PretrainConfig(options.StageConfig):
     checkpoint_every: int = option(0, "steps between checkpoints (0: each epoch)", allowed=options.NON_NEGATIVE)
     compile: str = train.compile_option()
     release: str | None = option(None, "also write the final encoder and head, without optimiser state, to this "
-                                 "file (a released encoder: see README), with the run's log beside it as "
+                                 "file (a released encoder: see RESULTS.md), with the run's log beside it as "
                                  "FILE.log.jsonl")
     # Not an option: lets runs with different training seeds share one pool (run_all.py's student bases).
     data_seed: int | None = None

@@ -2171,7 +2171,7 @@ def test_pretrain_lowers_loss(tmp_path):
 
 @pytest.mark.slow  # two minutes on 2 cores: the world's classes take the cpu preset's budget to show
 def test_pretrain_beats_random_encoder_at_the_cpu_presets_budget(tmp_path):
-    """README's augmentation ablation, 'full' row, seed 0: 15 epochs of 4,096 pool images at 32 px.
+    """RESULTS.md's augmentation ablation, 'full' row, seed 0: 15 epochs of 4,096 pool images at 32 px.
     Seeds 0-2 gave kNN 0.412 / 0.352 / 0.332 against 0.248 / 0.282 / 0.284 for a random encoder
     (2026-12-04, fp32); the bar is two standard errors of a kNN score on 500 queries (~0.04)."""
     cfg = tiny_pretrain_config(image_size=32, n_images=4096, head_layers=3, epochs=15, batch_size=256, base_lr=4.0,
@@ -3173,7 +3173,7 @@ def test_released_cifar10_encoder_on_image_folders_through_transfer_and_linear_e
         result = json.loads((tmp_path / run / "results.json").read_text())
         assert sorted(result["test"]["per_class"]) == ["airplane", "automobile"]
         # The plumbing (decode, class folders, the encoder's normalisation), not the features: any
-        # working encoder separates these two; README measures the features on real photos.
+        # working encoder separates these two; RESULTS.md measures the features on real photos.
         assert result["test"]["top1"] >= 0.9, (run, result["test"])  # 40 test images, 90 train
 
 
