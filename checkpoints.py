@@ -40,6 +40,9 @@ except ImportError:  # pragma: no cover
 
 
 CHECKPOINT_FORMAT = 1  # written into every checkpoint; load_checkpoint refuses a newer one
+# Written into every run's config.json. 2: a stage's config is all its options (asdict of its config
+# dataclass) plus the values derived from them; 1 (no entry) listed most stages' settings by hand.
+CONFIG_FORMAT = 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +146,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 # other setting changes what the run is (README, Reliability: "Resume").
 RESUME_MAY_DIFFER = frozenset({"device", "device_resolved", "precision", "precision_resolved", "compile",
                                "log_every", "knn_every", "checkpoint_every", "root", "cache_dir", "skip_bad",
-                               "torch", "release"})
+                               "torch", "release", "config_format"})
 
 
 # One writer per run folder: the process that writes a run folder holds an flock on its run.lock for
@@ -297,6 +300,7 @@ class RunFolder:
     def start(self, config: dict) -> None:
         """Write config.json for a new run. A resumed run must have the settings it was started with
         (RESUME_MAY_DIFFER aside): else checkpoint.pt and config.json would describe two runs."""
+        config = dict(config, config_format=CONFIG_FORMAT)
         if not self.resuming:
             self.write_config(config)
             return
@@ -308,6 +312,11 @@ class RunFolder:
         new = json.loads(json.dumps(config, default=str))
         changed = [k for k in dict.fromkeys([*old, *new])
                    if k not in RESUME_MAY_DIFFER and old.get(k) != new.get(k)]
+        if changed and old.get("config_format", 1) != CONFIG_FORMAT:
+            raise UserError(f"--resume: '{self.path}' was started by an older version of this project, whose "
+                            f"config.json (format {old.get('config_format', 1)}) lists the settings differently, so "
+                            "this version cannot check that the command matches the run. Finish the run with the "
+                            "version that started it, or pass --overwrite to start again.")
         if changed:
             lines = "".join(f"\n  {k}: {json.dumps(old.get(k))} in the run, {json.dumps(new.get(k))} now" for k in changed)
             raise UserError(f"--resume: '{self.path}' was started with other settings:{lines}\nResume continues a "

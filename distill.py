@@ -307,7 +307,8 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     best=<best.pt path>, ...); best.pt is the student with the best val top-1 (never the test split),
     loadable by load_classifier here (and by checkpoints.load_classifier once it knows dense layers)."""
     s, dense_layers = resolve_settings(cfg)
-    dev = train.select_device(cfg.device)
+    rt = train.runtime(cfg.device, cfg.precision)
+    dev = rt.device
     train.seed_everything(cfg.seed)
     image_size, task, teacher_model, teacher_ckpt, images, known = load_data(cfg, s["batch_size"], dev, task)
     cifar_stem = image_size <= 64 if cfg.cifar_stem is None else cfg.cifar_stem
@@ -340,7 +341,7 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
                   augmentation=augmentation.describe() if augmentation else "none", pretrain_augmentation=recorded,
                   extra_unlabeled=cfg.extra_unlabeled,
                   distillation_images=len(images), known_labels=int((known >= 0).sum()), preset=cfg.preset, **s,
-                  seed=cfg.seed, device=str(dev), precision=train.resolve_precision(cfg.precision, dev),
+                  seed=cfg.seed, device=str(dev), precision=rt.precision,
                   image_size=image_size)
     run.start(config)
     print(f"distill: teacher {cfg.teacher} -> {cfg.student} (width {cfg.width}, {cfg.mode}) on {len(images)} images of {task.name}, "
@@ -351,16 +352,14 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     table = None
     if effective_soft == "precomputed":
         with torch.inference_mode():
-            table = train.extract_features(teacher_model, images, dev, size=image_size, desc="teacher soft labels",
-                                           precision=cfg.precision)
+            table = train.extract_features(teacher_model, images, rt, size=image_size, desc="teacher soft labels")
         table = table.clone()  # a normal tensor, usable in autograd-recorded code
     frozen_state = ({k: v.clone() for k, v in model.encoder.state_dict().items()} if cfg.mode == "frozen" else None)
     base_features = val_features = None
     if cached:
         model.eval()
-        base_features = train.extract_features(model.base, images, dev, size=image_size, desc="base features",
-                                               precision=cfg.precision)
-        val_features = train.extract_features(model.base, task.val, dev, size=image_size, precision=cfg.precision)
+        base_features = train.extract_features(model.base, images, rt, size=image_size, desc="base features")
+        val_features = train.extract_features(model.base, task.val, rt, size=image_size)
     known_t = torch.as_tensor(known, device=dev) if cfg.alpha < 1.0 else None
     # With cached base features only the dense layers run: nothing worth compiling.
     student = model if cached else train.compiled(model, train.resolve_compile(
@@ -374,34 +373,32 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
             model.eval()
             return dict(val_top1=train.accuracy_report(model.classify(val_features), task.val.labels,
                                                         task.classes)["top1"])
-        return dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size,
-                                                       precision=cfg.precision)["top1"])
+        return dict(val_top1=train.evaluate_classifier(model, task.val, rt, size=image_size)["top1"])
 
     loader = data.BatchLoader(images, s["batch_size"], dev, shuffle=True, drop_last=True, seed=cfg.seed)
     schedule = train.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
-                               weight_decay=s["weight_decay"], log_every=cfg.log_every, precision=cfg.precision)
+                               weight_decay=s["weight_decay"], log_every=cfg.log_every)
     meta = dict(kind="distill", arch=arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
                 **checkpoints.carried(student_record))
-    train.fit(model, loss_fn, loader, run, schedule, device=dev, seed=cfg.seed, meta=meta, evaluate=evaluate,
+    train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta, evaluate=evaluate,
                select="val_top1", desc=f"distill {cfg.mode} {cfg.student}")
     if frozen_state is not None:
         train.check_frozen(frozen_state, model.encoder)
 
-    return report(run, cfg, task, teacher_model, dev, image_size, config["augmentation"])
+    return report(run, cfg, task, teacher_model, rt, image_size, config["augmentation"])
 
 
 def report(run: checkpoints.RunFolder, cfg: DistillConfig, task: data.TaskData, teacher_model: nn.Module,
-           dev: torch.device, image_size: int, augmentation: str) -> dict:
+           rt: train.Runtime, image_size: int, augmentation: str) -> dict:
     """The best student (best.pt) and the teacher on val and test, and how often they agree;
     written to results.json and printed."""
     best, _ = checkpoints.load_classifier(run.path / "best.pt", task.num_classes)
-    best = best.to(dev)
+    best = best.to(rt.device)
     result = dict(task=task.name, mode=cfg.mode, student_arch=cfg.student, teacher_path=str(cfg.teacher),
                   augmentation=augmentation, best=str(run.path / "best.pt"), student={}, teacher={}, agreement={})
     for split_name, split in (("val", task.val), ("test", task.test)):
         for who, net in (("student", best), ("teacher", teacher_model)):
-            result[who][split_name] = train.evaluate_classifier(net, split, dev, size=image_size,
-                                                                precision=cfg.precision)
+            result[who][split_name] = train.evaluate_classifier(net, split, rt, size=image_size)
         result["agreement"][split_name] = agreement(result["student"][split_name].pop("predictions"),
                                                     result["teacher"][split_name].pop("predictions"))
     checkpoints.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")

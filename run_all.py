@@ -930,12 +930,11 @@ def encoder_check_stage(checkpoint: str, task_name: str, image_size: int, seed: 
     monitor of simclr.pretrain (bank: the task's train split, queries: its val split), beside a
     random encoder of the same architecture."""
     def run(folder: Path, resume: bool) -> dict:
-        dev = train.select_device(device)
+        rt = train.runtime(device, precision)
         model, ckpt = checkpoints.load_pretrained(checkpoint)
         sizes = dict(n_train=eval_images) if eval_images and task_name in data.EMBEDDED_TASKS else {}
         task = data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir, **sizes)
-        knn = lambda enc: simclr.knn_monitor(enc.to(dev), task.train, task.val, dev, knn_k, image_size,  # noqa: E731
-                                             precision)
+        knn = lambda enc: simclr.knn_monitor(enc.to(rt.device), task.train, task.val, rt, knn_k, image_size)  # noqa: E731
         result = dict(checkpoint=checkpoint, task=task_name, knn_top1=knn(model.encoder))
         result["knn_top1_random_encoder"] = knn(simclr.random_encoder(ckpt["arch"], seed))
         return result

@@ -139,8 +139,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     cfg = resolve_defaults(cfg)
     options.validate(cfg)
     train.check_batch_for_batch_norm(cfg.batch_size)
-    device = train.select_device(cfg.device)
-    precision = train.resolve_precision(cfg.precision, device)
+    rt = train.runtime(cfg.device, cfg.precision)
+    device, precision = rt.device, rt.precision
     distributed = train.init_distributed(device)
     run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite, is_main=distributed.is_main)
     train.seed_everything(cfg.seed)
@@ -173,7 +173,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     lr = train.scaled_lr(cfg.base_lr, global_batch, cfg.lr_scaling)
     schedule = train.Schedule(epochs=cfg.epochs, lr=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                         weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, log_every=cfg.log_every,
-                        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.knn_every, precision=precision)
+                        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.knn_every)
     config = dict(stage="pretrain", **asdict(cfg), effective_lr=lr, world_size=distributed.world_size,
                   device_resolved=str(device), precision_resolved=precision, images=len(pool), steps_per_epoch=len(loader),
                   augmentation=augmentation.describe(), torch=torch.__version__)
@@ -191,13 +191,12 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
                           cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
                           **eval_size) if cfg.eval_data and distributed.is_main else None
     encoder = train.unwrap(model).encoder
-    knn = lambda enc: knn_monitor(enc, task.train, task.val, device, cfg.knn_k, cfg.image_size,  # noqa: E731
-                                  precision)
+    knn = lambda enc: knn_monitor(enc, task.train, task.val, rt, cfg.knn_k, cfg.image_size)  # noqa: E731
     evaluate = (lambda: dict(knn_top1=knn(encoder))) if task else None
     loss_fn = contrastive_loss_fn(train_model, augmentation, cfg.temperature, distributed)
     meta = dict(kind="pretrain", arch=arch, config=json.dumps(config), image_size=cfg.image_size,
                 mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
-    history = train.fit(model, loss_fn, loader, run, schedule, device=device, seed=cfg.seed, meta=meta,
+    history = train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta,
                   evaluate=evaluate, distributed=distributed, desc="pretrain")
     summary = dict(checkpoint=str(run.checkpoint), history=history)
     if cfg.release and distributed.is_main:
@@ -245,16 +244,16 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Ten
 
 
 def knn_monitor(encoder: nn.Module, bank: data.ImageSet | Sequence[data.ImageSet], queries: data.ImageSet,
-                device: torch.device, k: int = 200, size: int | None = None, precision: str = "auto") -> float:
+                rt: train.Runtime, k: int = 200, size: int | None = None) -> float:
     """kNN accuracy of `encoder`'s features: the bank images (one set, or several whose features are
     joined) vote for the query images (pretraining's monitor: train votes for val)."""
     bank = [bank] if isinstance(bank, data.ImageSet) else list(bank)
     was_training = encoder.training
     encoder.eval()
     features = lambda sets: torch.cat([train.extract_features(  # noqa: E731
-        encoder, s, device, size=size, precision=precision) for s in sets])
+        encoder, s, rt, size=size) for s in sets])
     labels = lambda sets: torch.as_tensor(np.concatenate([np.asarray(s.labels) for s in sets]),  # noqa: E731
-                                          device=device, dtype=torch.long)
+                                          device=rt.device, dtype=torch.long)
     accuracy = knn_accuracy(features(bank), labels(bank), features([queries]), labels([queries]),
                             len(queries.classes), k=k)
     encoder.train(was_training)
@@ -298,7 +297,8 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
     """Linear evaluation (SimCLR v1 section 4): frozen encoder, features of the un-augmented train,
     val and test images computed once, a linear layer trained on them; top-1/top-5 on val and test."""
     options.validate(cfg)
-    dev = train.select_device(cfg.device)
+    rt = train.runtime(cfg.device, cfg.precision)
+    dev = rt.device
     run = checkpoints.RunFolder.redo(out, "linear-eval", resume, overwrite) if out is not None else None  # before any work
     train.seed_everything(cfg.seed)
     model, ckpt = checkpoints.load_pretrained(cfg.checkpoint)
@@ -307,8 +307,8 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
                           n_test=cfg.test_images)
     classifier = models.Classifier(model.encoder, model.head, cfg.head_layer, task.num_classes, ckpt["mean"],
                                    ckpt["std"]).to(dev)
-    reports = train.linear_probe(classifier, task, dev, ckpt["image_size"], epochs=cfg.epochs,
-                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, precision=cfg.precision)
+    reports = train.linear_probe(classifier, task, rt, ckpt["image_size"], epochs=cfg.epochs,
+                                 batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     result = dict(task=task.name, checkpoint=str(cfg.checkpoint), head_layer=cfg.head_layer, **reports)
     print(f"linear eval on {task.name}: val top-1 {result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}",
           file=sys.stderr)
@@ -316,7 +316,7 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
         run.write_config(dict(stage="linear-eval", checkpoint=str(cfg.checkpoint), task=cfg.data, epochs=cfg.epochs,
                               lr=cfg.lr, batch_size=cfg.batch_size, head_layer=cfg.head_layer, seed=cfg.seed,
                               train_images=len(task.train), test_images=len(task.test),
-                              precision=train.resolve_precision(cfg.precision, dev)))
+                              precision=rt.precision))
         arch = checkpoints.classifier_arch(ckpt["arch"], cfg.head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
         run.save(dict(kind="linear-eval", format=checkpoints.CHECKPOINT_FORMAT, arch=arch, model=classifier.state_dict(),
                       classes=task.classes, image_size=ckpt["image_size"],
@@ -339,13 +339,13 @@ def knn_eval(cfg: KnnConfig) -> dict:
     as the bank, or on val with train as the bank; beside random_encoder(arch, seed)'s score, which
     is pretrain's reference when --seed is the pretraining seed."""
     options.validate(cfg)
-    dev = train.select_device(cfg.device)
+    rt = train.runtime(cfg.device, cfg.precision)
     model, ckpt = checkpoints.load_pretrained(cfg.checkpoint)
     size = int(ckpt["image_size"])
     task = data.load_task(cfg.data, image_size=size, root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad, n_train=cfg.train_images, n_test=cfg.test_images)
     bank_sets, queries = ([task.train, task.val], task.test) if cfg.split == "test" else ([task.train], task.val)
-    scores = {name: knn_monitor(encoder.to(dev), bank_sets, queries, dev, cfg.k, size, cfg.precision)
+    scores = {name: knn_monitor(encoder.to(rt.device), bank_sets, queries, rt, cfg.k, size)
               for name, encoder in (("knn_top1", model.encoder),
                                     ("knn_top1_random_encoder", random_encoder(ckpt["arch"], cfg.seed)))}
     n_bank = sum(len(s) for s in bank_sets)
@@ -407,7 +407,8 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     for that model only. Returns val/test reports and the best.pt path (a distillation teacher)."""
     options.validate(cfg)
     train.check_batch_for_batch_norm(cfg.batch_size)
-    dev = train.select_device(cfg.device)
+    rt = train.runtime(cfg.device, cfg.precision)
+    dev = rt.device
     train.seed_everything(cfg.seed)
     if cfg.checkpoint is not None:
         pretrained, ckpt = checkpoints.load_pretrained(cfg.checkpoint)
@@ -451,25 +452,24 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
                   pretrain_augmentation=recorded,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                   momentum=cfg.momentum, seed=cfg.seed, data_seed=cfg.data_seed, device=str(dev),
-                  precision=train.resolve_precision(cfg.precision, dev))
+                  precision=rt.precision)
     run.start(config)
     loader = data.BatchLoader(labeled, cfg.batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
     schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay, log_every=cfg.log_every, precision=cfg.precision)
-    evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, dev, size=image_size,  # noqa: E731
-                                                                precision=cfg.precision)["top1"])
+                              weight_decay=cfg.weight_decay, log_every=cfg.log_every)
+    evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, rt, size=image_size)["top1"])  # noqa: E731
     # A network trained from scratch was not pretrained: it carries no record on.
     meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
                 **checkpoints.carried(None if scratch else recorded))
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, dev, cfg.epochs * len(loader) * cfg.batch_size))
-    train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, device=dev,
+    train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, rt,
               seed=cfg.seed, meta=meta, evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")
     best, _ = checkpoints.load_classifier(run.path / "best.pt", task.num_classes)
     best = best.to(dev)
     result = dict(task=task.name, fraction=cfg.fraction, head_layer=cfg.head_layer,
                   augmentation=augmentation.describe(),
                   best=str(run.path / "best.pt"),
-                  **{name: train.evaluate_classifier(best, split, dev, size=image_size, precision=cfg.precision)
+                  **{name: train.evaluate_classifier(best, split, rt, size=image_size)
                      for name, split in (("val", task.val), ("test", task.test))})
     for split in ("val", "test"):
         result[split].pop("predictions")

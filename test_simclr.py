@@ -2094,7 +2094,7 @@ def test_fit_trains_logs_evaluates_and_keeps_the_best(tmp_path):
 
     run = checkpoints.RunFolder(tmp_path / "toy")
     schedule = train.Schedule(epochs=6, lr=0.5, optimizer="sgd", log_every=2)
-    history = train.fit(model, loss_fn, loader, run, schedule, device=torch.device("cpu"), evaluate=evaluate,
+    history = train.fit(model, loss_fn, loader, run, schedule, train.Runtime(CPU), evaluate=evaluate,
                         select="acc", meta=dict(kind="toy"))
     log = [json.loads(line) for line in (tmp_path / "toy" / "log.jsonl").read_text().splitlines()]
     losses_logged = [r["loss"] for r in log if "loss" in r]
@@ -2459,7 +2459,7 @@ def relabelled(task: data.TaskData, teacher) -> data.TaskData:
     """The task with the teacher's predictions as labels, so that val selection of the student
     (on 'ground truth') selects the epoch that agrees best with the teacher."""
     def split(s):
-        pred = train.evaluate_classifier(teacher, s, CPU)["predictions"]
+        pred = train.evaluate_classifier(teacher, s, train.Runtime(CPU))["predictions"]
         return data.ImageSet(s.images, np.asarray(pred, dtype=np.int64), s.classes)
     return data.TaskData(task.name, split(task.train), split(task.val), split(task.test), task.classes)
 
@@ -2710,7 +2710,7 @@ def test_linear_probe_beats_chance(world, tmp_path):
     assert set(res["test"]["per_class"]) == {"r", "g", "b"} and "top5" not in res["test"]
     model, meta = checkpoints.load_classifier(res["best"], 3)
     assert meta["kind"] == "transfer" and meta["arch"]["mean"] == [0.0, 0.0, 0.0]
-    again = train.evaluate_classifier(model, task.test, CPU)
+    again = train.evaluate_classifier(model, task.test, train.Runtime(CPU))
     assert again["top1"] == pytest.approx(res["test"]["top1"])
 
 
@@ -2999,8 +2999,8 @@ def test_released_resnet_probe_beats_a_random_encoder():
             torch.manual_seed(0)
             pre = checkpoints.build_simclr_model(ckpt["arch"])
         model = models.Classifier(pre.encoder, pre.head, 0, 5, ckpt["mean"], ckpt["std"])
-        scores[name] = train.linear_probe(model, task, torch.device("cpu"), 32, epochs=30, batch_size=256, lr=0.1,
-                                          precision="fp32")["val"]["top1"]
+        scores[name] = train.linear_probe(model, task, train.Runtime(CPU, "fp32"), 32, epochs=30, batch_size=256,
+                                          lr=0.1)["val"]["top1"]
     assert scores["released"] >= scores["random"] + 0.15, scores
 
 
@@ -3940,7 +3940,7 @@ def _toy_fit(folder: Path, resume: bool = False, on_step=None, on_evaluate=None)
     run = checkpoints.RunFolder(folder, resume=resume)
     schedule = train.Schedule(epochs=3, lr=0.5, optimizer="sgd", log_every=2)
     history = train.fit(model, loss_fn, data.BatchLoader(images, 16, "cpu", seed=0), run, schedule,
-                        device=torch.device("cpu"), evaluate=evaluate, select="acc", meta=dict(kind="toy"))
+                        train.Runtime(CPU), evaluate=evaluate, select="acc", meta=dict(kind="toy"))
     return history, model, calls
 
 

@@ -149,6 +149,23 @@ def autocast(device: torch.device, precision: str = "auto") -> contextlib.Abstra
     return contextlib.nullcontext()
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """Where a run computes and in which precision, resolved once when it starts (`runtime`) and
+    handed to everything that runs a network: the training loop, evaluation, the probes."""
+    device: torch.device
+    precision: str = "fp32"  # resolved: 'fp32' or 'bf16'
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.precision)
+
+
+def runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+    """The Runtime of the --device and --precision options: select_device, then resolve_precision."""
+    chosen = select_device(device)
+    return Runtime(chosen, resolve_precision(precision, chosen))
+
+
 COMPILE_CHOICES = ("auto", "on", "off")
 # torch.compile pays back its cost (30-60 s on 2 CPU cores per network and batch shape, then shared by
 # every later run of that network in the process) after about this many training images at ~1.4x
@@ -243,7 +260,6 @@ class Schedule:
     log_every: int = 20          # steps between host syncs (loss read, non-finite check, progress bar)
     checkpoint_every: int = 0    # steps between checkpoints (0: at the end of each epoch only)
     eval_every: int = 1          # epochs between evaluate() calls
-    precision: str = "auto"      # 'auto', 'fp32' or 'bf16' autocast for the forward pass (resolve_precision)
 
 
 class NonFiniteLoss(UserError):
@@ -357,8 +373,7 @@ def _restore(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor],
-        loader: Batches, run: RunFolder, schedule: Schedule, *, device: torch.device,
-        seed: int = 0, meta: dict | None = None, evaluate: Callable[[], dict] | None = None,
+        loader: Batches, run: RunFolder, schedule: Schedule, rt: Runtime, *, seed: int = 0, meta: dict | None = None, evaluate: Callable[[], dict] | None = None,
         select: str | None = None, optimizer: torch.optim.Optimizer | None = None,
         distributed: Distributed = Distributed(), desc: str = "train") -> list[dict]:
     """Train `model` by minimising loss_fn(x_uint8, y, generator) over `loader` for schedule.epochs.
@@ -379,7 +394,7 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
     steps_per_epoch = len(loader)
     total_steps = schedule.epochs * steps_per_epoch
     warmup_steps = round(schedule.warmup_epochs * steps_per_epoch)
-    generator = torch.Generator(device=device)
+    generator = torch.Generator(device=rt.device)
     generator.manual_seed(seed * 1000 + distributed.rank)
     step, history, best = _restore(run, base, optimizer, generator) if run.resuming else (0, [], None)
     if run.resuming and distributed.is_main:
@@ -409,7 +424,7 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
                     lr = learning_rate(step, total_steps, warmup_steps, schedule.lr)
                     for g in optimizer.param_groups:
                         g["lr"] = lr
-                    with autocast(device, schedule.precision):
+                    with rt.autocast():
                         loss = loss_fn(x, y, generator)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -511,25 +526,24 @@ def to_float(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], images: Images, device: torch.device,
-                     batch_size: int = 512, size: int | None = None, desc: str | None = None,
-                     precision: str = "auto") -> torch.Tensor:
-    """Apply fn (e.g. an encoder in eval mode) to every image, un-augmented: (N, D) float32 on device."""
-    loader = images.batches(min(batch_size, len(images)), device)
+def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], images: Images, rt: Runtime,
+                     batch_size: int = 512, size: int | None = None, desc: str | None = None) -> torch.Tensor:
+    """Apply fn (e.g. an encoder in eval mode) to every image, un-augmented: (N, D) float32 on the device."""
+    loader = images.batches(min(batch_size, len(images)), rt.device)
     out = []
     for x, _ in tqdm(loader.epoch(0), total=len(loader), desc=desc, disable=desc is None, leave=False):
-        with autocast(device, precision):
+        with rt.autocast():
             out.append(fn(to_float(x, size)).float())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, images: Images, device: torch.device, batch_size: int = 512,
-                        size: int | None = None, precision: str = "auto") -> dict:
+def evaluate_classifier(model: nn.Module, images: Images, rt: Runtime, batch_size: int = 512,
+                        size: int | None = None) -> dict:
     """top1, top5 (when more than 5 classes), per-class accuracy and predictions on un-augmented images."""
     was_training = model.training
     model.eval()
-    logits = extract_features(model, images, device, batch_size, size, precision=precision)
+    logits = extract_features(model, images, rt, batch_size, size)
     model.train(was_training)
     return accuracy_report(logits, images.labels, images.classes)
 
@@ -605,18 +619,17 @@ def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
     return folded
 
 
-def linear_probe(model: models.Classifier, task: Task, device: torch.device, size: int, *, epochs: int,
-                 batch_size: int, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, seed: int = 0,
-                 precision: str = "auto") -> dict:
+def linear_probe(model: models.Classifier, task: Task, rt: Runtime, size: int, *, epochs: int,
+                 batch_size: int, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, seed: int = 0) -> dict:
     """SimCLR's linear evaluation protocol (v1 section 4) on a frozen `model`: features of the
     un-augmented train, val and test images, computed once by model.base; a linear layer trained on
     them (train_linear) becomes model.fc. Returns {'val': report, 'test': report} (accuracy_report
     without predictions); fails loudly if the encoder moved."""
     model.eval()
     frozen = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-    feats = {name: extract_features(model.base, split, device, size=size, desc=f"features {name}", precision=precision)
+    feats = {name: extract_features(model.base, split, rt, size=size, desc=f"features {name}")
              for name, split in (("train", task.train), ("val", task.val), ("test", task.test))}
-    labels = torch.as_tensor(np.asarray(task.train.labels), device=device, dtype=torch.long)
+    labels = torch.as_tensor(np.asarray(task.train.labels), device=rt.device, dtype=torch.long)
     model.fc = train_linear(feats["train"], labels, task.num_classes, epochs, batch_size, lr,
                             weight_decay=weight_decay, seed=seed, momentum=momentum)
     check_frozen(frozen, model.encoder)

@@ -134,13 +134,13 @@ class AugmentedFeatures:
     CHUNK = 256  # views per forward pass of the base
 
     def __init__(self, model: models.Classifier, images: data.ImageSet, view: Callable, batch_size: int,
-                 device: torch.device, seed: int, precision: str, varies: bool, shared: dict | None = None,
+                 rt: train.Runtime, seed: int, varies: bool, shared: dict | None = None,
                  shared_bytes: int = 2**30, compile: bool = False):
         self.model, self.images, self.view, self.batch_size = model, images, view, batch_size
         self.base = train.compiled(model.base, compile)
-        self.device, self.seed, self.precision, self.varies = device, seed, precision, varies
-        self.order = data.BatchLoader(images, batch_size, device, shuffle=True, drop_last=True, seed=seed)
-        self.labels = torch.as_tensor(np.asarray(images.labels), dtype=torch.long, device=device)
+        self.rt, self.seed, self.varies = rt, seed, varies
+        self.order = data.BatchLoader(images, batch_size, rt.device, shuffle=True, drop_last=True, seed=seed)
+        self.labels = torch.as_tensor(np.asarray(images.labels), dtype=torch.long, device=rt.device)
         self.shared = {} if shared is None else shared
         self.shared_bytes = shared_bytes
         # Features shared by a run with other views (another seed or augmentation) are not these.
@@ -157,10 +157,10 @@ class AugmentedFeatures:
         view_epoch = epoch if self.varies else 0  # without augmentation every epoch sees the same images
         key = (self.views_of, view_epoch)
         if key not in self.shared:
-            g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + view_epoch)
+            g = torch.Generator(device=self.rt.device).manual_seed(self.seed * 1_000_003 + view_epoch)
             out = []
-            with train.autocast(self.device, self.precision):
-                for x, _ in self.images.batches(self.CHUNK, self.device).epoch(0):
+            with self.rt.autocast():
+                for x, _ in self.images.batches(self.CHUNK, self.rt.device).epoch(0):
                     views = self.view(x, g)
                     # A short last chunk is padded, so that a compiled base sees one batch shape.
                     padded = F.pad(views, (0, 0, 0, 0, 0, 0, 0, self.CHUNK - len(views)))
@@ -173,7 +173,7 @@ class AugmentedFeatures:
 
     def epoch(self, e: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         features = self.features(e)
-        order = torch.from_numpy(self.order.indices(e)).to(self.device)
+        order = torch.from_numpy(self.order.indices(e)).to(self.rt.device)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield features[idx], self.labels[idx]
@@ -217,7 +217,8 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     top5 (more than 5 classes) and per_class, best=<best.pt>, ...); best.pt is a classifier checkpoint
     (checkpoints.load_classifier) chosen by val top-1 in the trained modes (linear-cached keeps the last)."""
     cfg = resolve_settings(cfg)
-    dev = train.select_device(cfg.device)
+    rt = train.runtime(cfg.device, cfg.precision)
+    dev = rt.device
     train.seed_everything(cfg.seed)
     enc = checkpoints.load_encoder(cfg.source, arch=cfg.arch, width=cfg.width, cifar_stem=cfg.cifar_stem,
                              normalize=cfg.normalize,
@@ -248,7 +249,7 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
                   pretrain_augmentation=enc.augmentation,
                   epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                   image_size=image_size, seed=cfg.seed, device=str(dev),
-                  precision=train.resolve_precision(cfg.precision, dev))
+                  precision=rt.precision)
     run.start(config)
     print(f"transfer: {enc.arch['encoder']} (width {enc.arch['width']}, {enc.kind} '{cfg.source}', mean {enc.mean}, "
           f"std {enc.std}) -> {task.name} ({task.num_classes} classes, {len(task.train)} train images at "
@@ -258,20 +259,19 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
                 **checkpoints.carried(enc.augmentation))
 
     if cfg.mode == "linear-cached":
-        reports = train.linear_probe(model, task, dev, image_size, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                     lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, seed=cfg.seed,
-                                     precision=cfg.precision)
+        reports = train.linear_probe(model, task, rt, image_size, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                     lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, seed=cfg.seed)
         run.save(dict(meta, format=checkpoints.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
     else:
         view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, image_size))
         schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, log_every=cfg.log_every, precision=cfg.precision)
+                                   weight_decay=cfg.weight_decay, log_every=cfg.log_every)
         if cfg.mode == "linear-aug":
-            loader = AugmentedFeatures(model, task.train, view, cfg.batch_size, dev, cfg.seed, cfg.precision,
+            loader = AugmentedFeatures(model, task.train, view, cfg.batch_size, rt, cfg.seed,
                                        varies=augmentation is not None, shared=shared_features,
                                        compile=train.resolve_compile(cfg.compile, dev, cfg.epochs * len(task.train)))
             loss_fn = lambda h, y, g: F.cross_entropy(model.classify(h).float(), y)  # noqa: E731
-            val = train.extract_features(model.base, task.val, dev, size=image_size, precision=cfg.precision)
+            val = train.extract_features(model.base, task.val, rt, size=image_size)
             evaluate = torch.no_grad()(lambda: dict(val_top1=train.accuracy_report(
                 model.classify(val), task.val.labels, task.classes)["top1"]))
         else:
@@ -280,12 +280,12 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
                                                                      cfg.epochs * len(loader) * cfg.batch_size))
             loss_fn = train.supervised_loss_fn(step_model, view)
             evaluate = lambda: dict(val_top1=train.evaluate_classifier(  # noqa: E731
-                model, task.val, dev, size=image_size, precision=cfg.precision)["top1"])
-        train.fit(model, loss_fn, loader, run, schedule, device=dev, seed=cfg.seed, meta=meta, evaluate=evaluate,
+                model, task.val, rt, size=image_size)["top1"])
+        train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta, evaluate=evaluate,
                   select="val_top1", desc=f"transfer {cfg.mode} {task.name}")
         best, _ = checkpoints.load_classifier(run.path / "best.pt", task.num_classes)
         best = best.to(dev)
-        reports = {name: train.evaluate_classifier(best, split, dev, size=image_size, precision=cfg.precision)
+        reports = {name: train.evaluate_classifier(best, split, rt, size=image_size)
                    for name, split in (("val", task.val), ("test", task.test))}
         for r in reports.values():
             r.pop("predictions")
@@ -329,7 +329,8 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
     if what == "predictions" and enc.classifier is None:
         raise UserError(f"--what predictions needs a classifier checkpoint (best.pt of a finetune, distill or "
                         f"transfer run); '{source}' is a {enc.kind} encoder. Use --what features.")
-    dev = train.select_device(device)
+    rt = train.runtime(device)
+    dev = rt.device
     image_size = image_size or enc.image_size
     train.check_input_size(enc.arch["encoder"], image_size)
     pixels, files = data.load_folder_images(images, image_size, cache_dir=cache_dir, skip_bad=skip_bad)
@@ -341,7 +342,7 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
         net, _ = checkpoints.classifier_for(enc, 1)  # the fc is never used: features only
         net = net.to(dev).eval()
         fn = net.base
-    values = train.extract_features(fn, folder, dev, batch_size, size=image_size, desc="extract").cpu().numpy()
+    values = train.extract_features(fn, folder, rt, batch_size, size=image_size, desc="extract").cpu().numpy()
     record = dict(source=str(source), images=str(images), what=what, shape=list(values.shape), image_size=image_size,
                   mean=enc.mean, std=enc.std, files=list(files))
     if what == "predictions":
