@@ -140,74 +140,105 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     options.validate(cfg)
     train.check_batch_for_batch_norm(cfg.batch_size)
     rt = train.runtime(cfg.device, cfg.precision)
-    device, precision = rt.device, rt.precision
-    distributed = train.init_distributed(device)
+    distributed = train.init_distributed(rt.device)
     run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite, is_main=distributed.is_main)
     train.seed_everything(cfg.seed)
+    loader = pretraining_batches(cfg, rt, distributed)
+    arch = dict(encoder=cfg.model, width=cfg.width, cifar_stem=cfg.cifar_stem, head_layers=cfg.head_layers,
+                head_hidden=cfg.head_hidden, out_dim=cfg.out_dim)
+    model = simclr_model(arch, rt, distributed)
+    augmentation = augment.SimCLRAugment(cfg.image_size, crop=True, flip=True, color=True, blur=cfg.blur,
+                                         strength=cfg.strength, scale=(cfg.crop_min_scale, 1.0))
+    images_seen = cfg.epochs * len(loader) * cfg.batch_size
+    step_model = train.compiled(model, train.resolve_compile(cfg.compile, rt.device, images_seen))
+    loss_fn = contrastive_loss_fn(step_model, augmentation, cfg.temperature, distributed)
+    lr = train.scaled_lr(cfg.base_lr, cfg.batch_size, cfg.lr_scaling)
+    schedule = train.Schedule(epochs=cfg.epochs, lr=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
+                              log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
+                              eval_every=cfg.knn_every)
+    config = dict(stage="pretrain", **asdict(cfg), effective_lr=lr, world_size=distributed.world_size,
+                  device_resolved=str(rt.device), precision_resolved=rt.precision, images=len(loader.images),
+                  steps_per_epoch=len(loader), augmentation=augmentation.describe(), torch=torch.__version__)
+    run.start(config)
+    if distributed.is_main:
+        _announce_pretraining(cfg, rt, distributed, lr, augmentation, loader)
+    knn = knn_check(cfg, rt) if distributed.is_main else None
+    encoder = train.unwrap(model).encoder
+    meta = dict(kind="pretrain", arch=arch, config=json.dumps(config, default=str), image_size=cfg.image_size,
+                mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    history = train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta,
+                        evaluate=(lambda: dict(knn_top1=knn(encoder))) if knn else None,
+                        distributed=distributed, desc="pretrain")
+    summary = dict(checkpoint=str(run.checkpoint), history=history)
+    if cfg.release and distributed.is_main:
+        summary["released"] = release_encoder(run, cfg.release)
+    if knn is not None:
+        _knn_summary(summary, knn, encoder, arch, cfg, rt, run)
+    return summary
+
+
+def pretraining_batches(cfg: PretrainConfig, rt: train.Runtime, distributed: train.Distributed) -> data.BatchLoader:
+    """The unlabeled images, in this process's share of each global batch of cfg.batch_size."""
     # A separate data seed lets runs with different training seeds share one pool (run_all.py's student bases).
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     pool = data.load_unlabeled(cfg.data, image_size=cfg.image_size, n=cfg.n_images, root=cfg.root,
                                seed=data_seed, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
-    global_batch = cfg.batch_size
-    if global_batch % distributed.world_size:
-        raise UserError(f"--batch-size {global_batch} must divide evenly among {distributed.world_size} processes.")
-    if global_batch > len(pool):
-        raise UserError(f"--batch-size {global_batch} is larger than the dataset '{cfg.data}' "
+    if cfg.batch_size % distributed.world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} must divide evenly among {distributed.world_size} processes.")
+    if cfg.batch_size > len(pool):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the dataset '{cfg.data}' "
                         f"({len(pool)} images). Use a batch of at most {len(pool)}.")
-    loader = data.BatchLoader(pool, global_batch // distributed.world_size, device, shuffle=True, drop_last=True,
-                              seed=cfg.seed, rank=distributed.rank, world_size=distributed.world_size)
-    arch = dict(encoder=cfg.model, width=cfg.width, cifar_stem=cfg.cifar_stem, head_layers=cfg.head_layers,
-                head_hidden=cfg.head_hidden, out_dim=cfg.out_dim)
-    model = checkpoints.build_simclr_model(arch).to(device)
-    if device.type == "cuda":
+    return data.BatchLoader(pool, cfg.batch_size // distributed.world_size, rt.device, shuffle=True, drop_last=True,
+                            seed=cfg.seed, rank=distributed.rank, world_size=distributed.world_size)
+
+
+def simclr_model(arch: dict, rt: train.Runtime, distributed: train.Distributed) -> nn.Module:
+    """Encoder + projection head on the device; across processes, with SimCLR's global batch norm."""
+    model = checkpoints.build_simclr_model(arch).to(rt.device)
+    if rt.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if distributed.world_size > 1:
-        if device.type == "cuda":
+        if rt.device.type == "cuda":
             # SimCLR's global BN: statistics over all ranks' views, so no rank can find the positive
             # from batch-local statistics (v1 section 2.3).
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = train.compiled(model, train.resolve_compile(cfg.compile, device, cfg.epochs * len(loader) * global_batch))
-    augmentation = augment.SimCLRAugment(cfg.image_size, crop=True, flip=True, color=True, blur=cfg.blur,
-                                         strength=cfg.strength, scale=(cfg.crop_min_scale, 1.0))
-    lr = train.scaled_lr(cfg.base_lr, global_batch, cfg.lr_scaling)
-    schedule = train.Schedule(epochs=cfg.epochs, lr=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs, log_every=cfg.log_every,
-                        checkpoint_every=cfg.checkpoint_every, eval_every=cfg.knn_every)
-    config = dict(stage="pretrain", **asdict(cfg), effective_lr=lr, world_size=distributed.world_size,
-                  device_resolved=str(device), precision_resolved=precision, images=len(pool), steps_per_epoch=len(loader),
-                  augmentation=augmentation.describe(), torch=torch.__version__)
-    run.start(config)
-    if distributed.is_main:
-        print(f"pretrain: {cfg.model} (width {cfg.width}, {'CIFAR' if cfg.cifar_stem else 'ImageNet'} stem, "
-              f"{cfg.head_layers}-layer head) on {len(pool)} images of {cfg.image_size}px, device {device}, "
-              f"{precision}, world {distributed.world_size}; {cfg.optimizer} lr {lr:.4g} (= {cfg.base_lr} x {global_batch}/256), "
-              f"wd {cfg.weight_decay}, warm-up {cfg.warmup_epochs} epochs, T {cfg.temperature}, "
-              f"augment {augmentation.describe()}, {cfg.epochs} epochs x {len(loader)} steps", file=sys.stderr)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda"
+                                                    else None)
+    return model
+
+
+def _announce_pretraining(cfg: PretrainConfig, rt: train.Runtime, distributed: train.Distributed, lr: float,
+                          augmentation: augment.SimCLRAugment, loader: data.BatchLoader) -> None:
+    print(f"pretrain: {cfg.model} (width {cfg.width}, {'CIFAR' if cfg.cifar_stem else 'ImageNet'} stem, "
+          f"{cfg.head_layers}-layer head) on {len(loader.images)} images of {cfg.image_size}px, device {rt.device}, "
+          f"{rt.precision}, world {distributed.world_size}; {cfg.optimizer} lr {lr:.4g} (= {cfg.base_lr} x "
+          f"{cfg.batch_size}/256), wd {cfg.weight_decay}, warm-up {cfg.warmup_epochs} epochs, T {cfg.temperature}, "
+          f"augment {augmentation.describe()}, {cfg.epochs} epochs x {len(loader)} steps", file=sys.stderr)
+
+
+def knn_check(cfg: PretrainConfig, rt: train.Runtime) -> Callable[[nn.Module], float] | None:
+    """The kNN monitor of a pretraining run on cfg.eval_data (train votes for val), or None without one."""
+    if not cfg.eval_data:
+        return None
     # A generated task can be as large as wanted: a 100-image val split measures kNN accuracy to about
     # +-5 points, too coarse to tell a short pretraining from a random encoder.
     eval_size = dict(n_train=cfg.eval_images) if cfg.eval_images and cfg.eval_data in data.EMBEDDED_TASKS else {}
-    task = data.load_task(cfg.eval_data, image_size=cfg.image_size, root=cfg.root, seed=data_seed,
-                          cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad,
-                          **eval_size) if cfg.eval_data and distributed.is_main else None
-    encoder = train.unwrap(model).encoder
-    knn = lambda enc: knn_monitor(enc, task.train, task.val, rt, cfg.knn_k, cfg.image_size)  # noqa: E731
-    evaluate = (lambda: dict(knn_top1=knn(encoder))) if task else None
-    loss_fn = contrastive_loss_fn(train_model, augmentation, cfg.temperature, distributed)
-    meta = dict(kind="pretrain", arch=arch, config=json.dumps(config), image_size=cfg.image_size,
-                mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
-    history = train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta,
-                  evaluate=evaluate, distributed=distributed, desc="pretrain")
-    summary = dict(checkpoint=str(run.checkpoint), history=history)
-    if cfg.release and distributed.is_main:
-        summary["released"] = release_encoder(run, cfg.release)
-    if task is not None:
-        summary["knn_top1"] = history[-1]["knn_top1"] if history else knn(encoder)
-        summary["knn_top1_random_encoder"] = knn(random_encoder(arch, cfg.seed).to(device))
-        print(f"kNN (k={cfg.knn_k}) top-1 on {cfg.eval_data} val: pretrained {summary['knn_top1']:.4f}, "
-              f"random encoder {summary['knn_top1_random_encoder']:.4f}", file=sys.stderr)
-        checkpoints.atomic_write_text(json.dumps(summary, indent=2) + "\n", run.path / "summary.json")
-    return summary
+    task = data.load_task(cfg.eval_data, image_size=cfg.image_size, root=cfg.root,
+                          seed=cfg.seed if cfg.data_seed is None else cfg.data_seed, cache_dir=cfg.cache_dir,
+                          skip_bad=cfg.skip_bad, **eval_size)
+    return lambda encoder: knn_monitor(encoder, task.train, task.val, rt, cfg.knn_k, cfg.image_size)
+
+
+def _knn_summary(summary: dict, knn: Callable[[nn.Module], float], encoder: nn.Module, arch: dict,
+                 cfg: PretrainConfig, rt: train.Runtime, run: checkpoints.RunFolder) -> None:
+    """The final kNN accuracy beside a random encoder's, into summary (and summary.json)."""
+    history = summary["history"]
+    summary["knn_top1"] = history[-1]["knn_top1"] if history else knn(encoder)
+    summary["knn_top1_random_encoder"] = knn(random_encoder(arch, cfg.seed).to(rt.device))
+    print(f"kNN (k={cfg.knn_k}) top-1 on {cfg.eval_data} val: pretrained {summary['knn_top1']:.4f}, "
+          f"random encoder {summary['knn_top1_random_encoder']:.4f}", file=sys.stderr)
+    checkpoints.atomic_write_text(json.dumps(summary, indent=2) + "\n", run.path / "summary.json")
 
 
 def release_encoder(run: checkpoints.RunFolder, path: str | os.PathLike) -> str:
@@ -313,10 +344,9 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
     print(f"linear eval on {task.name}: val top-1 {result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}",
           file=sys.stderr)
     if run is not None:
-        run.write_config(dict(stage="linear-eval", checkpoint=str(cfg.checkpoint), task=cfg.data, epochs=cfg.epochs,
-                              lr=cfg.lr, batch_size=cfg.batch_size, head_layer=cfg.head_layer, seed=cfg.seed,
-                              train_images=len(task.train), test_images=len(task.test),
-                              precision=rt.precision))
+        run.write_config(dict(stage="linear-eval", **asdict(cfg), task=task.name, config_format=checkpoints.CONFIG_FORMAT,
+                              split_sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
+                              device_resolved=str(rt.device), precision_resolved=rt.precision))
         arch = checkpoints.classifier_arch(ckpt["arch"], cfg.head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
         run.save(dict(kind="linear-eval", format=checkpoints.CHECKPOINT_FORMAT, arch=arch, model=classifier.state_dict(),
                       classes=task.classes, image_size=ckpt["image_size"],
@@ -408,24 +438,75 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     options.validate(cfg)
     train.check_batch_for_batch_norm(cfg.batch_size)
     rt = train.runtime(cfg.device, cfg.precision)
-    dev = rt.device
     train.seed_everything(cfg.seed)
-    if cfg.checkpoint is not None:
-        pretrained, ckpt = checkpoints.load_pretrained(cfg.checkpoint)
-        arch, image_size, mean, std = ckpt["arch"], ckpt["image_size"], ckpt["mean"], ckpt["std"]
-        if cfg.from_scratch:
-            pretrained = checkpoints.build_simclr_model(arch)
-    else:
+    start = starting_point(cfg)
+    task, labeled = finetuning_data(cfg, start, task)
+    run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite)
+    model = models.Classifier(start.model.encoder, start.model.head, cfg.head_layer, task.num_classes, start.mean,
+                              start.std).to(rt.device)
+    if rt.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    augmentation = train.matched_views(start.recorded, start.image_size, crop=cfg.crop, flip=cfg.flip,
+                                       color=cfg.color, blur=cfg.blur, crop_min_scale=cfg.crop_min_scale,
+                                       strength=cfg.strength, source=cfg.checkpoint, stage="finetune")
+    config = dict(stage="finetune", **asdict(cfg), pretrained=not start.scratch, task=task.name,
+                  split_sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test), labeled=len(labeled)),
+                  augmentation=augmentation.describe(), pretrain_augmentation=start.recorded,
+                  device_resolved=str(rt.device), precision_resolved=rt.precision)
+    run.start(config)
+    loader = data.BatchLoader(labeled, cfg.batch_size, rt.device, shuffle=True, drop_last=True, seed=cfg.seed)
+    schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
+                              weight_decay=cfg.weight_decay, log_every=cfg.log_every)
+    evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, rt, size=start.image_size)["top1"])  # noqa: E731
+    # A network trained from scratch was not pretrained: it carries no record on.
+    meta = dict(kind="finetune", arch=checkpoints.classifier_arch(start.arch, cfg.head_layer, task.num_classes,
+                                                                  start.mean, start.std),
+                classes=task.classes, image_size=start.image_size, config=json.dumps(config, default=str),
+                **checkpoints.carried(None if start.scratch else start.recorded))
+    step_model = train.compiled(model, train.resolve_compile(cfg.compile, rt.device,
+                                                             cfg.epochs * len(loader) * cfg.batch_size))
+    train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, rt,
+              seed=cfg.seed, meta=meta, evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")
+    return _finetune_report(cfg, run, task, rt, start, augmentation)
+
+
+@dataclass
+class StartingPoint:
+    """What fine-tuning starts from: a pretrained SimCLR model, or the same network at random."""
+    model: models.SimCLRModel
+    arch: dict
+    image_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    recorded: dict | None   # the views the encoder was pretrained on (checkpoints.pretrain_augmentation)
+    scratch: bool
+
+
+def starting_point(cfg: FinetuneConfig) -> StartingPoint:
+    """cfg.checkpoint's pretrained model (or its architecture at random with --from-scratch), or, without
+    a checkpoint, cfg.arch at random (a supervised baseline)."""
+    if cfg.checkpoint is None:
         if cfg.arch is None:
             raise ValueError("finetune from scratch needs `arch`")
-        arch, image_size = cfg.arch, cfg.image_size
-        pretrained, mean, std = checkpoints.build_simclr_model(arch), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        return StartingPoint(checkpoints.build_simclr_model(cfg.arch), cfg.arch, cfg.image_size, (0.0, 0.0, 0.0),
+                             (1.0, 1.0, 1.0), None, True)
+    pretrained, ckpt = checkpoints.load_pretrained(cfg.checkpoint)
+    if cfg.from_scratch:
+        pretrained = checkpoints.build_simclr_model(ckpt["arch"])
+    return StartingPoint(pretrained, ckpt["arch"], ckpt["image_size"], ckpt["mean"], ckpt["std"],
+                         checkpoints.pretrain_augmentation(ckpt), cfg.from_scratch)
+
+
+def finetuning_data(cfg: FinetuneConfig, start: StartingPoint,
+                    task: data.TaskData | None) -> tuple[data.TaskData, data.ImageSet]:
+    """The task (its val split cut to --val-images) and its labeled training subset at cfg.fraction."""
     data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=data_seed,
+    task = task or data.load_task(cfg.data, image_size=start.image_size, root=cfg.root, seed=data_seed,
                                   cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad, n_train=cfg.train_images,
                                   n_test=cfg.test_images)
-    if cfg.head_layer > arch["head_layers"]:
-        raise UserError(f"--head-layer {cfg.head_layer} is deeper than the {arch['head_layers']}-layer projection head.")
+    if cfg.head_layer > start.arch["head_layers"]:
+        raise UserError(f"--head-layer {cfg.head_layer} is deeper than the {start.arch['head_layers']}-layer "
+                        "projection head.")
     if cfg.val_images is not None:
         if cfg.val_images < task.num_classes:
             raise UserError(f"--val-images {cfg.val_images} cannot hold one image of each of {task.name}'s "
@@ -435,46 +516,22 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     if cfg.batch_size > len(labeled):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(labeled)} labeled training images "
                         f"of '{task.name}' at fraction {cfg.fraction}. Use a batch of at most {len(labeled)}.")
-    run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite)
-    model = models.Classifier(pretrained.encoder, pretrained.head, cfg.head_layer, task.num_classes, mean, std).to(dev)
-    if dev.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    recorded = checkpoints.pretrain_augmentation(ckpt) if cfg.checkpoint is not None else None
-    augmentation = train.matched_views(recorded, image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color,
-                                       blur=cfg.blur, crop_min_scale=cfg.crop_min_scale, strength=cfg.strength,
-                                       source=cfg.checkpoint, stage="finetune")
-    cls_arch = checkpoints.classifier_arch(arch, cfg.head_layer, task.num_classes, mean, std)
-    scratch = cfg.from_scratch or cfg.checkpoint is None
-    config = dict(stage="finetune", checkpoint=str(cfg.checkpoint), from_scratch=scratch, task=task.name,
-                  train_images=len(task.train), val_images=len(task.val), test_images=len(task.test),
-                  fraction=cfg.fraction,
-                  labeled_images=len(labeled), head_layer=cfg.head_layer, augmentation=augmentation.describe(),
-                  pretrain_augmentation=recorded,
-                  epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
-                  momentum=cfg.momentum, seed=cfg.seed, data_seed=cfg.data_seed, device=str(dev),
-                  precision=rt.precision)
-    run.start(config)
-    loader = data.BatchLoader(labeled, cfg.batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
-    schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
-                              weight_decay=cfg.weight_decay, log_every=cfg.log_every)
-    evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, rt, size=image_size)["top1"])  # noqa: E731
-    # A network trained from scratch was not pretrained: it carries no record on.
-    meta = dict(kind="finetune", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
-                **checkpoints.carried(None if scratch else recorded))
-    step_model = train.compiled(model, train.resolve_compile(cfg.compile, dev, cfg.epochs * len(loader) * cfg.batch_size))
-    train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, rt,
-              seed=cfg.seed, meta=meta, evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")
+    return task, labeled
+
+
+def _finetune_report(cfg: FinetuneConfig, run: checkpoints.RunFolder, task: data.TaskData, rt: train.Runtime,
+                     start: StartingPoint, augmentation: augment.SimCLRAugment) -> dict:
+    """The best model (best.pt) on val and test: results.json, one printed line, the returned dict."""
     best, _ = checkpoints.load_classifier(run.path / "best.pt", task.num_classes)
-    best = best.to(dev)
+    best = best.to(rt.device)
     result = dict(task=task.name, fraction=cfg.fraction, head_layer=cfg.head_layer,
-                  augmentation=augmentation.describe(),
-                  best=str(run.path / "best.pt"),
-                  **{name: train.evaluate_classifier(best, split, rt, size=image_size)
+                  augmentation=augmentation.describe(), best=str(run.path / "best.pt"),
+                  **{name: train.evaluate_classifier(best, split, rt, size=start.image_size)
                      for name, split in (("val", task.val), ("test", task.test))})
     for split in ("val", "test"):
         result[split].pop("predictions")
     checkpoints.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
-    print(f"finetune {task.name} ({'from scratch, ' if scratch else ''}{cfg.fraction:.0%} labels, "
+    print(f"finetune {task.name} ({'from scratch, ' if start.scratch else ''}{cfg.fraction:.0%} labels, "
           f"{augmentation.describe()}): val top-1 "
           f"{result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}", file=sys.stderr)
     return result

@@ -3193,8 +3193,9 @@ def test_finetune_val_images_caps_the_split_that_picks_the_epoch(tmp_path):
     capped = simclr.finetune(simclr.FinetuneConfig(**common, val_images=15), tmp_path / "capped")
     whole = simclr.finetune(simclr.FinetuneConfig(**common), tmp_path / "whole")
     config = {k: json.loads((tmp_path / k / "config.json").read_text()) for k in ("capped", "whole")}
-    assert (config["whole"]["val_images"], config["capped"]["val_images"]) == (40, 15)
-    assert config["whole"]["train_images"] == config["capped"]["train_images"] == 360  # train is untouched
+    assert (config["whole"]["split_sizes"]["val"], config["capped"]["split_sizes"]["val"]) == (40, 15)
+    assert (config["whole"]["val_images"], config["capped"]["val_images"]) == (None, 15)  # the options as given
+    assert config["whole"]["split_sizes"]["train"] == config["capped"]["split_sizes"]["train"] == 360  # train is untouched
     assert sorted(capped["val"]["per_class"]) == sorted(whole["val"]["per_class"])  # every class kept
     assert simclr.main(["finetune", "--checkpoint", common["checkpoint"], "--val-images", "0", "--out", "x"]) == 2
     with pytest.raises(options.UserError, match="cannot hold one image of each of shapes5's 5 classes"):
@@ -3222,7 +3223,26 @@ def test_finetune_from_scratch_keeps_the_architecture_and_drops_the_weights(tmp_
         assert same is not scratch
         assert seen["encoder"].keys() == pretrained.keys()
         config = json.loads((tmp_path / f"ft{scratch}" / "config.json").read_text())
-        assert config["from_scratch"] is scratch and (config["train_images"], config["test_images"]) == (90, 20)
+        assert config["from_scratch"] is scratch and config["pretrained"] is not scratch
+        assert (config["split_sizes"]["train"], config["split_sizes"]["test"]) == (90, 20)
+
+
+def test_every_option_of_a_simclr_stage_is_in_its_config_json(tmp_path):
+    """config.json is the config dataclass written whole (plus derived values): an option added to a
+    config reaches config.json, and with it the resume check, without being listed anywhere."""
+    pre = tiny_pretrain_config(eval_data=None, epochs=1)
+    simclr.pretrain(pre, tmp_path / "pre")
+    ckpt = str(tmp_path / "pre" / "checkpoint.pt")
+    ft = simclr.FinetuneConfig(checkpoint=ckpt, epochs=1, batch_size=16, train_images=100, test_images=20,
+                               val_images=12, device="cpu", seed=3)
+    simclr.finetune(ft, tmp_path / "ft")
+    le = simclr.LinearEvalConfig(checkpoint=ckpt, epochs=2, train_images=100, test_images=20, device="cpu", lr=0.2)
+    simclr.linear_eval(le, tmp_path / "le")
+    for cfg, folder in ((simclr.resolve_defaults(pre), "pre"), (ft, "ft"), (le, "le")):
+        written = json.loads((tmp_path / folder / "config.json").read_text())
+        assert written["config_format"] == checkpoints.CONFIG_FORMAT
+        for f in dataclasses.fields(cfg):
+            assert written[f.name] == json.loads(json.dumps(getattr(cfg, f.name))), (folder, f.name)
 
 
 def test_pretrain_release_writes_a_small_checkpoint_with_the_same_bytes_each_time(tmp_path, monkeypatch):

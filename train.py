@@ -312,16 +312,22 @@ class _LossLog:
     interval. It stops the run on the first non-finite value (before any checkpoint could save
     weights that value touched), logs the mean and updates the progress bar."""
 
-    def __init__(self, run: RunFolder, bar: tqdm, total_steps: int, steps_per_epoch: int, images_per_step: int,
-                 optimizer: torch.optim.Optimizer, step: int):
-        self.run, self.bar, self.optimizer = run, bar, optimizer
+    def __init__(self, run: RunFolder, total_steps: int, steps_per_epoch: int, images_per_step: int,
+                 optimizer: torch.optim.Optimizer, step: int, log_every: int, desc: str, show: bool):
+        self.bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not show, leave=False, dynamic_ncols=True,
+                        mininterval=1.0)
+        self.run, self.optimizer, self.log_every = run, optimizer, log_every
         self.total_steps, self.steps_per_epoch, self.images_per_step = total_steps, steps_per_epoch, images_per_step
         self.buffer: list[torch.Tensor] = []
         self.last_good = run.checkpoint if run.checkpoint.exists() else None
         self.tick, self.tick_step = time.perf_counter(), step
 
-    def add(self, loss: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        """The loss of step `step` (counted from 1); every log_every steps, flush."""
         self.buffer.append(loss.detach())
+        self.bar.update(1)
+        if step % self.log_every == 0:
+            self.flush(step)
 
     def flush(self, step: int) -> None:
         if not self.buffer:
@@ -362,14 +368,30 @@ def _stop_signals(enabled: bool) -> Iterator[dict]:
             signal.signal(s, h)
 
 
-def _restore(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer,
-             generator: torch.Generator) -> tuple[int, list[dict], float | None]:
+def _restore(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
+             total_steps: int, show: bool) -> tuple[int, list[dict], float | None]:
     """Load run.checkpoint into model, optimiser and RNGs; returns (step, history, best metric)."""
     ckpt = load_checkpoint(run.checkpoint)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     _set_rng_state(generator, ckpt["rng"])
+    if show:
+        print(f"Resuming {run.path} at step {ckpt['step']} of {total_steps}.", file=sys.stderr)
     return ckpt["step"], json.loads(ckpt["history"]), ckpt.get("best")
+
+
+def _evaluate_epoch(evaluate: Callable[[], dict], model: nn.Module, log: _LossLog, history: list[dict],
+                    epoch: int, step: int, desc: str) -> dict:
+    """evaluate() after an epoch, appended to history and the log (and shown); the model back in training mode."""
+    log.flush(step)
+    metrics = evaluate()
+    model.train()
+    history.append(dict(epoch=epoch, step=step, **metrics))
+    log.run.log(history[-1])
+    if not log.bar.disable:
+        tqdm.write(f"[{desc}] epoch {epoch}: " + ", ".join(
+            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    return metrics
 
 
 def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor],
@@ -387,28 +409,21 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
       the best state by that metric is kept in best.pt (selection never looks at the test split).
     Returns the list of evaluation records.
     """
-    meta = dict(meta or {})
     base = unwrap(model)
     optimizer = optimizer or make_optimizer(base, schedule.optimizer, schedule.lr, schedule.weight_decay,
                                             schedule.momentum)
-    steps_per_epoch = len(loader)
-    total_steps = schedule.epochs * steps_per_epoch
+    steps_per_epoch, total_steps = len(loader), schedule.epochs * len(loader)
     warmup_steps = round(schedule.warmup_epochs * steps_per_epoch)
-    generator = torch.Generator(device=rt.device)
-    generator.manual_seed(seed * 1000 + distributed.rank)
-    step, history, best = _restore(run, base, optimizer, generator) if run.resuming else (0, [], None)
-    if run.resuming and distributed.is_main:
-        print(f"Resuming {run.path} at step {step} of {total_steps}.", file=sys.stderr)
+    generator = torch.Generator(device=rt.device).manual_seed(seed * 1000 + distributed.rank)
+    step, history, best = (_restore(run, base, optimizer, generator, total_steps, distributed.is_main)
+                           if run.resuming else (0, [], None))
 
     def state(tag: str) -> dict:
-        return dict(kind=meta.get("kind", "run"), format=CHECKPOINT_FORMAT, tag=tag, step=step,
+        return dict(kind=(meta or {}).get("kind", "run"), format=CHECKPOINT_FORMAT, tag=tag, step=step,
                     model=base.state_dict(), optimizer=optimizer.state_dict(), rng=_rng_state(generator),
-                    history=json.dumps(history), best=best, **{k: v for k, v in meta.items() if k != "kind"})
-
-    bar = tqdm(total=total_steps, initial=step, desc=desc, disable=not distributed.is_main, leave=False,
-               dynamic_ncols=True, mininterval=1.0)
-    log = _LossLog(run, bar, total_steps, steps_per_epoch, loader.batch_size * distributed.world_size, optimizer,
-                   step)
+                    history=json.dumps(history), best=best, **{k: v for k, v in (meta or {}).items() if k != "kind"})
+    log = _LossLog(run, total_steps, steps_per_epoch, loader.batch_size * distributed.world_size, optimizer, step,
+                   schedule.log_every, desc, distributed.is_main)
 
     def checkpoint() -> None:
         log.flush(step)  # never save weights that a non-finite loss already touched
@@ -421,19 +436,15 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
             while step < total_steps:
                 epoch, start = divmod(step, steps_per_epoch)
                 for x, y in loader.epoch(epoch, start):
-                    lr = learning_rate(step, total_steps, warmup_steps, schedule.lr)
                     for g in optimizer.param_groups:
-                        g["lr"] = lr
+                        g["lr"] = learning_rate(step, total_steps, warmup_steps, schedule.lr)
                     with rt.autocast():
                         loss = loss_fn(x, y, generator)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
-                    log.add(loss)
                     step += 1
-                    bar.update(1)
-                    if step % schedule.log_every == 0:
-                        log.flush(step)
+                    log.add(loss, step)
                     if schedule.checkpoint_every and step % schedule.checkpoint_every == 0:
                         checkpoint()
                     # On an epoch's last step the stop waits for the evaluation and best.pt below:
@@ -442,14 +453,7 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
                         raise Interrupted
                 epoch_done = step // steps_per_epoch
                 if evaluate is not None and (epoch_done % schedule.eval_every == 0 or step == total_steps):
-                    log.flush(step)
-                    metrics = evaluate()
-                    model.train()
-                    history.append(dict(epoch=epoch_done, step=step, **metrics))
-                    run.log(history[-1])
-                    if distributed.is_main:
-                        tqdm.write(f"[{desc}] epoch {epoch_done}: " + ", ".join(
-                            f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+                    metrics = _evaluate_epoch(evaluate, model, log, history, epoch_done, step, desc)
                     if select is not None and (best is None or metrics[select] > best):
                         best = metrics[select]
                         run.save(dict(state("best"), optimizer={}), "best.pt")
@@ -461,7 +465,7 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
             checkpoint()
             raise Stopped(stop["signal"], step, total_steps, run.checkpoint) from None
         finally:
-            bar.close()
+            log.bar.close()
     if stop["signal"] is not None:  # it came after the last check, before the handlers were restored
         raise Stopped(stop["signal"], step, total_steps, run.checkpoint)
     return history
