@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 import data
 import models
+import sources
 import train
 from train import UserError, option
 
@@ -330,7 +331,7 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
     dev = train.select_device(device)
     image_size = image_size or enc.image_size
     train.check_input_size(enc.arch["encoder"], image_size)
-    pixels, files = data.load_folder_images(images, image_size, cache_dir=cache_dir, skip_bad=skip_bad)
+    pixels, files = sources.load_folder_images(images, image_size, cache_dir=cache_dir, skip_bad=skip_bad)
     folder = data.ImageSet(pixels, None, [])
     if enc.classifier is not None:
         net = enc.classifier.to(dev).eval()
