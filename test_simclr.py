@@ -3,8 +3,8 @@
 Contents (search for the heading):
   augment.py                 hand-computed values, torchvision agreement, random ops, bad input
   losses.py and models.py    NT-Xent, distillation, encoders, torchvision layout, projection head
-  shapes.py and data.py      the procedural world, image folders and the cache, CIFAR, downloads,
-                             label fractions and batches, data.py's command line
+  shapes.py, sources.py and  the procedural world, image folders and the cache, CIFAR, downloads
+  data.py                    (sources.py), label fractions and batches, data.py's command line
   train.py, optim.py         optimisation (LARS, schedule), checkpoints and run folders, the
                              training loop, the linear probe and the kNN monitor on toy problems
   simclr.py                  pretraining, resume, evaluation, fine-tuning, faults of real runs
@@ -59,6 +59,7 @@ import run_all
 import shapes
 import simclr
 import options
+import sources
 import train
 import transfer
 
@@ -1236,7 +1237,7 @@ def test_simclr_model_returns_h_and_z():
 
 
 # ==================================================================================================
-# shapes.py and data.py: the procedural world, folders, CIFAR, downloads, batches
+# shapes.py, sources.py and data.py: the procedural world, folders, CIFAR, downloads, batches
 # ==================================================================================================
 
 @pytest.fixture(autouse=True)
@@ -1384,8 +1385,8 @@ def _odd_mode_folder(root: Path) -> Path:
 def test_odd_modes_decode_to_rgb(tmp_path):
     root = _odd_mode_folder(tmp_path / "imgs")
     assert Image.open(root / "b" / "i16.png").mode.startswith("I")
-    images, rels = data.load_folder_images(root, 16, cache_dir=tmp_path / "cache")
-    r = data.cache_resolution(16)
+    images, rels = sources.load_folder_images(root, 16, cache_dir=tmp_path / "cache")
+    r = sources.cache_resolution(16)
     assert images.shape == (8, r, r, 3) and images.dtype == np.uint8
     px = {rel: images[k, r // 2, r // 2] for k, rel in enumerate(rels)}
     np.testing.assert_array_equal(px["a/l.png"], [100, 100, 100])
@@ -1404,7 +1405,7 @@ def test_centre_square_crop_drops_the_borders(tmp_path):
     img[:, 20:40] = (0, 255, 0)
     img[:, 40:] = (0, 0, 255)
     Image.fromarray(img).save(tmp_path / "wide.png")
-    out = data.decode_image(tmp_path / "wide.png", 10)
+    out = sources.decode_image(tmp_path / "wide.png", 10)
     assert out.shape == (10, 10, 3)
     assert (out[..., 1] > 200).all() and out[..., 0].max() < 30 and out[..., 2].max() < 30
 
@@ -1459,28 +1460,28 @@ def test_cache_hit_miss_invalidate_and_user_folder_untouched(tmp_path, monkeypat
     root = _odd_mode_folder(tmp_path / "imgs")
     before = _snapshot(root)
     calls = []
-    real = data.decode_image
-    monkeypatch.setattr(data, "decode_image", lambda p, r: calls.append(p) or real(p, r))
+    real = sources.decode_image
+    monkeypatch.setattr(sources, "decode_image", lambda p, r: calls.append(p) or real(p, r))
     cache = tmp_path / "cache"
-    first, rels = data.load_folder_images(root, 16, cache_dir=cache, workers=1)
+    first, rels = sources.load_folder_images(root, 16, cache_dir=cache, workers=1)
     assert len(calls) == 8
     first = np.array(first)
-    second, rels2 = data.load_folder_images(root, 16, cache_dir=cache, workers=1)
+    second, rels2 = sources.load_folder_images(root, 16, cache_dir=cache, workers=1)
     assert len(calls) == 8 and rels2 == rels  # hit: nothing decoded
     assert isinstance(second, np.memmap)
     np.testing.assert_array_equal(first, second)
     # A modified file (same name) is re-decoded and shows its new content.
     Image.new("L", (30, 20), 7).save(root / "a" / "l.png")
     os.utime(root / "a" / "l.png", ns=(time.time_ns(), time.time_ns() + 10**9))
-    third, rels3 = data.load_folder_images(root, 16, cache_dir=cache, workers=1)
+    third, rels3 = sources.load_folder_images(root, 16, cache_dir=cache, workers=1)
     assert len(calls) == 16
     assert third[rels3.index("a/l.png"), 5, 5, 0] == 7
     # Added and removed files are noticed.
     Image.new("RGB", (9, 9)).save(root / "b" / "new.png")
-    assert len(data.load_folder_images(root, 16, cache_dir=cache, workers=1)[1]) == 9
+    assert len(sources.load_folder_images(root, 16, cache_dir=cache, workers=1)[1]) == 9
     (root / "b" / "new.png").unlink()
     (root / "b" / "one.png").unlink()
-    assert len(data.load_folder_images(root, 16, cache_dir=cache, workers=1)[1]) == 7
+    assert len(sources.load_folder_images(root, 16, cache_dir=cache, workers=1)[1]) == 7
     # One cache entry, one array: older arrays of the same folder are cleaned up.
     assert len(list(cache.rglob("*.npy"))) == 1
     # The user's folder saw no write: only the files this test changed itself differ.
@@ -1503,7 +1504,7 @@ def test_cache_notices_a_file_replaced_with_the_same_size_and_mtime(tmp_path):
         for k in range(3):
             Image.new("RGB", (20, 20), (shade, shade, shade)).save(root / name / f"{k}.bmp")
     cache = tmp_path / "cache"
-    first, rels = data.load_folder_images(root, 16, cache_dir=cache, workers=1)
+    first, rels = sources.load_folder_images(root, 16, cache_dir=cache, workers=1)
     assert first[rels.index("a/0.bmp")].max() == 20
     target = root / "a" / "0.bmp"
     old = target.stat()
@@ -1513,14 +1514,14 @@ def test_cache_notices_a_file_replaced_with_the_same_size_and_mtime(tmp_path):
     os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
     new = target.stat()
     assert (new.st_size, new.st_mtime_ns) == (old.st_size, old.st_mtime_ns)  # today's check cannot tell
-    second, rels = data.load_folder_images(root, 16, cache_dir=cache, workers=1)
+    second, rels = sources.load_folder_images(root, 16, cache_dir=cache, workers=1)
     assert second[rels.index("a/0.bmp")].min() == 230
     # Rewritten in place (same inode), with the mtime set back: the change time still moved.
     time.sleep(0.01)
     Image.new("RGB", (20, 20), (90, 90, 90)).save(target)
     os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
     assert target.stat().st_ino == new.st_ino and target.stat().st_size == old.st_size
-    third, rels = data.load_folder_images(root, 16, cache_dir=cache, workers=1)
+    third, rels = sources.load_folder_images(root, 16, cache_dir=cache, workers=1)
     assert third[rels.index("a/0.bmp")].max() == 90
 
 
@@ -1531,8 +1532,8 @@ def test_parallel_decode_matches_serial(tmp_path):
         (root / c).mkdir(parents=True)
         for k in range(12):
             Image.fromarray(rng.integers(0, 255, (17 + k, 23, 3), dtype=np.uint8)).save(root / c / f"{k}.png")
-    serial, rels = data.load_folder_images(root, 16, cache_dir=tmp_path / "c1", workers=1)
-    parallel, rels2 = data.load_folder_images(root, 16, cache_dir=tmp_path / "c2", workers=2)
+    serial, rels = sources.load_folder_images(root, 16, cache_dir=tmp_path / "c1", workers=1)
+    parallel, rels2 = sources.load_folder_images(root, 16, cache_dir=tmp_path / "c2", workers=2)
     assert rels == rels2
     np.testing.assert_array_equal(serial, parallel)
 
@@ -1546,7 +1547,7 @@ def test_folder_task_splits_and_unlabeled_memmap(tmp_path):
     task = data.load_task(root, 32, cache_dir=tmp_path / "cache", val_fraction=0.25)
     assert task.classes == ["cat", "dog"]
     assert (len(task.train), len(task.val), len(task.test)) == (24, 8, 8)
-    assert task.train.image_size == data.cache_resolution(32)
+    assert task.train.image_size == sources.cache_resolution(32)
     for s in (task.train, task.val, task.test):
         red = s.images[:, 10, 10, 0] > 100
         np.testing.assert_array_equal(red, s.labels == 0)  # labels follow the class folders
@@ -1615,13 +1616,14 @@ def _cifar100_folder(root: Path, n_train: int = 100, n_test: int = 100) -> Path:
 
 def test_cifar10_layout_and_pixels(tmp_path):
     folder = _cifar10_folder(tmp_path)
-    train_set, test = data.load_cifar(folder)
-    assert train_set.images.shape == (100, 32, 32, 3) and len(test) == 20 and train_set.classes[3] == "c3"
+    (images, labels, classes), (test_images, test_labels, _) = sources.load_cifar(folder)
+    assert images.shape == (100, 32, 32, 3) and len(test_images) == len(test_labels) == 20 and classes[3] == "c3"
+    assert labels.shape == (100,) and labels.dtype == np.int64
     raw = _cifar_batch(20, 10, 1)[b"data"][7]
     # Row-major planes: red first, then green, then blue.
-    assert train_set.images[7, 2, 5, 0] == raw[2 * 32 + 5]
-    assert train_set.images[7, 2, 5, 1] == raw[1024 + 2 * 32 + 5]
-    assert train_set.images[7, 2, 5, 2] == raw[2048 + 2 * 32 + 5]
+    assert images[7, 2, 5, 0] == raw[2 * 32 + 5]
+    assert images[7, 2, 5, 1] == raw[1024 + 2 * 32 + 5]
+    assert images[7, 2, 5, 2] == raw[2048 + 2 * 32 + 5]
     task = data.load_task("cifar10", root=tmp_path, val_fraction=0.1)
     assert (len(task.train), len(task.val), len(task.test)) == (90, 10, 20)
     big = data.load_task(folder, image_size=48)
@@ -1641,15 +1643,15 @@ def test_cifar_missing_batch_and_hostile_pickle(tmp_path):
 
     _write(folder / "test_batch", Evil())
     with pytest.raises(options.UserError, match="refusing"):
-        data.load_cifar(folder)
+        sources.load_cifar(folder)
 
 
 def test_cifar100_fine_and_coarse(tmp_path):
     folder = _cifar100_folder(tmp_path)  # every class in train and in test
-    fine, _ = data.load_cifar(folder)
-    coarse, _ = data.load_cifar(folder, coarse=True)
-    assert len(fine.classes) == 100 and len(coarse.classes) == 20
-    np.testing.assert_array_equal(coarse.labels, fine.labels // 5)
+    (_, fine, fine_classes), _ = sources.load_cifar(folder)
+    (_, coarse, coarse_classes), _ = sources.load_cifar(folder, coarse=True)
+    assert len(fine_classes) == 100 and len(coarse_classes) == 20
+    np.testing.assert_array_equal(coarse, fine // 5)
     assert data.load_task("cifar100_coarse", root=tmp_path, val_fraction=0.0).num_classes == 20
     assert [data.num_classes(n) for n in ("cifar100", "cifar100_coarse", "cifar10@cat+dog", "shapes47", "x/y")] == \
         [100, 20, 2, 47, None]
@@ -1753,14 +1755,14 @@ def test_download_success_tar_and_zip_leaves_nothing_else(server, tmp_path):
     archive = _tar_gz({"pkg/hello.txt": b"hello", "pkg/sub/x.bin": b"\x00" * 5000})
     routes["a.tar.gz"] = archive
     (tmp_path / ".a.stale.partial").mkdir()  # what a killed run leaves behind
-    dest = data.download_and_extract(f"{base}/files/a.tar.gz", tmp_path / "a", sha256=hashlib.sha256(archive).hexdigest(), md5=hashlib.md5(archive).hexdigest())
+    dest = sources.download_and_extract(f"{base}/files/a.tar.gz", tmp_path / "a", sha256=hashlib.sha256(archive).hexdigest(), md5=hashlib.md5(archive).hexdigest())
     assert (dest / "pkg" / "hello.txt").read_bytes() == b"hello"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("PetImages/Cat/1.txt", "meow")
     routes["b.zip"] = buf.getvalue()
-    dest = data.download_and_extract(f"{base}/files/b.zip", tmp_path / "b")
+    dest = sources.download_and_extract(f"{base}/files/b.zip", tmp_path / "b")
     assert (dest / "PetImages" / "Cat" / "1.txt").read_text() == "meow"
 
 
@@ -1772,7 +1774,7 @@ def test_download_failures_leave_no_partial_files(server, tmp_path, failure):
     url = {"checksum": f"{base}/files/a.tar.gz", "dropped": f"{base}/drop/a.tar.gz", "missing": f"{base}/files/nope.tar.gz"}[failure]
     message = {"checksum": "checksum mismatch", "dropped": "stopped after|dropped", "missing": "404"}[failure]
     with pytest.raises(options.UserError, match=message):
-        data.download_and_extract(url, tmp_path / "a", sha256="0" * 64)
+        sources.download_and_extract(url, tmp_path / "a", sha256="0" * 64)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -1783,14 +1785,14 @@ def test_dataset_table_mirror_and_checksum(server, tmp_path, monkeypatch):
     routes["cifar-10-python.tar.gz"] = _tar_gz({"cifar-10-batches-py/batches.meta": b"x"})
     monkeypatch.setenv("SIMCLR_MIRROR", f"{base}/files/")
     with pytest.raises(options.UserError, match="expected md5 c58f30108f718f92721af3b95e74349a"):
-        data.download("cifar10", tmp_path / "root")
+        sources.download("cifar10", tmp_path / "root")
     assert list((tmp_path / "root").iterdir()) == []
     # Datasets without a published checksum download as they are; the argument beats the variable.
     routes["flower_photos.tgz"] = _tar_gz({"flower_photos/daisy/1.txt": b"x"})
-    monkeypatch.setitem(data.DATASETS["tf_flowers"], "sha256", None)
-    folder = data.download("tf_flowers", tmp_path / "root", mirror=f"{base}/files")
+    monkeypatch.setitem(sources.DATASETS["tf_flowers"], "sha256", None)
+    folder = sources.download("tf_flowers", tmp_path / "root", mirror=f"{base}/files")
     assert folder == (tmp_path / "root" / "tf_flowers" / "flower_photos").absolute()
-    assert data.DATASETS["cifar10"]["md5"] and data.DATASETS["cifar100"]["md5"]
+    assert sources.DATASETS["cifar10"]["md5"] and sources.DATASETS["cifar100"]["md5"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3152,11 +3154,11 @@ def test_cifar_preset_end_to_end_on_generated_cifar_files(tmp_path, monkeypatch)
 def _png_folders_from_cifar(root: Path, cifar_root: Path) -> Path:
     """root/{train,test}/<class>/<k>.png from generated CIFAR-10 files, two classes told apart by
     brightness (the noise of the generated files carries no class), as a user's image folder."""
-    splits = dict(zip(("train", "test"), data.load_cifar(_cifar10_folder(cifar_root, CIFAR10_NAMES, 100, 200))))
-    for split, images in splits.items():
-        two = images.labels < 2
-        labels = images.labels[two]
-        pixels = images.images[two] // 8 + 64 + 96 * labels[:, None, None, None].astype(np.uint8)  # dark or bright
+    splits = zip(("train", "test"), sources.load_cifar(_cifar10_folder(cifar_root, CIFAR10_NAMES, 100, 200)))
+    for split, (images, all_labels, _) in splits:
+        two = all_labels < 2
+        labels = all_labels[two]
+        pixels = images[two] // 8 + 64 + 96 * labels[:, None, None, None].astype(np.uint8)  # dark or bright
         _image_folder(root / split, pixels, labels, CIFAR10_NAMES)
     return root
 
@@ -3598,9 +3600,9 @@ def _error_line(err: str) -> str:
 _GATED_LOAD = """
 import hashlib, os, sys, time
 import numpy as np
-import data
+import sources
 folder, cache, started, go = sys.argv[1:5]
-real = data.decode_image
+real = sources.decode_image
 
 def gated(path, res):  # the first image waits for the test's go: the other run arrives meanwhile
     if not os.path.exists(started):
@@ -3610,8 +3612,8 @@ def gated(path, res):  # the first image waits for the test's go: the other run 
             time.sleep(0.01)
     return real(path, res)
 
-data.decode_image = gated
-images, rels = data.load_folder_images(folder, 16, cache_dir=cache, workers=1)
+sources.decode_image = gated
+images, rels = sources.load_folder_images(folder, 16, cache_dir=cache, workers=1)
 print(hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest(), len(rels))
 """
 
@@ -3621,7 +3623,7 @@ def test_two_processes_decoding_one_new_folder_share_one_complete_cache(tmp_path
     both succeed, one array stays, and the leftover of a killed run is removed."""
     folder = _class_folder(tmp_path / "imgs", 10)  # enough for a class in each of train, val, test
     cache = tmp_path / "cache"
-    entry = data._cache_entry(cache, folder.resolve(), data.cache_resolution(16))
+    entry = sources._cache_entry(cache, folder.resolve(), sources.cache_resolution(16))
     entry.mkdir(parents=True)
     stale = entry / ".images-999-1.npy.tmp"  # what a run killed while decoding leaves behind
     stale.write_bytes(b"\0" * 4096)
@@ -3645,8 +3647,8 @@ def test_two_processes_decoding_one_new_folder_share_one_complete_cache(tmp_path
     arrays = list(entry.glob("images-*.npy"))
     manifest = json.loads((entry / "manifest.json").read_text())
     assert [p.name for p in arrays] == [manifest["npy"]]  # one consistent cache: the manifest's array
-    monkeypatch.setattr(data, "decode_image", lambda *a: pytest.fail("the cache was not complete"))
-    images, rels = data.load_folder_images(folder, 16, cache_dir=cache)
+    monkeypatch.setattr(sources, "decode_image", lambda *a: pytest.fail("the cache was not complete"))
+    images, rels = sources.load_folder_images(folder, 16, cache_dir=cache)
     assert out1.split() == [hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest(), str(len(rels))]
 
 
@@ -3698,8 +3700,8 @@ def test_full_disk_while_caching_and_cache_dir_a_file(tmp_path, monkeypatch, cap
         assert "could not write the decode cache in" in second and "No space left on device" in second, second
     # Injected, on any file system: too little space reported, then a write that fails.
     cache = tmp_path / "cache"
-    entry = data._cache_entry(cache, folder.resolve(), data.cache_resolution(128))
-    monkeypatch.setattr(data.shutil, "disk_usage", lambda path: data.shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    entry = sources._cache_entry(cache, folder.resolve(), sources.cache_resolution(128))
+    monkeypatch.setattr(sources.shutil, "disk_usage", lambda path: sources.shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     assert data.main(["info", str(folder), "--size", "128", "--cache-dir", str(cache)]) == 2
     message = _error_line(capsys.readouterr().err)
     assert f"not enough free space for the decode cache in {entry}" in message and "need 1.3 MB" in message, message
@@ -3707,7 +3709,7 @@ def test_full_disk_while_caching_and_cache_dir_a_file(tmp_path, monkeypatch, cap
 
     def disk_full(path):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(data, "_reserve", disk_full)
+    monkeypatch.setattr(sources, "_reserve", disk_full)
     assert data.main(["info", str(folder), "--size", "128", "--cache-dir", str(cache)]) == 2
     message = _error_line(capsys.readouterr().err)
     assert f"could not write the decode cache in {entry}: No space left on device" in message, message

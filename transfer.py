@@ -52,6 +52,7 @@ import checkpoints
 import data
 import models
 import options
+import sources
 import train
 from options import UserError, option
 
@@ -333,7 +334,7 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
     dev = rt.device
     image_size = image_size or enc.image_size
     train.check_input_size(enc.arch["encoder"], image_size)
-    pixels, files = data.load_folder_images(images, image_size, cache_dir=cache_dir, skip_bad=skip_bad)
+    pixels, files = sources.load_folder_images(images, image_size, cache_dir=cache_dir, skip_bad=skip_bad)
     folder = data.ImageSet(pixels, None, [])
     if enc.classifier is not None:
         net = enc.classifier.to(dev).eval()
@@ -427,7 +428,7 @@ def run_command(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return train.main(argv, run=run_command, parser=build_parser())
+    return options.main(argv, run=run_command, parser=build_parser())
 
 
 if __name__ == "__main__":
