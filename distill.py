@@ -34,6 +34,7 @@ Command line:  python distill.py --teacher runs/finetune/best.pt --data shapes5 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+import augment
 import checkpoints
 import data
 import losses
@@ -246,10 +248,21 @@ class DistillConfig(options.StageConfig):
     compile: str = train.compile_option()
 
 
-def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data.TaskData | None
-              ) -> tuple[int, data.TaskData, nn.Module, dict, data.ImageSet, np.ndarray]:
-    """(image size, task, teacher in eval mode, its checkpoint, the images to distil on, their known
-    labels): the teacher's image size and split seed decide the task's images."""
+@dataclass
+class DistillData:
+    """What a distillation run learns from: the teacher (in eval mode) and its checkpoint, the task at
+    the teacher's image size, and the images distilled on with their known labels (distillation_set)."""
+    teacher: nn.Module
+    teacher_ckpt: dict
+    task: data.TaskData
+    image_size: int
+    images: data.ImageSet
+    known: np.ndarray
+
+
+def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data.TaskData | None) -> DistillData:
+    """The teacher, the task and the images to distil on: the teacher's image size and split seed
+    decide the task's images."""
     teacher_ckpt_meta = checkpoints.load_checkpoint(cfg.teacher)
     image_size = int(teacher_ckpt_meta.get("image_size") or 32)
     # The split seed is the teacher's: with another seed the validation carve (and a generated task's
@@ -268,7 +281,7 @@ def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data
     if batch_size > len(images):
         raise UserError(f"--batch-size {batch_size} is larger than the {len(images)} distillation images "
                         f"('{task.name}' train{' + ' + cfg.extra_unlabeled if extra else ''}). Use at most {len(images)}.")
-    return image_size, task, teacher_model, teacher_ckpt, images, known
+    return DistillData(teacher_model, teacher_ckpt, task, image_size, images, known)
 
 
 def resolve_settings(cfg: DistillConfig) -> tuple[dict, tuple[int, ...]]:
@@ -297,6 +310,104 @@ def resolve_settings(cfg: DistillConfig) -> tuple[dict, tuple[int, ...]]:
     return s, dense_layers
 
 
+def load_student(cfg: DistillConfig, dense_layers: tuple[int, ...], d: DistillData, dev: torch.device
+                 ) -> tuple[models.Classifier, dict]:
+    """(the student on `dev`, its 'arch' for the checkpoint): build_student for cfg.mode, with the
+    CIFAR stem up to 64 px unless cfg says; a frozen base must not be the teacher's own encoder."""
+    cifar_stem = d.image_size <= 64 if cfg.cifar_stem is None else cfg.cifar_stem
+    train.check_input_size(cfg.student, d.image_size)
+    model, arch = build_student(cfg.mode, cfg.student, cfg.width, cifar_stem, d.task.num_classes, dense_layers,
+                                cfg.student_checkpoint, d.image_size)
+    if cfg.mode == "frozen":
+        check_independent_base(cfg.student_checkpoint, model.encoder, d.teacher, d.teacher_ckpt, cfg.teacher)
+    return model.to(dev), arch
+
+
+def student_views(cfg: DistillConfig, s: dict, recorded: dict | None, image_size: int) -> augment.SimCLRAugment | None:
+    """The student's augmentation, None when crop, flip and colour are all off: the crop floor and
+    colour strength the teacher's encoder was pretrained with (`recorded`), unless cfg gives them."""
+    if not (s["crop"] or s["flip"] or s["color"]):
+        return None
+    return train.matched_views(recorded, image_size, crop=s["crop"], flip=s["flip"], color=s["color"],
+                               crop_min_scale=cfg.crop_min_scale, strength=cfg.strength, source=cfg.teacher,
+                               stage="distill")
+
+
+def soft_labels_used(cfg: DistillConfig, augmentation: augment.SimCLRAugment | None) -> str:
+    """cfg.soft_labels, or "precomputed" without augmentation: the teacher would see the same
+    un-augmented image every epoch, so it runs once."""
+    return "precomputed" if augmentation is None else cfg.soft_labels
+
+
+def caches_base_features(cfg: DistillConfig, augmentation: augment.SimCLRAugment | None) -> bool:
+    """Whether the frozen base's features are computed once: in frozen mode without augmentation
+    every epoch would compute the same ones, and each step then costs only the dense layers."""
+    return cfg.mode == "frozen" and augmentation is None
+
+
+def student_record(cfg: DistillConfig, teacher_record: dict | None) -> dict | None:
+    """The pretraining augmentation the student's checkpoint carries on: its own base's where it
+    has a pretrained base, else its teacher's."""
+    if cfg.mode != "scratch" and cfg.student_checkpoint:
+        return checkpoints.pretrain_augmentation(checkpoints.load_checkpoint(cfg.student_checkpoint))
+    return teacher_record
+
+
+def announce(config: dict) -> None:
+    """The run's settings in one line on stderr, as config.json records them."""
+    c, s = config, config["effective"]
+    print(f"distill: teacher {c['teacher']} -> {c['student']} (width {c['width']}, {c['mode']}) on "
+          f"{c['distillation_images']} images of {c['task']}, T {s['temperature']}, alpha {c['alpha']}, soft labels "
+          f"{c['soft_labels_effective']}, augment {c['augmentation']}, {s['optimizer']} lr {s['lr']} wd "
+          f"{s['weight_decay']}, {s['epochs']} epochs x batch {s['batch_size']}, device {c['device_resolved']}, "
+          f"{c['precision_resolved']}", file=sys.stderr)
+
+
+def teacher_logits(d: DistillData, rt: train.Runtime) -> torch.Tensor:
+    """(N, C): the teacher's logits of every un-augmented distillation image (precomputed soft labels)."""
+    with torch.inference_mode():
+        table = train.extract_features(d.teacher, d.images, rt, size=d.image_size, desc="teacher soft labels")
+    return table.clone()  # a normal tensor, usable in autograd-recorded code
+
+
+def base_features(model: models.Classifier, d: DistillData, rt: train.Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen base's features of the distillation images and of the val split, un-augmented."""
+    model.eval()
+    return (train.extract_features(model.base, d.images, rt, size=d.image_size, desc="base features"),
+            train.extract_features(model.base, d.task.val, rt, size=d.image_size))
+
+
+def val_top1(model: models.Classifier, d: DistillData, rt: train.Runtime, val_features: torch.Tensor | None
+             ) -> Callable[[], dict]:
+    """train.fit's evaluate: the student's top-1 on the val split, from the base's cached
+    `val_features` where there are some."""
+    @torch.no_grad()
+    def evaluate() -> dict:
+        if val_features is not None:
+            model.eval()
+            logits = model.classify(val_features)
+            return dict(val_top1=train.accuracy_report(logits, d.task.val.labels, d.task.classes)["top1"])
+        return dict(val_top1=train.evaluate_classifier(model, d.task.val, rt, size=d.image_size)["top1"])
+    return evaluate
+
+
+def distillation_objective(cfg: DistillConfig, s: dict, model: models.Classifier, d: DistillData,
+                           augmentation: augment.SimCLRAugment | None, rt: train.Runtime
+                           ) -> tuple[Callable, Callable[[], dict]]:
+    """(loss_fn, evaluate) for train.fit, the teacher's soft labels precomputed and the base's
+    features cached where the views allow it (soft_labels_used, caches_base_features)."""
+    view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, d.image_size))
+    cached = caches_base_features(cfg, augmentation)
+    table = teacher_logits(d, rt) if soft_labels_used(cfg, augmentation) == "precomputed" else None
+    features, val_features = base_features(model, d, rt) if cached else (None, None)
+    known = torch.as_tensor(d.known, device=rt.device) if cfg.alpha < 1.0 else None
+    # With cached base features only the dense layers run: nothing worth compiling.
+    student = model if cached else train.compiled(model, train.resolve_compile(
+        cfg.compile, rt.device, s["epochs"] * (len(d.images) // s["batch_size"]) * s["batch_size"]))
+    loss_fn = distillation_loss_fn(student, d.teacher, view, s["temperature"], cfg.alpha, known, table, features)
+    return loss_fn, val_top1(model, d, rt, val_features)
+
+
 def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
             task: data.TaskData | None = None) -> dict:
     """Distil `teacher` (a classifier checkpoint) into a `student` on `cfg.data`'s training images
@@ -308,84 +419,35 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     loadable by load_classifier here (and by checkpoints.load_classifier once it knows dense layers)."""
     s, dense_layers = resolve_settings(cfg)
     rt = train.runtime(cfg.device, cfg.precision)
-    dev = rt.device
     train.seed_everything(cfg.seed)
-    image_size, task, teacher_model, teacher_ckpt, images, known = load_data(cfg, s["batch_size"], dev, task)
-    cifar_stem = image_size <= 64 if cfg.cifar_stem is None else cfg.cifar_stem
-    train.check_input_size(cfg.student, image_size)
-    model, arch = build_student(cfg.mode, cfg.student, cfg.width, cifar_stem, task.num_classes, dense_layers,
-                                cfg.student_checkpoint, image_size)
-    if cfg.mode == "frozen":
-        check_independent_base(cfg.student_checkpoint, model.encoder, teacher_model, teacher_ckpt, cfg.teacher)
-    model = model.to(dev)
+    d = load_data(cfg, s["batch_size"], rt.device, task)
+    model, arch = load_student(cfg, dense_layers, d, rt.device)
     run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite)
-
-    # The student sees the kind of views its teacher's encoder was pretrained on; it carries on its
-    # own base's record where it has a pretrained base, else the teacher's.
-    recorded = checkpoints.pretrain_augmentation(teacher_ckpt)
-    student_record = (checkpoints.pretrain_augmentation(checkpoints.load_checkpoint(cfg.student_checkpoint))
-                      if cfg.mode != "scratch" and cfg.student_checkpoint else recorded)
-    augmentation = (train.matched_views(recorded, image_size, crop=s["crop"], flip=s["flip"], color=s["color"],
-                                        crop_min_scale=cfg.crop_min_scale, strength=cfg.strength, source=cfg.teacher,
-                                        stage="distill") if s["crop"] or s["flip"] or s["color"] else None)
-    view = ((lambda x, g: augmentation(x, g)) if augmentation is not None
-            else (lambda x, g: train.to_float(x, image_size)))
-    # Without augmentation the teacher would see the same un-augmented image every epoch: run it once.
-    effective_soft = "precomputed" if augmentation is None else cfg.soft_labels
-    cached = cfg.mode == "frozen" and augmentation is None
-    config = dict(stage="distill", teacher=str(cfg.teacher), task=task.name, mode=cfg.mode, student=cfg.student,
-                  width=cfg.width,
-                  cifar_stem=cifar_stem, student_checkpoint=str(cfg.student_checkpoint) if cfg.student_checkpoint else None,
-                  dense_layers=list(dense_layers), alpha=cfg.alpha, labeled_fraction=cfg.labeled_fraction,
-                  soft_labels=cfg.soft_labels, soft_labels_effective=effective_soft, cached_base_features=cached,
+    # The student sees the kind of views its teacher's encoder was pretrained on.
+    recorded = checkpoints.pretrain_augmentation(d.teacher_ckpt)
+    augmentation = student_views(cfg, s, recorded, d.image_size)
+    config = dict(stage="distill", **dataclasses.asdict(cfg), effective=s, task=d.task.name, image_size=d.image_size,
+                  cifar_stem_resolved=arch["cifar_stem"], dense_layers_resolved=list(dense_layers),
+                  soft_labels_effective=soft_labels_used(cfg, augmentation),
+                  cached_base_features=caches_base_features(cfg, augmentation),
                   augmentation=augmentation.describe() if augmentation else "none", pretrain_augmentation=recorded,
-                  extra_unlabeled=cfg.extra_unlabeled,
-                  distillation_images=len(images), known_labels=int((known >= 0).sum()), preset=cfg.preset, **s,
-                  seed=cfg.seed, device=str(dev), precision=rt.precision,
-                  image_size=image_size)
+                  distillation_images=len(d.images), known_labels=int((d.known >= 0).sum()),
+                  device_resolved=str(rt.device), precision_resolved=rt.precision)
     run.start(config)
-    print(f"distill: teacher {cfg.teacher} -> {cfg.student} (width {cfg.width}, {cfg.mode}) on {len(images)} images of {task.name}, "
-          f"T {s['temperature']}, alpha {cfg.alpha}, soft labels {effective_soft}, augment {config['augmentation']}, "
-          f"{s['optimizer']} lr {s['lr']} wd {s['weight_decay']}, {s['epochs']} epochs x batch {s['batch_size']}, "
-          f"device {dev}, {config['precision']}", file=sys.stderr)
+    announce(config)
 
-    table = None
-    if effective_soft == "precomputed":
-        with torch.inference_mode():
-            table = train.extract_features(teacher_model, images, rt, size=image_size, desc="teacher soft labels")
-        table = table.clone()  # a normal tensor, usable in autograd-recorded code
-    frozen_state = ({k: v.clone() for k, v in model.encoder.state_dict().items()} if cfg.mode == "frozen" else None)
-    base_features = val_features = None
-    if cached:
-        model.eval()
-        base_features = train.extract_features(model.base, images, rt, size=image_size, desc="base features")
-        val_features = train.extract_features(model.base, task.val, rt, size=image_size)
-    known_t = torch.as_tensor(known, device=dev) if cfg.alpha < 1.0 else None
-    # With cached base features only the dense layers run: nothing worth compiling.
-    student = model if cached else train.compiled(model, train.resolve_compile(
-        cfg.compile, dev, s["epochs"] * (len(images) // s["batch_size"]) * s["batch_size"]))
-    loss_fn = distillation_loss_fn(student, teacher_model, view, s["temperature"], cfg.alpha, known_t, table,
-                                   base_features)
-
-    @torch.no_grad()
-    def evaluate() -> dict:
-        if val_features is not None:
-            model.eval()
-            return dict(val_top1=train.accuracy_report(model.classify(val_features), task.val.labels,
-                                                        task.classes)["top1"])
-        return dict(val_top1=train.evaluate_classifier(model, task.val, rt, size=image_size)["top1"])
-
-    loader = data.BatchLoader(images, s["batch_size"], dev, shuffle=True, drop_last=True, seed=cfg.seed)
+    frozen_state = {k: v.clone() for k, v in model.encoder.state_dict().items()} if cfg.mode == "frozen" else None
+    loss_fn, evaluate = distillation_objective(cfg, s, model, d, augmentation, rt)
+    loader = data.BatchLoader(d.images, s["batch_size"], rt.device, shuffle=True, drop_last=True, seed=cfg.seed)
     schedule = train.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
-                               weight_decay=s["weight_decay"], log_every=cfg.log_every)
-    meta = dict(kind="distill", arch=arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
-                **checkpoints.carried(student_record))
+                              weight_decay=s["weight_decay"], log_every=cfg.log_every)
+    meta = dict(kind="distill", arch=arch, classes=d.task.classes, image_size=d.image_size,
+                config=json.dumps(config, default=str), **checkpoints.carried(student_record(cfg, recorded)))
     train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta, evaluate=evaluate,
-               select="val_top1", desc=f"distill {cfg.mode} {cfg.student}")
+              select="val_top1", desc=f"distill {cfg.mode} {cfg.student}")
     if frozen_state is not None:
         train.check_frozen(frozen_state, model.encoder)
-
-    return report(run, cfg, task, teacher_model, rt, image_size, config["augmentation"])
+    return report(run, cfg, d.task, d.teacher, rt, d.image_size, config["augmentation"])
 
 
 def report(run: checkpoints.RunFolder, cfg: DistillConfig, task: data.TaskData, teacher_model: nn.Module,

@@ -2538,7 +2538,9 @@ def test_frozen_base_cached_features_match_forward(world, tmp_path):
                                                 log_every=100), tmp_path / "kd", task=world["task"])
     config = json.loads((tmp_path / "kd" / "config.json").read_text())
     assert config["cached_base_features"] and config["soft_labels_effective"] == "precomputed"
-    assert config["lr"] == 0.01 and config["weight_decay"] == 1e-4 and config["temperature"] == 1.0
+    assert config["lr"] is None  # the option as given; the preset's value is the one used
+    effective = config["effective"]
+    assert effective["lr"] == 0.01 and effective["weight_decay"] == 1e-4 and effective["temperature"] == 1.0
     assert 0.0 <= res["student"]["test"]["top1"] <= 1.0
 
 
@@ -2791,6 +2793,34 @@ def test_batch_larger_than_dataset_is_refused(world, tmp_path):
     with pytest.raises(options.UserError, match="--batch-size 1000 is larger than the 180 distillation images"):
         distill.distill(distill.DistillConfig(teacher=world["teacher"], data="shapes2", batch_size=1000,
                                               device="cpu"), tmp_path / "d", task=world["task"])
+
+
+class _Stop(Exception):
+    """Raised by a stubbed train.fit: the stage has written config.json and need not train."""
+
+
+def test_config_json_records_every_option_of_distill_and_transfer(world, tmp_path, monkeypatch):
+    """config.json is asdict of the stage's settings plus values derived from them, so an option added
+    to DistillConfig or TransferConfig is recorded (and checked on --resume) with no code to add."""
+    metas = []
+
+    def stop(*args, meta, **kwargs):
+        metas.append(meta)
+        raise _Stop
+    monkeypatch.setattr(train, "fit", stop)
+    kd = distill.DistillConfig(teacher=world["teacher"], data="shapes2", width=0.125, temperature=2.0, crop=True,
+                               crop_min_scale=0.5, epochs=1, batch_size=32, device="cpu", log_every=7)
+    probe = transfer.TransferConfig(source=world["base"], data="shapes2", mode="linear-aug", color=True,
+                                    strength=0.3, epochs=1, batch_size=32, device="cpu", log_every=7)
+    # transfer records its settings after the preset's values fill those left as None.
+    for run, cfg, used in ((distill.distill, kd, kd), (transfer.transfer, probe, transfer.resolve_settings(probe))):
+        folder = tmp_path / run.__name__
+        with pytest.raises(_Stop):
+            run(cfg, folder, task=world["task"])
+        config = json.loads((folder / "config.json").read_text())
+        for f in dataclasses.fields(cfg):
+            assert config.get(f.name, "missing") == json.loads(json.dumps(getattr(used, f.name), default=str)), f.name
+        assert json.loads(metas[-1]["config"]) == {k: v for k, v in config.items() if k != "config_format"}
 
 
 # --- command lines -----------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import json
 import os
 import sys
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import augment
 import checkpoints
 import data
 import models
@@ -208,6 +209,89 @@ def resolve_settings(cfg: TransferConfig) -> TransferConfig:
     return cfg
 
 
+def load_source(cfg: TransferConfig, task: data.TaskData | None) -> tuple[checkpoints.Encoder, int, data.TaskData]:
+    """(the encoder of cfg.source, the working image size, the task at that size), checking that the
+    encoder takes images of that size and that one batch fits in the training split."""
+    enc = checkpoints.load_encoder(cfg.source, arch=cfg.arch, width=cfg.width, cifar_stem=cfg.cifar_stem,
+                                   normalize=cfg.normalize, head_layer=cfg.head_layer)
+    image_size = cfg.image_size or enc.image_size
+    train.check_input_size(enc.arch["encoder"], image_size)
+    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=cfg.seed,
+                                  cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
+    if cfg.batch_size > len(task.train):
+        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(task.train)} training images of "
+                        f"'{task.name}'. Use a batch of at most {len(task.train)}.")
+    return enc, image_size, task
+
+
+def freeze_and_snapshot(model: models.Classifier) -> tuple[dict, nn.Module]:
+    """Freeze the classifier's base (encoder and head); returns (a copy of its state, the frozen
+    parts) for train.check_frozen after training."""
+    model.freeze_base()
+    parts = nn.ModuleDict({"encoder": model.encoder, **({"head": model.head} if model.head is not None else {})})
+    return {k: v.clone() for k, v in parts.state_dict().items()}, parts
+
+
+def transfer_views(cfg: TransferConfig, enc: checkpoints.Encoder, image_size: int) -> augment.SimCLRAugment | None:
+    """The training views, None in linear-cached mode or with crop, flip and colour all off: the crop
+    floor and colour strength the encoder was pretrained with, unless cfg gives them."""
+    if cfg.mode == "linear-cached" or not (cfg.crop or cfg.flip or cfg.color):
+        return None
+    return train.matched_views(enc.augmentation, image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color,
+                               crop_min_scale=cfg.crop_min_scale, strength=cfg.strength, source=cfg.source,
+                               stage="transfer")
+
+
+def announce(config: dict, task: data.TaskData) -> None:
+    """The run's settings in one line on stderr, as config.json records them."""
+    c, arch = config, config["arch_resolved"]
+    print(f"transfer: {arch['encoder']} (width {arch['width']}, {c['source_kind']} '{c['source']}', mean {c['mean']}, "
+          f"std {c['std']}) -> {c['task']} ({task.num_classes} classes, {len(task.train)} train images at "
+          f"{c['image_size_resolved']}px), {c['mode']}, augment {c['augmentation']}, lr {c['lr']:.4g}, "
+          f"wd {c['weight_decay']}, batch {c['batch_size']}, {c['epochs']} epochs, device {c['device_resolved']}, "
+          f"{c['precision_resolved']}", file=sys.stderr)
+
+
+def val_top1(model: models.Classifier, task: data.TaskData, rt: train.Runtime, image_size: int,
+             features: torch.Tensor | None = None) -> Callable[[], dict]:
+    """train.fit's evaluate: top-1 on the val split, from the frozen base's `features` of it where given."""
+    if features is not None:
+        return torch.no_grad()(lambda: dict(val_top1=train.accuracy_report(
+            model.classify(features), task.val.labels, task.classes)["top1"]))
+    return lambda: dict(val_top1=train.evaluate_classifier(model, task.val, rt, size=image_size)["top1"])
+
+
+def transfer_objective(cfg: TransferConfig, model: models.Classifier, task: data.TaskData,
+                       augmentation: augment.SimCLRAugment | None, rt: train.Runtime, image_size: int,
+                       shared_features: dict | None
+                       ) -> tuple[AugmentedFeatures | data.BatchLoader, Callable, Callable[[], dict]]:
+    """(loader, loss_fn, evaluate) for train.fit: linear-aug trains the linear layer on the frozen
+    base's features of augmented views (AugmentedFeatures), finetune the whole network on the views."""
+    view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, image_size))
+    if cfg.mode == "linear-aug":
+        loader = AugmentedFeatures(model, task.train, view, cfg.batch_size, rt, cfg.seed,
+                                   varies=augmentation is not None, shared=shared_features,
+                                   compile=train.resolve_compile(cfg.compile, rt.device, cfg.epochs * len(task.train)))
+        loss_fn = lambda h, y, g: F.cross_entropy(model.classify(h).float(), y)  # noqa: E731
+        val = train.extract_features(model.base, task.val, rt, size=image_size)
+        return loader, loss_fn, val_top1(model, task, rt, image_size, val)
+    loader = data.BatchLoader(task.train, cfg.batch_size, rt.device, shuffle=True, drop_last=True, seed=cfg.seed)
+    step_model = train.compiled(model, train.resolve_compile(cfg.compile, rt.device,
+                                                             cfg.epochs * len(loader) * cfg.batch_size))
+    return loader, train.supervised_loss_fn(step_model, view), val_top1(model, task, rt, image_size)
+
+
+def best_reports(run: checkpoints.RunFolder, task: data.TaskData, rt: train.Runtime, image_size: int) -> dict:
+    """{val, test}: the reports of best.pt (the epoch of best val top-1) on both splits."""
+    best, _ = checkpoints.load_classifier(run.path / "best.pt", task.num_classes)
+    best = best.to(rt.device)
+    reports = {name: train.evaluate_classifier(best, split, rt, size=image_size)
+               for name, split in (("val", task.val), ("test", task.test))}
+    for r in reports.values():
+        r.pop("predictions")
+    return reports
+
+
 def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
              task: data.TaskData | None = None, shared_features: dict | None = None) -> dict:
     """Train a new linear layer (or fine-tune everything) on `cfg.data` from the encoder in `source`.
@@ -219,81 +303,47 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     (checkpoints.load_classifier) chosen by val top-1 in the trained modes (linear-cached keeps the last)."""
     cfg = resolve_settings(cfg)
     rt = train.runtime(cfg.device, cfg.precision)
-    dev = rt.device
     train.seed_everything(cfg.seed)
-    enc = checkpoints.load_encoder(cfg.source, arch=cfg.arch, width=cfg.width, cifar_stem=cfg.cifar_stem,
-                             normalize=cfg.normalize,
-                       head_layer=cfg.head_layer)
-    image_size = cfg.image_size or enc.image_size
-    train.check_input_size(enc.arch["encoder"], image_size)
-    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=cfg.seed,
-                                  cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
-    if cfg.batch_size > len(task.train):
-        raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(task.train)} training images of "
-                        f"'{task.name}'. Use a batch of at most {len(task.train)}.")
+    enc, image_size, task = load_source(cfg, task)
     model, cls_arch = checkpoints.classifier_for(enc, task.num_classes)
-    model = model.to(dev)
-    if cfg.mode != "finetune":
-        model.freeze_base()
-    frozen_parts = nn.ModuleDict({"encoder": model.encoder, **({"head": model.head} if model.head is not None else {})})
-    frozen = {k: v.clone() for k, v in frozen_parts.state_dict().items()} if cfg.mode != "finetune" else None
+    model = model.to(rt.device)
+    frozen = freeze_and_snapshot(model) if cfg.mode != "finetune" else None
     run = (checkpoints.RunFolder.redo(out, "transfer", resume, overwrite) if cfg.mode == "linear-cached"
            else checkpoints.RunFolder(out, resume=resume, overwrite=overwrite))
-    augmentation = (train.matched_views(enc.augmentation, image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color,
-                                        crop_min_scale=cfg.crop_min_scale, strength=cfg.strength, source=cfg.source,
-                                        stage="transfer")
-                    if cfg.mode != "linear-cached" and (cfg.crop or cfg.flip or cfg.color) else None)
-    described = augmentation.describe() if augmentation else "none"
-    config = dict(stage="transfer", source=str(cfg.source), source_kind=enc.kind, arch=enc.arch,
-                  head_layer=enc.head_layer,
-                  mean=enc.mean, std=enc.std, task=task.name, mode=cfg.mode, preset=cfg.preset, augmentation=described,
-                  pretrain_augmentation=enc.augmentation,
-                  epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                  image_size=image_size, seed=cfg.seed, device=str(dev),
-                  precision=rt.precision)
+    augmentation = transfer_views(cfg, enc, image_size)
+    config = dict(stage="transfer", **dataclasses.asdict(cfg), source_kind=enc.kind, arch_resolved=enc.arch,
+                  head_layer_resolved=enc.head_layer, mean=enc.mean, std=enc.std, task=task.name,
+                  augmentation=augmentation.describe() if augmentation else "none",
+                  pretrain_augmentation=enc.augmentation, image_size_resolved=image_size,
+                  device_resolved=str(rt.device), precision_resolved=rt.precision)
     run.start(config)
-    print(f"transfer: {enc.arch['encoder']} (width {enc.arch['width']}, {enc.kind} '{cfg.source}', mean {enc.mean}, "
-          f"std {enc.std}) -> {task.name} ({task.num_classes} classes, {len(task.train)} train images at "
-          f"{image_size}px), {cfg.mode}, augment {described}, lr {cfg.lr:.4g}, wd {cfg.weight_decay}, batch {cfg.batch_size}, "
-          f"{cfg.epochs} epochs, device {dev}, {config['precision']}", file=sys.stderr)
-    meta = dict(kind="transfer", arch=cls_arch, classes=task.classes, image_size=image_size, config=json.dumps(config),
-                **checkpoints.carried(enc.augmentation))
+    announce(config, task)
+    meta = dict(kind="transfer", arch=cls_arch, classes=task.classes, image_size=image_size,
+                config=json.dumps(config, default=str), **checkpoints.carried(enc.augmentation))
 
     if cfg.mode == "linear-cached":
         reports = train.linear_probe(model, task, rt, image_size, epochs=cfg.epochs, batch_size=cfg.batch_size,
                                      lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, seed=cfg.seed)
         run.save(dict(meta, format=checkpoints.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
     else:
-        view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, image_size))
+        loader, loss_fn, evaluate = transfer_objective(cfg, model, task, augmentation, rt, image_size,
+                                                       shared_features)
         schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay, log_every=cfg.log_every)
-        if cfg.mode == "linear-aug":
-            loader = AugmentedFeatures(model, task.train, view, cfg.batch_size, rt, cfg.seed,
-                                       varies=augmentation is not None, shared=shared_features,
-                                       compile=train.resolve_compile(cfg.compile, dev, cfg.epochs * len(task.train)))
-            loss_fn = lambda h, y, g: F.cross_entropy(model.classify(h).float(), y)  # noqa: E731
-            val = train.extract_features(model.base, task.val, rt, size=image_size)
-            evaluate = torch.no_grad()(lambda: dict(val_top1=train.accuracy_report(
-                model.classify(val), task.val.labels, task.classes)["top1"]))
-        else:
-            loader = data.BatchLoader(task.train, cfg.batch_size, dev, shuffle=True, drop_last=True, seed=cfg.seed)
-            step_model = train.compiled(model, train.resolve_compile(cfg.compile, dev,
-                                                                     cfg.epochs * len(loader) * cfg.batch_size))
-            loss_fn = train.supervised_loss_fn(step_model, view)
-            evaluate = lambda: dict(val_top1=train.evaluate_classifier(  # noqa: E731
-                model, task.val, rt, size=image_size)["top1"])
+                                  weight_decay=cfg.weight_decay, log_every=cfg.log_every)
         train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta, evaluate=evaluate,
                   select="val_top1", desc=f"transfer {cfg.mode} {task.name}")
-        best, _ = checkpoints.load_classifier(run.path / "best.pt", task.num_classes)
-        best = best.to(dev)
-        reports = {name: train.evaluate_classifier(best, split, rt, size=image_size)
-                   for name, split in (("val", task.val), ("test", task.test))}
-        for r in reports.values():
-            r.pop("predictions")
+        reports = best_reports(run, task, rt, image_size)
     if frozen is not None:
-        train.check_frozen(frozen, frozen_parts)
+        train.check_frozen(*frozen)
+    return report(run, cfg, task, config["augmentation"], reports)
+
+
+def report(run: checkpoints.RunFolder, cfg: TransferConfig, task: data.TaskData, augmentation: str,
+           reports: dict) -> dict:
+    """The val and test reports written to results.json, and the closing line on stderr: top-1,
+    top-5 and the three weakest classes on test."""
     result = dict(task=task.name, mode=cfg.mode, preset=cfg.preset, source=str(cfg.source), classes=task.num_classes,
-                  augmentation=described, best=str(run.path / "best.pt"), **reports)
+                  augmentation=augmentation, best=str(run.path / "best.pt"), **reports)
     checkpoints.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     test = reports["test"]
     top5 = f", top-5 {test['top5']:.4f}" if "top5" in test else ""
@@ -306,6 +356,23 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
 
 # ----------------------------------------------------------------------------------------------
 # Utilities: extract features or predictions for a folder, export an encoder
+
+
+def refuse_existing(files: Iterable[Path], overwrite: bool) -> None:
+    """Refuse to replace an output file unless `overwrite`."""
+    for f in files:
+        if f.exists() and not overwrite:
+            raise UserError(f"'{f}' exists already. Pass --overwrite to replace it, or choose another --out.")
+
+
+def network_for(enc: checkpoints.Encoder, what: str, dev: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """What extract runs on the images, in eval mode on `dev`: a classifier's logits or features,
+    or the encoder's features (after its head layers where enc has some)."""
+    if enc.classifier is not None:
+        net = enc.classifier.to(dev).eval()
+        return net if what == "predictions" else net.features
+    net, _ = checkpoints.classifier_for(enc, 1)  # the fc is never used: features only
+    return net.to(dev).eval().base
 
 
 def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.PathLike, *,
@@ -322,28 +389,19 @@ def extract(source: str | os.PathLike, images: str | os.PathLike, out: str | os.
     train.check_positive(batch_size=batch_size, image_size=image_size)
     out = Path(out)
     npy, index = out.with_name(out.name + ".npy"), out.with_name(out.name + ".json")
-    for f in (npy, index):
-        if f.exists() and not overwrite:
-            raise UserError(f"'{f}' exists already. Pass --overwrite to replace it, or choose another --out.")
+    refuse_existing((npy, index), overwrite)
     enc = checkpoints.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize,
-                             head_layer=head_layer)
+                                   head_layer=head_layer)
     if what == "predictions" and enc.classifier is None:
         raise UserError(f"--what predictions needs a classifier checkpoint (best.pt of a finetune, distill or "
                         f"transfer run); '{source}' is a {enc.kind} encoder. Use --what features.")
     rt = train.runtime(device)
-    dev = rt.device
     image_size = image_size or enc.image_size
     train.check_input_size(enc.arch["encoder"], image_size)
     pixels, files = sources.load_folder_images(images, image_size, cache_dir=cache_dir, skip_bad=skip_bad)
     folder = data.ImageSet(pixels, None, [])
-    if enc.classifier is not None:
-        net = enc.classifier.to(dev).eval()
-        fn = net if what == "predictions" else net.features
-    else:
-        net, _ = checkpoints.classifier_for(enc, 1)  # the fc is never used: features only
-        net = net.to(dev).eval()
-        fn = net.base
-    values = train.extract_features(fn, folder, rt, batch_size, size=image_size, desc="extract").cpu().numpy()
+    values = train.extract_features(network_for(enc, what, rt.device), folder, rt, batch_size, size=image_size,
+                                    desc="extract").cpu().numpy()
     record = dict(source=str(source), images=str(images), what=what, shape=list(values.shape), image_size=image_size,
                   mean=enc.mean, std=enc.std, files=list(files))
     if what == "predictions":
@@ -366,9 +424,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, arch: str | Non
     layers are not part of the export."""
     out = Path(out)
     side = Path(str(out) + ".json")
-    for f in (out, side):
-        if f.exists() and not overwrite:
-            raise UserError(f"'{f}' exists already. Pass --overwrite to replace it, or choose another --out.")
+    refuse_existing((out, side), overwrite)
     enc = checkpoints.load_encoder(source, arch=arch, width=width, cifar_stem=cifar_stem, normalize=normalize)
     state = {k: v.detach().cpu().clone() for k, v in enc.encoder.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
