@@ -431,24 +431,36 @@ class Pipeline:
         (out / "stages").mkdir(parents=True, exist_ok=True)
         (out / "runs").mkdir(exist_ok=True)
         self.records: dict[str, dict] = {}
+        self.results: dict[str, dict] = {}  # results.json's 'runs'
         self.bar = tqdm(total=total, desc="run_all", unit="stage", position=0, dynamic_ncols=True)
 
-    def run(self, name: str, fn: Callable[[Path, bool], dict]) -> dict:
+    def run(self, name: str, fn: Callable[[Path, bool], dict], key: str | None = None) -> dict:
+        """Stage `name`'s result, also kept in `results` under `key` (default: `name`)."""
         # A study's dataset may be a folder path: its separators must not become folders here.
         file_name = re.sub(r"[^\w.+-]", "_", name)
         record_path = self.out / "stages" / f"{file_name}.json"
         self.bar.set_postfix_str(name)
-        if self.resume and record_path.exists():
-            try:
-                record = json.loads(record_path.read_text())
-            except (OSError, json.JSONDecodeError):
-                record = None  # a damaged record means the stage did not finish: run it again
-            if record is not None and record.get("name") == name:
-                record["reused"] = True
-                self.records[name] = record
-                self.bar.update(1)
-                return record["result"]
-        folder = self.out / "runs" / file_name
+        record = self._finished(name, record_path) if self.resume else None
+        if record is None:
+            record = self._execute(name, fn, self.out / "runs" / file_name, record_path)
+        self.records[name] = record
+        self.results[key or name] = record["result"]
+        self.bar.update(1)
+        return record["result"]
+
+    @staticmethod
+    def _finished(name: str, record_path: Path) -> dict | None:
+        """The record of stage `name` from an earlier run of this folder, or None when it did not finish."""
+        if not record_path.exists():
+            return None
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # a damaged record means the stage did not finish: run it again
+        return dict(record, reused=True) if record.get("name") == name else None
+
+    def _execute(self, name: str, fn: Callable[[Path, bool], dict], folder: Path, record_path: Path) -> dict:
+        """Run the stage in its folder (continuing from its checkpoint when resuming), then write its record."""
         sub_resume = self.resume and (folder / "checkpoint.pt").exists()
         start = time.perf_counter()
         with _part(f"in stage '{name}'"):
@@ -456,9 +468,7 @@ class Pipeline:
         record = dict(name=name, result=result, wall_s=round(time.perf_counter() - start, 2),
                       finished=datetime.now(timezone.utc).isoformat(timespec="seconds"), resumed=sub_resume)
         checkpoints.atomic_write_text(json.dumps(record, indent=2) + "\n", record_path)
-        self.records[name] = dict(record, reused=False)
-        self.bar.update(1)
-        return result
+        return dict(record, reused=False)
 
     def close(self) -> None:
         self.bar.close()
@@ -593,6 +603,12 @@ def _verdict_text(v: str, pairs: Sequence[tuple[Sequence[float], Sequence[float]
     return f"**{v}**"
 
 
+def _judge(pairs: Sequence[tuple[Sequence[float], Sequence[float]]], n_seeds: int) -> dict:
+    """A claim's verdict over seeds, whether its ordering holds in the mean, and how results.md says it."""
+    v = combine([verdict(h, l) for h, l in pairs])
+    return dict(verdict=v, ordering_in_mean=_in_mean(pairs), text=_verdict_text(v, pairs, n_seeds))
+
+
 @_part("while summarising the stages")
 def summarise(runs: dict, mapping: dict, tasks: dict[str, data.TaskData], seeds: list[int]) -> dict:
     """Per-seed numbers -> the three tables (lists over seeds) and a verdict per claim."""
@@ -624,12 +640,8 @@ def summarise(runs: dict, mapping: dict, tasks: dict[str, data.TaskData], seeds:
         claims4[f"more classes gain more from batch {big} over {small} ({_display(study3[-1])} vs "
                 f"{_display(study3[0])})"] = \
             [(gain[study3[-1]], gain[study3[0]])]
-    verdicts = {}
-    for study, claims in (("study1", claims1), ("study2", claims2), ("study3", claims4)):
-        verdicts[study] = {name: dict(verdict=combine([verdict(h, l) for h, l in pairs]),
-                                      ordering_in_mean=_in_mean(pairs), text=_verdict_text(
-                                          combine([verdict(h, l) for h, l in pairs]), pairs, n))
-                           for name, pairs in claims.items()}
+    verdicts = {study: {name: _judge(pairs, n) for name, pairs in claims.items()}
+                for study, claims in (("study1", claims1), ("study2", claims2), ("study3", claims4))}
     return dict(table1=t1, table2=t2, table4={t: {str(b): v for b, v in d.items()} for t, d in t4.items()},
                 study3_tasks=study3, batch_sizes=batch_sizes, verdicts=verdicts)
 
@@ -661,6 +673,21 @@ def _pretraining_views(meta: dict) -> str:
 
 
 def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData], mapping: dict, runs: dict) -> str:
+    """results.md: how the run was made, then each study's table beside the paper's numbers, with its verdicts."""
+    lines = [*_overview(meta, mapping), *_study1_section(summary, meta, tasks[mapping["study1"]], runs),
+             *_study2_section(summary, meta, tasks[mapping["study2"]], runs),
+             *_study3_section(summary, meta, tasks, mapping["pool"], runs),
+             "", "Figures: figure2.png (Study 1), figure6.png (Study 3). Every number: results.json.", ""]
+    return "\n".join(lines)
+
+
+def _claims(summary: dict, study: str) -> list[str]:
+    """A study's verdicts, one line per claim."""
+    return [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"][study].items()]
+
+
+def _overview(meta: dict, mapping: dict) -> list[str]:
+    """The title, where and how the run ran, the verdict rule and the encoder the studies start from."""
     n = len(meta["seeds"])
     spread = f"mean ± std over {n} seeds" if n > 1 else "one seed"
     lines = [f"# The seed paper's three studies, reproduced ({meta['preset']} preset)", "",
@@ -678,49 +705,57 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
         lines += [f"Pretraining check: kNN top-1 on {_display(pre.get('task') or mapping['study1'])} val "
                   f"{pre['knn_top1']:.3f} with "
                   f"this encoder vs {pre['knn_top1_random_encoder']:.3f} with a random one."]
-    lines += [""]
-    t1 = tasks[mapping["study1"]]
-    lines += ["## Study 1: augmentation during fine-tuning (their Table 1, Figure 2)", "",
-              f"Whole network fine-tuned from the pretrained checkpoint on {_display(t1.name)} "
-              f"({t1.num_classes} classes, "
-              f"{len(t1.train)} training labels, chance {1 / t1.num_classes:.3f}); test top-1 of the best-val epoch. "
-              + _pretraining_views(meta) + " Operations of the 'all' row: "
-              + _operations(runs, [f"seed{s}-study1-all" for s in meta["seeds"]]) + ".", "",
-              "| operations used while fine-tuning | paper (tf_flowers) | here |", "|---|---|---|"]
+    return [*lines, ""]
+
+
+def _study1_section(summary: dict, meta: dict, task: data.TaskData, runs: dict) -> list[str]:
+    """Table 1: test top-1 per augmentation setting of the fine-tuning, beside the paper's."""
+    lines = ["## Study 1: augmentation during fine-tuning (their Table 1, Figure 2)", "",
+             f"Whole network fine-tuned from the pretrained checkpoint on {_display(task.name)} "
+             f"({task.num_classes} classes, "
+             f"{len(task.train)} training labels, chance {1 / task.num_classes:.3f}); test top-1 of the best-val epoch. "
+             + _pretraining_views(meta) + " Operations of the 'all' row: "
+             + _operations(runs, [f"seed{s}-study1-all" for s in meta["seeds"]]) + ".", "",
+             "| operations used while fine-tuning | paper (tf_flowers) | here |", "|---|---|---|"]
     lines += [f"| {label} | {PAPER_TABLE1[key]:.3f} | {_fmt(summary['table1'][key])} |"
               for key, label, _ in STUDY1_ROWS]
-    lines += [""] + [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"]["study1"].items()]
     singles = [statistics.fmean(summary["table1"][k]) for k in ("crop", "flip", "color")]
-    lines += [f"- 'Each single operation helps about equally': here the three single-operation rows span "
-              f"{max(singles) - min(singles):.3f} (paper: 0.002).", ""]
-    t2 = tasks[mapping["study2"]]
-    rows2 = summary["table2"]
-    teacher = meta["teacher"]
-    lines += ["## Study 2: teacher and student architecture in distillation (their Table 2)", "",
-              f"Teacher: {teacher}. Soft labels only (alpha = 1, temperature 1), distilled on {_display(t2.name)}'s "
-              "training "
-              f"images with their labels hidden; test top-1 of the best-val epoch (chance {1 / t2.num_classes:.3f}). "
-              f"Frozen: a SimCLR-pretrained base of the student's architecture (ResNet: {meta['encoders']['resnet']}; "
-              f"VGG: {meta['encoders']['vgg']}; the ResNet base from another seed than the teacher's encoder) with "
-              "trainable dense layers, as the paper. Scratch: the whole "
-              "student trained from random initialisation (extra rows). Student views: frozen "
-              + _operations(runs, [n for n in runs if "-study2-frozen-" in n]) + ", scratch "
-              + _operations(runs, [n for n in runs if "-study2-scratch-" in n]) + ".", "",
-              "| student | teacher | mode | paper | student | teacher | agreement |", "|---|---|---|---|---|---|---|"]
+    return [*lines, "", *_claims(summary, "study1"),
+            f"- 'Each single operation helps about equally': here the three single-operation rows span "
+            f"{max(singles) - min(singles):.3f} (paper: 0.002).", ""]
+
+
+def _study2_section(summary: dict, meta: dict, task: data.TaskData, runs: dict) -> list[str]:
+    """Table 2: each student's test top-1 and agreement with the teacher, beside the paper's."""
+    lines = ["## Study 2: teacher and student architecture in distillation (their Table 2)", "",
+             f"Teacher: {meta['teacher']}. Soft labels only (alpha = 1, temperature 1), distilled on "
+             f"{_display(task.name)}'s training "
+             f"images with their labels hidden; test top-1 of the best-val epoch (chance {1 / task.num_classes:.3f}). "
+             f"Frozen: a SimCLR-pretrained base of the student's architecture (ResNet: {meta['encoders']['resnet']}; "
+             f"VGG: {meta['encoders']['vgg']}; the ResNet base from another seed than the teacher's encoder) with "
+             "trainable dense layers, as the paper. Scratch: the whole "
+             "student trained from random initialisation (extra rows). Student views: frozen "
+             + _operations(runs, [n for n in runs if "-study2-frozen-" in n]) + ", scratch "
+             + _operations(runs, [n for n in runs if "-study2-scratch-" in n]) + ".", "",
+             "| student | teacher | mode | paper | student | teacher | agreement |", "|---|---|---|---|---|---|---|"]
     for mode, family in STUDY2_ROWS:
-        r = rows2[f"{mode}-{family}"]
+        r = summary["table2"][f"{mode}-{family}"]
         paper = f"{PAPER_TABLE2[family]:.2f}" if mode == "frozen" else "-"
         lines.append(f"| {r['arch']} | {meta['teacher_arch']} | {mode} | {paper} | {_fmt(r['student'])} | "
                      f"{_fmt(r['teacher'])} | {_fmt(r['agreement'])} |")
-    lines += [""] + [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"]["study2"].items()] + [""]
-    lines += ["## Study 3: transfer to tasks with different numbers of classes (their Table 4, Figure 6)", "",
-              "A linear layer on the frozen pretrained encoder, random crop + flip "
-              f"({_operations(runs, [n for n in runs if '-study3-' in n])}), lr "
-              f"{meta['probe']['lr']}, no weight decay, {meta['probe']['epochs']} epochs for every batch size; "
-              "test top-1 of the best-val epoch.", ""]
+    return [*lines, "", *_claims(summary, "study2"), ""]
+
+
+def _study3_section(summary: dict, meta: dict, tasks: dict[str, data.TaskData], pool: str, runs: dict) -> list[str]:
+    """Table 4: the linear probe's test top-1 per task and batch size, beside the paper's at batch 64."""
     bs = summary["batch_sizes"]
-    lines += ["| dataset | classes | train / val / test | image size | chance | paper dataset | paper (batch 64) | "
-              + " | ".join(f"here (batch {b})" for b in bs) + " |", "|---" * (7 + len(bs)) + "|"]
+    lines = ["## Study 3: transfer to tasks with different numbers of classes (their Table 4, Figure 6)", "",
+             "A linear layer on the frozen pretrained encoder, random crop + flip "
+             f"({_operations(runs, [n for n in runs if '-study3-' in n])}), lr "
+             f"{meta['probe']['lr']}, no weight decay, {meta['probe']['epochs']} epochs for every batch size; "
+             "test top-1 of the best-val epoch.", "",
+             "| dataset | classes | train / val / test | image size | chance | paper dataset | paper (batch 64) | "
+             + " | ".join(f"here (batch {b})" for b in bs) + " |", "|---" * (7 + len(bs)) + "|"]
     for name in summary["study3_tasks"]:
         task = tasks[name]
         paper = PAPER_TABLE4.get(task.num_classes)
@@ -728,13 +763,12 @@ def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData],
                      f"{meta['image_size']} | {1 / task.num_classes:.3f} | "
                      f"{paper[0] if paper else '-'} | {f'{paper[1]:.3f}' if paper else '-'} | "
                      + " | ".join(_fmt(summary["table4"][name][str(b)]) for b in bs) + " |")
-    lines += [""] + [f"- Claim '{c}': {v['text']}." for c, v in summary["verdicts"]["study3"].items()]
-    own = [_display(t) for t in summary["study3_tasks"] if data.split_classes(t)[0] == mapping["pool"]]
+    lines += ["", *_claims(summary, "study3")]
+    own = [_display(t) for t in summary["study3_tasks"] if data.split_classes(t)[0] == pool]
     if own:
         lines += [f"- {', '.join(own)}: from the dataset the encoder was pretrained on (without labels): "
                   "in-domain linear evaluation, not transfer to a new dataset."]
-    lines += ["", "Figures: figure2.png (Study 1), figure6.png (Study 3). Every number: results.json.", ""]
-    return "\n".join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------
@@ -750,53 +784,71 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+# A chart's canvas (width, height) and the margins around its plot area, in pixels.
+_CANVAS, _LEFT, _RIGHT, _TOP, _BOTTOM = (960, 580), 90, 30, 90, 100
+_PLOT_W, _PLOT_H = _CANVAS[0] - _LEFT - _RIGHT, _CANVAS[1] - _TOP - _BOTTOM
+
+
+def _row(v: float) -> float:
+    """The pixel row of an accuracy in [0, 1]."""
+    return _TOP + (1.0 - v) * _PLOT_H
+
+
 def draw_chart(path: Path, title: str, xlabel: str, categories: Sequence[str],
                series: Sequence[tuple[str, tuple[int, int, int], Sequence[float], Sequence[float] | None]],
                kind: str = "bar", ylabel: str = "test top-1 accuracy", marker: int = 5) -> None:
     """A value in 0..1 (y) per category: grouped bars, or lines with markers; error bars where given.
 
     series: (label, RGB colour, values per category (nan: missing), standard deviations or None)."""
-    w, h, left, right, top, bottom = 960, 580, 90, 30, 90, 100
-    img = Image.new("RGB", (w, h), "white")
+    img = Image.new("RGB", _CANVAS, "white")
     d = ImageDraw.Draw(img)
-    font, small = _font(18), _font(14)
-    pw, ph = w - left - right, h - top - bottom
-    y_of = lambda v: top + (1.0 - v) * ph  # noqa: E731 - accuracy in [0, 1] to a pixel row
-    d.text((w // 2, 22), title, fill="black", font=font, anchor="mm")
-    for k in range(6):
-        d.line([(left, y_of(k / 5)), (w - right, y_of(k / 5))], fill=(225, 225, 225))
-        d.text((left - 8, y_of(k / 5)), f"{k / 5:.1f}", fill="black", font=small, anchor="rm")
-    d.line([(left, top), (left, top + ph), (w - right, top + ph)], fill="black", width=2)
-    cw = pw / len(categories)
-    for i, c in enumerate(categories):
-        d.multiline_text((left + (i + 0.5) * cw, top + ph + 10), c, fill="black", font=small, anchor="ma",
-                         align="center")
-    d.text((left + pw / 2, h - 20), xlabel, fill="black", font=font, anchor="mm")
-    label = Image.new("RGB", (ph, 30), "white")
-    ImageDraw.Draw(label).text((ph // 2, 15), ylabel, fill="black", font=font, anchor="mm")
-    img.paste(label.rotate(90, expand=True), (8, top))
-    bw, legend_x = cw * 0.8 / len(series), left
+    _draw_frame(img, d, title, xlabel, ylabel, categories)
+    small, cw = _font(14), _PLOT_W / len(categories)
+    bw, legend_x = cw * 0.8 / len(series), _LEFT
     for j, (name, colour, values, errors) in enumerate(series):
-        points = []
-        for i, v in enumerate(values):
-            if v is None or not math.isfinite(v):
-                continue
-            x = left + (i + 0.5) * cw + ((j - (len(series) - 1) / 2) * bw if kind == "bar" else 0)
-            if kind == "bar":
-                d.rectangle([x - bw / 2 + 2, y_of(v), x + bw / 2 - 2, y_of(0)], fill=colour)
-            else:
-                points.append((x, y_of(v)))
-                d.ellipse([x - marker, y_of(v) - marker, x + marker, y_of(v) + marker], fill=colour)
-            if errors is not None and errors[i]:
-                lo, hi = y_of(max(0.0, v - errors[i])), y_of(min(1.0, v + errors[i]))
-                for seg in ([(x, lo), (x, hi)], [(x - 5, lo), (x + 5, lo)], [(x - 5, hi), (x + 5, hi)]):
-                    d.line(seg, fill="black", width=2)
-        if len(points) > 1:
+        shift = (j - (len(series) - 1) / 2) * bw if kind == "bar" else 0
+        points = [_draw_value(d, _LEFT + (i + 0.5) * cw + shift, v, errors[i] if errors is not None else None,
+                              colour, bw if kind == "bar" else None, marker)
+                  for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+        if kind != "bar" and len(points) > 1:
             d.line(points, fill=colour, width=3)
         d.rectangle([legend_x, 50, legend_x + 16, 66], fill=colour)  # legend: one row under the title
         d.text((legend_x + 22, 58), name, fill="black", font=small, anchor="lm")
         legend_x += 22 + d.textlength(name, font=small) + 30
     checkpoints.atomic_write(path, lambda f: img.save(f, format="PNG"))
+
+
+def _draw_frame(img: Image.Image, d: ImageDraw.ImageDraw, title: str, xlabel: str, ylabel: str,
+                categories: Sequence[str]) -> None:
+    """The title, the grid, both axes and their labels (the y axis's label reads upwards)."""
+    (w, h), font, small = _CANVAS, _font(18), _font(14)
+    d.text((w // 2, 22), title, fill="black", font=font, anchor="mm")
+    for k in range(6):
+        d.line([(_LEFT, _row(k / 5)), (w - _RIGHT, _row(k / 5))], fill=(225, 225, 225))
+        d.text((_LEFT - 8, _row(k / 5)), f"{k / 5:.1f}", fill="black", font=small, anchor="rm")
+    d.line([(_LEFT, _TOP), (_LEFT, _TOP + _PLOT_H), (w - _RIGHT, _TOP + _PLOT_H)], fill="black", width=2)
+    cw = _PLOT_W / len(categories)
+    for i, c in enumerate(categories):
+        d.multiline_text((_LEFT + (i + 0.5) * cw, _TOP + _PLOT_H + 10), c, fill="black", font=small, anchor="ma",
+                         align="center")
+    d.text((_LEFT + _PLOT_W / 2, h - 20), xlabel, fill="black", font=font, anchor="mm")
+    label = Image.new("RGB", (_PLOT_H, 30), "white")
+    ImageDraw.Draw(label).text((_PLOT_H // 2, 15), ylabel, fill="black", font=font, anchor="mm")
+    img.paste(label.rotate(90, expand=True), (8, _TOP))
+
+
+def _draw_value(d: ImageDraw.ImageDraw, x: float, v: float, error: float | None, colour: tuple[int, int, int],
+                bar_width: float | None, marker: int) -> tuple[float, float]:
+    """One value at column x: a bar (bar_width given) or a marker, with its error bar; returns its point."""
+    if bar_width is not None:
+        d.rectangle([x - bar_width / 2 + 2, _row(v), x + bar_width / 2 - 2, _row(0)], fill=colour)
+    else:
+        d.ellipse([x - marker, _row(v) - marker, x + marker, _row(v) + marker], fill=colour)
+    if error:
+        lo, hi = _row(max(0.0, v - error)), _row(min(1.0, v + error))
+        for seg in ([(x, lo), (x, hi)], [(x - 5, lo), (x + 5, lo)], [(x - 5, hi), (x + 5, hi)]):
+            d.line(seg, fill="black", width=2)
+    return x, _row(v)
 
 
 @_part("while drawing the figures")
@@ -923,14 +975,13 @@ def pretraining_log(checkpoint: str) -> tuple[list[dict], int, str] | None:
     return None
 
 
-def encoder_check_stage(checkpoint: str, task_name: str, image_size: int, seed: int, device: str, precision: str,
-                        knn_k: int, eval_images: int | None, root: str | None,
+def encoder_check_stage(checkpoint: str, task_name: str, image_size: int, seed: int, rt: train.Runtime, knn_k: int,
+                        eval_images: int | None, root: str | None,
                         cache_dir: str | None) -> Callable[[Path, bool], dict]:
     """The pretraining check for an encoder made elsewhere (released or --pretrained): the kNN
     monitor of simclr.pretrain (bank: the task's train split, queries: its val split), beside a
     random encoder of the same architecture."""
     def run(folder: Path, resume: bool) -> dict:
-        rt = train.runtime(device, precision)
         model, ckpt = checkpoints.load_pretrained(checkpoint)
         sizes = dict(n_train=eval_images) if eval_images and task_name in data.EMBEDDED_TASKS else {}
         task = data.load_task(task_name, image_size=image_size, root=root, seed=seed, cache_dir=cache_dir, **sizes)
@@ -952,120 +1003,222 @@ def choose_encoders(p: dict, from_scratch: bool, pretrained: str | None, bases: 
     return teacher, chosen
 
 
-def run_all(preset: str = "default", out: str | os.PathLike = "runs/run_all", *, data_spec: str | None = None,
-            seed: int = 0, seeds: int | None = None, device: str = "auto", precision: str = "auto",
-            compile: str = "auto", pretrained: str | None = None, resnet_base: str | None = None, vgg_base: str | None = None,
-            from_scratch: bool = False, resume: bool = False, overwrite: bool = False, root: str | None = None,
-            cache_dir: str | None = None, download: bool | None = None, skip_bad: bool = False,
+@dataclasses.dataclass
+class RunAllConfig(options.StageConfig):
+    """run_all's options: the preset, the datasets of each study, the seeds and the encoders the
+    studies start from; StageConfig's shared options with --seed as the first of the seeds."""
+    preset: str = options.option("default", "default: cuda on a GPU, cpu otherwise; tiny: seconds (tests); cifar: real "
+                                 "photos on a CPU (needs CIFAR-10 under --root); paper: the seed paper's settings",
+                                 choices=list(PRESET_CHOICES))
+    data_spec: str | None = options.option(None, "study-to-dataset map, e.g. study1=tf_flowers,study3=a:b:c "
+                                           "(see below)", flags=["--data"], metavar="DATA")
+    seeds: int | None = options.option(None, "seeds per study, mean ± std (default: the preset's: 3, 1 for tiny and "
+                                       "paper on CPU)", allowed=options.AT_LEAST_1)
+    compile: str = options.option("auto", "torch.compile the training steps: auto compiles a network on a CPU when its "
+                                  f"runs together train on at least {train.COMPILE_MIN_IMAGES:,} images (Study 1's "
+                                  "fine-tunes in the cpu preset), as each compile is shared by the later runs",
+                                  choices=list(train.COMPILE_CHOICES))
+    pretrained: str | None = options.option(None, "the SimCLR pretraining checkpoint the studies start from "
+                                            "(default: the released encoder for the cpu and cifar presets, else "
+                                            "pretrained in the run)")
+    resnet_base: str | None = options.option(None, "pretraining checkpoint of Study 2's frozen ResNet student "
+                                             "(default: released with the released encoder, else pretrained in the "
+                                             "run)")
+    vgg_base: str | None = options.option(None, "the same for the frozen VGG student")
+    from_scratch: bool = options.option(False, "pretrain every encoder inside the run instead of starting from the "
+                                        "released ones (the cuda and paper presets always do, unless given files)",
+                                        flag=True)
+    download: bool | None = options.option(None, "download named datasets that are missing (default: on for --preset "
+                                           "paper)")
+    seed: int = options.option(0, "first seed; seed k is SEED + k", allowed=options.NON_NEGATIVE)
+
+
+@dataclasses.dataclass
+class Plan:
+    """What run_all decides before it touches the run folder (plan_run); every stage reads it."""
+    cfg: RunAllConfig
+    rt: train.Runtime
+    preset: str                  # resolved: never 'default'
+    values: dict                 # a copy of the preset; its stage configs get this run's precision and compile
+    mapping: dict                # the dataset of each study (parse_data)
+    seeds: list[int]
+    teacher: str | None          # the encoder the studies start from; None: SimCLR-pretrained in the run
+    bases: dict[str, str | None]  # Study 2's frozen student bases by family; None: pretrained in the run
+    download: bool
+
+    @property
+    def device(self) -> str:
+        """The device as the stage configs name it."""
+        return str(self.rt.device)
+
+    @property
+    def separate_teacher(self) -> bool:
+        """Study 2 on another task than Study 1: its teacher cannot be Study 1's 'all' row."""
+        return self.mapping["study2"] != self.mapping["study1"]
+
+    @property
+    def knn_task(self) -> str | None:
+        """The task whose val split the encoder's kNN check runs on, or None for no check."""
+        return (self.mapping["study1"] if self.values["knn_check"] is True else self.values["knn_check"]) or None
+
+    def task_names(self) -> list[str]:
+        """Every labeled task of the three studies (load_tasks loads each once)."""
+        return [self.mapping["study1"], self.mapping["study2"], *self.mapping["study3"]]
+
+    def settings(self) -> dict:
+        """What the run folder's config.json records and --resume compares (prepare_folder)."""
+        return as_json(dict(preset=self.preset, values=self.values, data=self.mapping, seeds=self.seeds,
+                            device=self.device, precision=self.rt.precision, pretrained=self.teacher, bases=self.bases,
+                            skip_bad=self.cfg.skip_bad))
+
+
+def plan_run(cfg: RunAllConfig) -> Plan:
+    """The options checked, device and precision resolved once, then the preset, the datasets, the
+    seeds and the encoders to start from."""
+    options.validate(cfg)
+    rt = train.runtime(cfg.device, cfg.precision)
+    preset, values = resolve_preset(cfg.preset, rt.device)
+    for key in ("pretrain", "finetune", "distill", "probe"):
+        values[key] = dataclasses.replace(values[key], precision=rt.precision)
+    mapping = with_optional_study3(parse_data(cfg.data_spec, values["data"]), values, cfg.root)
+    n_seeds = cfg.seeds if cfg.seeds is not None else values["seeds_cuda" if rt.device.type == "cuda" else "seeds_cpu"]
+    teacher, bases = choose_encoders(values, cfg.from_scratch, cfg.pretrained,
+                                     dict(resnet=cfg.resnet_base, vgg=cfg.vgg_base))
+    return Plan(cfg, rt, preset, values, mapping, seeds=[cfg.seed + k for k in range(n_seeds)], teacher=teacher,
+                bases=bases, download=preset == "paper" if cfg.download is None else cfg.download)
+
+
+def choose_compile(plan: Plan, tasks: dict[str, data.TaskData]) -> None:
+    """Each stage config's compile setting. A compiled step is shared by every later run of the same
+    network in this process, so 'auto' weighs the compile cost against all the images a group of
+    such runs trains on. Pretraining weighs its own."""
+    values, n, mapping, setting = plan.values, len(plan.seeds), plan.mapping, plan.cfg.compile
+    groups = {"finetune": (n * len(STUDY1_ROWS), values["finetune"].epochs, [mapping["study1"]]),
+              "distill": (n, values["distill"].epochs or distill.PRESETS[values["distill"].preset]["epochs"],
+                          [mapping["study2"]]),
+              "probe": (n, values["probe"].epochs, mapping["study3"])}
+    for key, (runs, epochs, names) in groups.items():
+        images = runs * epochs * sum(len(tasks[t].train) for t in names)
+        compiled = train.resolve_compile(setting, plan.rt.device, images)
+        values[key] = dataclasses.replace(values[key], compile="on" if compiled else "off")
+    values["pretrain"] = dataclasses.replace(values["pretrain"], compile=setting)
+
+
+def count_stages(plan: Plan) -> int:
+    """The progress bar's total: the encoder's stage, the student bases pretrained here, each seed's studies."""
+    per_seed = (len(STUDY1_ROWS) + plan.separate_teacher + len(STUDY2_ROWS)
+                + len(plan.mapping["study3"]) * len(plan.values["probe_batch_sizes"]))
+    return 1 + sum(b is None for b in plan.bases.values()) + len(plan.seeds) * per_seed
+
+
+def run_all(cfg: RunAllConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
             command: str = "") -> dict:
     """Encoders (released, given or pretrained here), the three studies for each seed, then
-    results.json / results.md / figures in `out`."""
-    start = time.perf_counter()
-    dev = train.select_device(device)
-    precision = train.resolve_precision(precision, dev)
-    preset_name, p = resolve_preset(preset, dev)
-    for key in ("pretrain", "finetune", "distill", "probe"):
-        p[key] = dataclasses.replace(p[key], precision=precision)
-    mapping = with_optional_study3(parse_data(data_spec, p["data"]), p, root)
-    n_seeds = seeds if seeds is not None else p["seeds_cuda" if dev.type == "cuda" else "seeds_cpu"]
-    if n_seeds < 1:
-        raise UserError(f"--seeds must be at least 1; got {n_seeds}.")
-    seed_list = [seed + k for k in range(n_seeds)]
-    download = preset_name == "paper" if download is None else download
-    checkpoint, bases = choose_encoders(p, from_scratch, pretrained, dict(resnet=resnet_base, vgg=vgg_base))
-    out = Path(out)
-    settings = as_json(dict(preset=preset_name, values=p, data=mapping, seeds=seed_list, device=str(dev),
-                            precision=precision, pretrained=checkpoint, bases=bases, skip_bad=skip_bad))
+    results.json / results.md / figures in `out`; `command` is the command line results.md quotes."""
+    start, out = time.perf_counter(), Path(out)
+    plan = plan_run(cfg)
+    settings = plan.settings()
     folder = prepare_folder(out, settings, resume, overwrite)
-
-    size = p["image_size"]
-    train.seed_everything(seed)
-    tasks = load_tasks([mapping["study1"], mapping["study2"], *mapping["study3"]], size, p["tasks"], seed, root,
-                       cache_dir, download, skip_bad)
-    # A compiled step is shared by every later run of the same network in this process, so 'auto'
-    # weighs the compile cost against all the images a group of such runs trains on.
-    group = lambda runs, cfg, task: "on" if train.resolve_compile(  # noqa: E731
-        compile, dev, runs * cfg.epochs * len(tasks[task].train)) else "off"
-    p["finetune"] = dataclasses.replace(p["finetune"], compile=group(n_seeds * len(STUDY1_ROWS), p["finetune"],
-                                                                     mapping["study1"]))
-    distill_epochs = p["distill"].epochs or distill.PRESETS[p["distill"].preset]["epochs"]
-    p["distill"] = dataclasses.replace(p["distill"], compile=group(
-        n_seeds, dataclasses.replace(p["distill"], epochs=distill_epochs), mapping["study2"]))
-    probe_images = sum(len(tasks[t].train) for t in mapping["study3"]) * n_seeds * p["probe"].epochs
-    p["probe"] = dataclasses.replace(p["probe"], compile="on" if train.resolve_compile(compile, dev, probe_images)
-                                     else "off")
-    pre_cfg = p["pretrain"] = dataclasses.replace(p["pretrain"], compile=compile)
-    res_arch = pretrained_arch(checkpoint) if checkpoint is not None else pre_cfg.model
-    separate_teacher = mapping["study2"] != mapping["study1"]
-    n_stages = (1 + sum(b is None for b in bases.values()) + n_seeds * (
-        len(STUDY1_ROWS) + separate_teacher + len(STUDY2_ROWS) + len(mapping["study3"]) * len(p["probe_batch_sizes"])))
-    pipe = Pipeline(out, resume, n_stages)
-    dev_name = str(dev)
-    runs: dict[str, dict] = {}
-    common = dict(image_size=size, n_images=p["pool_images"], device=dev_name, root=root, cache_dir=cache_dir,
-                  data_seed=seed, skip_bad=skip_bad)
-    knn_task = (mapping["study1"] if p["knn_check"] is True else p["knn_check"]) or None
-    origins = {"teacher": _encoder_origin(checkpoint), **{family: _encoder_origin(b) for family, b in bases.items()}}
-    with pipe:
-        if checkpoint is None:
-            runs["pretrain"] = pipe.run("pretrain", pretrain_stage(pre_cfg, mapping["pool"], knn_task, seed=seed,
-                                                                   **common))
-            checkpoint = runs["pretrain"]["checkpoint"]
-        elif knn_task is not None:
-            runs["pretrain"] = pipe.run("encoder-check", encoder_check_stage(
-                checkpoint, knn_task, size, seed, dev_name, precision, pre_cfg.knn_k, pre_cfg.eval_images, root,
-                cache_dir))
-        for s in seed_list:
-            for key, _, aug in STUDY1_ROWS:
-                name = f"seed{s}-study1-{key}"
-                runs[name] = pipe.run(name, finetune_stage(checkpoint, tasks[mapping["study1"]], aug, p["finetune"],
-                                                           s, dev_name))
-        encoder_ckpt = checkpoints.load_checkpoint(checkpoint)
-        # Student bases not given or released: SimCLR-pretrained here for each student architecture
-        # on the same pool with the same budget; the ResNet one from another seed, so it is not the
-        # teacher's own encoder.
+    train.seed_everything(cfg.seed)
+    tasks = load_tasks(plan.task_names(), plan.values["image_size"], plan.values["tasks"], cfg.seed, cfg.root,
+                       cfg.cache_dir, plan.download, cfg.skip_bad)
+    choose_compile(plan, tasks)
+    teacher_arch = pretrained_arch(plan.teacher) if plan.teacher is not None else plan.values["pretrain"].model
+    with Pipeline(out, resume, count_stages(plan)) as pipe:
+        encoder = encoder_stage(pipe, plan)
+        study1(pipe, plan, tasks[plan.mapping["study1"]], encoder)
+        encoder_ckpt = checkpoints.load_checkpoint(encoder)
         width = encoder_ckpt["arch"]["width"]
-        student_cfg = dataclasses.replace(pre_cfg, model=res_arch, width=width)
-        for family, arch, base_seed in (("resnet", res_arch, seed + 10_000), ("vgg", p["vgg"], seed)):
-            if bases[family] is None:
-                name = f"pretrain-student-{family}"
-                runs[name] = pipe.run(name, pretrain_stage(dataclasses.replace(student_cfg, model=arch),
-                                                           mapping["pool"], None, seed=base_seed, **common))
-                bases[family] = runs[name]["checkpoint"]
-        archs = {family: pretrained_arch(path) for family, path in bases.items()}
-        for s in seed_list:
-            if separate_teacher:
-                name = f"seed{s}-study2-teacher"
-                runs[name] = pipe.run(name, finetune_stage(checkpoint, tasks[mapping["study2"]], STUDY1_ROWS[5][2],
-                                                           p["finetune"], s, dev_name))
-            else:
-                name = f"seed{s}-study1-all"
-            teacher = runs[name]["best"]
-            for mode, family in STUDY2_ROWS:
-                name = f"seed{s}-study2-{mode}-{family}"
-                runs[name] = pipe.run(name, distill_stage(teacher, tasks[mapping["study2"]], mode, archs[family],
-                                                          width, bases[family], p["distill"],
-                                                          p["distill_augment"][mode], s, dev_name))
-        for s in seed_list:
-            for task_name in mapping["study3"]:
-                views: dict = {}
-                for b in p["probe_batch_sizes"]:
-                    name = f"seed{s}-study3-{task_name}-b{b}"
-                    runs[name] = pipe.run(name, probe_stage(checkpoint, tasks[task_name], b, p["probe"], s, dev_name,
-                                                            views))
-
-    summary = summarise(runs, mapping, tasks, seed_list)
-    teacher_desc = (f"{res_arch} fine-tuned with all three augmentations on {_display(mapping['study2'])} "
-                    + ("in its own run per seed" if separate_teacher else "(the 'all' row of Study 1, same seed)"))
-    meta = dict(preset=preset_name, seeds=seed_list, device=_device_info(dev), precision=precision, checkpoint=checkpoint,
-                augmentation=checkpoints.pretrain_augmentation(encoder_ckpt),
-                wall_s=time.perf_counter() - start, image_size=size,
-                command=command or f"run_all(preset={preset!r})", pretrain=runs.get("pretrain"), teacher=teacher_desc,
-                encoders=origins,
-                teacher_arch=res_arch, probe=as_json(p["probe"]))
-    results = write_results(out, meta, settings, mapping, tasks, pipe.records, runs, summary)
+        bases = student_bases(pipe, plan, teacher_arch, width)
+        study2(pipe, plan, tasks[plan.mapping["study2"]], encoder, bases, width)
+        study3(pipe, plan, tasks, encoder)
+    summary = summarise(pipe.results, plan.mapping, tasks, plan.seeds)
+    meta = run_meta(plan, encoder, encoder_ckpt, teacher_arch, pipe.results, start, command)
+    results = write_results(out, meta, settings, plan.mapping, tasks, pipe.records, pipe.results, summary)
     folder.close()
     return results
+
+
+def pool_pretrain_stage(plan: Plan, cfg: PretrainConfig, eval_task: str | None,
+                        seed: int) -> Callable[[Path, bool], dict]:
+    """pretrain_stage on the run's pool, the same images for every encoder (drawn from the first seed)."""
+    return pretrain_stage(cfg, plan.mapping["pool"], eval_task, image_size=plan.values["image_size"],
+                          n_images=plan.values["pool_images"], seed=seed, data_seed=plan.cfg.seed, device=plan.device,
+                          root=plan.cfg.root, cache_dir=plan.cfg.cache_dir, skip_bad=plan.cfg.skip_bad)
+
+
+def encoder_stage(pipe: Pipeline, plan: Plan) -> str:
+    """The checkpoint the studies start from: pretrained here when none is given or released, else
+    the given one, checked by kNN where the preset asks for it (both recorded as runs' 'pretrain')."""
+    pre = plan.values["pretrain"]
+    if plan.teacher is None:
+        return pipe.run("pretrain", pool_pretrain_stage(plan, pre, plan.knn_task, plan.cfg.seed))["checkpoint"]
+    if plan.knn_task is not None:
+        pipe.run("encoder-check", encoder_check_stage(plan.teacher, plan.knn_task, plan.values["image_size"],
+                                                      plan.cfg.seed, plan.rt, pre.knn_k, pre.eval_images,
+                                                      plan.cfg.root, plan.cfg.cache_dir), key="pretrain")
+    return plan.teacher
+
+
+def study1(pipe: Pipeline, plan: Plan, task: data.TaskData, encoder: str) -> None:
+    """Study 1: for each seed, the whole network fine-tuned with each augmentation row of Table 1."""
+    for s in plan.seeds:
+        for key, _, aug in STUDY1_ROWS:
+            pipe.run(f"seed{s}-study1-{key}",
+                     finetune_stage(encoder, task, aug, plan.values["finetune"], s, plan.device))
+
+
+def student_bases(pipe: Pipeline, plan: Plan, resnet_arch: str, width: float) -> dict[str, str]:
+    """Study 2's frozen student bases. Those not given or released are SimCLR-pretrained here for
+    each student architecture on the same pool with the same budget; the ResNet one from another
+    seed, so that it is not the teacher's own encoder."""
+    bases, seed = dict(plan.bases), plan.cfg.seed
+    for family, arch, base_seed in (("resnet", resnet_arch, seed + 10_000), ("vgg", plan.values["vgg"], seed)):
+        if bases[family] is None:
+            cfg = dataclasses.replace(plan.values["pretrain"], model=arch, width=width)
+            stage = pool_pretrain_stage(plan, cfg, None, base_seed)
+            bases[family] = pipe.run(f"pretrain-student-{family}", stage)["checkpoint"]
+    return bases
+
+
+def study2(pipe: Pipeline, plan: Plan, task: data.TaskData, encoder: str, bases: dict[str, str], width: float) -> None:
+    """Study 2: for each seed, a ResNet teacher (Study 1's 'all' row, or its own run when Study 2 has
+    its own task) distilled into each student of Table 2."""
+    archs = {family: pretrained_arch(path) for family, path in bases.items()}
+    for s in plan.seeds:
+        teacher_run = f"seed{s}-study1-all"
+        if plan.separate_teacher:
+            teacher_run = f"seed{s}-study2-teacher"
+            pipe.run(teacher_run, finetune_stage(encoder, task, STUDY1_ROWS[5][2], plan.values["finetune"], s,
+                                                 plan.device))
+        for mode, family in STUDY2_ROWS:
+            pipe.run(f"seed{s}-study2-{mode}-{family}", distill_stage(
+                pipe.results[teacher_run]["best"], task, mode, archs[family], width, bases[family],
+                plan.values["distill"], plan.values["distill_augment"][mode], s, plan.device))
+
+
+def study3(pipe: Pipeline, plan: Plan, tasks: dict[str, data.TaskData], encoder: str) -> None:
+    """Study 3: for each seed, a linear probe on the frozen encoder per task and batch size."""
+    for s in plan.seeds:
+        for task_name in plan.mapping["study3"]:
+            views: dict = {}  # shared by the task's batch sizes (probe_stage)
+            for b in plan.values["probe_batch_sizes"]:
+                pipe.run(f"seed{s}-study3-{task_name}-b{b}",
+                         probe_stage(encoder, tasks[task_name], b, plan.values["probe"], s, plan.device, views))
+
+
+def run_meta(plan: Plan, encoder: str, encoder_ckpt: dict, teacher_arch: str, runs: dict, start: float,
+             command: str) -> dict:
+    """What results.json and results.md say about the run besides its numbers."""
+    teacher = (f"{teacher_arch} fine-tuned with all three augmentations on {_display(plan.mapping['study2'])} "
+               + ("in its own run per seed" if plan.separate_teacher else "(the 'all' row of Study 1, same seed)"))
+    origins = {"teacher": _encoder_origin(plan.teacher),
+               **{family: _encoder_origin(b) for family, b in plan.bases.items()}}
+    return dict(preset=plan.preset, seeds=plan.seeds, device=_device_info(plan.rt.device), precision=plan.rt.precision,
+                checkpoint=encoder, augmentation=checkpoints.pretrain_augmentation(encoder_ckpt),
+                wall_s=time.perf_counter() - start, image_size=plan.values["image_size"],
+                command=command or f"run_all(preset={plan.cfg.preset!r})", pretrain=runs.get("pretrain"),
+                teacher=teacher, encoders=origins, teacher_arch=teacher_arch, probe=as_json(plan.values["probe"]))
 
 
 def _encoder_origin(path: str | None) -> str:
@@ -1087,53 +1240,19 @@ class RawHelpFormatter(argparse.RawDescriptionHelpFormatter, options.HelpFormatt
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=RawHelpFormatter)
-    p.add_argument("--preset", default="default", choices=PRESET_CHOICES,
-                   help="default: cuda on a GPU, cpu otherwise; tiny: seconds (tests); cifar: real photos on a CPU "
-                        "(needs CIFAR-10 under --root); paper: the seed paper's settings")
-    p.add_argument("--data", default=None, help="study-to-dataset map, e.g. study1=tf_flowers,study3=a:b:c (see below)")
-    p.add_argument("--out", default="runs/run_all", help="run folder (default: %(default)s)")
-    p.add_argument("--seed", type=options.bounded(int, options.NON_NEGATIVE, "seed"), default=0,
-                   help="first seed; seed k is SEED + k (default: %(default)s)")
-    p.add_argument("--seeds", type=options.bounded(int, options.AT_LEAST_1, "seeds"), default=None,
-                   help="seeds per study, mean ± std (default: the preset's: 3, 1 for tiny and paper on CPU)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    p.add_argument("--precision", default="auto", choices=options.PRECISIONS,
-                   help="autocast of every stage: auto is bf16 on CUDA and on CPUs that compute bf16 natively "
-                        "(AMX, AVX512-BF16), else fp32 (default: %(default)s)")
-    p.add_argument("--compile", default="auto", choices=train.COMPILE_CHOICES,
-                   help="torch.compile the training steps: auto compiles a network on a CPU when its runs together "
-                        f"train on at least {train.COMPILE_MIN_IMAGES:,} images (Study 1's fine-tunes in the cpu "
-                        "preset), as each compile is shared by the later runs (default: %(default)s)")
-    p.add_argument("--pretrained", default=None,
-                   help="the SimCLR pretraining checkpoint the studies start from (default: the released encoder "
-                        "for the cpu and cifar presets, else pretrained in the run)")
-    p.add_argument("--resnet-base", default=None,
-                   help="pretraining checkpoint of Study 2's frozen ResNet student (default: released with the "
-                        "released encoder, else pretrained in the run)")
-    p.add_argument("--vgg-base", default=None, help="the same for the frozen VGG student")
-    p.add_argument("--from-scratch", action="store_true",
-                   help="pretrain every encoder inside the run instead of starting from the released ones "
-                        "(the cuda and paper presets always do, unless given files)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last finished stage")
-    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
-    p.add_argument("--root", default=None, help="folder for downloaded datasets (default: data.py's default)")
-    p.add_argument("--cache-dir", default=None, help="cache for decoded image folders (default: data.py's default)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave unreadable images of a folder out with a warning, instead of stopping")
-    p.add_argument("--download", type=options.bool_arg, default=None,
-                   help="download named datasets that are missing (default: on for --preset paper)")
+    options.add_options(p, RunAllConfig)
+    options.add_run(p, required=False)
+    p.set_defaults(out="runs/run_all")
     return p
 
 
 def run_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
     try:
-        run_all(args.preset, args.out, data_spec=args.data, seed=args.seed, seeds=args.seeds, device=args.device,
-                precision=args.precision, compile=args.compile, pretrained=args.pretrained, resnet_base=args.resnet_base,
-                vgg_base=args.vgg_base, from_scratch=args.from_scratch, resume=args.resume, overwrite=args.overwrite, root=args.root,
-                cache_dir=args.cache_dir, download=args.download, skip_bad=args.skip_bad,
+        run_all(options.from_args(RunAllConfig, args), args.out, resume=args.resume, overwrite=args.overwrite,
                 command=" ".join(["python run_all.py", *argv]))
     except _INTERRUPTS as e:
         raise interrupted(e, argv) from None
+
 
 
 def main(argv: list[str] | None = None) -> int:
