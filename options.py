@@ -126,8 +126,10 @@ class StageConfig:
     device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
     precision: str = option("auto", "autocast of the forward passes: auto is bf16 on CUDA and on CPUs that compute "
                             "bf16 natively (AMX, AVX512-BF16), else fp32", choices=list(PRECISIONS))
-    root: str | None = option(None, "folder for downloaded datasets (default: data.py's default)")
-    cache_dir: str | None = option(None, "cache for decoded image folders (default: data.py's default)")
+    root: str | None = option(None, "folder for downloaded datasets (default: $SIMCLR_DATA, else "
+                              "$XDG_DATA_HOME/simclr or ~/.local/share/simclr)")
+    cache_dir: str | None = option(None, "cache for decoded image folders (default: $SIMCLR_CACHE, else "
+                                   "$XDG_CACHE_HOME/simclr or ~/.cache/simclr)")
     skip_bad: bool = option(False, "leave unreadable images of a folder out with a warning, instead of stopping",
                             flag=True)
 
@@ -162,9 +164,11 @@ def from_args(config: type, args: argparse.Namespace) -> Any:
     return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config) if hasattr(args, f.name)})
 
 
-def add_run(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--out", required=required, help="run folder: config, log, checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+def add_run(p: argparse.ArgumentParser, required: bool = True, default: str | None = None,
+            resumes_from: str = "its checkpoint") -> None:
+    """--out, --resume and --overwrite: where a run writes, and what happens to a run already there."""
+    p.add_argument("--out", required=required, default=default, help="run folder: config, log, checkpoints")
+    p.add_argument("--resume", action="store_true", help=f"continue the run in --out from {resumes_from}")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
 
 

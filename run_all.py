@@ -1241,8 +1241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=RawHelpFormatter)
     options.add_options(p, RunAllConfig)
-    options.add_run(p, required=False)
-    p.set_defaults(out="runs/run_all")
+    options.add_run(p, required=False, default="runs/run_all", resumes_from="its last finished stage")
     return p
 
 
