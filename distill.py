@@ -377,20 +377,6 @@ def base_features(model: models.Classifier, d: DistillData, rt: train.Runtime) -
             train.extract_features(model.base, d.task.val, rt, size=d.image_size))
 
 
-def val_top1(model: models.Classifier, d: DistillData, rt: train.Runtime, val_features: torch.Tensor | None
-             ) -> Callable[[], dict]:
-    """train.fit's evaluate: the student's top-1 on the val split, from the base's cached
-    `val_features` where there are some."""
-    @torch.no_grad()
-    def evaluate() -> dict:
-        if val_features is not None:
-            model.eval()
-            logits = model.classify(val_features)
-            return dict(val_top1=train.accuracy_report(logits, d.task.val.labels, d.task.classes)["top1"])
-        return dict(val_top1=train.evaluate_classifier(model, d.task.val, rt, size=d.image_size)["top1"])
-    return evaluate
-
-
 def distillation_objective(cfg: DistillConfig, s: dict, model: models.Classifier, d: DistillData,
                            augmentation: augment.SimCLRAugment | None, rt: train.Runtime
                            ) -> tuple[Callable, Callable[[], dict]]:
@@ -405,7 +391,7 @@ def distillation_objective(cfg: DistillConfig, s: dict, model: models.Classifier
     student = model if cached else train.compiled(model, train.resolve_compile(
         cfg.compile, rt.device, s["epochs"] * (len(d.images) // s["batch_size"]) * s["batch_size"]))
     loss_fn = distillation_loss_fn(student, d.teacher, view, s["temperature"], cfg.alpha, known, table, features)
-    return loss_fn, val_top1(model, d, rt, val_features)
+    return loss_fn, train.val_top1(model, d.task.val, rt, d.image_size, val_features)
 
 
 def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,

@@ -457,7 +457,6 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     loader = data.BatchLoader(labeled, cfg.batch_size, rt.device, shuffle=True, drop_last=True, seed=cfg.seed)
     schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay, log_every=cfg.log_every)
-    evaluate = lambda: dict(val_top1=train.evaluate_classifier(model, task.val, rt, size=start.image_size)["top1"])  # noqa: E731
     # A network trained from scratch was not pretrained: it carries no record on.
     meta = dict(kind="finetune", arch=checkpoints.classifier_arch(start.arch, cfg.head_layer, task.num_classes,
                                                                   start.mean, start.std),
@@ -465,8 +464,9 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
                 **checkpoints.carried(None if start.scratch else start.recorded))
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, rt.device,
                                                              cfg.epochs * len(loader) * cfg.batch_size))
-    train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, rt,
-              seed=cfg.seed, meta=meta, evaluate=evaluate, select="val_top1", desc=f"finetune {task.name}")
+    train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, rt, seed=cfg.seed,
+              meta=meta, evaluate=train.val_top1(model, task.val, rt, start.image_size), select="val_top1",
+              desc=f"finetune {task.name}")
     return _finetune_report(cfg, run, task, rt, start, augmentation)
 
 

@@ -552,6 +552,19 @@ def evaluate_classifier(model: nn.Module, images: Images, rt: Runtime, batch_siz
     return accuracy_report(logits, images.labels, images.classes)
 
 
+def val_top1(model: models.Classifier, val: Images, rt: Runtime, size: int,
+             features: torch.Tensor | None = None) -> Callable[[], dict]:
+    """fit's `evaluate` for model selection: top-1 on the val split, or, given the frozen base's
+    `features` of it (computed once), of the layers on top alone."""
+    @torch.no_grad()
+    def evaluate() -> dict:
+        if features is None:
+            return dict(val_top1=evaluate_classifier(model, val, rt, size=size)["top1"])
+        model.eval()
+        return dict(val_top1=accuracy_report(model.classify(features), val.labels, val.classes)["top1"])
+    return evaluate
+
+
 def accuracy_report(logits: torch.Tensor, labels, classes: list[str]) -> dict:
     labels = torch.as_tensor(np.asarray(labels), device=logits.device, dtype=torch.long)
     pred = logits.argmax(1)

@@ -252,15 +252,6 @@ def announce(config: dict, task: data.TaskData) -> None:
           f"{c['precision_resolved']}", file=sys.stderr)
 
 
-def val_top1(model: models.Classifier, task: data.TaskData, rt: train.Runtime, image_size: int,
-             features: torch.Tensor | None = None) -> Callable[[], dict]:
-    """train.fit's evaluate: top-1 on the val split, from the frozen base's `features` of it where given."""
-    if features is not None:
-        return torch.no_grad()(lambda: dict(val_top1=train.accuracy_report(
-            model.classify(features), task.val.labels, task.classes)["top1"]))
-    return lambda: dict(val_top1=train.evaluate_classifier(model, task.val, rt, size=image_size)["top1"])
-
-
 def transfer_objective(cfg: TransferConfig, model: models.Classifier, task: data.TaskData,
                        augmentation: augment.SimCLRAugment | None, rt: train.Runtime, image_size: int,
                        shared_features: dict | None
@@ -274,11 +265,11 @@ def transfer_objective(cfg: TransferConfig, model: models.Classifier, task: data
                                    compile=train.resolve_compile(cfg.compile, rt.device, cfg.epochs * len(task.train)))
         loss_fn = lambda h, y, g: F.cross_entropy(model.classify(h).float(), y)  # noqa: E731
         val = train.extract_features(model.base, task.val, rt, size=image_size)
-        return loader, loss_fn, val_top1(model, task, rt, image_size, val)
+        return loader, loss_fn, train.val_top1(model, task.val, rt, image_size, val)
     loader = data.BatchLoader(task.train, cfg.batch_size, rt.device, shuffle=True, drop_last=True, seed=cfg.seed)
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, rt.device,
                                                              cfg.epochs * len(loader) * cfg.batch_size))
-    return loader, train.supervised_loss_fn(step_model, view), val_top1(model, task, rt, image_size)
+    return loader, train.supervised_loss_fn(step_model, view), train.val_top1(model, task.val, rt, image_size)
 
 
 def best_reports(run: checkpoints.RunFolder, task: data.TaskData, rt: train.Runtime, image_size: int) -> dict:
