@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import http.server
@@ -1644,7 +1645,7 @@ def test_bad_files_listed_together_or_skipped(tmp_path):
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this system")
 def test_named_pipe_in_an_image_folder_is_skipped_with_a_warning(tmp_path):
-    """Item 8: a named pipe (with an image extension) is never opened: skipped with a warning."""
+    """A named pipe (with an image extension) is never opened: skipped with a warning."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for k in range(4):
@@ -1771,7 +1772,7 @@ print(hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest(), len(rels
 
 
 def test_two_processes_decoding_one_new_folder_share_one_complete_cache(tmp_path, monkeypatch):
-    """Item 1: a run that finds another decoding the same folder waits for it, then reads its cache;
+    """A run that finds another decoding the same folder waits for it, then reads its cache;
     both succeed, one array stays, and the leftover of a killed run is removed."""
     folder = _class_folder(tmp_path / "imgs", 10)  # enough for a class in each of train, val, test
     cache = tmp_path / "cache"
@@ -1833,7 +1834,7 @@ def _small_disk_run(folder: Path, mount: Path) -> subprocess.CompletedProcess | 
 
 
 def test_full_disk_while_caching_and_cache_dir_a_file(tmp_path, monkeypatch, capsys):
-    """Item 2: not enough space is found before the memory map is made, a write error during the
+    """Not enough space is found before the memory map is made, a write error during the
     decode is a message, both name the cache folder and the space needed and leave no file; a
     --cache-dir that is a file is a message too."""
     folder = _class_folder(tmp_path / "imgs", 10, size=4)  # 20 images; at 128 px they need 1.3 MB
@@ -1917,7 +1918,7 @@ def test_presplit_folder(tmp_path):
 
 
 def test_labeled_sets_too_small_exit_2_before_training(world, tmp_path, capsys):
-    """Item 6: one class, an empty split, or a class without an image in train or in test stops
+    """One class, an empty split, or a class without an image in train or in test stops
     with the class and the split named, before any training."""
     one_class = _class_folder(tmp_path / "one_class", 10, classes=("cat",))
     two_images = _class_folder(tmp_path / "two_images", 1)
@@ -2054,7 +2055,7 @@ CIFAR_FAULTS = {  # case: (file, change to its content, what the message must sa
 
 
 def test_cifar_batches_are_checked_for_structure(tmp_path, capsys):
-    """Item 4: every batch and the meta file are checked; a file that fails is named, exit 2."""
+    """Every batch and the meta file are checked; a file that fails is named, exit 2."""
     for case, (name, change, expected) in CIFAR_FAULTS.items():
         folder = _cifar10_folder(tmp_path / case.replace(" ", "_"))
         with open(folder / name, "rb") as f:
@@ -2207,7 +2208,7 @@ def _tar_with(member: tarfile.TarInfo, content: bytes = b"") -> bytes:
 
 
 def test_unsafe_tar_members_exit_2_like_zip(server, tmp_path):
-    """Item 7: tar's own safety errors give the same exit-2 message as an unsafe zip member, and
+    """Tar's own safety errors give the same exit-2 message as an unsafe zip member, and
     nothing is written outside the data root (nor left inside it)."""
     base, routes = server
     escape = tarfile.TarInfo("../escape.txt")
@@ -2420,7 +2421,7 @@ def test_checkpoint_of_a_newer_format_is_refused(tmp_path):
 
 
 def test_checkpoint_holding_other_objects_is_refused_with_a_plain_message(tmp_path):
-    """Item 10: a checkpoint that would run code when unpickled is not loaded, and the message says
+    """A checkpoint that would run code when unpickled is not loaded, and the message says
     why in whole sentences, with the advice never to pass weights_only=False to an untrusted file."""
     marker = tmp_path / "code-ran"
 
@@ -2446,6 +2447,21 @@ def test_checkpoint_holding_other_objects_is_refused_with_a_plain_message(tmp_pa
 
 
 # --- run folders: one writer each ----------------------------------------------------------------
+
+
+def test_resume_of_a_run_written_in_the_older_config_format_names_the_format(tmp_path):
+    """A config.json without config_format (written before every stage recorded its whole config) whose
+    settings differ is refused naming the old format; one whose settings agree still resumes."""
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"")
+    (folder / "config.json").write_text(json.dumps(dict(stage="finetune", task="shapes5", train_images=90)))
+    run = checkpoints.RunFolder(folder, resume=True)
+    with pytest.raises(options.UserError, match=r"older version of this project.*format 1.*--overwrite"):
+        run.start(dict(stage="finetune", data="shapes5", split_sizes=dict(train=90)))
+    run.close()
+    (folder / "config.json").write_text(json.dumps(dict(stage="pretrain", epochs=2)))
+    checkpoints.RunFolder(folder, resume=True).start(dict(stage="pretrain", epochs=2))
 
 
 def test_run_folder_refuses_existing_run(tmp_path):
@@ -2860,7 +2876,7 @@ def test_resume_of_a_redo_stage_never_replaces_another_run(tmp_path, capsys):
 
 
 def test_resume_with_changed_settings_is_refused_naming_each_one(tmp_path, capsys):
-    """Issue 15 item 3, through the command lines: a setting that changes what a run is refuses
+    """Through the command lines: a setting that changes what a run is refuses
     --resume (exit 2, both values named); RESUME_MAY_DIFFER's settings may change."""
     base = ["--width", "0.125", "--epochs", "1", "--n-images", "128", "--batch-size", "64", "--eval-data", "",
             "--device", "cpu"]
@@ -3691,6 +3707,10 @@ def test_resolve_precision(monkeypatch):
         train.resolve_precision("fp16", torch.device("cpu"))
     with pytest.raises(options.UserError, match="--precision"):
         options.validate(simclr.FinetuneConfig(checkpoint="x", precision="half"))
+    # train.runtime resolves both once; its autocast is bf16 exactly when the precision is
+    assert train.runtime("cpu", "auto") == train.Runtime(torch.device("cpu"), "bf16")
+    assert isinstance(train.runtime("cpu", "fp32").autocast(), contextlib.nullcontext)
+    assert train.runtime("cpu", "bf16").autocast().fast_dtype == torch.bfloat16
 
 
 def test_bf16_and_fp32_losses_agree_on_one_step():
