@@ -293,13 +293,23 @@ class RunFolder:
                                 "Choose another --out.")
         return RunFolder(path, resume=False, overwrite=overwrite or resume)
 
+    @staticmethod
+    def config_format(path: str | os.PathLike) -> int | None:
+        """The CONFIG_FORMAT of the run in `path` (1: written before formats were recorded), or None
+        without a readable config.json."""
+        try:
+            return int(json.loads((Path(path) / "config.json").read_text()).get("config_format", 1))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoint.pt"
 
     def start(self, config: dict) -> None:
-        """Write config.json for a new run. A resumed run must have the settings it was started with
-        (RESUME_MAY_DIFFER aside): else checkpoint.pt and config.json would describe two runs."""
+        """Write config.json (with CONFIG_FORMAT) for a new run. A resumed run must have the settings it
+        was started with (RESUME_MAY_DIFFER aside): else checkpoint.pt and config.json would describe two
+        runs. A run written in another format whose settings differ is refused naming the format."""
         config = dict(config, config_format=CONFIG_FORMAT)
         if not self.resuming:
             self.write_config(config)
@@ -313,7 +323,8 @@ class RunFolder:
         changed = [k for k in dict.fromkeys([*old, *new])
                    if k not in RESUME_MAY_DIFFER and old.get(k) != new.get(k)]
         if changed and old.get("config_format", 1) != CONFIG_FORMAT:
-            raise UserError(f"--resume: '{self.path}' was started by an older version of this project, whose "
+            which = "an older" if old.get("config_format", 1) < CONFIG_FORMAT else "a newer"
+            raise UserError(f"--resume: '{self.path}' was started by {which} version of this project, whose "
                             f"config.json (format {old.get('config_format', 1)}) lists the settings differently, so "
                             "this version cannot check that the command matches the run. Finish the run with the "
                             "version that started it, or pass --overwrite to start again.")

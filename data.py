@@ -40,11 +40,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-import shapes
-from shapes import EMBEDDED_TASKS, POOL_NAME
-import sources
 import options
+import shapes
+import sources
 from options import HelpFormatter, UserError
+from shapes import EMBEDDED_TASKS, POOL_NAME
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def load_task(
 
     name_or_path: an embedded task (shapes2, shapes5, shapes47, shapes100), a named dataset
         (cifar10, cifar100, cifar100_coarse, tf_flowers, dtd, food101, cats_vs_dogs; looked up under
-        ``root``, default default_data_root(), downloaded there when ``download``), or a folder:
+        ``root``, default sources.default_data_root(), downloaded there when ``download``), or a folder:
         CIFAR pickles, root/class/img, or root/{train,test[,val]}/class/img. Any of them followed by
         @class+class (``cifar10@cat+dog``) is a task of those classes only, labelled 0.. in the order
         given (split_classes); n_train and n_test then count the selected classes' images.

@@ -402,7 +402,7 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
 
     Returns dict(student={val, test reports vs ground truth}, teacher={val, test}, agreement={val, test},
     best=<best.pt path>, ...); best.pt is the student with the best val top-1 (never the test split),
-    loadable by load_classifier here (and by checkpoints.load_classifier once it knows dense layers)."""
+    loadable by checkpoints.load_classifier."""
     s, dense_layers = resolve_settings(cfg)
     rt = train.runtime(cfg.device, cfg.precision)
     train.seed_everything(cfg.seed)

@@ -5,7 +5,7 @@ allowed=...)`; `add_options` builds the --flags from those fields and `validate`
 so a setting's default, help text and allowed values are written in one place. `main` runs a command
 line and turns a `UserError` into one paragraph on stderr and exit status 2, without a traceback.
 
-Standard library only: shapes.py and data.py use `UserError` without importing torch.
+Standard library only, so that shapes.py, which raises `UserError`, needs only numpy.
 """
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ Command line:
 --data maps studies to datasets: comma-separated KEY=VALUE pairs, KEY one of pool (unlabeled
 pretraining images), study1, study2 (labeled tasks; study2 follows study1 unless given) and study3
 (a colon-separated list of labeled tasks). A VALUE is an embedded name (shapes2, shapes5, shapes47,
-shapes100, shapes-pool), a dataset name data.py knows (cifar10, cifar100, cifar100_coarse, tf_flowers,
+shapes100, shapes-pool), a dataset name sources.py knows (cifar10, cifar100, cifar100_coarse, tf_flowers,
 dtd, food101, cats_vs_dogs), or a folder (root/class/image for tasks, any image folder for the pool).
 NAME@class+class selects classes of a task, labelled in the order given: study3=cifar10@cat+dog:cifar10.
 """
@@ -373,7 +373,7 @@ def _in_mean(pairs: Sequence[tuple[Sequence[float], Sequence[float]]]) -> bool:
 # Interrupts: Ctrl-C or SIGTERM anywhere ends with where it landed and the command that resumes
 
 # A stage's training loop stops itself (train.Stopped, checkpoint saved); elsewhere the signal raises
-# KeyboardInterrupt (SIGTERM: options.Terminated, see train.main). Either way every file written so far is
+# KeyboardInterrupt (SIGTERM: options.Terminated, see options.main). Either way every file written so far is
 # whole (stage records, results and figures are written atomically), so --resume picks up from there.
 _INTERRUPTS = (KeyboardInterrupt, train.Stopped)
 
@@ -401,7 +401,7 @@ def resume_command(argv: Sequence[str]) -> str:
 
 
 def interrupted(error: BaseException, argv: Sequence[str]) -> KeyboardInterrupt:
-    """An interrupt of the run -> the KeyboardInterrupt (options.Terminated for SIGTERM) that train.main
+    """An interrupt of the run -> the KeyboardInterrupt (options.Terminated for SIGTERM) that options.main
     prints, with where it landed and the resume command, and answers with exit 128 + the signal."""
     if isinstance(error, train.Stopped):
         signum = signal.Signals(error.signum)
@@ -460,8 +460,13 @@ class Pipeline:
         return dict(record, reused=True) if record.get("name") == name else None
 
     def _execute(self, name: str, fn: Callable[[Path, bool], dict], folder: Path, record_path: Path) -> dict:
-        """Run the stage in its folder (continuing from its checkpoint when resuming), then write its record."""
+        """Run the stage in its folder (continuing from its checkpoint when resuming), then write its record.
+        A stage interrupted under an older version of this project starts again: its config.json cannot be
+        checked against the stage's settings, and --overwrite would throw away every finished stage."""
         sub_resume = self.resume and (folder / "checkpoint.pt").exists()
+        if sub_resume and checkpoints.RunFolder.config_format(folder) != checkpoints.CONFIG_FORMAT:
+            tqdm.write(f"Stage '{name}' was interrupted under an older version of this project; it starts again.")
+            sub_resume = False
         start = time.perf_counter()
         with _part(f"in stage '{name}'"):
             result = fn(folder, sub_resume)
@@ -508,7 +513,7 @@ def load_tasks(names: Sequence[str], image_size: int, sizes: dict, seed: int, ro
         # num_classes(base) is None for a folder: a folder keeps its own splits
         sized = base in data.EMBEDDED_TASKS or (sizes.get("real", False) and data.num_classes(base) is not None)
         classes = data.num_classes(name) if sized else None
-        # A task sized by the preset; 0 (the paper preset) keeps data.py's own sizes.
+        # A task sized by the preset; 0 (the paper preset) keeps the source's own sizes.
         n_train = max(sizes["min_train"], classes * sizes["train_per_class"]) if classes else None
         n_test = max(sizes["min_test"], classes * sizes["test_per_class"]) if classes else None
         n_train, n_test = n_train or None, n_test or None
@@ -917,8 +922,8 @@ def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> 
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pass one of them.")
     run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite, checkpointed=False,
-                          outputs=("stages", "results.json", "results.md", "figure2.png", "figure6.png",
-                                   "pretraining.png"))
+                                outputs=("stages", "results.json", "results.md", "figure2.png", "figure6.png",
+                                         "pretraining.png"))
     config = out / "config.json"
     if resume and config.is_file():
         old = json.loads(config.read_text()).get("settings", {})
@@ -926,7 +931,7 @@ def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> 
         if changed:
             raise UserError(f"--resume: '{out}' was started with other settings ({', '.join(changed)} differ). Resume "
                             "with the original options, or pass --overwrite to start again.")
-    run.write_config(dict(settings=settings))
+    run.write_config(dict(settings=settings, config_format=checkpoints.CONFIG_FORMAT))
     return run
 
 

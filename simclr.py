@@ -6,8 +6,9 @@
     finetune     supervised fine-tuning from a middle layer of the projection head (v2 section 2.2)
     bench        throughput: network alone, augmentation alone, end to end
 
-The engine these stages share with distill.py and transfer.py (devices, run folders, checkpoints,
-the training loop) lives in train.py; LARS and the schedule in optim.py.
+The engine these stages share with distill.py and transfer.py (devices and precision, the training
+loop, evaluation) lives in train.py; run folders and checkpoints in checkpoints.py; the options and
+their checks in options.py; LARS and the schedule in optim.py.
 
 Command line:  python simclr.py pretrain --data shapes-pool --out runs/pretrain
                python simclr.py linear-eval --checkpoint runs/pretrain/checkpoint.pt --data shapes5
@@ -449,7 +450,8 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     augmentation = train.matched_views(start.recorded, start.image_size, crop=cfg.crop, flip=cfg.flip,
                                        color=cfg.color, blur=cfg.blur, crop_min_scale=cfg.crop_min_scale,
                                        strength=cfg.strength, source=cfg.checkpoint, stage="finetune")
-    config = dict(stage="finetune", **asdict(cfg), pretrained=not start.scratch, task=task.name,
+    config = dict(stage="finetune", **asdict(cfg), pretrained=not start.scratch, arch_resolved=start.arch,
+                  image_size_resolved=start.image_size, task=task.name,
                   split_sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test), labeled=len(labeled)),
                   augmentation=augmentation.describe(), pretrain_augmentation=start.recorded,
                   device_resolved=str(rt.device), precision_resolved=rt.precision)

@@ -46,14 +46,14 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+import checkpoints  # for atomic_write: a cache manifest is never left half-written
+from options import UserError
+from shapes import POOL_NAME
+
 try:
     import fcntl  # POSIX file locks for the decode cache; Windows has none (see _entry_lock)
 except ImportError:
     fcntl = None
-
-from shapes import POOL_NAME
-import checkpoints
-from options import UserError
 
 # A labeled split as the readers return it: images (N, H, W, 3) uint8, labels (N,) int64, class
 # names (what shapes.generate returns and data.ImageSet takes).

@@ -3589,6 +3589,26 @@ def test_resume_with_other_settings_is_refused(tiny_run, capsys):
     assert "seeds" in capsys.readouterr().err
 
 
+def test_resume_restarts_a_stage_interrupted_under_an_older_config_format(tmp_path):
+    """A stage folder with checkpoint.pt but a config.json of another format starts again (its settings
+    cannot be checked, and --overwrite would throw away the finished stages); one of this format continues."""
+    seen = {}
+
+    def stage(folder: Path, resume: bool) -> dict:
+        seen[folder.name] = resume
+        return {}
+
+    (tmp_path / "stages").mkdir()
+    for name, written in (("old", {}), ("new", dict(config_format=checkpoints.CONFIG_FORMAT))):
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        (folder / "checkpoint.pt").write_bytes(b"")
+        (folder / "config.json").write_text(json.dumps(dict(stage="finetune", **written)))
+        with run_all.Pipeline(tmp_path, resume=True, total=1) as pipe:
+            pipe.run(name, stage)
+    assert seen == {"old": False, "new": True}
+
+
 def test_resume_reruns_only_the_stage_without_a_record(tiny_run, monkeypatch):
     before = json.loads((tiny_run / "results.json").read_text())
     lost = "seed0-study2-frozen-vgg"

@@ -32,11 +32,10 @@ from tqdm import tqdm
 
 import augment
 import models
+import options
 from checkpoints import CHECKPOINT_FORMAT, RunFolder, load_checkpoint
 from optim import LARS, learning_rate, parameter_groups, scaled_lr  # noqa: F401 (train.LARS etc.)
 from options import POSITIVE, PRECISIONS, UserError, check_range, first_line, option
-import options
-
 
 
 # What the engine needs of the data, and no more (data.py's BatchLoader, ImageSet and TaskData are
@@ -395,8 +394,9 @@ def _evaluate_epoch(evaluate: Callable[[], dict], model: nn.Module, log: _LossLo
 
 
 def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Generator], torch.Tensor],
-        loader: Batches, run: RunFolder, schedule: Schedule, rt: Runtime, *, seed: int = 0, meta: dict | None = None, evaluate: Callable[[], dict] | None = None,
-        select: str | None = None, optimizer: torch.optim.Optimizer | None = None,
+        loader: Batches, run: RunFolder, schedule: Schedule, rt: Runtime, *, seed: int = 0,
+        meta: dict | None = None, evaluate: Callable[[], dict] | None = None, select: str | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
         distributed: Distributed = Distributed(), desc: str = "train") -> list[dict]:
     """Train `model` by minimising loss_fn(x_uint8, y, generator) over `loader` for schedule.epochs.
 

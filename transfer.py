@@ -35,10 +35,10 @@ Command line:  python transfer.py train --source runs/pretrain/checkpoint.pt --d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
