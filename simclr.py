@@ -39,6 +39,7 @@ import checkpoints
 import data
 import losses
 import models
+import optim
 import options
 import train
 from options import UserError, option
@@ -153,7 +154,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     images_seen = cfg.epochs * len(loader) * cfg.batch_size
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, rt.device, images_seen))
     loss_fn = contrastive_loss_fn(step_model, augmentation, cfg.temperature, distributed)
-    lr = train.scaled_lr(cfg.base_lr, cfg.batch_size, cfg.lr_scaling)
+    lr = optim.scaled_lr(cfg.base_lr, cfg.batch_size, cfg.lr_scaling)
     schedule = train.Schedule(epochs=cfg.epochs, lr=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_epochs,
                               log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
@@ -164,7 +165,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     run.start(config)
     if distributed.is_main:
         _announce_pretraining(cfg, rt, distributed, lr, augmentation, loader)
-    knn = knn_check(cfg, rt) if distributed.is_main else None
+    knn = knn_monitor_for(cfg, rt) if distributed.is_main else None
     encoder = train.unwrap(model).encoder
     meta = dict(kind="pretrain", arch=arch, config=json.dumps(config, default=str), image_size=cfg.image_size,
                 mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
@@ -218,7 +219,7 @@ def _announce_pretraining(cfg: PretrainConfig, rt: train.Runtime, distributed: t
           f"augment {augmentation.describe()}, {cfg.epochs} epochs x {len(loader)} steps", file=sys.stderr)
 
 
-def knn_check(cfg: PretrainConfig, rt: train.Runtime) -> Callable[[nn.Module], float] | None:
+def knn_monitor_for(cfg: PretrainConfig, rt: train.Runtime) -> Callable[[nn.Module], float] | None:
     """The kNN monitor of a pretraining run on cfg.eval_data (train votes for val), or None without one."""
     if not cfg.eval_data:
         return None
@@ -563,8 +564,8 @@ def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, w
     already augmented, the augmentation alone, and the whole step from uint8 images on the device.
     The step is run_all.py's small-image pretraining: a 3-layer head, crops from 40% of the image,
     colour strength 1.0 (0.5 and SimCLR's 8% crops above 64 px), NT-Xent at T 0.5, LARS."""
-    dev = train.select_device(device)
-    precision = train.resolve_precision(precision, dev)
+    rt = train.runtime(device, precision)
+    dev, precision = rt.device, rt.precision
     torch.manual_seed(0)
     blur = size > 64 if blur is None else blur
     arch = dict(encoder=model_name, width=width, cifar_stem=size <= 64, head_layers=3, head_hidden=None, out_dim=128)
@@ -581,7 +582,7 @@ def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, w
     fixed_views = torch.cat([augmentation(images, g), augmentation(images, g)])
 
     def network_step():
-        with train.autocast(dev, precision):
+        with rt.autocast():
             _, z = step_model(fixed_views)
             loss = losses.nt_xent(*z.float().chunk(2), 0.5, check_finite=False)
         optimizer.zero_grad(set_to_none=True)
@@ -589,7 +590,7 @@ def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, w
         optimizer.step()
 
     def full_step():
-        with train.autocast(dev, precision):
+        with rt.autocast():
             loss = loss_fn(images, None, g)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -58,6 +58,7 @@ import data
 import distill
 import losses
 import models
+import optim
 import run_all
 import shapes
 import simclr
@@ -1248,7 +1249,7 @@ def test_lars_matches_hand_computed_update():
     # trust = 0.001 * 5 / 1.5 = 1/300; v = lr * trust * g' = (0.003, 0.004); w <- (2.997, 3.996).
     w = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
     b = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
-    opt = train.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.9,
+    opt = optim.LARS([dict(params=[w]), dict(params=[b], weight_decay=0.0, lars=False)], lr=1.0, momentum=0.9,
                       weight_decay=0.1, trust_coefficient=0.001)
     w.grad = torch.tensor([0.6, 0.8], dtype=torch.float64)
     b.grad = torch.tensor([0.5], dtype=torch.float64)
@@ -1266,7 +1267,7 @@ def test_lars_matches_hand_computed_update():
 
 def test_lars_zero_weight_uses_unit_trust():
     w = nn.Parameter(torch.zeros(2))
-    opt = train.LARS([w], lr=0.5, momentum=0.0, weight_decay=0.0)
+    opt = optim.LARS([w], lr=0.5, momentum=0.0, weight_decay=0.0)
     w.grad = torch.tensor([1.0, -2.0])
     opt.step()
     torch.testing.assert_close(w.detach(), torch.tensor([-0.5, 1.0]))
@@ -1274,19 +1275,19 @@ def test_lars_zero_weight_uses_unit_trust():
 
 def test_parameter_groups_exclude_bn_and_bias():
     m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-    decay, no_decay = train.parameter_groups(m, 1e-4)
+    decay, no_decay = optim.parameter_groups(m, 1e-4)
     assert {id(p) for p in decay["params"]} == {id(m[0].weight), id(m[3].weight)}
     assert {id(p) for p in no_decay["params"]} == {id(m[0].bias), id(m[1].weight), id(m[1].bias), id(m[3].bias)}
     assert no_decay["weight_decay"] == 0.0 and no_decay["lars"] is False
 
 
 def test_learning_rate_warmup_then_cosine_per_step():
-    lrs = [train.learning_rate(s, 100, 10, 2.0) for s in range(100)]
+    lrs = [optim.learning_rate(s, 100, 10, 2.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.2) and lrs[9] == pytest.approx(2.0)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))               # rises every step of warm-up
     assert all(a > b for a, b in zip(lrs[10:], lrs[11:]))                # then falls every step
     assert lrs[55] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
-    assert train.scaled_lr(1.0, 512) == 2.0 and train.scaled_lr(0.075, 4096, "sqrt") == pytest.approx(4.8)
+    assert optim.scaled_lr(1.0, 512) == 2.0 and optim.scaled_lr(0.075, 4096, "sqrt") == pytest.approx(4.8)
 
 
 # ==================================================================================================

@@ -34,7 +34,7 @@ import augment
 import models
 import options
 from checkpoints import CHECKPOINT_FORMAT, RunFolder, load_checkpoint
-from optim import LARS, learning_rate, parameter_groups, scaled_lr  # noqa: F401 (train.LARS etc.)
+from optim import LARS, learning_rate, parameter_groups
 from options import POSITIVE, PRECISIONS, UserError, check_range, first_line, option
 
 
