@@ -180,12 +180,16 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     return summary
 
 
+def data_seed(cfg: PretrainConfig | FinetuneConfig) -> int:
+    """The seed of a run's images and splits: --data-seed, else --seed. A separate data seed lets runs
+    with different training seeds share one pool and one task (run_all.py's student bases and studies)."""
+    return cfg.seed if cfg.data_seed is None else cfg.data_seed
+
+
 def pretraining_batches(cfg: PretrainConfig, rt: train.Runtime, distributed: train.Distributed) -> data.BatchLoader:
     """The unlabeled images, in this process's share of each global batch of cfg.batch_size."""
-    # A separate data seed lets runs with different training seeds share one pool (run_all.py's student bases).
-    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
     pool = data.load_unlabeled(cfg.data, image_size=cfg.image_size, n=cfg.n_images, root=cfg.root,
-                               seed=data_seed, cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
+                               seed=data_seed(cfg), cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
     if cfg.batch_size % distributed.world_size:
         raise UserError(f"--batch-size {cfg.batch_size} must divide evenly among {distributed.world_size} processes.")
     if cfg.batch_size > len(pool):
@@ -227,7 +231,7 @@ def knn_monitor_for(cfg: PretrainConfig, rt: train.Runtime) -> Callable[[nn.Modu
     # +-5 points, too coarse to tell a short pretraining from a random encoder.
     eval_size = dict(n_train=cfg.eval_images) if cfg.eval_images and cfg.eval_data in data.EMBEDDED_TASKS else {}
     task = data.load_task(cfg.eval_data, image_size=cfg.image_size, root=cfg.root,
-                          seed=cfg.seed if cfg.data_seed is None else cfg.data_seed, cache_dir=cfg.cache_dir,
+                          seed=data_seed(cfg), cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad, **eval_size)
     return lambda encoder: knn_monitor(encoder, task.train, task.val, rt, cfg.knn_k, cfg.image_size)
 
@@ -331,7 +335,6 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
     val and test images computed once, a linear layer trained on them; top-1/top-5 on val and test."""
     options.validate(cfg)
     rt = train.runtime(cfg.device, cfg.precision)
-    dev = rt.device
     run = checkpoints.RunFolder.redo(out, "linear-eval", resume, overwrite) if out is not None else None  # before any work
     train.seed_everything(cfg.seed)
     model, ckpt = checkpoints.load_pretrained(cfg.checkpoint)
@@ -339,16 +342,16 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
                           cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad, n_train=cfg.train_images,
                           n_test=cfg.test_images)
     classifier = models.Classifier(model.encoder, model.head, cfg.head_layer, task.num_classes, ckpt["mean"],
-                                   ckpt["std"]).to(dev)
+                                   ckpt["std"]).to(rt.device)
     reports = train.linear_probe(classifier, task, rt, ckpt["image_size"], epochs=cfg.epochs,
                                  batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed)
     result = dict(task=task.name, checkpoint=str(cfg.checkpoint), head_layer=cfg.head_layer, **reports)
     print(f"linear eval on {task.name}: val top-1 {result['val']['top1']:.4f}, test top-1 {result['test']['top1']:.4f}",
           file=sys.stderr)
     if run is not None:
-        run.write_config(dict(stage="linear-eval", **asdict(cfg), task=task.name, config_format=checkpoints.CONFIG_FORMAT,
-                              split_sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
-                              device_resolved=str(rt.device), precision_resolved=rt.precision))
+        run.start(dict(stage="linear-eval", **asdict(cfg), task=task.name,
+                       split_sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test)),
+                       device_resolved=str(rt.device), precision_resolved=rt.precision))
         arch = checkpoints.classifier_arch(ckpt["arch"], cfg.head_layer, task.num_classes, ckpt["mean"], ckpt["std"])
         run.save(dict(kind="linear-eval", format=checkpoints.CHECKPOINT_FORMAT, arch=arch, model=classifier.state_dict(),
                       classes=task.classes, image_size=ckpt["image_size"],
@@ -503,8 +506,7 @@ def starting_point(cfg: FinetuneConfig) -> StartingPoint:
 def finetuning_data(cfg: FinetuneConfig, start: StartingPoint,
                     task: data.TaskData | None) -> tuple[data.TaskData, data.ImageSet]:
     """The task (its val split cut to --val-images) and its labeled training subset at cfg.fraction."""
-    data_seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-    task = task or data.load_task(cfg.data, image_size=start.image_size, root=cfg.root, seed=data_seed,
+    task = task or data.load_task(cfg.data, image_size=start.image_size, root=cfg.root, seed=data_seed(cfg),
                                   cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad, n_train=cfg.train_images,
                                   n_test=cfg.test_images)
     if cfg.head_layer > start.arch["head_layers"]:
@@ -514,7 +516,7 @@ def finetuning_data(cfg: FinetuneConfig, start: StartingPoint,
         if cfg.val_images < task.num_classes:
             raise UserError(f"--val-images {cfg.val_images} cannot hold one image of each of {task.name}'s "
                             f"{task.num_classes} classes; use at least {task.num_classes}.")
-        task = dataclasses.replace(task, val=data.stratified_subset(task.val, cfg.val_images, data_seed))
+        task = dataclasses.replace(task, val=data.stratified_subset(task.val, cfg.val_images, data_seed(cfg)))
     labeled = data.labeled_fraction(task.train, cfg.fraction, cfg.seed) if cfg.fraction < 1 else task.train
     if cfg.batch_size > len(labeled):
         raise UserError(f"--batch-size {cfg.batch_size} is larger than the {len(labeled)} labeled training images "
@@ -525,14 +527,9 @@ def finetuning_data(cfg: FinetuneConfig, start: StartingPoint,
 def _finetune_report(cfg: FinetuneConfig, run: checkpoints.RunFolder, task: data.TaskData, rt: train.Runtime,
                      start: StartingPoint, augmentation: augment.SimCLRAugment) -> dict:
     """The best model (best.pt) on val and test: results.json, one printed line, the returned dict."""
-    best, _ = checkpoints.load_classifier(run.path / "best.pt", task.num_classes)
-    best = best.to(rt.device)
     result = dict(task=task.name, fraction=cfg.fraction, head_layer=cfg.head_layer,
                   augmentation=augmentation.describe(), best=str(run.path / "best.pt"),
-                  **{name: train.evaluate_classifier(best, split, rt, size=start.image_size)
-                     for name, split in (("val", task.val), ("test", task.test))})
-    for split in ("val", "test"):
-        result[split].pop("predictions")
+                  **train.best_reports(run, task, rt, start.image_size))
     checkpoints.atomic_write_text(json.dumps(result, indent=2) + "\n", run.path / "results.json")
     print(f"finetune {task.name} ({'from scratch, ' if start.scratch else ''}{cfg.fraction:.0%} labels, "
           f"{augmentation.describe()}): val top-1 "

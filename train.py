@@ -33,7 +33,7 @@ from tqdm import tqdm
 import augment
 import models
 import options
-from checkpoints import CHECKPOINT_FORMAT, RunFolder, load_checkpoint
+from checkpoints import CHECKPOINT_FORMAT, RunFolder, load_checkpoint, load_classifier
 from optim import LARS, learning_rate, parameter_groups
 from options import POSITIVE, PRECISIONS, UserError, check_range, first_line, option
 
@@ -563,6 +563,17 @@ def val_top1(model: models.Classifier, val: Images, rt: Runtime, size: int,
         model.eval()
         return dict(val_top1=accuracy_report(model.classify(features), val.labels, val.classes)["top1"])
     return evaluate
+
+
+def best_reports(run: RunFolder, task: Task, rt: Runtime, size: int) -> dict:
+    """{val, test}: accuracy reports (without predictions) of the run's best.pt, the epoch `val_top1` chose."""
+    best, _ = load_classifier(run.path / "best.pt", task.num_classes)
+    best = best.to(rt.device)
+    reports = {name: evaluate_classifier(best, split, rt, size=size)
+               for name, split in (("val", task.val), ("test", task.test))}
+    for report in reports.values():
+        report.pop("predictions")
+    return reports
 
 
 def accuracy_report(logits: torch.Tensor, labels, classes: list[str]) -> dict:

@@ -272,17 +272,6 @@ def transfer_objective(cfg: TransferConfig, model: models.Classifier, task: data
     return loader, train.supervised_loss_fn(step_model, view), train.val_top1(model, task.val, rt, image_size)
 
 
-def best_reports(run: checkpoints.RunFolder, task: data.TaskData, rt: train.Runtime, image_size: int) -> dict:
-    """{val, test}: the reports of best.pt (the epoch of best val top-1) on both splits."""
-    best, _ = checkpoints.load_classifier(run.path / "best.pt", task.num_classes)
-    best = best.to(rt.device)
-    reports = {name: train.evaluate_classifier(best, split, rt, size=image_size)
-               for name, split in (("val", task.val), ("test", task.test))}
-    for r in reports.values():
-        r.pop("predictions")
-    return reports
-
-
 def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
              task: data.TaskData | None = None, shared_features: dict | None = None) -> dict:
     """Train a new linear layer (or fine-tune everything) on `cfg.data` from the encoder in `source`.
@@ -323,7 +312,7 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
                                   weight_decay=cfg.weight_decay, log_every=cfg.log_every)
         train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta, evaluate=evaluate,
                   select="val_top1", desc=f"transfer {cfg.mode} {task.name}")
-        reports = best_reports(run, task, rt, image_size)
+        reports = train.best_reports(run, task, rt, image_size)
     if frozen is not None:
         train.check_frozen(*frozen)
     return report(run, cfg, task, config["augmentation"], reports)
