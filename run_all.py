@@ -1122,6 +1122,7 @@ def run_all(cfg: RunAllConfig, out: str | os.PathLike, resume: bool = False, ove
     results.json / results.md / figures in `out`; `command` is the command line results.md quotes."""
     start, out = time.perf_counter(), Path(out)
     plan = plan_run(cfg)
+    # Taken before choose_compile: compiling depends on the machine, which a resume may change.
     settings = plan.settings()
     folder = prepare_folder(out, settings, resume, overwrite)
     train.seed_everything(cfg.seed)
