@@ -15,8 +15,9 @@ fine-tune -> distill):
                (released, given, or pretrained here on the same pool with the same budget; the ResNet
                base from another seed than the teacher's) and trainable dense layers (their Table 2),
                and as full students trained from scratch (extra rows)
-    Study 3    a linear layer on the frozen pretrained encoder, crop + flip, on the 2-, 5-, 47- and
-               100-class tasks at batch sizes 32 and 64, same epochs for both (their Table 4, Figure 6)
+    Study 3    a linear layer on the frozen pretrained encoder, crop + flip, on tasks of 2 to 100 classes
+               at batch sizes 32 and 64, same epochs for both (their Table 4, Figure 6); the cifar preset
+               also probes a random encoder, and reports CIFAR-10 as an in-domain reference
 
 Everything lands in the run folder (--out): results.json (every number, the settings, seeds,
 versions, device, precision, wall time per stage), results.md (the tables beside the paper's
@@ -28,7 +29,7 @@ runs/NAME/ (each stage's own run folder: config, log, checkpoints).
 Command line:
     python run_all.py                                  # default preset for the device, embedded data
     python run_all.py --from-scratch                   # the cpu preset, pretraining its encoders here
-    python run_all.py --preset cifar --root DIR        # real photos: CIFAR-10 (DIR/cifar-10-batches-py)
+    python run_all.py --preset cifar --root DIR        # real photos: CIFAR-10 encoders on CIFAR-100 tasks
     python run_all.py --preset tiny --out /tmp/tiny    # the whole pipeline in seconds (the tests)
     python run_all.py --seeds 5                        # mean +- std over 5 seeds per study
     python run_all.py --preset paper --data study1=tf_flowers,study3=cats_vs_dogs:tf_flowers:dtd:cifar100
@@ -75,6 +76,7 @@ import data
 import distill
 import options
 import simclr
+import sources
 import train
 import transfer
 from distill import DistillConfig
@@ -91,10 +93,14 @@ from transfer import TransferConfig
 # tasks:    sizes of the tasks: images per class with a floor on each split's total; embedded tasks
 #           only, unless real=True (then named datasets too, counted on the classes selected; folders
 #           keep their own splits); 0 keeps a dataset's own split.
+# study3_tasks: Study 3's own sizes, where they differ from Studies 1 and 2's (default: tasks).
+# random_row: Study 3 also probes a random encoder of the same architecture (what pretraining adds).
 # released: None, or the source whose released encoders (RELEASED[source]) the preset starts from
 #           instead of pretraining in the run.
 # knn_check: the encoder's kNN check on a task's val split: True for study1's task, a task name, or False.
-# optional_study3: Study 3 tasks added when their data is already on disk (never downloaded for it).
+#
+# A Study 3 task drawn from the dataset the encoder was pretrained on (the pool's) is an in-domain
+# reference: reported and drawn, marked as such, and left out of the verdicts, which are about transfer.
 
 # The embedded world at 32 px departs from SimCLR's CIFAR augmentations in two ways, both chosen on
 # the kNN check (shapes5's validation split, 500 images; never the test split) of the CPU preset:
@@ -115,7 +121,15 @@ _PROBE = functools.partial(TransferConfig, mode="linear-aug", preset="paper", cr
 # kNN monitor's k = 200 as in the usual CIFAR protocol.
 _CIFAR_PRETRAIN = dict(head_layers=3, optimizer="lars", knn_k=200, strength=0.5, crop_min_scale=0.08,
                        epochs=100, batch_size=256, base_lr=2.0)
-CIFAR10_FIVE = "cifar10@airplane+automobile+bird+cat+deer"  # CIFAR-10's first five classes
+# The cifar preset's tasks come from CIFAR-100, whose classes the CIFAR-10 encoders never saw.
+# Its flowers superclass holds five flower classes, as the paper's tf_flowers (daisy, dandelion,
+# roses, sunflowers, tulips); none is a CIFAR-10 class.
+CIFAR100_FLOWERS = "cifar100@orchid+poppy+rose+sunflower+tulip"
+# For the paper's cats_vs_dogs, a felid against a canid, as cats against dogs: CIFAR-100 has neither
+# cats nor dogs (and CIFAR-10, the encoders' data, has both). Lion and wolf share the large_carnivores
+# superclass and a tawny or grey coat on natural backgrounds; tiger and leopard were passed over because
+# their stripes and spots would separate the pair by pattern alone, which cats and dogs' varied coats do not.
+CIFAR100_PAIR = "cifar100@lion+wolf"
 
 PRESETS: dict[str, dict] = {
     # The tests: every stage runs, nothing is meant to be accurate. VGG needs 32 px inputs.
@@ -148,16 +162,22 @@ PRESETS: dict[str, dict] = {
         distill_augment=dict(frozen=False, scratch=True),
         probe=_PROBE(epochs=30), probe_batch_sizes=[32, 64],
     ),
-    # Real photos on a 2-core CPU in fp32 (RESULTS.md, "Real photos: CIFAR-10"): the released CIFAR-10
-    # encoders, the three studies on CIFAR-10 classes (Study 1 on five of them, as the paper's five
-    # flowers), CIFAR-100's tasks when it is on disk. The pretraining settings are the release's
-    # (used by --from-scratch only): colour strength 0.5 and crops from 8%, chosen with 5-epoch runs
-    # on a validation split of CIFAR-10's training images (RESULTS.md, "How they were chosen").
+    # Real photos on a 2-core CPU in fp32 (RESULTS.md, "Real photos: CIFAR-10"), as the paper: an encoder
+    # pretrained on one set of photos (the released CIFAR-10 encoders) fine-tuned, distilled and probed on
+    # photos it never saw (CIFAR-100's). Studies 1 and 2: the five flowers with all their images
+    # (2,250 / 250 / 500). Study 3: tasks of 2, 5, 20 and 100 classes with the same number of training
+    # images per class, so that only the number of classes changes (the paper's datasets also differed
+    # in size), every test image, a random-encoder row, and CIFAR-10 as an in-domain reference. 20 images
+    # per class keep the preset within 1.5x the time of its CIFAR-10-only version (RESULTS.md).
+    # The pretraining settings are the release's (used by --from-scratch only): colour strength 0.5 and
+    # crops from 8%, chosen with 5-epoch runs on a validation split of CIFAR-10's training images.
     "cifar": dict(
         image_size=32, seeds_cpu=3, seeds_cuda=3, knn_check="cifar10", released="cifar10",
-        data=dict(pool="cifar10", study1=CIFAR10_FIVE, study3=["cifar10@cat+dog", CIFAR10_FIVE, "cifar10"]),
-        optional_study3=["cifar100_coarse", "cifar100"],
-        pool_images=None, tasks=dict(train_per_class=300, min_train=0, test_per_class=200, min_test=1000, real=True),
+        data=dict(pool="cifar10", study1=CIFAR100_FLOWERS,
+                  study3=[CIFAR100_PAIR, CIFAR100_FLOWERS, "cifar100_coarse", "cifar100", "cifar10"]),
+        pool_images=None, tasks=dict(train_per_class=0, min_train=0, test_per_class=0, min_test=0, real=True),
+        study3_tasks=dict(train_per_class=20, min_train=0, test_per_class=0, min_test=0, real=True),
+        random_row=True,
         pretrain=PretrainConfig(**_CIFAR_PRETRAIN, model="resnet18", width=0.125, log_every=100, knn_every=5),
         vgg="vgg16_bn",
         finetune=FinetuneConfig(head_layer=1, epochs=15, batch_size=64, lr=0.05, optimizer="sgd", weight_decay=0.0),
@@ -321,13 +341,16 @@ def parse_data(spec: str | None, defaults: dict) -> dict:
     return mapping
 
 
-def with_optional_study3(mapping: dict, preset: dict, root: str | None) -> dict:
-    """The mapping with the preset's optional Study 3 tasks whose data is on disk, unless --data gave
-    study3 (parse_data keeps the preset's own list object only when it was not given)."""
-    if mapping["study3"] is not preset["data"]["study3"]:
-        return mapping
-    present = [t for t in preset.get("optional_study3", []) if data.is_present(t, root)]
-    return dict(mapping, study3=mapping["study3"] + present)
+def require_datasets(names: Sequence[str], root: str | None, preset: str) -> None:
+    """Refuse, before anything runs, a run whose named datasets are not under `root`, with the
+    command that downloads each (folders and embedded tasks report their own errors when loaded)."""
+    bases = dict.fromkeys(sources.normalise(data.split_classes(n)[0]) for n in names)
+    missing = [b for b in bases if b in sources.DATASETS and not data.is_present(b, root)]
+    if missing:
+        where = root if root is not None else sources.default_data_root()
+        commands = "\n".join(f"  python data.py download {b} --root {where}" for b in missing)
+        raise UserError(f"--preset {preset} needs {', '.join(missing)} under {where}, and it is not there. "
+                        f"Download it with:\n{commands}\nand run again, or pass --download true.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -590,6 +613,24 @@ def probe_stage(checkpoint: str, task: data.TaskData, batch_size: int, cfg: Tran
     return run
 
 
+RANDOM_TAG = "-random"  # marks Study 3's random-encoder stages: seed0-study3-TASK-random-b64
+
+
+def random_encoder_stage(encoder: str, seed: int) -> Callable[[Path, bool], dict]:
+    """Study 3's random-encoder row: a pretraining file of the encoder's architecture with untrained
+    weights, the kNN check's random encoder (simclr.random_model, same seed), keeping the encoder's
+    record of its pretraining views so that the probe of either sees the same views."""
+    def run(folder: Path, resume: bool) -> dict:
+        ckpt = checkpoints.load_checkpoint(encoder)
+        keep = {k: ckpt[k] for k in ("kind", "format", "arch", "image_size", "mean", "std") if k in ckpt}
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "random-encoder.pt"
+        checkpoints.atomic_save(dict(keep, model=simclr.random_model(ckpt["arch"], seed).state_dict(),
+                                     **checkpoints.carried(checkpoints.pretrain_augmentation(ckpt))), path)
+        return dict(checkpoint=str(path), seed=seed, arch=ckpt["arch"])
+    return run
+
+
 # ----------------------------------------------------------------------------------------------
 # Tables, verdicts and results.md
 
@@ -615,8 +656,10 @@ def _judge(pairs: Sequence[tuple[Sequence[float], Sequence[float]]], n_seeds: in
 
 
 @_part("while summarising the stages")
-def summarise(runs: dict, mapping: dict, tasks: dict[str, data.TaskData], seeds: list[int]) -> dict:
-    """Per-seed numbers -> the three tables (lists over seeds) and a verdict per claim."""
+def summarise(runs: dict, mapping: dict, tasks: dict[str, data.TaskData], seeds: list[int],
+              references: Sequence[str] = ()) -> dict:
+    """Per-seed numbers -> the three tables (lists over seeds) and a verdict per claim. tasks: Study 3's;
+    references: Study 3's in-domain tasks, tabled but left out of its claims."""
     n = len(seeds)
     t1 = {key: [runs[f"seed{s}-study1-{key}"]["test_top1"] for s in seeds] for key, _, _ in STUDY1_ROWS}
     singles, combos = ("crop", "flip", "color"), ("crop+color", "flip+crop")
@@ -634,21 +677,25 @@ def summarise(runs: dict, mapping: dict, tasks: dict[str, data.TaskData], seeds:
     claims2 = {f"same-architecture student beats VGG ({mode} student)":
                [(t2[f"{mode}-resnet"]["student"], t2[f"{mode}-vgg"]["student"])] for mode in ("frozen", "scratch")}
     study3 = sorted(dict.fromkeys(mapping["study3"]), key=lambda t: tasks[t].num_classes)
-    batch_sizes = sorted({int(k.rsplit("-b", 1)[1]) for k in runs if "-study3-" in k})
+    batch_sizes = sorted({int(k.rsplit("-b", 1)[1]) for k in runs if "-study3-" in k and RANDOM_TAG not in k})
     t4 = {t: {b: [runs[f"seed{s}-study3-{t}-b{b}"]["test_top1"] for s in seeds] for b in batch_sizes} for t in study3}
     big = max(batch_sizes)
+    random = {t: [runs[f"seed{s}-study3-{t}{RANDOM_TAG}-b{big}"]["test_top1"] for s in seeds] for t in study3
+              if f"seed{seeds[0]}-study3-{t}{RANDOM_TAG}-b{big}" in runs}
+    moved = [t for t in study3 if t not in references]  # the tasks the encoder is transferred to
     claims4 = {f"accuracy falls as the number of classes grows (batch {big})":
-               [(t4[a][big], t4[b][big]) for a, b in zip(study3, study3[1:])]}
-    if len(batch_sizes) > 1 and len(study3) > 1:
+               [(t4[a][big], t4[b][big]) for a, b in zip(moved, moved[1:])]}
+    if len(batch_sizes) > 1 and len(moved) > 1:
         small = min(batch_sizes)
-        gain = {t: [x - y for x, y in zip(t4[t][big], t4[t][small])] for t in study3}
-        claims4[f"more classes gain more from batch {big} over {small} ({_display(study3[-1])} vs "
-                f"{_display(study3[0])})"] = \
-            [(gain[study3[-1]], gain[study3[0]])]
+        gain = {t: [x - y for x, y in zip(t4[t][big], t4[t][small])] for t in moved}
+        claims4[f"more classes gain more from batch {big} over {small} ({_display(moved[-1])} vs "
+                f"{_display(moved[0])})"] = \
+            [(gain[moved[-1]], gain[moved[0]])]
     verdicts = {study: {name: _judge(pairs, n) for name, pairs in claims.items()}
                 for study, claims in (("study1", claims1), ("study2", claims2), ("study3", claims4))}
     return dict(table1=t1, table2=t2, table4={t: {str(b): v for b, v in d.items()} for t, d in t4.items()},
-                study3_tasks=study3, batch_sizes=batch_sizes, verdicts=verdicts)
+                table4_random=random, study3_tasks=study3, reference_tasks=[t for t in study3 if t in references],
+                batch_sizes=batch_sizes, verdicts=verdicts)
 
 
 def _display(name: str) -> str:
@@ -677,11 +724,13 @@ def _pretraining_views(meta: dict) -> str:
             f"to 100% of the image, colour strength {views['strength']:g} (the seed paper's premise for Study 1).")
 
 
-def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData], mapping: dict, runs: dict) -> str:
-    """results.md: how the run was made, then each study's table beside the paper's numbers, with its verdicts."""
+def results_markdown(summary: dict, meta: dict, tasks: dict[str, data.TaskData], tasks3: dict[str, data.TaskData],
+                     mapping: dict, runs: dict) -> str:
+    """results.md: how the run was made, then each study's table beside the paper's numbers, with its verdicts.
+    tasks: Studies 1 and 2's; tasks3: Study 3's (sized on their own where the preset says so)."""
     lines = [*_overview(meta, mapping), *_study1_section(summary, meta, tasks[mapping["study1"]], runs),
              *_study2_section(summary, meta, tasks[mapping["study2"]], runs),
-             *_study3_section(summary, meta, tasks, mapping["pool"], runs),
+             *_study3_section(summary, meta, tasks3, runs),
              "", "Figures: figure2.png (Study 1), figure6.png (Study 3). Every number: results.json.", ""]
     return "\n".join(lines)
 
@@ -751,28 +800,37 @@ def _study2_section(summary: dict, meta: dict, task: data.TaskData, runs: dict) 
     return [*lines, "", *_claims(summary, "study2"), ""]
 
 
-def _study3_section(summary: dict, meta: dict, tasks: dict[str, data.TaskData], pool: str, runs: dict) -> list[str]:
+def _study3_section(summary: dict, meta: dict, tasks: dict[str, data.TaskData], runs: dict) -> list[str]:
     """Table 4: the linear probe's test top-1 per task and batch size, beside the paper's at batch 64."""
-    bs = summary["batch_sizes"]
+    bs, random = summary["batch_sizes"], summary["table4_random"]
     lines = ["## Study 3: transfer to tasks with different numbers of classes (their Table 4, Figure 6)", "",
              "A linear layer on the frozen pretrained encoder, random crop + flip "
              f"({_operations(runs, [n for n in runs if '-study3-' in n])}), lr "
              f"{meta['probe']['lr']}, no weight decay, {meta['probe']['epochs']} epochs for every batch size; "
              "test top-1 of the best-val epoch.", "",
              "| dataset | classes | train / val / test | image size | chance | paper dataset | paper (batch 64) | "
-             + " | ".join(f"here (batch {b})" for b in bs) + " |", "|---" * (7 + len(bs)) + "|"]
+             + " | ".join(f"here (batch {b})" for b in bs)
+             + (f" | random encoder (batch {max(bs)})" if random else "") + " |",
+             "|---" * (7 + len(bs) + bool(random)) + "|"]
     for name in summary["study3_tasks"]:
-        task = tasks[name]
-        paper = PAPER_TABLE4.get(task.num_classes)
-        lines.append(f"| {_display(name)} | {task.num_classes} | {len(task.train)} / {len(task.val)} / {len(task.test)} | "
+        task, reference = tasks[name], name in summary["reference_tasks"]
+        paper = None if reference else PAPER_TABLE4.get(task.num_classes)
+        lines.append(f"| {_display(name)}{' (in-domain reference)' if reference else ''} | {task.num_classes} | "
+                     f"{len(task.train)} / {len(task.val)} / {len(task.test)} | "
                      f"{meta['image_size']} | {1 / task.num_classes:.3f} | "
                      f"{paper[0] if paper else '-'} | {f'{paper[1]:.3f}' if paper else '-'} | "
-                     + " | ".join(_fmt(summary["table4"][name][str(b)]) for b in bs) + " |")
+                     + " | ".join(_fmt(summary["table4"][name][str(b)]) for b in bs)
+                     + (f" | {_fmt(random.get(name))}" if random else "") + " |")
     lines += ["", *_claims(summary, "study3")]
-    own = [_display(t) for t in summary["study3_tasks"] if data.split_classes(t)[0] == pool]
-    if own:
-        lines += [f"- {', '.join(own)}: from the dataset the encoder was pretrained on (without labels): "
-                  "in-domain linear evaluation, not transfer to a new dataset."]
+    if random:
+        gains = [f"{_display(t)} {statistics.fmean(summary['table4'][t][str(max(bs))]) - statistics.fmean(v):+.3f}"
+                 for t, v in random.items()]
+        lines += [f"- What pretraining adds (pretrained minus random encoder of the same architecture, batch "
+                  f"{max(bs)}): {', '.join(gains)}."]
+    if summary["reference_tasks"]:
+        lines += [f"- {', '.join(_display(t) for t in summary['reference_tasks'])}: from the dataset the encoder was "
+                  "pretrained on (without labels): an in-domain reference, not transfer to a new dataset; left out "
+                  "of the verdicts."]
     return lines
 
 
@@ -780,6 +838,7 @@ def _study3_section(summary: dict, meta: dict, tasks: dict[str, data.TaskData], 
 # Figures with Pillow: a bar chart (Figure 2) and accuracy against number of classes (Figure 6)
 
 HERE_COLOURS, PAPER_COLOUR = ((31, 119, 180), (255, 127, 14), (44, 160, 44)), (160, 160, 160)
+RANDOM_COLOUR, REFERENCE_COLOUR = (148, 103, 189), (214, 39, 40)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -866,15 +925,27 @@ def draw_figures(out: Path, summary: dict, tasks: dict[str, data.TaskData], n_se
                "operations used while fine-tuning", keys,
                [(here, HERE_COLOURS[0], [m for m, _ in stats], [s for _, s in stats]),
                 ("paper (tf_flowers)", PAPER_COLOUR, [PAPER_TABLE1[k] for k in keys], None)])
-    names = summary["study3_tasks"]
-    series = []
-    for j, b in enumerate(summary["batch_sizes"]):
-        stats = [mean_std(summary["table4"][t][str(b)]) for t in names]
-        series.append((f"batch {b}, {here}", HERE_COLOURS[j % 3], [m for m, _ in stats], [s for _, s in stats]))
-    paper = [PAPER_TABLE4.get(tasks[t].num_classes, (None, float("nan")))[1] for t in names]
-    series.append(("paper, batch 64 (their datasets)", PAPER_COLOUR, paper, None))
-    draw_chart(out / "figure6.png", "Figure 6: linear transfer vs number of classes (Table 4)",
-               "number of classes (task)", [f"{tasks[t].num_classes}\n{_short(t)}" for t in names], series, kind="line")
+    names, references, big = summary["study3_tasks"], summary["reference_tasks"], str(max(summary["batch_sizes"]))
+    # The transfer tasks' lines skip the in-domain references, which get markers of their own.
+    line = lambda values, keep: ([m if keep(t) else float("nan") for t, m in zip(names, values[0])],  # noqa: E731
+                                 [s for s in values[1]])
+    stats = lambda table: tuple(zip(*[mean_std(table[t]) for t in names]))  # noqa: E731
+    series = [(f"batch {b}", HERE_COLOURS[j % 3], *line(stats({t: summary["table4"][t][str(b)] for t in names}),
+                                                        lambda t: t not in references))
+              for j, b in enumerate(summary["batch_sizes"])]
+    if summary["table4_random"]:
+        random = {t: summary["table4_random"].get(t, [float("nan")]) for t in names}
+        series.append((f"random encoder, batch {big}", RANDOM_COLOUR, *line(stats(random),
+                                                                            lambda t: t not in references)))
+    if references:
+        series.append((f"in-domain reference, batch {big}", REFERENCE_COLOUR,
+                       *line(stats({t: summary["table4"][t][big] for t in names}), lambda t: t in references)))
+    paper = [float("nan") if t in references else PAPER_TABLE4.get(tasks[t].num_classes, (None, float("nan")))[1]
+             for t in names]
+    series.append(("paper, batch 64", PAPER_COLOUR, paper, None))
+    labels = [f"{tasks[t].num_classes}\n{_short(t)}" + ("\n(in-domain)" if t in references else "") for t in names]
+    draw_chart(out / "figure6.png", f"Figure 6: linear transfer vs number of classes (Table 4); {here}",
+               "number of classes (task)", labels, series, kind="line")
     return ["figure2.png", "figure6.png"]
 
 
@@ -945,19 +1016,22 @@ def pretrained_arch(path: str) -> str:
 
 
 @_part("while writing the results")
-def write_results(out: Path, meta: dict, settings: dict, mapping: dict, tasks: dict[str, data.TaskData],
-                  records: dict, runs: dict, summary: dict) -> dict:
-    """results.json (every number, the settings, versions and stage times), results.md and the figures."""
+def write_results(out: Path, meta: dict, settings: dict, mapping: dict,
+                  tasks: tuple[dict[str, data.TaskData], dict[str, data.TaskData]], records: dict, runs: dict,
+                  summary: dict) -> dict:
+    """results.json (every number, the settings, versions and stage times), results.md and the figures.
+    tasks: (Studies 1 and 2's, Study 3's)."""
+    sizes = lambda ts: {k: dict(classes=t.num_classes, train=len(t.train), val=len(t.val),  # noqa: E731
+                                test=len(t.test), image_size=meta["image_size"]) for k, t in ts.items()}
     results = dict(meta, settings=settings, versions=_versions(), data=mapping,
-                   tasks={k: dict(classes=t.num_classes, train=len(t.train), val=len(t.val), test=len(t.test),
-                                  image_size=meta["image_size"]) for k, t in tasks.items()},
+                   tasks=dict(study1_2=sizes(tasks[0]), study3=sizes(tasks[1])),
                    stages={k: dict(wall_s=v["wall_s"], reused=v["reused"], finished=v["finished"])
                            for k, v in records.items()},
                    runs=runs, **summary)
     checkpoints.atomic_write_text(json.dumps(results, indent=2, default=str) + "\n", out / "results.json")
-    markdown = results_markdown(summary, meta, tasks, mapping, runs)
+    markdown = results_markdown(summary, meta, *tasks, mapping, runs)
     checkpoints.atomic_write_text(markdown, out / "results.md")
-    figures = draw_figures(out, summary, tasks, len(meta["seeds"]))
+    figures = draw_figures(out, summary, tasks[1], len(meta["seeds"]))
     curve = pretraining_log(meta["checkpoint"])
     if curve is not None:
         draw_pretraining(out / "pretraining.png", *curve, f"Pretraining of the encoder: {meta['encoders']['teacher']}")
@@ -1013,7 +1087,7 @@ class RunAllConfig(options.StageConfig):
     """run_all's options: the preset, the datasets of each study, the seeds and the encoders the
     studies start from; StageConfig's shared options with --seed as the first of the seeds."""
     preset: str = options.option("default", "default: cuda on a GPU, cpu otherwise; tiny: seconds (tests); cifar: real "
-                                 "photos on a CPU (needs CIFAR-10 under --root); paper: the seed paper's settings",
+                                 "photos on a CPU (needs CIFAR-10 and CIFAR-100 under --root); paper: the seed paper's settings",
                                  choices=list(PRESET_CHOICES))
     data_spec: str | None = options.option(None, "study-to-dataset map, e.g. study1=tf_flowers,study3=a:b:c "
                                            "(see below)", flags=["--data"], metavar="DATA")
@@ -1067,8 +1141,15 @@ class Plan:
         return (self.mapping["study1"] if self.values["knn_check"] is True else self.values["knn_check"]) or None
 
     def task_names(self) -> list[str]:
-        """Every labeled task of the three studies (load_tasks loads each once)."""
+        """Every labeled task of the three studies."""
         return [self.mapping["study1"], self.mapping["study2"], *self.mapping["study3"]]
+
+    @property
+    def reference_tasks(self) -> list[str]:
+        """Study 3's in-domain references: its tasks drawn from the dataset the pool is (the encoder's
+        pretraining images), reported but left out of the verdicts."""
+        pool = data.split_classes(self.mapping["pool"])[0]
+        return [t for t in self.mapping["study3"] if data.split_classes(t)[0] == pool]
 
     def settings(self) -> dict:
         """What the run folder's config.json records and --resume compares (prepare_folder)."""
@@ -1085,15 +1166,30 @@ def plan_run(cfg: RunAllConfig) -> Plan:
     preset, values = resolve_preset(cfg.preset, rt.device)
     for key in ("pretrain", "finetune", "distill", "probe"):
         values[key] = dataclasses.replace(values[key], precision=rt.precision)
-    mapping = with_optional_study3(parse_data(cfg.data_spec, values["data"]), values, cfg.root)
+    mapping = parse_data(cfg.data_spec, values["data"])
     n_seeds = cfg.seeds if cfg.seeds is not None else values["seeds_cuda" if rt.device.type == "cuda" else "seeds_cpu"]
     teacher, bases = choose_encoders(values, cfg.from_scratch, cfg.pretrained,
                                      dict(resnet=cfg.resnet_base, vgg=cfg.vgg_base))
-    return Plan(cfg, rt, preset, values, mapping, seeds=[cfg.seed + k for k in range(n_seeds)], teacher=teacher,
+    plan = Plan(cfg, rt, preset, values, mapping, seeds=[cfg.seed + k for k in range(n_seeds)], teacher=teacher,
                 bases=bases, download=preset == "paper" if cfg.download is None else cfg.download)
+    if not plan.download:
+        require_datasets([mapping["pool"], *plan.task_names(), *filter(None, [plan.knn_task])], cfg.root, preset)
+    return plan
 
 
-def choose_compile(plan: Plan, tasks: dict[str, data.TaskData]) -> None:
+def load_study_tasks(plan: Plan) -> tuple[dict[str, data.TaskData], dict[str, data.TaskData]]:
+    """(Studies 1 and 2's tasks, Study 3's tasks), each loaded once and shared by every seed and stage.
+    Study 3 may size its tasks otherwise (the preset's study3_tasks); a task it sizes alike is shared."""
+    c, v = plan.cfg, plan.values
+    load = functools.partial(load_tasks, image_size=v["image_size"], seed=c.seed, root=c.root, cache_dir=c.cache_dir,
+                             download=plan.download, skip_bad=c.skip_bad)
+    tasks = load([plan.mapping["study1"], plan.mapping["study2"]], sizes=v["tasks"])
+    sizes3 = v.get("study3_tasks", v["tasks"])
+    shared = {t: tasks[t] for t in plan.mapping["study3"] if t in tasks and sizes3 == v["tasks"]}
+    return tasks, {**shared, **load([t for t in plan.mapping["study3"] if t not in shared], sizes=sizes3)}
+
+
+def choose_compile(plan: Plan, tasks: dict[str, data.TaskData], tasks3: dict[str, data.TaskData]) -> None:
     """Each stage config's compile setting. A compiled step is shared by every later run of the same
     network in this process, so 'auto' weighs the compile cost against all the images a group of
     such runs trains on. Pretraining weighs its own."""
@@ -1101,9 +1197,9 @@ def choose_compile(plan: Plan, tasks: dict[str, data.TaskData]) -> None:
     groups = {"finetune": (n * len(STUDY1_ROWS), values["finetune"].epochs, [mapping["study1"]]),
               "distill": (n, values["distill"].epochs or distill.PRESETS[values["distill"].preset]["epochs"],
                           [mapping["study2"]]),
-              "probe": (n, values["probe"].epochs, mapping["study3"])}
+              "probe": (n * (1 + bool(values.get("random_row"))), values["probe"].epochs, mapping["study3"])}
     for key, (runs, epochs, names) in groups.items():
-        images = runs * epochs * sum(len(tasks[t].train) for t in names)
+        images = runs * epochs * sum(len({**tasks, **tasks3}[t].train) for t in names)
         compiled = train.resolve_compile(setting, plan.rt.device, images)
         values[key] = dataclasses.replace(values[key], compile="on" if compiled else "off")
     values["pretrain"] = dataclasses.replace(values["pretrain"], compile=setting)
@@ -1111,9 +1207,10 @@ def choose_compile(plan: Plan, tasks: dict[str, data.TaskData]) -> None:
 
 def count_stages(plan: Plan) -> int:
     """The progress bar's total: the encoder's stage, the student bases pretrained here, each seed's studies."""
+    random = bool(plan.values.get("random_row"))
     per_seed = (len(STUDY1_ROWS) + plan.separate_teacher + len(STUDY2_ROWS)
-                + len(plan.mapping["study3"]) * len(plan.values["probe_batch_sizes"]))
-    return 1 + sum(b is None for b in plan.bases.values()) + len(plan.seeds) * per_seed
+                + len(plan.mapping["study3"]) * (len(plan.values["probe_batch_sizes"]) + random))
+    return 1 + random + sum(b is None for b in plan.bases.values()) + len(plan.seeds) * per_seed
 
 
 def run_all(cfg: RunAllConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
@@ -1126,9 +1223,8 @@ def run_all(cfg: RunAllConfig, out: str | os.PathLike, resume: bool = False, ove
     settings = plan.settings()
     folder = prepare_folder(out, settings, resume, overwrite)
     train.seed_everything(cfg.seed)
-    tasks = load_tasks(plan.task_names(), plan.values["image_size"], plan.values["tasks"], cfg.seed, cfg.root,
-                       cfg.cache_dir, plan.download, cfg.skip_bad)
-    choose_compile(plan, tasks)
+    tasks, tasks3 = load_study_tasks(plan)
+    choose_compile(plan, tasks, tasks3)
     teacher_arch = pretrained_arch(plan.teacher) if plan.teacher is not None else plan.values["pretrain"].model
     with Pipeline(out, resume, count_stages(plan)) as pipe:
         encoder = encoder_stage(pipe, plan)
@@ -1137,10 +1233,11 @@ def run_all(cfg: RunAllConfig, out: str | os.PathLike, resume: bool = False, ove
         width = encoder_ckpt["arch"]["width"]
         bases = student_bases(pipe, plan, teacher_arch, width)
         study2(pipe, plan, tasks[plan.mapping["study2"]], encoder, bases, width)
-        study3(pipe, plan, tasks, encoder)
-    summary = summarise(pipe.results, plan.mapping, tasks, plan.seeds)
+        study3(pipe, plan, tasks3, encoder)
+    summary = summarise(pipe.results, plan.mapping, tasks3, plan.seeds, plan.reference_tasks)
     meta = run_meta(plan, encoder, encoder_ckpt, teacher_arch, pipe.results, start, command)
-    results = write_results(out, meta, settings, plan.mapping, tasks, pipe.records, pipe.results, summary)
+    results = write_results(out, meta, settings, plan.mapping, (tasks, tasks3), pipe.records, pipe.results,
+                            summary)
     folder.close()
     return results
 
@@ -1204,13 +1301,19 @@ def study2(pipe: Pipeline, plan: Plan, task: data.TaskData, encoder: str, bases:
 
 
 def study3(pipe: Pipeline, plan: Plan, tasks: dict[str, data.TaskData], encoder: str) -> None:
-    """Study 3: for each seed, a linear probe on the frozen encoder per task and batch size."""
+    """Study 3: for each seed, a linear probe on the frozen encoder per task and batch size; where the
+    preset asks, also on a random encoder of the same architecture at the largest batch size."""
+    probed = {"": (encoder, plan.values["probe_batch_sizes"])}
+    if plan.values.get("random_row"):
+        random = pipe.run("random-encoder", random_encoder_stage(encoder, plan.cfg.seed))["checkpoint"]
+        probed[RANDOM_TAG] = (random, [max(plan.values["probe_batch_sizes"])])
     for s in plan.seeds:
         for task_name in plan.mapping["study3"]:
-            views: dict = {}  # shared by the task's batch sizes (probe_stage)
-            for b in plan.values["probe_batch_sizes"]:
-                pipe.run(f"seed{s}-study3-{task_name}-b{b}",
-                         probe_stage(encoder, tasks[task_name], b, plan.values["probe"], s, plan.device, views))
+            for tag, (checkpoint, batch_sizes) in probed.items():
+                views: dict = {}  # shared by the task's batch sizes (probe_stage)
+                for b in batch_sizes:
+                    pipe.run(f"seed{s}-study3-{task_name}{tag}-b{b}", probe_stage(
+                        checkpoint, tasks[task_name], b, plan.values["probe"], s, plan.device, views))
 
 
 def run_meta(plan: Plan, encoder: str, encoder_ckpt: dict, teacher_arch: str, runs: dict, start: float,

@@ -297,11 +297,17 @@ def knn_monitor(encoder: nn.Module, bank: data.ImageSet | Sequence[data.ImageSet
     return accuracy
 
 
-def random_encoder(arch: dict, seed: int) -> nn.Module:
-    """The kNN check's reference: an untrained encoder of the same architecture, seeded from seed + 1,
-    so that pretrain and run_all's check of a released encoder compare with the same network."""
+def random_model(arch: dict, seed: int) -> models.SimCLRModel:
+    """The reference for what pretraining adds: an untrained network of the same architecture, seeded
+    from seed + 1, so that pretrain's kNN check, run_all's check of a released encoder and its Study 3
+    random-encoder row all compare with the same network."""
     torch.manual_seed(seed + 1)
-    return checkpoints.build_simclr_model(arch).encoder
+    return checkpoints.build_simclr_model(arch)
+
+
+def random_encoder(arch: dict, seed: int) -> nn.Module:
+    """The encoder of random_model: the kNN check's reference."""
+    return random_model(arch, seed).encoder
 
 
 def _split_size(split: str):

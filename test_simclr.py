@@ -42,6 +42,7 @@ import tarfile
 import textwrap
 import threading
 import time
+import types
 import zipfile
 from collections.abc import Sequence
 
@@ -1988,13 +1989,25 @@ def _cifar10_folder(root: Path, names: Sequence[str] = tuple(f"c{k}" for k in ra
     return folder
 
 
-def _cifar100_folder(root: Path, n_train: int = 100, n_test: int = 100) -> Path:
+# CIFAR-100's fine classes in the order of its meta file (the cifar preset names some of them).
+CIFAR100_NAMES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can castle "
+    "caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant "
+    "flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man "
+    "maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree "
+    "plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail "
+    "snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout "
+    "tulip turtle wardrobe whale willow_tree wolf woman worm").split()
+
+
+def _cifar100_folder(root: Path, n_train: int = 100, n_test: int = 100,
+                     names: Sequence[str] = tuple(f"f{k}" for k in range(100))) -> Path:
     """cifar-100-python under root (every class in test when n_test >= 100)."""
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     _write(folder / "train", _cifar_batch(n_train, 100, 0, hundred=True))
     _write(folder / "test", _cifar_batch(n_test, 100, 100, hundred=True))
-    _write(folder / "meta", {b"fine_label_names": [f"f{k}".encode() for k in range(100)],
+    _write(folder / "meta", {b"fine_label_names": [name.encode() for name in names],
                              b"coarse_label_names": [f"g{k}".encode() for k in range(20)]})
     return folder
 
@@ -3801,36 +3814,85 @@ def test_cuda_and_paper_presets_run_end_to_end_on_cpu_at_tiny_sizes(preset, tmp_
         assert pre["model"] == "resnet50" and pre["knn_k"] == 10
 
 
+def _cifar_preset_data(root: Path) -> Path:
+    """Generated CIFAR-10 and CIFAR-100 files under root, with the real class names the preset selects:
+    CIFAR-100 with 20 training and 2 test images of each class."""
+    _cifar10_folder(root, CIFAR10_NAMES, per_batch=40, n_test=100)
+    _cifar100_folder(root, n_train=2000, n_test=200, names=CIFAR100_NAMES)
+    return root
+
+
 def test_cifar_preset_end_to_end_on_generated_cifar_files(tmp_path, monkeypatch):
-    """The real-photo preset's tasks, class selections and optional CIFAR-100 tasks, on generated
-    CIFAR-10 and CIFAR-100 files at tiny sizes, encoders pretrained in the run."""
-    _cifar10_folder(tmp_path / "data", CIFAR10_NAMES, per_batch=40, n_test=100)
-    _cifar100_folder(tmp_path / "data", n_train=200)
+    """The transfer preset from the released CIFAR-10 encoders on generated CIFAR-10 and CIFAR-100 files at
+    tiny sizes: CIFAR-100 tasks sized per study, a random-encoder row, CIFAR-10 as an in-domain reference."""
+    root = _cifar_preset_data(tmp_path / "data")
     p = dict(_shrunk(run_all.PRESETS["cifar"]), probe_batch_sizes=[8, 16],
-             tasks=dict(train_per_class=16, min_train=0, test_per_class=4, min_test=20, real=True))
+             tasks=dict(train_per_class=0, min_train=0, test_per_class=0, min_test=0, real=True),
+             study3_tasks=dict(train_per_class=12, min_train=0, test_per_class=0, min_test=0, real=True))
     monkeypatch.setitem(run_all.PRESETS, "cifar", p)
     out = tmp_path / "run"
-    assert run_all.main(["--preset", "cifar", "--device", "cpu", "--seeds", "1", "--from-scratch",
-                         "--root", str(tmp_path / "data"), "--out", str(out)]) == 0
+    assert run_all.main(["--preset", "cifar", "--device", "cpu", "--seeds", "1", "--root", str(root),
+                         "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    five = "cifar10@airplane+automobile+bird+cat+deer"
-    assert results["data"]["study1"] == five and results["pretrain"]["task"] == "cifar10"
-    assert results["study3_tasks"] == ["cifar10@cat+dog", five, "cifar10", "cifar100_coarse", "cifar100"]
-    sizes = {k: (t["classes"], t["train"] + t["val"], t["test"]) for k, t in results["tasks"].items()}
-    # 16 per class before the val carve, 4 test images per class with a floor of 20; CIFAR-100 has
-    # only 200 train and 100 test images here, so it keeps them all.
-    assert sizes == {five: (5, 80, 20), "cifar10@cat+dog": (2, 32, 20), "cifar10": (10, 160, 40),
-                     "cifar100_coarse": (20, 200, 80), "cifar100": (100, 200, 100)}
+    flowers, pair = "cifar100@orchid+poppy+rose+sunflower+tulip", "cifar100@lion+wolf"
+    assert results["data"]["study1"] == flowers and results["pretrain"]["task"] == "cifar10"
+    assert results["study3_tasks"] == [pair, flowers, "cifar10", "cifar100_coarse", "cifar100"]
+    sizes = {study: {k: (t["classes"], t["train"] + t["val"], t["test"]) for k, t in ts.items()}
+             for study, ts in results["tasks"].items()}
+    # Studies 1 and 2: every image of the five flowers; Study 3: 12 per class of every task, every test image.
+    assert sizes["study1_2"] == {flowers: (5, 100, 10)}
+    assert sizes["study3"] == {pair: (2, 24, 4), flowers: (5, 60, 10), "cifar10": (10, 120, 100),
+                               "cifar100_coarse": (20, 240, 200), "cifar100": (100, 1200, 200)}
+    assert sorted(results["table4_random"]) == sorted(results["study3_tasks"])
+    assert all(len(v) == 1 and all(math.isfinite(x) for x in v) for v in results["table4_random"].values())
     assert all(math.isfinite(v) for v in _numbers(results["table4"]))
+    # The random row probes the released encoder's architecture with untrained weights and the same views.
+    random = checkpoints.load_checkpoint(results["runs"]["random-encoder"]["checkpoint"])
+    released = checkpoints.load_checkpoint(run_all.released_encoder("teacher", "cifar10"))
+    assert random["arch"] == released["arch"]
+    assert checkpoints.pretrain_augmentation(random) == checkpoints.pretrain_augmentation(released)
+    assert not torch.equal(random["model"]["encoder.conv1.weight"], released["model"]["encoder.conv1.weight"])
+    # CIFAR-10 is the encoders' own data: reported, marked, and in no verdict.
+    assert results["reference_tasks"] == ["cifar10"]
     md = (out / "results.md").read_text()
-    assert "kNN top-1 on cifar10 val" in md and f"| {five} | 5 | 72 / 8 / 20 |" in md
-    assert "cifar10@cat+dog, cifar10@airplane+automobile+bird+cat+deer, cifar10: from the dataset the encoder" in md
-    # Without CIFAR-100 on disk the preset keeps its three CIFAR-10 tasks; a --data study3 is kept as given,
-    # even when it names the preset's own list.
-    own = ["cifar10@cat+dog", five, "cifar10"]
-    for root, spec, expected in ((tmp_path / "data", None, results["study3_tasks"]), (tmp_path, None, own),
-                                 (tmp_path / "data", "study3=" + ":".join(own), own)):
-        assert run_all.with_optional_study3(run_all.parse_data(spec, p["data"]), p, str(root))["study3"] == expected
+    assert "| cifar10 (in-domain reference) | 10 |" in md and "random encoder (batch 16)" in md
+    assert "(cifar100 vs cifar100@lion+wolf)" in md and "kNN top-1 on cifar10 val" in md
+    assert f"| {flowers} | 5 | 54 / 6 / 10 |" in md and "90 training labels" in md and "What pretraining adds" in md
+    assert Image.open(out / "figure6.png").size == run_all._CANVAS
+
+
+def test_study3_verdicts_leave_out_in_domain_reference_tasks():
+    """A reference task sits between the transfer tasks in the table but never in a claim: here it
+    would break 'accuracy falls as the number of classes grows' if it counted."""
+    seeds, tasks = [0, 1], {}
+    accuracy = {"two": 0.9, "ten": 0.2, "hundred": 0.5}  # "ten" is the in-domain reference
+    for name, classes in (("two", 2), ("ten", 10), ("hundred", 100)):
+        tasks[name] = types.SimpleNamespace(num_classes=classes)
+    runs = {f"seed{s}-study1-{k}": dict(test_top1=0.5) for s in seeds for k, _, _ in run_all.STUDY1_ROWS}
+    runs |= {f"seed{s}-study2-{m}-{f}": dict(student_test_top1=0.5, teacher_test_top1=0.6, agreement_test=0.7,
+                                              student_arch=f) for s in seeds for m, f in run_all.STUDY2_ROWS}
+    runs |= {f"seed{s}-study3-{t}-b{b}": dict(test_top1=accuracy[t] + 0.01 * s + 0.001 * b)
+             for s in seeds for t in tasks for b in (32, 64)}
+    mapping = dict(study3=["hundred", "two", "ten"])
+    claim = "accuracy falls as the number of classes grows (batch 64)"
+    kept = run_all.summarise(runs, mapping, tasks, seeds, references=["ten"])
+    assert kept["study3_tasks"] == ["two", "ten", "hundred"] and kept["reference_tasks"] == ["ten"]
+    assert kept["verdicts"]["study3"][claim]["verdict"] == "holds"
+    assert "(hundred vs two)" in " ".join(kept["verdicts"]["study3"])
+    counted = run_all.summarise(runs, mapping, tasks, seeds)
+    assert counted["verdicts"]["study3"][claim]["verdict"] == "fails"
+
+
+def test_cifar_preset_without_cifar100_names_the_download(tmp_path):
+    _cifar10_folder(tmp_path, CIFAR10_NAMES, per_batch=40, n_test=100)
+    cfg = run_all.RunAllConfig(preset="cifar", device="cpu", root=str(tmp_path))
+    with pytest.raises(options.UserError, match=r"needs cifar100 under .*\n  python data.py download cifar100 "
+                                                 f"--root {re.escape(str(tmp_path))}\n"):
+        run_all.plan_run(cfg)
+    cfg.root = str(tmp_path / "nothing")
+    with pytest.raises(options.UserError, match="needs cifar10, cifar100 under") as err:
+        run_all.plan_run(cfg)
+    assert "download cifar10 --root" in str(err.value) and "download cifar100 --root" in str(err.value)
 
 
 def _png_folders_from_cifar(root: Path, cifar_root: Path) -> Path:
@@ -3866,8 +3928,14 @@ def test_cifar_preset_starts_from_the_released_cifar10_encoders():
     teacher, bases = run_all.choose_encoders(p, False, None, {})
     assert teacher == run_all.released_encoder("teacher", "cifar10") and "cifar10" in Path(teacher).name
     assert bases == {f: run_all.released_encoder(f, "cifar10") for f in ("resnet", "vgg")}
-    assert p["seeds_cpu"] >= 3 and p["tasks"]["min_test"] >= 1000 and p["pretrain"].precision in ("auto", "fp32")
-    assert p["data"]["study1"] == run_all.CIFAR10_FIVE and data.num_classes(p["data"]["study1"]) == 5
+    assert p["seeds_cpu"] >= 3 and p["pretrain"].precision in ("auto", "fp32")
+    # Every task from CIFAR-100, whose classes the encoders never saw, but the in-domain reference.
+    assert p["data"]["study1"] == run_all.CIFAR100_FLOWERS and data.num_classes(p["data"]["study1"]) == 5
+    assert [data.num_classes(t) for t in p["data"]["study3"]] == [2, 5, 20, 100, 10]
+    assert all(t.startswith("cifar100") for t in p["data"]["study3"] if t != "cifar10")
+    # Studies 1 and 2 take every flower image; Study 3 one number of images per class; every test image.
+    assert p["tasks"]["train_per_class"] == 0 and p["study3_tasks"]["train_per_class"] > 0
+    assert all(s[k] == 0 for s in (p["tasks"], p["study3_tasks"]) for k in ("test_per_class", "min_test", "min_train"))
 
 
 def test_finetune_val_images_caps_the_split_that_picks_the_epoch(tmp_path):
