@@ -417,13 +417,13 @@ def _part(where: str):
         raise
 
 
-def resume_command(argv: Sequence[str]) -> str:
+def resume_command(argv: Sequence[str], script: str = "run_all.py") -> str:
     """The command that continues this run: the same arguments, --resume instead of --overwrite."""
     kept = [a for a in argv if a not in ("--resume", "--overwrite")]
-    return shlex.join(["python", "run_all.py", *kept, "--resume"])
+    return shlex.join(["python", script, *kept, "--resume"])
 
 
-def interrupted(error: BaseException, argv: Sequence[str]) -> KeyboardInterrupt:
+def interrupted(error: BaseException, argv: Sequence[str], script: str = "run_all.py") -> KeyboardInterrupt:
     """An interrupt of the run -> the KeyboardInterrupt (options.Terminated for SIGTERM) that options.main
     prints, with where it landed and the resume command, and answers with exit 128 + the signal."""
     if isinstance(error, train.Stopped):
@@ -432,8 +432,8 @@ def interrupted(error: BaseException, argv: Sequence[str]) -> KeyboardInterrupt:
         signum = signal.SIGTERM if isinstance(error, options.Terminated) else signal.SIGINT
     where = getattr(error, "run_all_where", "while preparing the run")
     detail = f" ({error.progress})" if isinstance(error, train.Stopped) else ""
-    text = (f"run_all stopped by {signum.name} {where}{detail}. Finished stages are kept. Resume with:\n"
-            f"  {resume_command(argv)}")
+    text = (f"{Path(script).stem} stopped by {signum.name} {where}{detail}. Finished stages are kept. Resume with:\n"
+            f"  {resume_command(argv, script)}")
     return options.Terminated(text) if signum == signal.SIGTERM else KeyboardInterrupt(text)
 
 
@@ -986,15 +986,17 @@ def _device_info(device: torch.device) -> dict:
     return dict(type=device.type, name=name)
 
 
-def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool) -> checkpoints.RunFolder:
+RESULT_FILES = ("stages", "results.json", "results.md", "figure2.png", "figure6.png", "pretraining.png")
+
+
+def prepare_folder(out: Path, settings: dict, resume: bool, overwrite: bool,
+                   outputs: Sequence[str] = RESULT_FILES) -> checkpoints.RunFolder:
     """checkpoints.RunFolder's guards (and lock) for the run_all folder, and one more: --resume only with the
     settings the run was started with (its stages would otherwise mix two experiments). The folder
     stays locked while the returned RunFolder lives: every stage writes inside it."""
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other: pass one of them.")
-    run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite, checkpointed=False,
-                                outputs=("stages", "results.json", "results.md", "figure2.png", "figure6.png",
-                                         "pretraining.png"))
+    run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite, checkpointed=False, outputs=outputs)
     config = out / "config.json"
     if resume and config.is_file():
         old = json.loads(config.read_text()).get("settings", {})

@@ -11,7 +11,8 @@ Contents (search for the heading; every '# ====' section, in file order):
   train.py                           devices, compilation, the training loop and its interrupts, evaluation
   simclr.py                          pretraining, non-finite losses, resume, evaluation, fine-tuning, faults
   distill.py and transfer.py         distillation, transfer, command lines
-  run_all.py                         the verdict rule, options, the tiny preset end to end, kill/interrupt+resume
+  run_all.py and study1_length.py    the verdict rule, options, the tiny preset end to end, kill/interrupt+resume,
+                                     the cifar transfer preset, Study 1 against fine-tuning length
   Every command line: bad input      one table of broken input through every script, in real processes
 
 Run: python -m pytest test_simclr.py          (default, a few minutes on 2 CPU cores)
@@ -63,6 +64,7 @@ import optim
 import run_all
 import shapes
 import simclr
+import study1_length
 import options
 import sources
 import train
@@ -3484,7 +3486,7 @@ def test_cli_errors_exit_2_with_a_message(world, tmp_path, capsys):
 
 
 # ==================================================================================================
-# run_all.py
+# run_all.py and study1_length.py
 # ==================================================================================================
 
 # --- the verdict rule, on hand-made numbers --------------------------------------------------------
@@ -4091,6 +4093,48 @@ def test_run_all_interrupted_anywhere_says_how_to_resume_and_ends_in_the_same_ta
     for key in ("table1", "table2", "table4", "verdicts"):
         assert b[key] == a[key], key
     assert (tmp_path / "chain" / "figure6.png").exists()
+
+
+
+def test_study1_length_rule_and_summary_by_hand():
+    """The length rule picks the shortest length whose 'none' row peaked by 0.8 of it (median over seeds),
+    and each ordering gets run_all's verdict at each length."""
+    assert study1_length.chosen_length({15: [15, 14, 13], 30: [20, 24, 30], 60: [20, 61, 59]}) == 30
+    assert study1_length.chosen_length({15: [15, 15, 12], 30: [30, 29, 25]}) is None
+    assert study1_length.chosen_length({10: [8, 8, 10]}) == 10  # exactly 0.8 counts
+    accuracy = {"all": 0.80, "flip": 0.75, "none": 0.70}
+    runs = {f"seed{s}-e{n}-{row}": dict(test_top1=accuracy[row] + (0.15 * (row == "none") if n == 2 else 0) + 0.01 * s,
+                                        best_epoch=n if row != "none" else 1)
+            for s in (0, 1) for n in (1, 2) for row in study1_length.ROWS}
+    summary = study1_length.summarise(runs, [1, 2], [0, 1])
+    assert summary["test_top1"]["all"][1] == [0.80, 0.81] and summary["best_epoch"]["none"][2] == [1, 1]
+    verdicts = {n: {c: v["verdict"] for c, v in summary["verdicts"][n].items()} for n in (1, 2)}
+    assert verdicts[1] == {"all beats none": "holds", "flip beats none": "holds", "all beats flip": "holds"}
+    assert verdicts[2] == {"all beats none": "fails", "flip beats none": "fails", "all beats flip": "holds"}
+    assert summary["chosen_length"] == 2  # 'none' peaked at epoch 1 of 2; of 1 epoch, it could not do otherwise
+
+
+def test_study1_length_command_at_tiny_sizes(tmp_path):
+    out = tmp_path / "length"
+    args = ["--preset", "tiny", "--device", "cpu", "--epochs", "2,1", "--out", str(out)]
+    assert study1_length.main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["lengths"] == [1, 2] and results["task"] == "shapes5"
+    assert sorted(results["runs"]) == sorted(["pretrain", *(f"seed0-e{n}-{row}" for n in (1, 2)
+                                                            for row in ("all", "flip", "none"))])
+    for n in (1, 2):  # each fine-tune ran its own length and reports its best epoch from its own log
+        for row in ("all", "none"):
+            config = json.loads((out / "runs" / f"seed0-e{n}-{row}" / "config.json").read_text())
+            assert config["epochs"] == n and 1 <= results["runs"][f"seed0-e{n}-{row}"]["best_epoch"] <= n
+    assert json.loads((out / "runs" / "seed0-e1-none" / "config.json").read_text())["crop"] is False
+    md = (out / "results.md").read_text()
+    assert "| none | " in md and "| all beats none | " in md and "Length rule" in md
+    assert Image.open(out / "figure_length.png").size == run_all._CANVAS
+    # A finished run resumes from its records; bad lengths are refused before anything runs.
+    assert study1_length.main([*args, "--resume"]) == 0
+    for bad in ("0,15", "15,15", "x", ""):
+        with pytest.raises(options.UserError, match="--epochs"):
+            study1_length.parse_lengths(bad)
 
 
 # ==================================================================================================
