@@ -349,7 +349,7 @@ def require_datasets(names: Sequence[str], root: str | None, preset: str) -> Non
     if missing:
         where = root if root is not None else sources.default_data_root()
         commands = "\n".join(f"  python data.py download {b} --root {where}" for b in missing)
-        raise UserError(f"--preset {preset} needs {', '.join(missing)} under {where}, and it is not there. "
+        raise UserError(f"This run (--preset {preset}) needs {', '.join(missing)} under {where}, and it is not there. "
                         f"Download it with:\n{commands}\nand run again, or pass --download true.")
 
 
@@ -598,16 +598,17 @@ def distill_stage(teacher: str, task: data.TaskData, mode: str, student: str, wi
 
 
 def probe_stage(checkpoint: str, task: data.TaskData, batch_size: int, cfg: TransferConfig, seed: int,
-                device: str, views: dict) -> Callable[[Path, bool], dict]:
+                device: str, views: dict, splits: dict) -> Callable[[Path, bool], dict]:
     """Study 3: a linear layer on the frozen encoder, trained on crop + flip views (transfer.py's
     'linear-aug' mode); the encoder's weights and batch-norm statistics never change. `views`: the
     augmented features of this task and seed, computed by the first batch size and reused by the
-    next (the same views either way: transfer.AugmentedFeatures)."""
+    next (the same views either way: transfer.AugmentedFeatures); `splits`: the val and test
+    features of this task and encoder, computed by the first seed and reused by every run."""
     def run(folder: Path, resume: bool) -> dict:
         stage = dataclasses.replace(cfg, source=checkpoint, data=task.name, batch_size=batch_size, seed=seed,
                                     device=device)
         result = transfer.transfer(stage, folder, resume=resume, overwrite=not resume, task=task,
-                                   shared_features=views)
+                                   shared_features=views, split_features=splits)
         return dict(_quiet_copy(result), val_top1=result["val"]["top1"], test_top1=result["test"]["top1"],
                     test_top5=result["test"].get("top5"))
     return run
@@ -1309,13 +1310,15 @@ def study3(pipe: Pipeline, plan: Plan, tasks: dict[str, data.TaskData], encoder:
     if plan.values.get("random_row"):
         random = pipe.run("random-encoder", random_encoder_stage(encoder, plan.cfg.seed))["checkpoint"]
         probed[RANDOM_TAG] = (random, [max(plan.values["probe_batch_sizes"])])
+    splits: dict = {(t, tag): {} for t in plan.mapping["study3"] for tag in probed}  # shared by every seed
     for s in plan.seeds:
         for task_name in plan.mapping["study3"]:
             for tag, (checkpoint, batch_sizes) in probed.items():
                 views: dict = {}  # shared by the task's batch sizes (probe_stage)
                 for b in batch_sizes:
                     pipe.run(f"seed{s}-study3-{task_name}{tag}-b{b}", probe_stage(
-                        checkpoint, tasks[task_name], b, plan.values["probe"], s, plan.device, views))
+                        checkpoint, tasks[task_name], b, plan.values["probe"], s, plan.device, views,
+                        splits[task_name, tag]))
 
 
 def run_meta(plan: Plan, encoder: str, encoder_ckpt: dict, teacher_arch: str, runs: dict, start: float,

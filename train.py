@@ -565,12 +565,19 @@ def val_top1(model: models.Classifier, val: Images, rt: Runtime, size: int,
     return evaluate
 
 
-def best_reports(run: RunFolder, task: Task, rt: Runtime, size: int) -> dict:
-    """{val, test}: accuracy reports (without predictions) of the run's best.pt, the epoch `val_top1` chose."""
+def best_reports(run: RunFolder, task: Task, rt: Runtime, size: int,
+                 base_features: dict[str, torch.Tensor] | None = None) -> dict:
+    """{val, test}: accuracy reports (without predictions) of the run's best.pt, the epoch `val_top1` chose;
+    given its frozen base's features of both splits ({val, test}), of the layers on top alone."""
     best, _ = load_classifier(run.path / "best.pt", task.num_classes)
-    best = best.to(rt.device)
-    reports = {name: evaluate_classifier(best, split, rt, size=size)
-               for name, split in (("val", task.val), ("test", task.test))}
+    best = best.to(rt.device).eval()
+
+    @torch.no_grad()
+    def report(name: str, split: Images) -> dict:
+        if base_features is None:
+            return evaluate_classifier(best, split, rt, size=size)
+        return accuracy_report(best.classify(base_features[name]), split.labels, split.classes)
+    reports = {name: report(name, split) for name, split in (("val", task.val), ("test", task.test))}
     for report in reports.values():
         report.pop("predictions")
     return reports

@@ -252,20 +252,32 @@ def announce(config: dict, task: data.TaskData) -> None:
           f"{c['precision_resolved']}", file=sys.stderr)
 
 
+def frozen_split_features(model: models.Classifier, task: data.TaskData, rt: train.Runtime, image_size: int,
+                          cache: dict | None = None) -> dict[str, torch.Tensor]:
+    """{val, test}: the frozen base's features of the un-augmented val and test images, computed once.
+    Runs on the same encoder and task (run_all's seeds and batch sizes) may share `cache`: the base
+    never changes, so neither do these."""
+    cache = {} if cache is None else cache
+    for name, split in (("val", task.val), ("test", task.test)):
+        if name not in cache:
+            cache[name] = train.extract_features(model.base, split, rt, size=image_size)
+    return cache
+
+
 def transfer_objective(cfg: TransferConfig, model: models.Classifier, task: data.TaskData,
                        augmentation: augment.SimCLRAugment | None, rt: train.Runtime, image_size: int,
-                       shared_features: dict | None
+                       shared_features: dict | None, frozen: dict[str, torch.Tensor] | None
                        ) -> tuple[AugmentedFeatures | data.BatchLoader, Callable, Callable[[], dict]]:
     """(loader, loss_fn, evaluate) for train.fit: linear-aug trains the linear layer on the frozen
-    base's features of augmented views (AugmentedFeatures), finetune the whole network on the views."""
+    base's features of augmented views (AugmentedFeatures) and selects on `frozen`'s val features,
+    finetune the whole network on the views."""
     view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, image_size))
     if cfg.mode == "linear-aug":
         loader = AugmentedFeatures(model, task.train, view, cfg.batch_size, rt, cfg.seed,
                                    varies=augmentation is not None, shared=shared_features,
                                    compile=train.resolve_compile(cfg.compile, rt.device, cfg.epochs * len(task.train)))
         loss_fn = lambda h, y, g: F.cross_entropy(model.classify(h).float(), y)  # noqa: E731
-        val = train.extract_features(model.base, task.val, rt, size=image_size)
-        return loader, loss_fn, train.val_top1(model, task.val, rt, image_size, val)
+        return loader, loss_fn, train.val_top1(model, task.val, rt, image_size, frozen["val"])
     loader = data.BatchLoader(task.train, cfg.batch_size, rt.device, shuffle=True, drop_last=True, seed=cfg.seed)
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, rt.device,
                                                              cfg.epochs * len(loader) * cfg.batch_size))
@@ -273,10 +285,12 @@ def transfer_objective(cfg: TransferConfig, model: models.Classifier, task: data
 
 
 def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
-             task: data.TaskData | None = None, shared_features: dict | None = None) -> dict:
+             task: data.TaskData | None = None, shared_features: dict | None = None,
+             split_features: dict | None = None) -> dict:
     """Train a new linear layer (or fine-tune everything) on `cfg.data` from the encoder in `source`.
     shared_features: linear-aug's augmented features, shared by runs differing only in batch size
-    (AugmentedFeatures).
+    (AugmentedFeatures); split_features: linear-aug's val and test features, shared by runs on the
+    same encoder and task (frozen_split_features).
 
     Settings left as None come from PRESETS[preset]. Returns dict(val=..., test=... reports with top1,
     top5 (more than 5 classes) and per_class, best=<best.pt>, ...); best.pt is a classifier checkpoint
@@ -287,7 +301,7 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     enc, image_size, task = load_source(cfg, task)
     model, cls_arch = checkpoints.classifier_for(enc, task.num_classes)
     model = model.to(rt.device)
-    frozen = freeze_and_snapshot(model) if cfg.mode != "finetune" else None
+    snapshot = freeze_and_snapshot(model) if cfg.mode != "finetune" else None
     run = (checkpoints.RunFolder.redo(out, "transfer", resume, overwrite) if cfg.mode == "linear-cached"
            else checkpoints.RunFolder(out, resume=resume, overwrite=overwrite))
     augmentation = transfer_views(cfg, enc, image_size)
@@ -306,15 +320,17 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
                                      lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, seed=cfg.seed)
         run.save(dict(meta, format=checkpoints.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
     else:
+        frozen = (frozen_split_features(model, task, rt, image_size, split_features) if cfg.mode == "linear-aug"
+                  else None)
         loader, loss_fn, evaluate = transfer_objective(cfg, model, task, augmentation, rt, image_size,
-                                                       shared_features)
+                                                       shared_features, frozen)
         schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
                                   weight_decay=cfg.weight_decay, log_every=cfg.log_every)
         train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta, evaluate=evaluate,
                   select="val_top1", desc=f"transfer {cfg.mode} {task.name}")
-        reports = train.best_reports(run, task, rt, image_size)
-    if frozen is not None:
-        train.check_frozen(*frozen)
+        reports = train.best_reports(run, task, rt, image_size, frozen)
+    if snapshot is not None:
+        train.check_frozen(*snapshot)
     return report(run, cfg, task, config["augmentation"], reports)
 
 
