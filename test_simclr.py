@@ -2,7 +2,8 @@
 
 Contents (search for the heading; every '# ====' section, in file order):
   augment.py                         hand-computed values, torchvision agreement, random ops, bad input
-  losses.py and models.py            NT-Xent, distillation, encoders, torchvision layout, projection head
+  losses.py and models.py            NT-Xent, distillation, diagnostics (alignment, uniformity, contrastive
+                                     top-1), encoders, torchvision layout, projection head
   optim.py                           LARS by hand, parameter groups, warm-up then cosine per step
   options.py                         every numeric option of every command range-checked; interrupts outside fit
   shapes.py, sources.py and data.py  the world, image folders and the cache (concurrent runs, full disk,
@@ -496,6 +497,23 @@ def test_probability_zero_and_one():
     assert ((jittered - x).flatten(1).abs().amax(1) > 1e-3).all()
 
 
+def test_pipeline_grayscale_probability_zero_never_one_always_greys():
+    """SimCLRAugment's grayscale: the random numbers drawn do not depend on it, so with one seed the
+    P = 1 views are exactly the P = 0 views turned gray, and the default is the 0.2 of SimCLR."""
+    x = _images(32, 12, 12)
+    views = {p: A.SimCLRAugment(10, grayscale=p)(x, torch.Generator().manual_seed(5)) for p in (0.0, 0.2, 1.0)}
+
+    def is_gray(v):  # every pixel's three channels equal
+        return (v.amax(1) - v.amin(1)).flatten(1).amax(1) == 0
+    assert not is_gray(views[0.0])[3:].any()  # images 0-2 are the awkward cases (one is all gray)
+    assert is_gray(views[1.0]).all()
+    assert torch.equal(views[1.0], A.rgb_to_grayscale(views[0.0], 3))
+    assert torch.equal(A.SimCLRAugment(10)(x, torch.Generator().manual_seed(5)), views[0.2])
+    assert 0 < int(is_gray(views[0.2])[3:].sum()) < 29
+    # Grayscale belongs to the colour distortion: without it, no view is greyed.
+    assert not is_gray(A.SimCLRAugment(10, color=False, grayscale=1.0)(x, torch.Generator().manual_seed(5)))[3:].any()
+
+
 def test_probability_half_applies_to_about_half():
     x = _images(1, 8, 8).expand(2000, -1, -1, -1)
     g = torch.Generator().manual_seed(18)
@@ -573,6 +591,8 @@ def test_describe():
     assert A.SimCLRAugment(224, blur=True, strength=1.0).describe() == "crop+flip+color(s=1)+blur"
     assert A.SimCLRAugment(32, crop=False, flip=False, color=False).describe() == "none"
     assert A.SimCLRAugment(32, scale=(0.2, 1.0)).describe() == "crop(scale=0.2-1)+flip+color(s=0.5)"
+    assert A.SimCLRAugment(32, grayscale=0.5).describe() == "crop+flip+color(s=0.5,gray=0.5)"
+    assert A.SimCLRAugment(32, grayscale=0.2).describe() == "crop+flip+color(s=0.5)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -621,6 +641,8 @@ _X = torch.rand(2, 3, 8, 8)
     (lambda: A.SimCLRAugment(0), "size must be a positive int"),
     (lambda: A.SimCLRAugment(32.0), "size must be a positive int"),
     (lambda: A.SimCLRAugment(32, crop="yes"), "crop must be True or False"),
+    (lambda: A.SimCLRAugment(32, grayscale=1.5), r"grayscale must be a probability in \[0, 1\], got 1.5"),
+    (lambda: A.SimCLRAugment(32, grayscale=float("nan")), "grayscale must be a probability"),
     (lambda: A.SimCLRAugment(32)(torch.rand(3, 32, 32)), "single image"),
     (lambda: A.apply_color_jitter(_X, A.sample_color_jitter(3)), r"shape \(2,\)"),
 ])
@@ -636,7 +658,8 @@ def test_bad_input_raises_clear_value_error(call, message):
 STANDALONE_USE = {
     "augment.py": "import augment, torch; x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8); "
                   "assert augment.SimCLRAugment(32)(x).shape == (4, 3, 32, 32)",
-    "losses.py": "import losses, torch; assert losses.nt_xent(torch.randn(4, 8), torch.randn(4, 8)) > 0",
+    "losses.py": "import losses, torch; assert losses.nt_xent(torch.randn(4, 8), torch.randn(4, 8)) > 0; "
+                 "assert losses.uniformity(torch.randn(4, 8)) < 0",
     "models.py": "import models, torch; assert models.resnet18(num_classes=3).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 3)",
     "optim.py": "import optim, torch; m = torch.nn.Linear(3, 2); o = optim.LARS(optim.parameter_groups(m, 1e-6), lr=0.1); "
                 "m(torch.rand(4, 3)).sum().backward(); o.step(); assert optim.learning_rate(0, 10, 2, 1.0) == 0.5",
@@ -1022,6 +1045,102 @@ def test_distillation_bad_arguments(kwargs, match):
 def test_distillation_bad_logits(student, teacher, match):
     with pytest.raises(ValueError, match=match):
         losses.distillation_loss(student, teacher)
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnostics of a representation: alignment, uniformity, the contrastive task's top-1
+# ----------------------------------------------------------------------------------------------
+
+def _on_circle(*degrees: float, radius: float = 1.0) -> torch.Tensor:
+    """Points on a circle at the given angles: their cosine similarities are cosines of angle differences."""
+    a = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return (radius * torch.stack([a.cos(), a.sin()], dim=1)).float()
+
+
+def test_alignment_by_hand():
+    x = torch.randn(6, 5)
+    assert float(losses.alignment(x, x)) == 0.0  # identical views
+    assert float(losses.alignment(x, 3 * x)) == pytest.approx(0.0, abs=1e-6)  # the scale does not count
+    assert float(losses.alignment(x, -x)) == pytest.approx(4.0)  # opposite views: ||u - (-u)||^2 = 4
+    # image 0: views at 0 and 90 degrees, ||u1 - u2||^2 = 2; image 1: at 0 and 60, 2 - 2 cos 60 = 1
+    x1, x2 = _on_circle(0, 0), _on_circle(90, 60, radius=5.0)
+    assert float(losses.alignment(x1, x2)) == pytest.approx((2 + 1) / 2)
+    assert float(losses.alignment(x1, x2, alpha=1)) == pytest.approx((math.sqrt(2) + 1) / 2)
+
+
+def test_uniformity_by_hand():
+    one = torch.randn(1, 7).expand(9, 7) * torch.arange(1.0, 10.0)[:, None]
+    assert float(losses.uniformity(one)) == 0.0  # one feature (at any scale) for every image: the worst
+    # three images at 0, 90 and 180 degrees: squared distances 2, 2 and 4
+    expected = math.log((2 * math.exp(-2 * 2) + math.exp(-2 * 4)) / 3)
+    assert float(losses.uniformity(_on_circle(0, 90, 180))) == pytest.approx(expected)
+    assert float(losses.uniformity(_on_circle(0, 90, 180), t=1)) == pytest.approx(
+        math.log((2 * math.exp(-2) + math.exp(-4)) / 3))
+    # The same images drawn together around one direction are less uniform than spread over the sphere.
+    spread = torch.randn(500, 64, generator=torch.Generator().manual_seed(0))
+    clustered = spread + 4 * torch.ones(64)
+    assert 0 > float(losses.uniformity(clustered)) > float(losses.uniformity(spread))
+
+
+def test_contrastive_top1_by_hand():
+    # Two images, views at angles: image a at 0 and 10 degrees, image b at 90 and 15.
+    #   a@0:  its view at 10 is nearer than b's at 15 and 90   -> hit
+    #   b@90: its view at 15 (75 away) beats a's at 10 (80) and 0 (90)   -> hit
+    #   a@10: b's view at 15 (5 away) beats its own at 0 (10)   -> miss
+    #   b@15: a's view at 10 (5 away) beats its own at 90 (75)   -> miss
+    x1, x2 = _on_circle(0, 90), _on_circle(10, 15, radius=3.0)
+    assert float(losses.contrastive_top1(x1, x2)) == 0.5
+    assert float(losses.contrastive_top1(x2, x1)) == 0.5
+    # (B, N, D): each batch is its own task, the mean over all views; image b's views at 90 and 80
+    # make a batch of four hits.
+    easy = (_on_circle(0, 90), _on_circle(10, 80))
+    assert float(losses.contrastive_top1(torch.stack([x1, easy[0]]), torch.stack([x2, easy[1]]))) == 0.75
+    x = torch.randn(1, 5)
+    assert float(losses.contrastive_top1(x, 2 * x)) == 1.0  # N = 1: nothing competes
+    same = torch.randn(1, 5).expand(4, 5)
+    assert float(losses.contrastive_top1(same, same)) == 0.0  # a tie with a negative is a miss
+
+
+def _contrastive_top1_loop(x1, x2) -> float:
+    """The contrastive task's top-1 view by view, in float64."""
+    u = F.normalize(torch.cat([x1, x2]).double(), dim=1)
+    n, hits = len(x1), 0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        hits += all(float(u[i] @ u[positive]) > float(u[i] @ u[k]) for k in range(2 * n) if k not in (i, positive))
+    return hits / (2 * n)
+
+
+def test_diagnostics_match_loop_references_under_autocast():
+    g = torch.Generator().manual_seed(3)
+    x1 = torch.randn(12, 6, generator=g)
+    x2 = x1 + 0.8 * torch.randn(12, 6, generator=g)
+    u1, u2 = F.normalize(x1.double(), dim=1), F.normalize(x2.double(), dim=1)
+    pairs = [float((u1[i] - u1[j]).pow(2).sum()) for i in range(12) for j in range(i + 1, 12)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = (losses.alignment(x1.bfloat16(), x2.bfloat16()), losses.uniformity(x1), losses.contrastive_top1(x1, x2))
+    assert all(v.dtype == torch.float32 and v.ndim == 0 for v in values)
+    assert float(values[0]) == pytest.approx(float((u1 - u2).pow(2).sum(1).mean()), abs=0.02)  # inputs in bf16
+    assert float(values[1]) == pytest.approx(math.log(np.mean(np.exp(-2 * np.asarray(pairs)))), rel=1e-5)
+    assert float(values[2]) == _contrastive_top1_loop(x1, x2)
+    assert 0 < float(values[2]) < 1
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: losses.alignment(torch.randn(3, 4), torch.randn(2, 4)), "same shape"),
+    (lambda: losses.alignment(torch.randn(3), torch.randn(3)), r"shape \(N, D\)"),
+    (lambda: losses.alignment(torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long)), "floating"),
+    (lambda: losses.alignment(torch.randn(3, 4), torch.randn(3, 4), alpha=0), "alpha must be a positive"),
+    (lambda: losses.uniformity(torch.randn(1, 4)), "N >= 2"),
+    (lambda: losses.uniformity(torch.randn(3, 4), t=-1.0), "t must be a positive"),
+    (lambda: losses.uniformity([[1.0, 0.0]]), "torch.Tensor"),
+    (lambda: losses.contrastive_top1(torch.randn(2, 3, 4), torch.randn(3, 2, 4)), "same shape"),
+    (lambda: losses.contrastive_top1(torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)), r"\(B, N, D\)"),
+    (lambda: losses.contrastive_top1(torch.randn(0, 4), torch.randn(0, 4)), "N >= 1"),
+])
+def test_diagnostics_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
 
 
 # ----------------------------------------------------------------------------------------------
