@@ -1460,6 +1460,8 @@ def test_every_numeric_option_of_every_command_is_range_checked(tmp_path, capsys
 def test_a_config_out_of_range_is_refused_from_python_too(tmp_path):
     with pytest.raises(options.UserError, match=r"--momentum must be in \[0, 1\); got 1.5"):
         simclr.pretrain(simclr.PretrainConfig(momentum=1.5), tmp_path / "p")
+    with pytest.raises(options.UserError, match=r"--grayscale must be in \[0, 1\]; got 1.5"):
+        simclr.pretrain(simclr.PretrainConfig(grayscale=1.5), tmp_path / "p")
     with pytest.raises(options.UserError, match="--temperature must be positive; got inf"):
         distill.distill(distill.DistillConfig(teacher="missing.pt", temperature=math.inf), tmp_path / "d")
     with pytest.raises(options.UserError, match="--batch-size must be at least 2 when batch norm trains"):
@@ -2584,6 +2586,21 @@ def test_resume_of_a_run_written_in_the_older_config_format_names_the_format(tmp
     checkpoints.RunFolder(folder, resume=True).start(dict(stage="pretrain", epochs=2))
 
 
+def test_resume_of_a_run_from_before_a_setting_existed_reads_the_value_it_ran_with(tmp_path):
+    """A config.json written before --grayscale existed was made with SimCLR's fixed 0.2
+    (SETTINGS_ADDED_LATER): it resumes with 0.2, and another value is refused naming both."""
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"")
+    before = dict(stage="pretrain", epochs=2, config_format=checkpoints.CONFIG_FORMAT)
+    (folder / "config.json").write_text(json.dumps(before))
+    run = checkpoints.RunFolder(folder, resume=True)
+    run.start(dict(before, grayscale=0.2))
+    with pytest.raises(options.UserError, match=r"grayscale: 0.2 in the run, 0.5 now"):
+        run.start(dict(before, grayscale=0.5))
+    run.close()
+
+
 def test_run_folder_refuses_existing_run(tmp_path):
     run = checkpoints.RunFolder(tmp_path / "r")
     run.write_config({"a": 1})
@@ -2853,14 +2870,60 @@ def read_log(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
 
 
-def test_pretrain_lowers_loss(tmp_path):
-    summary = simclr.pretrain(tiny_pretrain_config(epochs=8, n_images=512, knn_every=8), tmp_path / "run")
-    steps = [r for r in read_log(tmp_path / "run") if "loss" in r]
+DIAGNOSTICS = ["knn_top1", "knn_top1_z", "alignment_h", "alignment_z", "uniformity_h", "uniformity_z",
+               "contrastive_top1_h", "contrastive_top1_z"]
+
+
+def _check_diagnostics(report: dict) -> None:
+    """representation_report's numbers, each within the range its definition allows."""
+    assert list(report) == DIAGNOSTICS, list(report)
+    for name, value in report.items():
+        low, high = (0, 4) if name.startswith("alignment") else (-4, 0) if name.startswith("uniformity") else (0, 1)
+        assert low <= value <= high, (name, value)
+
+
+def test_pretrain_lowers_loss_and_logs_what_is_inside_the_representation(tmp_path, capsys):
+    summary = simclr.pretrain(tiny_pretrain_config(epochs=8, n_images=512, knn_every=4), tmp_path / "run")
+    log = read_log(tmp_path / "run")
+    steps = [r for r in log if "loss" in r]
     first, last = np.mean([r["loss"] for r in steps[:4]]), np.mean([r["loss"] for r in steps[-4:]])
     assert last < first - 0.1, (first, last)
     assert 0 <= summary["knn_top1_random_encoder"] <= 1 and 0 <= summary["knn_top1"] <= 1
+    # Every kNN check logs h's and z's diagnostics, prints them, and they move as the encoder learns.
+    checks = [r for r in log if "knn_top1" in r]
+    assert [r["epoch"] for r in checks] == [4, 8]
+    for r in checks:
+        _check_diagnostics({k: v for k, v in r.items() if k not in ("epoch", "step")})
+    assert checks[0]["alignment_h"] != checks[1]["alignment_h"]
+    out = capsys.readouterr()
+    assert re.search(r"epoch 8: knn_top1=[\d.]+, knn_top1_z=[\d.]+, alignment_h=[\d.]+, alignment_z=[\d.]+, "
+                     r"uniformity_h=-[\d.]+, uniformity_z=-[\d.]+, contrastive_top1_h=[\d.]+, contrastive_top1_z=[\d.]+",
+                     out.out + out.err)
+    assert "h (encoder), random encoder" in out.err and "contrastive top-1" in out.err
+    _check_diagnostics(summary["random_encoder"])
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["random_encoder"] == summary["random_encoder"] and written["knn_top1"] == checks[-1]["knn_top1"]
+    n_val = len(data.load_task("shapes5", image_size=16, seed=0).val)
+    assert written["diagnostics"] == dict(images=n_val - n_val % min(n_val, 256), contrastive_batch=min(n_val, 256),
+                                          view_seed=0, views="crop+flip+color(s=0.5)")
     ckpt = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["kind"] == "pretrain" and ckpt["step"] == len(steps)
+
+
+def test_grayscale_option_reaches_the_views_config_json_and_checkpoints(tmp_path, monkeypatch):
+    used = []
+    grayscale = A.random_grayscale
+    monkeypatch.setattr(A, "random_grayscale", lambda x, p, generator: used.append(p) or grayscale(x, p, generator))
+    assert simclr.main(["pretrain", "--width", "0.125", "--epochs", "1", "--n-images", "64", "--batch-size", "32",
+                        "--eval-data", "", "--grayscale", "0.5", "--device", "cpu", "--out", str(tmp_path / "run"),
+                        "--release", str(tmp_path / "enc.pt")]) == 0
+    assert used and set(used) == {0.5}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["grayscale"] == 0.5 and config["augmentation"] == "crop+flip+color(s=0.5,gray=0.5)"
+    recorded = dict(crop_min_scale=0.08, strength=0.5, grayscale=0.5)
+    for path in (tmp_path / "run" / "checkpoint.pt", tmp_path / "enc.pt"):
+        assert checkpoints.pretrain_augmentation(checkpoints.load_checkpoint(path)) == recorded
+    assert simclr.PretrainConfig().grayscale == 0.2 == A.SimCLRAugment.GRAYSCALE_P
 
 
 @pytest.mark.slow  # two minutes on 2 cores: the world's classes take the cpu preset's budget to show
@@ -3005,7 +3068,7 @@ def test_resume_with_changed_settings_is_refused_naming_each_one(tmp_path, capsy
     for flag, value, key in (("--batch-size", "32", "batch_size"), ("--n-images", "96", "n_images"),
                              ("--image-size", "24", "image_size"), ("--width", "0.25", "width"),
                              ("--model", "vgg11_bn", "model"), ("--optimizer", "sgd", "optimizer"),
-                             ("--data", "shapes47", "data")):
+                             ("--data", "shapes47", "data"), ("--grayscale", "0.5", "grayscale")):
         capsys.readouterr()
         assert simclr.main([*pre, "--resume", flag, value]) == 2, flag
         err = capsys.readouterr().err
@@ -3300,7 +3363,7 @@ def test_stages_augment_as_their_encoder_was_pretrained_and_carry_it_on(world, t
         return json.loads((tmp_path / folder / "config.json").read_text())["augmentation"]
     ft = simclr.finetune(simclr.FinetuneConfig(checkpoint=str(origin), color=True, **common), tmp_path / "ft", task=task)
     assert used("ft") == "crop(scale=0.3-1)+flip+color(s=0.7)"
-    carried = dict(crop_min_scale=0.3, strength=0.7)
+    carried = dict(crop_min_scale=0.3, strength=0.7, grayscale=0.2)  # recorded before --grayscale: SimCLR's 0.2
     assert checkpoints.load_checkpoint(ft["best"])["pretrain_augmentation"] == carried
     kd = distill.distill(distill.DistillConfig(teacher=ft["best"], mode="scratch", width=0.125, crop=True, flip=True,
                                                **common), tmp_path / "kd", task=task)
@@ -3325,6 +3388,11 @@ def test_stages_augment_as_their_encoder_was_pretrained_and_carry_it_on(world, t
     assert used("scratch") == "crop(scale=0.3-1)+flip"
     assert "pretrain_augmentation" not in checkpoints.load_checkpoint(scratch["best"])
     assert "does not record" not in capsys.readouterr().err
+    # A grayscale probability recorded with the rest is taken too.
+    grey = save_pretrain(tmp_path / "grey.pt", 1, task.train.images,
+                         config=dict(crop_min_scale=0.3, strength=0.7, grayscale=0.6))
+    simclr.finetune(simclr.FinetuneConfig(checkpoint=str(grey), color=True, **common), tmp_path / "grey", task=task)
+    assert used("grey") == "crop(scale=0.3-1)+flip+color(s=0.7,gray=0.6)"
     # A file without the record (here: pretrained before it existed) gets pretraining's defaults, and says so.
     simclr.finetune(simclr.FinetuneConfig(checkpoint=str(world["origin"]), color=True, **common), tmp_path / "old",
                     task=task)
@@ -3369,6 +3437,10 @@ def test_knn_command_scores_the_test_split_with_every_training_image_as_bank(wor
     assert simclr.main(args) == 0
     line = capsys.readouterr().out
     assert "on shapes2 test (100 images; bank: 200 training images)" in line and "random encoder" in line
+    assert "two views of 100 images (crop+flip+color(s=0.5), view seed 0)" in line and "N = 100" in line
+    assert all(re.search(rf"{row} +[\d.]+ +[\d.]+ +-[\d.]+ +[\d.]+\n", line)
+               for row in ("h \\(encoder\\), pretrained", "z \\(head\\), pretrained", "h \\(encoder\\), random encoder",
+                           "z \\(head\\), random encoder")), line
     res = simclr.knn_eval(simclr.KnnConfig(checkpoint=str(world["origin"]), data="shapes2", train_images=200,
                                            test_images=100, k=15, device="cpu", precision="fp32"))
     encoder = checkpoints.load_pretrained(world["origin"])[0].encoder.eval()
@@ -3378,9 +3450,47 @@ def test_knn_command_scores_the_test_split_with_every_training_image_as_bank(wor
         expected = _knn_by_hand(encoder(as_float(bank_images)), bank_labels, encoder(as_float(task.test.images)), 15)
     assert res["knn_top1"] == pytest.approx(float(np.mean(np.asarray(expected) == task.test.labels)))
     assert (res["bank_images"], res["query_images"]) == (200, 100)
+    _check_diagnostics({k: res[k] for k in DIAGNOSTICS})
+    _check_diagnostics(res["random_encoder"])
+    assert res["knn_top1_random_encoder"] == res["random_encoder"]["knn_top1"]
+    assert res["diagnostics"] == dict(images=100, contrastive_batch=100, view_seed=0, views="crop+flip+color(s=0.5)")
     val = simclr.knn_eval(simclr.KnnConfig(checkpoint=str(world["origin"]), data="shapes2", train_images=200,
                                            test_images=100, split="val", device="cpu"))
     assert (val["bank_images"], val["query_images"]) == (len(task.train), len(task.val))
+
+
+def test_representation_report_is_its_definitions_on_fixed_views_and_leaves_training_alone(world, monkeypatch):
+    """h's and z's numbers written out: the un-augmented kNN of each, and losses' diagnostics on
+    two views of whole batches of N images (N cut to 40 here: 80 of the 100 test images, drawn with
+    VIEW_SEED, in two tasks), the views drawn from VIEW_SEED too; the same each call, the global RNG
+    and the model's mode untouched."""
+    task, rt = world["task"], train.Runtime(CPU, "fp32")
+    monkeypatch.setattr(simclr, "CONTRASTIVE_BATCH", 40)
+    model = checkpoints.load_pretrained(world["origin"])[0].train()
+    rng = torch.get_rng_state()
+    report = simclr.representation_report(model, task.train, task.test, rt, k=15, size=SIZE)
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert simclr.representation_report(model, task.train, task.test, rt, k=15, size=SIZE) == report
+    assert report["knn_top1"] == simclr.knn_monitor(model.encoder, task.train, task.test, rt, 15, SIZE)
+    images, n = simclr.diagnostic_subset(task.test)
+    assert n == 40 and len(images) == 80 == simclr.diagnostic_settings(task.test, SIZE)["images"]
+    assert len({im.tobytes() for im in images.images} - {im.tobytes() for im in task.test.images}) == 0
+    model.eval()
+    views, g = simclr.diagnostic_views(SIZE), torch.Generator().manual_seed(simclr.VIEW_SEED)
+    with torch.no_grad():
+        _, z_bank = model(as_float(task.train.images))
+        _, z_query = model(as_float(task.test.images))
+        pairs = [model(torch.cat([views(x, g), views(x, g)])) for x in as_float(images.images).split(40)]
+    z_knn = _knn_by_hand(z_bank, task.train.labels, z_query, 15)
+    assert report["knn_top1_z"] == pytest.approx(float(np.mean(np.asarray(z_knn) == task.test.labels)))
+    for i, name in enumerate("hz"):
+        first = torch.stack([p[i][:40] for p in pairs])  # (2 tasks, N = 40, D)
+        second = torch.stack([p[i][40:] for p in pairs])
+        a, b = first.flatten(0, 1), second.flatten(0, 1)
+        assert report[f"alignment_{name}"] == pytest.approx(float(losses.alignment(a, b)), rel=1e-5)
+        assert report[f"uniformity_{name}"] == pytest.approx(
+            float(losses.uniformity(a) + losses.uniformity(b)) / 2, rel=1e-5)
+        assert report[f"contrastive_top1_{name}"] == float(losses.contrastive_top1(first, second))
 
 
 def test_frozen_base_must_not_be_the_teachers_encoder(world, tmp_path):
@@ -3774,6 +3884,8 @@ def test_released_encoder_loads_and_matches_its_sha256(source, role):
     command = run_all.release_command(role, source)
     for flag in ("seed", "epochs", "data", "precision", "width", "batch_size", "strength", "crop_min_scale"):
         assert f"--{flag.replace('_', '-')} {config[flag]} " in command, flag
+    # Released before --grayscale existed: read as the 0.2 they were pretrained with.
+    assert "grayscale" not in config and checkpoints.pretrain_augmentation(ckpt)["grayscale"] == 0.2
     assert config["release"] == f"encoders/{entry['file']}" and config["precision"] == entry["precision"]
     log = [json.loads(line) for line in Path(f"{path}.log.jsonl").read_text().splitlines()]
     epochs_with_loss = {round(r["epoch"]) for r in log if "loss" in r}
