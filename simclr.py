@@ -170,7 +170,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     run.start(config)
     if distributed.is_main:
         _announce_pretraining(cfg, rt, distributed, lr, augmentation, loader)
-    knn = knn_monitor_for(cfg, rt) if distributed.is_main else None
+    knn = knn_monitor_for(cfg, rt, augmentation) if distributed.is_main else None
     plain_model = train.unwrap(model)
     meta = dict(kind="pretrain", arch=arch, config=json.dumps(config, default=str), image_size=cfg.image_size,
                 mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
@@ -228,8 +228,9 @@ def _announce_pretraining(cfg: PretrainConfig, rt: train.Runtime, distributed: t
           f"augment {augmentation.describe()}, {cfg.epochs} epochs x {len(loader)} steps", file=sys.stderr)
 
 
-def knn_monitor_for(cfg: PretrainConfig, rt: train.Runtime) -> KnnCheck | None:
-    """The kNN check of a pretraining run on cfg.eval_data (train votes for val), or None without one."""
+def knn_monitor_for(cfg: PretrainConfig, rt: train.Runtime, views: augment.SimCLRAugment) -> KnnCheck | None:
+    """The kNN check of a pretraining run on cfg.eval_data (train votes for val), its diagnostics on the
+    run's own `views`, or None without an eval task."""
     if not cfg.eval_data:
         return None
     # A generated task can be as large as wanted: a 100-image val split measures kNN accuracy to about
@@ -238,20 +239,21 @@ def knn_monitor_for(cfg: PretrainConfig, rt: train.Runtime) -> KnnCheck | None:
     task = data.load_task(cfg.eval_data, image_size=cfg.image_size, root=cfg.root,
                           seed=data_seed(cfg), cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad, **eval_size)
-    return KnnCheck(task, rt, cfg.knn_k, cfg.image_size)
+    return KnnCheck(task, rt, cfg.knn_k, cfg.image_size, views)
 
 
 @dataclass
 class KnnCheck:
     """pretrain's kNN check: called with the SimCLR model, representation_report of its h and z with
-    the task's train split as the bank and its val split as the queries."""
+    the task's train split as the bank, its val split as the queries, on the pretraining views."""
     task: data.TaskData
     rt: train.Runtime
     k: int
     size: int
+    views: augment.SimCLRAugment
 
     def __call__(self, model: models.SimCLRModel) -> dict[str, float]:
-        return representation_report(model, self.task.train, self.task.val, self.rt, self.k, self.size)
+        return representation_report(model, self.task.train, self.task.val, self.rt, self.k, self.size, self.views)
 
 
 def _knn_summary(summary: dict, knn: KnnCheck, model: models.SimCLRModel, arch: dict,
@@ -261,7 +263,7 @@ def _knn_summary(summary: dict, knn: KnnCheck, model: models.SimCLRModel, arch: 
     final = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")} if history else knn(model)
     random = knn(random_model(arch, cfg.seed).to(rt.device))
     summary.update(knn_top1=final["knn_top1"], knn_top1_random_encoder=random["knn_top1"], random_encoder=random,
-                   diagnostics=diagnostic_settings(knn.task.val, cfg.image_size))
+                   diagnostics=diagnostic_settings(knn.task.val, knn.views))
     print(f"kNN (k={cfg.knn_k}) top-1 on {cfg.eval_data} val: pretrained {summary['knn_top1']:.4f}, "
           f"random encoder {summary['knn_top1_random_encoder']:.4f}", file=sys.stderr)
     print("\n".join(diagnostics_table(f"{cfg.eval_data} val", summary["diagnostics"],
@@ -337,19 +339,28 @@ def random_encoder(arch: dict, seed: int) -> nn.Module:
 # Small encoders can solve the contrastive task and still over-cluster their representation (Shi et
 # al., AAAI 2022), so pretrain's kNN check and the knn command also measure, for h and z, how close
 # two views of an image lie, how evenly the images spread and how often the task is solved
-# (losses.alignment, uniformity, contrastive_top1). The views are fixed, so that the numbers compare
-# between epochs and between runs on one device type:
+# (losses.alignment, uniformity, contrastive_top1). The views are the encoder's own pretraining
+# views (its task), of a fixed subset, drawn from a fixed seed, so that the numbers compare between
+# epochs, and between runs pretrained on the same views, on one device type:
 
 DIAGNOSTIC_IMAGES = 2048  # at most this many query images, two views each (~8% of a CIFAR-10 check's images)
 CONTRASTIVE_BATCH = 256   # N of the contrastive top-1: 2N - 1 = 511 candidates, as pretraining at batch 256
 VIEW_SEED = 0             # draws the subset and the views, whatever the run's --seed
 
 
-def diagnostic_views(image_size: int) -> augment.SimCLRAugment:
-    """The diagnostics' views: SimCLR's own for the image size (crops from 8%, flip, colour strength
-    0.5 up to 64 px else 1.0, grayscale 0.2, blur above 64 px), not the run's, so that runs that
-    differ in their augmentation are measured on one task."""
-    return augment.SimCLRAugment(image_size, blur=image_size > 64, strength=train.default_strength(image_size))
+def pretraining_views(ckpt: dict, source: str | os.PathLike | None = None,
+                      stage: str = "knn") -> augment.SimCLRAugment:
+    """The views the encoder of a pretraining checkpoint was trained on: its recorded crop floor, colour
+    strength, grayscale probability and blur; SimCLR's defaults for its image size where it records
+    none (train.matched_views says so, naming `source`)."""
+    size = int(ckpt["image_size"])
+    try:
+        config = json.loads(ckpt["config"]) if isinstance(ckpt.get("config"), str) else ckpt.get("config")
+    except ValueError:
+        config = None
+    blur = config.get("blur") if isinstance(config, dict) else None
+    return train.matched_views(checkpoints.pretrain_augmentation(ckpt), size, crop=True, flip=True, color=True,
+                               blur=size > 64 if blur is None else bool(blur), source=source, stage=stage)
 
 
 def diagnostic_subset(queries: data.ImageSet) -> tuple[data.ImageSet, int]:
@@ -364,11 +375,10 @@ def diagnostic_subset(queries: data.ImageSet) -> tuple[data.ImageSet, int]:
     return queries.subset(np.sort(chosen)), batch
 
 
-def diagnostic_settings(queries: data.ImageSet, image_size: int) -> dict:
+def diagnostic_settings(queries: data.ImageSet, views: augment.SimCLRAugment) -> dict:
     """What representation_report's view numbers were measured on, for a report to state."""
     images, batch = diagnostic_subset(queries)
-    return dict(images=len(images), contrastive_batch=batch, view_seed=VIEW_SEED,
-                views=diagnostic_views(image_size).describe())
+    return dict(images=len(images), contrastive_batch=batch, view_seed=VIEW_SEED, views=views.describe())
 
 
 def _h_and_z(model: models.SimCLRModel, images: data.ImageSet, rt: train.Runtime,
@@ -379,10 +389,10 @@ def _h_and_z(model: models.SimCLRModel, images: data.ImageSet, rt: train.Runtime
 
 
 def _view_metrics(model: models.SimCLRModel, images: data.ImageSet, batch: int, rt: train.Runtime,
-                  size: int) -> dict[str, torch.Tensor]:
-    """alignment, uniformity and contrastive top-1 of h and z on two diagnostic views of each image,
-    one contrastive batch of `batch` images per forward pass; device tensors (read once by the caller)."""
-    views, generator = diagnostic_views(size), torch.Generator(device=rt.device).manual_seed(VIEW_SEED)
+                  views: augment.SimCLRAugment) -> dict[str, torch.Tensor]:
+    """alignment, uniformity and contrastive top-1 of h and z on two views of each image, one
+    contrastive batch of `batch` images per forward pass; device tensors (read once by the caller)."""
+    generator = torch.Generator(device=rt.device).manual_seed(VIEW_SEED)
     first, second = {"h": [], "z": []}, {"h": [], "z": []}
     for x, _ in images.batches(batch, rt.device).epoch(0):
         with rt.autocast():
@@ -405,8 +415,8 @@ def _view_metrics(model: models.SimCLRModel, images: data.ImageSet, batch: int, 
 
 @torch.no_grad()
 def representation_report(model: models.SimCLRModel, bank: data.ImageSet | Sequence[data.ImageSet],
-                          queries: data.ImageSet, rt: train.Runtime, k: int = 200,
-                          size: int | None = None) -> dict[str, float]:
+                          queries: data.ImageSet, rt: train.Runtime, k: int = 200, size: int | None = None,
+                          views: augment.SimCLRAugment | None = None) -> dict[str, float]:
     """What pretrain's kNN check and the knn command measure, for h (the encoder's output) and z (the
     head's), in eval mode:
 
@@ -417,10 +427,13 @@ def representation_report(model: models.SimCLRModel, bank: data.ImageSet | Seque
                               spread; 0: one point);
       contrastive_top1_h, _z  losses.contrastive_top1 in batches of N images (2N - 1 candidates).
 
-    The views are diagnostic_views of diagnostic_subset(queries), drawn with VIEW_SEED on the device,
-    so each call sees the same images and views (diagnostic_settings says which)."""
+    The views are `views` (the encoder's pretraining views; None: SimCLR's defaults for the image
+    size) of diagnostic_subset(queries), drawn with VIEW_SEED on the device, so each call sees the
+    same images and views (diagnostic_settings says which)."""
     bank = [bank] if isinstance(bank, data.ImageSet) else list(bank)
     size = size or queries.image_size
+    if views is None:
+        views = train.matched_views(None, size, crop=True, flip=True, color=True, blur=size > 64)
     was_training = model.training
     model.eval()
     bank_h, bank_z = (torch.cat(f) for f in zip(*(_h_and_z(model, s, rt, size) for s in bank)))
@@ -430,9 +443,9 @@ def representation_report(model: models.SimCLRModel, bank: data.ImageSet | Seque
     bank_labels, query_labels = labels(bank), labels([queries])
     report = {name: knn_accuracy(b, bank_labels, q, query_labels, len(queries.classes), k=k)
               for name, b, q in (("knn_top1", bank_h, query_h), ("knn_top1_z", bank_z, query_z))}
-    views = _view_metrics(model, *diagnostic_subset(queries), rt, size)
+    metrics = _view_metrics(model, *diagnostic_subset(queries), rt, views)
     order = [f"{metric}_{name}" for metric in ("alignment", "uniformity", "contrastive_top1") for name in ("h", "z")]
-    report.update(zip(order, torch.stack([views[key] for key in order]).tolist()))
+    report.update(zip(order, torch.stack([metrics[key] for key in order]).tolist()))
     model.train(was_training)
     return report
 
@@ -527,8 +540,8 @@ def knn_eval(cfg: KnnConfig) -> dict:
     as the bank, or on val with train as the bank; beside random_encoder(arch, seed)'s score, which
     is pretrain's reference when --seed is the pretraining seed. With it, the rest of
     representation_report (kNN of z, alignment, uniformity and the contrastive task's top-1 of h and
-    z on the query split) for both: printed as a table, and returned (the random model's under
-    'random_encoder')."""
+    z on the query split, on the encoder's pretraining views) for both: printed as a table, and
+    returned (the random model's under 'random_encoder')."""
     options.validate(cfg)
     rt = train.runtime(cfg.device, cfg.precision)
     model, ckpt = checkpoints.load_pretrained(cfg.checkpoint)
@@ -536,10 +549,11 @@ def knn_eval(cfg: KnnConfig) -> dict:
     task = data.load_task(cfg.data, image_size=size, root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad, n_train=cfg.train_images, n_test=cfg.test_images)
     bank_sets, queries = ([task.train, task.val], task.test) if cfg.split == "test" else ([task.train], task.val)
-    reports = {name: representation_report(m.to(rt.device), bank_sets, queries, rt, cfg.k, size)
+    views = pretraining_views(ckpt, cfg.checkpoint)
+    reports = {name: representation_report(m.to(rt.device), bank_sets, queries, rt, cfg.k, size, views)
                for name, m in (("pretrained", model), ("random encoder", random_model(ckpt["arch"], cfg.seed)))}
     n_bank = sum(len(s) for s in bank_sets)
-    settings = diagnostic_settings(queries, size)
+    settings = diagnostic_settings(queries, views)
     result = dict(task=task.name, checkpoint=str(cfg.checkpoint), split=cfg.split, k=cfg.k, bank_images=n_bank,
                   query_images=len(queries), **reports["pretrained"],
                   knn_top1_random_encoder=reports["random encoder"]["knn_top1"],

@@ -2904,8 +2904,9 @@ def test_pretrain_lowers_loss_and_logs_what_is_inside_the_representation(tmp_pat
     written = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert written["random_encoder"] == summary["random_encoder"] and written["knn_top1"] == checks[-1]["knn_top1"]
     n_val = len(data.load_task("shapes5", image_size=16, seed=0).val)
+    views = json.loads((tmp_path / "run" / "config.json").read_text())["augmentation"]  # the run's own
     assert written["diagnostics"] == dict(images=n_val - n_val % min(n_val, 256), contrastive_batch=min(n_val, 256),
-                                          view_seed=0, views="crop+flip+color(s=0.5)")
+                                          view_seed=0, views=views)
     ckpt = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["kind"] == "pretrain" and ckpt["step"] == len(steps)
 
@@ -3461,22 +3462,25 @@ def test_knn_command_scores_the_test_split_with_every_training_image_as_bank(wor
 
 def test_representation_report_is_its_definitions_on_fixed_views_and_leaves_training_alone(world, monkeypatch):
     """h's and z's numbers written out: the un-augmented kNN of each, and losses' diagnostics on
-    two views of whole batches of N images (N cut to 40 here: 80 of the 100 test images, drawn with
-    VIEW_SEED, in two tasks), the views drawn from VIEW_SEED too; the same each call, the global RNG
-    and the model's mode untouched."""
+    two of the given views of whole batches of N images (N cut to 40 here: 80 of the 100 test
+    images, drawn with VIEW_SEED, in two tasks), the views drawn from VIEW_SEED too; the same each
+    call, the global RNG and the model's mode untouched."""
     task, rt = world["task"], train.Runtime(CPU, "fp32")
     monkeypatch.setattr(simclr, "CONTRASTIVE_BATCH", 40)
     model = checkpoints.load_pretrained(world["origin"])[0].train()
+    views = A.SimCLRAugment(SIZE, strength=0.7, scale=(0.3, 1.0), grayscale=0.6)
     rng = torch.get_rng_state()
-    report = simclr.representation_report(model, task.train, task.test, rt, k=15, size=SIZE)
+    report = simclr.representation_report(model, task.train, task.test, rt, k=15, size=SIZE, views=views)
     assert torch.equal(torch.get_rng_state(), rng) and model.training
-    assert simclr.representation_report(model, task.train, task.test, rt, k=15, size=SIZE) == report
+    assert simclr.representation_report(model, task.train, task.test, rt, k=15, size=SIZE, views=views) == report
     assert report["knn_top1"] == simclr.knn_monitor(model.encoder, task.train, task.test, rt, 15, SIZE)
+    default = simclr.representation_report(model, task.train, task.test, rt, k=15, size=SIZE)  # SimCLR's views
+    assert default["knn_top1"] == report["knn_top1"] and default["alignment_h"] != report["alignment_h"]
     images, n = simclr.diagnostic_subset(task.test)
-    assert n == 40 and len(images) == 80 == simclr.diagnostic_settings(task.test, SIZE)["images"]
+    assert n == 40 and len(images) == 80 == simclr.diagnostic_settings(task.test, views)["images"]
     assert len({im.tobytes() for im in images.images} - {im.tobytes() for im in task.test.images}) == 0
     model.eval()
-    views, g = simclr.diagnostic_views(SIZE), torch.Generator().manual_seed(simclr.VIEW_SEED)
+    g = torch.Generator().manual_seed(simclr.VIEW_SEED)
     with torch.no_grad():
         _, z_bank = model(as_float(task.train.images))
         _, z_query = model(as_float(task.test.images))
@@ -3491,6 +3495,18 @@ def test_representation_report_is_its_definitions_on_fixed_views_and_leaves_trai
         assert report[f"uniformity_{name}"] == pytest.approx(
             float(losses.uniformity(a) + losses.uniformity(b)) / 2, rel=1e-5)
         assert report[f"contrastive_top1_{name}"] == float(losses.contrastive_top1(first, second))
+
+
+def test_knn_commands_views_are_the_encoders_pretraining_views(capsys):
+    recorded = dict(kind="pretrain", image_size=32,
+                    config=json.dumps(dict(crop_min_scale=0.3, strength=0.7, grayscale=0.6, blur=True)))
+    assert simclr.pretraining_views(recorded).describe() == "crop(scale=0.3-1)+flip+color(s=0.7,gray=0.6)+blur"
+    assert simclr.pretraining_views(dict(kind="pretrain", image_size=224, config="{}"), "old.pt").describe() == \
+        "crop+flip+color(s=1)+blur"  # none recorded: SimCLR's for the image size, and it says so
+    assert "'old.pt' does not record the augmentation" in capsys.readouterr().err
+    ckpt = checkpoints.load_checkpoint(run_all.released_encoder("teacher"))
+    config = json.loads(ckpt["config"])
+    assert simclr.pretraining_views(ckpt).describe() == config["augmentation"]
 
 
 def test_frozen_base_must_not_be_the_teachers_encoder(world, tmp_path):
