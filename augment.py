@@ -6,7 +6,8 @@ Settings implemented (SimCLR v1, Chen et al. 2020, arXiv 2002.05709, appendix A)
                        RandomResizedCrop); horizontal flip with p = 0.5;
   color distortion     color jitter with strength s applied with p = 0.8: brightness, contrast and
                        saturation factors U[max(0, 1 - 0.8s), 1 + 0.8s], hue shift U[-0.2s, 0.2s],
-                       the four in a random order per image; then grayscale with p = 0.2;
+                       the four in a random order per image; then grayscale with p = 0.2
+                       (SimCLRAugment's `grayscale`);
   Gaussian blur        p = 0.5, sigma U[0.1, 2.0], kernel 10% of the image side made odd
                        (2 * (side // 20) + 1, as the official code rounds it: 23 at 224, 3 at 32).
   s = 1.0 on ImageNet, 0.5 on CIFAR (SimCLRAugment's default is 0.5).
@@ -68,7 +69,8 @@ class SimCLRAugment:
       crop   random resized crop to size x size (scale, aspect 3/4-4/3); when off, the image is
              only resized bilinearly to size x size if it differs;
       flip   horizontal flip, p = 0.5;
-      color  color jitter of strength `strength` with p = 0.8, then grayscale with p = 0.2;
+      color  color jitter of strength `strength` with p = 0.8, then grayscale with p = `grayscale`
+             (SimCLR: 0.2);
       blur   Gaussian blur, p = 0.5, sigma U[0.1, 2], kernel blur_kernel_size(size).
 
     Ops run, and draw from the generator, in that order (the flip flags first), so a view equals
@@ -84,12 +86,14 @@ class SimCLRAugment:
     BLUR_SIGMA = (0.1, 2.0)
 
     def __init__(self, size: int, crop: bool = True, flip: bool = True, color: bool = True,
-                 blur: bool = False, strength: float = 0.5, scale: tuple[float, float] = (0.08, 1.0)) -> None:
+                 blur: bool = False, strength: float = 0.5, scale: tuple[float, float] = (0.08, 1.0),
+                 grayscale: float = GRAYSCALE_P) -> None:
         self.size = _check_positive_int(size, "size", " (the side of the square output)")
         _check_switches(crop=crop, flip=flip, color=color, blur=blur)
         self.crop, self.flip, self.color, self.blur = crop, flip, color, blur
         self.strength = _check_strength(strength)
         self.scale = _check_range(scale, "scale")
+        self.grayscale = _check_probability(grayscale, "grayscale")
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """x: (B, 3, H, W) float in [0, 1] or uint8. Returns (B, 3, size, size) float in [0, 1]."""
@@ -108,27 +112,29 @@ class SimCLRAugment:
             x = hflip(x, flip)
         if self.color:
             x = color_jitter(x, self.strength, self.JITTER_P, generator)
-            x = random_grayscale(x, self.GRAYSCALE_P, generator)
+            x = random_grayscale(x, self.grayscale, generator)
         if self.blur:
             x = random_gaussian_blur(x, self.BLUR_P, blur_kernel_size(self.size), self.BLUR_SIGMA, generator)
         return x
 
     def describe(self) -> str:
-        """Short name of the enabled ops, e.g. "crop+flip+color(s=0.5)", or "none"."""
+        """Short name of the enabled ops, e.g. "crop+flip+color(s=0.5)" ("color(s=0.5,gray=0.5)" when the
+        grayscale probability is not SimCLR's 0.2), or "none"."""
         parts = []
         if self.crop:
             parts.append("crop" if self.scale == (0.08, 1.0) else f"crop(scale={self.scale[0]:g}-{self.scale[1]:g})")
         if self.flip:
             parts.append("flip")
         if self.color:
-            parts.append(f"color(s={self.strength:g})")
+            gray = "" if self.grayscale == self.GRAYSCALE_P else f",gray={self.grayscale:g}"
+            parts.append(f"color(s={self.strength:g}{gray})")
         if self.blur:
             parts.append("blur")
         return "+".join(parts) if parts else "none"
 
     def __repr__(self) -> str:
         return (f"SimCLRAugment(size={self.size}, crop={self.crop}, flip={self.flip}, color={self.color}, "
-                f"blur={self.blur}, strength={self.strength:g}, scale={self.scale})")
+                f"blur={self.blur}, strength={self.strength:g}, scale={self.scale}, grayscale={self.grayscale:g})")
 
 
 # ----------------------------------------------------------------------------------------------

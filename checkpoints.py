@@ -147,6 +147,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 RESUME_MAY_DIFFER = frozenset({"device", "device_resolved", "precision", "precision_resolved", "compile",
                                "log_every", "knn_every", "checkpoint_every", "root", "cache_dir", "skip_bad",
                                "torch", "release", "config_format"})
+# Settings added after runs had been written without them: a config.json that lacks one was made with
+# the value that reproduces what the run did (before --grayscale, SimCLRAugment's fixed 0.2).
+SETTINGS_ADDED_LATER = {"grayscale": 0.2}
 
 
 # One writer per run folder: the process that writes a run folder holds an flock on its run.lock for
@@ -320,6 +323,7 @@ class RunFolder:
             raise UserError(f"--resume: '{self.path}' has no readable config.json, so its settings cannot be "
                             "checked. Pass --overwrite to start again.") from None
         new = json.loads(json.dumps(config, default=str))
+        old = {**{k: v for k, v in SETTINGS_ADDED_LATER.items() if k in new}, **old}
         changed = [k for k in dict.fromkeys([*old, *new])
                    if k not in RESUME_MAY_DIFFER and old.get(k) != new.get(k)]
         if changed and old.get("config_format", 1) != CONFIG_FORMAT:
@@ -633,12 +637,13 @@ PRETRAIN_AUGMENTATION = "pretrain_augmentation"
 
 
 def pretrain_augmentation(ckpt: dict | None) -> dict | None:
-    """{crop_min_scale, strength} of the views the encoder in `ckpt` was pretrained on, or None when
-    the file does not record them (a torchvision file, a checkpoint older than the record)."""
+    """{crop_min_scale, strength, grayscale} of the views the encoder in `ckpt` was pretrained on, or
+    None when the file does not record them (a torchvision file, a checkpoint older than the record).
+    A record from before --grayscale existed reads as the 0.2 those runs used."""
     if not isinstance(ckpt, dict):
         return None
     if isinstance(ckpt.get(PRETRAIN_AUGMENTATION), dict):
-        return dict(ckpt[PRETRAIN_AUGMENTATION])
+        return {"grayscale": SETTINGS_ADDED_LATER["grayscale"], **ckpt[PRETRAIN_AUGMENTATION]}
     if ckpt.get("kind") != "pretrain":
         return None
     config = ckpt.get("config")
@@ -648,7 +653,8 @@ def pretrain_augmentation(ckpt: dict | None) -> dict | None:
         return None
     if not isinstance(config, dict) or config.get("crop_min_scale") is None or config.get("strength") is None:
         return None
-    return dict(crop_min_scale=float(config["crop_min_scale"]), strength=float(config["strength"]))
+    return dict(crop_min_scale=float(config["crop_min_scale"]), strength=float(config["strength"]),
+                grayscale=float(config.get("grayscale", SETTINGS_ADDED_LATER["grayscale"])))
 
 
 def carried(recorded: dict | None) -> dict:

@@ -7,8 +7,12 @@ Holds:
                      with the projections of the whole global batch, as the official code does.
   distillation_loss  the SimCLR v2 distillation objective (Chen et al. 2020, arXiv 2006.10029,
                      eq. 2, optionally mixed with the label loss as in eq. 3).
+  alignment, uniformity, contrastive_top1
+                     not losses but what to watch them do: how close two views of one image lie, how
+                     evenly images spread over the sphere (Wang & Isola 2020, arXiv 2005.10242), and
+                     how often the contrastive task is solved (the positive is the nearest view).
 
-All three compute in float32 (float64 inputs stay float64) even inside torch.autocast, because
+All of them compute in float32 (float64 inputs stay float64) even inside torch.autocast, because
 the softmax over thousands of cosine similarities divided by a small temperature loses too
 much precision in float16/bfloat16. The input checks are at the bottom of the file.
 
@@ -24,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["nt_xent", "nt_xent_global", "distillation_loss"]
+__all__ = ["nt_xent", "nt_xent_global", "distillation_loss", "alignment", "uniformity", "contrastive_top1"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +183,69 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------
+# Diagnostics of a representation (Wang & Isola 2020, arXiv 2005.10242)
+#
+# Each takes features as they come (h or z, any scale) and returns a 0-dim float32 tensor on their
+# device, so that a caller reads all of them from the device at once.
+# ----------------------------------------------------------------------------------------------
+
+def alignment(x1: torch.Tensor, x2: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
+    """Wang & Isola's alignment: mean over i of ||u1_i - u2_i||^alpha, u = x / ||x|| (alpha = 2: the
+    squared distance). x1, x2: (N, D), x1[i] and x2[i] two views of image i. 0 when every pair of
+    views maps to one direction, 4 (alpha 2) when every pair points opposite ways; lower is better."""
+    _check_feature_pair(x1, x2)
+    alpha = _check_positive_number(alpha, "alpha")
+    with _autocast_off(x1.device):
+        u1, u2 = _unit_rows(x1.to(_compute_dtype(x1.dtype))), _unit_rows(x2.to(_compute_dtype(x2.dtype)))
+        return (u1 - u2).norm(dim=1).pow(alpha).mean()
+
+
+def uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Wang & Isola's uniformity: log of the mean over pairs i < j of exp(-t ||u_i - u_j||^2),
+    u = x / ||x||. x: (N, D), N >= 2 distinct images. 0, the worst, when every image has one
+    direction; lower (more negative) is more evenly spread: many images spread evenly over a sphere
+    of many dimensions, where most pairs lie about sqrt(2) apart, give about -2t."""
+    _check_features(x, "x")
+    if x.shape[0] < 2:
+        raise ValueError(f"uniformity needs N >= 2 images (it averages over pairs), got shape {tuple(x.shape)}")
+    t = _check_positive_number(t, "t")
+    with _autocast_off(x.device):
+        u = _unit_rows(x.to(_compute_dtype(x.dtype)))
+        # pdist subtracts the rows themselves: two equal rows are exactly 0 apart, which a Gram matrix
+        # (2 - 2 u.v) only is up to rounding.
+        return torch.pdist(u, p=2).pow(2).mul(-t).exp().mean().log()
+
+
+def contrastive_top1(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """Top-1 accuracy of the contrastive task itself: the fraction of the 2N views (x1 and x2, (N, D),
+    x1[i] and x2[i] two views of image i) whose other view is more similar (cosine) than each of the
+    2N - 2 views of the other images. A tie with a negative counts as a miss, so one repeated
+    feature for every image scores 0 (N = 1 scores 1: nothing competes). (B, N, D) inputs hold B
+    separate batches of N images, each its own task; the mean is over all 2BN views. Chance is
+    about 1 / (2N - 1), and N matters: a larger batch is a harder task."""
+    for name, x in (("x1", x1), ("x2", x2)):
+        if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3):
+            raise ValueError(f"{name} must be a (N, D) or (B, N, D) tensor of features, got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if x1.shape != x2.shape:
+        raise ValueError(f"x1 and x2 must have the same shape: x1[..., i, :] and x2[..., i, :] are two views of "
+                         f"image i; got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    _check_feature_pair(x1.flatten(0, -2), x2.flatten(0, -2))
+    with _autocast_off(x1.device):
+        views = torch.cat([x1, x2], dim=-2)
+        u = _unit_rows(views.flatten(0, -2).to(_compute_dtype(views.dtype))).view(views.shape)
+        sim = u @ u.transpose(-2, -1)
+        n = x1.shape[-2]
+        rows = torch.arange(2 * n, device=sim.device)
+        positive = (rows + n) % (2 * n)
+        positive_sim = sim[..., rows, positive]
+        # A view is no candidate for itself; nor is its positive a negative.
+        sim[..., rows, rows] = float("-inf")
+        sim[..., rows, positive] = float("-inf")
+        return (positive_sim > sim.amax(dim=-1)).float().mean()
+
+
+# ----------------------------------------------------------------------------------------------
 # Precision
 # ----------------------------------------------------------------------------------------------
 
@@ -274,6 +341,27 @@ def _check_distillation_inputs(student_logits: object, teacher_logits: object, t
             raise ValueError(
                 f"labels must be on the logits' device {student_logits.device}, got {labels.device}")
     return temperature, alpha
+
+
+def _check_features(x: object, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (N, D), got {type(x).__name__}")
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (N, D) with N >= 1 images and D >= 1 dimensions, "
+                         f"got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def _check_feature_pair(x1: object, x2: object) -> None:
+    """Two (N, D) views of the same N images on one device."""
+    _check_features(x1, "x1")
+    _check_features(x2, "x2")
+    if x1.shape != x2.shape:
+        raise ValueError(f"x1 and x2 must have the same shape (N, D): x1[i] and x2[i] are two views of image i; "
+                         f"got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    if x1.device != x2.device:
+        raise ValueError(f"x1 and x2 must be on the same device, got {x1.device} and {x2.device}")
 
 
 def _check_positive_number(value: object, name: str) -> float:

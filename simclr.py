@@ -2,7 +2,8 @@
 
     pretrain     task-agnostic contrastive pretraining (SimCLR v1 Alg. 1, v2 section 2.1)
     linear-eval  frozen encoder, features computed once, a linear classifier on top (v1 section 4)
-    knn          weighted kNN on frozen features: every training image votes for the test images
+    knn          weighted kNN on frozen features: every training image votes for the test images; with
+                 it, alignment, uniformity and the contrastive task's top-1, of h and of z
     finetune     supervised fine-tuning from a middle layer of the projection head (v2 section 2.2)
     bench        throughput: network alone, augmentation alone, end to end
 
@@ -102,6 +103,8 @@ class PretrainConfig(options.StageConfig):
     temperature: float = option(0.5, "NT-Xent temperature", allowed=options.POSITIVE)
     strength: float | None = option(None, "colour distortion strength (default: 0.5 up to 64 px, else 1.0)",
                                     allowed=options.NON_NEGATIVE)
+    grayscale: float = option(augment.SimCLRAugment.GRAYSCALE_P, "probability that a view is turned gray, after "
+                              "the colour jitter (SimCLR: 0.2)", allowed=options.UNIT)
     crop_min_scale: float = option(train.PRETRAIN_CROP_MIN_SCALE, "smallest random-crop area as a fraction of the image (SimCLR: 0.08)",
                                    allowed=options.FRACTION)
     blur: bool | None = option(None, "Gaussian blur (default: off up to 64 px)")
@@ -137,7 +140,8 @@ def resolve_defaults(cfg: PretrainConfig) -> PretrainConfig:
 
 def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False) -> dict:
     """SimCLR pretraining (v1 Algorithm 1 with v2's deeper head); returns a summary dict with the
-    checkpoint path, the final loss and the kNN accuracy of the learned and of a random encoder."""
+    checkpoint path, the history of kNN checks (representation_report's numbers every --knn-every
+    epochs) and the final kNN accuracy of the learned and of a random encoder."""
     cfg = resolve_defaults(cfg)
     options.validate(cfg)
     train.check_batch_for_batch_norm(cfg.batch_size)
@@ -150,7 +154,8 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
                 head_hidden=cfg.head_hidden, out_dim=cfg.out_dim)
     model = simclr_model(arch, rt, distributed)
     augmentation = augment.SimCLRAugment(cfg.image_size, crop=True, flip=True, color=True, blur=cfg.blur,
-                                         strength=cfg.strength, scale=(cfg.crop_min_scale, 1.0))
+                                         strength=cfg.strength, scale=(cfg.crop_min_scale, 1.0),
+                                         grayscale=cfg.grayscale)
     images_seen = cfg.epochs * len(loader) * cfg.batch_size
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, rt.device, images_seen))
     loss_fn = contrastive_loss_fn(step_model, augmentation, cfg.temperature, distributed)
@@ -165,18 +170,18 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, resume: bool = False, 
     run.start(config)
     if distributed.is_main:
         _announce_pretraining(cfg, rt, distributed, lr, augmentation, loader)
-    knn = knn_monitor_for(cfg, rt) if distributed.is_main else None
-    encoder = train.unwrap(model).encoder
+    knn = knn_monitor_for(cfg, rt, augmentation) if distributed.is_main else None
+    plain_model = train.unwrap(model)
     meta = dict(kind="pretrain", arch=arch, config=json.dumps(config, default=str), image_size=cfg.image_size,
                 mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
     history = train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta,
-                        evaluate=(lambda: dict(knn_top1=knn(encoder))) if knn else None,
+                        evaluate=(lambda: knn(plain_model)) if knn else None,
                         distributed=distributed, desc="pretrain")
     summary = dict(checkpoint=str(run.checkpoint), history=history)
     if cfg.release and distributed.is_main:
         summary["released"] = release_encoder(run, cfg.release)
     if knn is not None:
-        _knn_summary(summary, knn, encoder, arch, cfg, rt, run)
+        _knn_summary(summary, knn, plain_model, arch, cfg, rt, run)
     return summary
 
 
@@ -223,8 +228,9 @@ def _announce_pretraining(cfg: PretrainConfig, rt: train.Runtime, distributed: t
           f"augment {augmentation.describe()}, {cfg.epochs} epochs x {len(loader)} steps", file=sys.stderr)
 
 
-def knn_monitor_for(cfg: PretrainConfig, rt: train.Runtime) -> Callable[[nn.Module], float] | None:
-    """The kNN monitor of a pretraining run on cfg.eval_data (train votes for val), or None without one."""
+def knn_monitor_for(cfg: PretrainConfig, rt: train.Runtime, views: augment.SimCLRAugment) -> KnnCheck | None:
+    """The kNN check of a pretraining run on cfg.eval_data (train votes for val), its diagnostics on the
+    run's own `views`, or None without an eval task."""
     if not cfg.eval_data:
         return None
     # A generated task can be as large as wanted: a 100-image val split measures kNN accuracy to about
@@ -233,17 +239,35 @@ def knn_monitor_for(cfg: PretrainConfig, rt: train.Runtime) -> Callable[[nn.Modu
     task = data.load_task(cfg.eval_data, image_size=cfg.image_size, root=cfg.root,
                           seed=data_seed(cfg), cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad, **eval_size)
-    return lambda encoder: knn_monitor(encoder, task.train, task.val, rt, cfg.knn_k, cfg.image_size)
+    return KnnCheck(task, rt, cfg.knn_k, cfg.image_size, views)
 
 
-def _knn_summary(summary: dict, knn: Callable[[nn.Module], float], encoder: nn.Module, arch: dict,
+@dataclass
+class KnnCheck:
+    """pretrain's kNN check: called with the SimCLR model, representation_report of its h and z with
+    the task's train split as the bank, its val split as the queries, on the pretraining views."""
+    task: data.TaskData
+    rt: train.Runtime
+    k: int
+    size: int
+    views: augment.SimCLRAugment
+
+    def __call__(self, model: models.SimCLRModel) -> dict[str, float]:
+        return representation_report(model, self.task.train, self.task.val, self.rt, self.k, self.size, self.views)
+
+
+def _knn_summary(summary: dict, knn: KnnCheck, model: models.SimCLRModel, arch: dict,
                  cfg: PretrainConfig, rt: train.Runtime, run: checkpoints.RunFolder) -> None:
-    """The final kNN accuracy beside a random encoder's, into summary (and summary.json)."""
+    """The final check beside a random encoder's, into summary (and summary.json)."""
     history = summary["history"]
-    summary["knn_top1"] = history[-1]["knn_top1"] if history else knn(encoder)
-    summary["knn_top1_random_encoder"] = knn(random_encoder(arch, cfg.seed).to(rt.device))
+    final = {k: v for k, v in history[-1].items() if k not in ("epoch", "step")} if history else knn(model)
+    random = knn(random_model(arch, cfg.seed).to(rt.device))
+    summary.update(knn_top1=final["knn_top1"], knn_top1_random_encoder=random["knn_top1"], random_encoder=random,
+                   diagnostics=diagnostic_settings(knn.task.val, knn.views))
     print(f"kNN (k={cfg.knn_k}) top-1 on {cfg.eval_data} val: pretrained {summary['knn_top1']:.4f}, "
           f"random encoder {summary['knn_top1_random_encoder']:.4f}", file=sys.stderr)
+    print("\n".join(diagnostics_table(f"{cfg.eval_data} val", summary["diagnostics"],
+                                      {"pretrained": final, "random encoder": random})), file=sys.stderr)
     checkpoints.atomic_write_text(json.dumps(summary, indent=2) + "\n", run.path / "summary.json")
 
 
@@ -260,7 +284,7 @@ def release_encoder(run: checkpoints.RunFolder, path: str | os.PathLike) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: the kNN monitor and linear evaluation
+# Evaluation: the kNN monitor
 
 
 @torch.no_grad()
@@ -298,16 +322,153 @@ def knn_monitor(encoder: nn.Module, bank: data.ImageSet | Sequence[data.ImageSet
 
 
 def random_model(arch: dict, seed: int) -> models.SimCLRModel:
-    """The reference for what pretraining adds: an untrained network of the same architecture, seeded
-    from seed + 1, so that pretrain's kNN check, run_all's check of a released encoder and its Study 3
-    random-encoder row all compare with the same network."""
+    """The reference for what pretraining adds: an untrained encoder and head of the same architecture,
+    seeded from seed + 1, so that pretrain's kNN check, run_all's check of a released encoder and its
+    Study 3 random-encoder row all compare with the same network."""
     torch.manual_seed(seed + 1)
     return checkpoints.build_simclr_model(arch)
 
 
 def random_encoder(arch: dict, seed: int) -> nn.Module:
-    """The encoder of random_model: the kNN check's reference."""
+    """random_model's encoder."""
     return random_model(arch, seed).encoder
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: inside the representation, h and z (kNN, alignment, uniformity, the contrastive task)
+#
+# Small encoders can solve the contrastive task and still over-cluster their representation (Shi et
+# al., AAAI 2022), so pretrain's kNN check and the knn command also measure, for h and z, how close
+# two views of an image lie, how evenly the images spread and how often the task is solved
+# (losses.alignment, uniformity, contrastive_top1). The views are the encoder's own pretraining
+# views (its task), of a fixed subset, drawn from a fixed seed, so that the numbers compare between
+# epochs, and between runs pretrained on the same views, on one device type:
+
+DIAGNOSTIC_IMAGES = 2048  # at most this many query images, two views each (~8% of a CIFAR-10 check's images)
+CONTRASTIVE_BATCH = 256   # N of the contrastive top-1: 2N - 1 = 511 candidates, as pretraining at batch 256
+VIEW_SEED = 0             # draws the subset and the views, whatever the run's --seed
+
+
+def pretraining_views(ckpt: dict, source: str | os.PathLike | None = None,
+                      stage: str = "knn") -> augment.SimCLRAugment:
+    """The views the encoder of a pretraining checkpoint was trained on: its recorded crop floor, colour
+    strength, grayscale probability and blur; SimCLR's defaults for its image size where it records
+    none (train.matched_views says so, naming `source`)."""
+    size = int(ckpt["image_size"])
+    try:
+        config = json.loads(ckpt["config"]) if isinstance(ckpt.get("config"), str) else ckpt.get("config")
+    except ValueError:
+        config = None
+    blur = config.get("blur") if isinstance(config, dict) else None
+    return train.matched_views(checkpoints.pretrain_augmentation(ckpt), size, crop=True, flip=True, color=True,
+                               blur=size > 64 if blur is None else bool(blur), source=source, stage=stage)
+
+
+def diagnostic_subset(queries: data.ImageSet) -> tuple[data.ImageSet, int]:
+    """(the images the diagnostics view, N): the queries, or DIAGNOSTIC_IMAGES of them drawn with
+    VIEW_SEED, cut to whole batches of N = CONTRASTIVE_BATCH (N = all of them when fewer)."""
+    kept = min(len(queries), DIAGNOSTIC_IMAGES)
+    batch = min(kept, CONTRASTIVE_BATCH)
+    kept -= kept % batch
+    if kept == len(queries):
+        return queries, batch
+    chosen = np.random.default_rng(VIEW_SEED).choice(len(queries), kept, replace=False)
+    return queries.subset(np.sort(chosen)), batch
+
+
+def diagnostic_settings(queries: data.ImageSet, views: augment.SimCLRAugment) -> dict:
+    """What representation_report's view numbers were measured on, for a report to state."""
+    images, batch = diagnostic_subset(queries)
+    return dict(images=len(images), contrastive_batch=batch, view_seed=VIEW_SEED, views=views.describe())
+
+
+def _h_and_z(model: models.SimCLRModel, images: data.ImageSet, rt: train.Runtime,
+             size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, z) of every image, un-augmented (extract_features), each (N, D) float32 on the device."""
+    both = train.extract_features(lambda x: torch.cat(model(x), dim=1), images, rt, size=size)
+    return both[:, :model.encoder.feature_dim], both[:, model.encoder.feature_dim:]
+
+
+def _view_metrics(model: models.SimCLRModel, images: data.ImageSet, batch: int, rt: train.Runtime,
+                  views: augment.SimCLRAugment) -> dict[str, torch.Tensor]:
+    """alignment, uniformity and contrastive top-1 of h and z on two views of each image, one
+    contrastive batch of `batch` images per forward pass; device tensors (read once by the caller)."""
+    generator = torch.Generator(device=rt.device).manual_seed(VIEW_SEED)
+    first, second = {"h": [], "z": []}, {"h": [], "z": []}
+    for x, _ in images.batches(batch, rt.device).epoch(0):
+        with rt.autocast():
+            h, z = model(torch.cat([views(x, generator), views(x, generator)]))
+        for name, features in (("h", h), ("z", z)):
+            a, b = features.float().chunk(2)
+            first[name].append(a)
+            second[name].append(b)
+    metrics = {}
+    for name in ("h", "z"):
+        a, b = torch.cat(first[name]), torch.cat(second[name])
+        metrics[f"alignment_{name}"] = losses.alignment(a, b)
+        # Wang & Isola's uniformity of a pair of views: the mean of each view's.
+        metrics[f"uniformity_{name}"] = ((losses.uniformity(a) + losses.uniformity(b)) / 2 if len(a) > 1
+                                         else a.new_tensor(float("nan")))
+        metrics[f"contrastive_top1_{name}"] = losses.contrastive_top1(a.view(-1, batch, a.shape[1]),
+                                                                      b.view(-1, batch, b.shape[1]))
+    return metrics
+
+
+@torch.no_grad()
+def representation_report(model: models.SimCLRModel, bank: data.ImageSet | Sequence[data.ImageSet],
+                          queries: data.ImageSet, rt: train.Runtime, k: int = 200, size: int | None = None,
+                          views: augment.SimCLRAugment | None = None) -> dict[str, float]:
+    """What pretrain's kNN check and the knn command measure, for h (the encoder's output) and z (the
+    head's), in eval mode:
+
+      knn_top1, knn_top1_z    weighted kNN (knn_accuracy): the bank votes for the un-augmented queries;
+                              knn_top1 is knn_monitor's score;
+      alignment_h, _z         losses.alignment of two views of each image (lower: views closer);
+      uniformity_h, _z        losses.uniformity over the images, the mean of both views (lower: more
+                              spread; 0: one point);
+      contrastive_top1_h, _z  losses.contrastive_top1 in batches of N images (2N - 1 candidates).
+
+    The views are `views` (the encoder's pretraining views; None: SimCLR's defaults for the image
+    size) of diagnostic_subset(queries), drawn with VIEW_SEED on the device, so each call sees the
+    same images and views (diagnostic_settings says which)."""
+    bank = [bank] if isinstance(bank, data.ImageSet) else list(bank)
+    size = size or queries.image_size
+    if views is None:
+        views = train.matched_views(None, size, crop=True, flip=True, color=True, blur=size > 64)
+    was_training = model.training
+    model.eval()
+    bank_h, bank_z = (torch.cat(f) for f in zip(*(_h_and_z(model, s, rt, size) for s in bank)))
+    query_h, query_z = _h_and_z(model, queries, rt, size)
+    labels = lambda sets: torch.as_tensor(np.concatenate([np.asarray(s.labels) for s in sets]),  # noqa: E731
+                                          device=rt.device, dtype=torch.long)
+    bank_labels, query_labels = labels(bank), labels([queries])
+    report = {name: knn_accuracy(b, bank_labels, q, query_labels, len(queries.classes), k=k)
+              for name, b, q in (("knn_top1", bank_h, query_h), ("knn_top1_z", bank_z, query_z))}
+    metrics = _view_metrics(model, *diagnostic_subset(queries), rt, views)
+    order = [f"{metric}_{name}" for metric in ("alignment", "uniformity", "contrastive_top1") for name in ("h", "z")]
+    report.update(zip(order, torch.stack([metrics[key] for key in order]).tolist()))
+    model.train(was_training)
+    return report
+
+
+def diagnostics_table(where: str, settings: dict, reports: dict[str, dict]) -> list[str]:
+    """representation_report's numbers as printed lines: a heading, then a row for h and for z of each
+    named report (e.g. {"pretrained": ..., "random encoder": ...})."""
+    n = settings["contrastive_batch"]
+    lines = [f"Inside the representation on {where}, two views of {settings['images']:,} images ({settings['views']}, "
+             f"view seed {settings['view_seed']}): alignment (lower: views closer), uniformity (lower: more spread; "
+             f"0: one point), contrastive top-1 (the other view nearest among 2N-1 = {2 * n - 1}, N = {n})",
+             f"  {'':30} {'kNN top-1':>9}  {'alignment':>9}  {'uniformity':>10}  {'contrastive top-1':>17}"]
+    for name, r in reports.items():
+        for rep, what in (("h", "encoder"), ("z", "head")):
+            knn = r["knn_top1" if rep == "h" else "knn_top1_z"]
+            lines.append(f"  {f'{rep} ({what}), {name}':30} {knn:9.4f}  {r[f'alignment_{rep}']:9.4f}  "
+                         f"{r[f'uniformity_{rep}']:10.4f}  {r[f'contrastive_top1_{rep}']:17.4f}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: linear evaluation and the knn command
 
 
 def _split_size(split: str):
@@ -378,7 +539,10 @@ def knn_eval(cfg: KnnConfig) -> dict:
     """Weighted kNN top-1 (knn_monitor: k neighbours, temperature 0.1, as during pretraining) of the
     encoder's features h on the task's test split with every training image (train and val)
     as the bank, or on val with train as the bank; beside random_encoder(arch, seed)'s score, which
-    is pretrain's reference when --seed is the pretraining seed."""
+    is pretrain's reference when --seed is the pretraining seed. With it, the rest of
+    representation_report (kNN of z, alignment, uniformity and the contrastive task's top-1 of h and
+    z on the query split, on the encoder's pretraining views) for both: printed as a table, and
+    returned (the random model's under 'random_encoder')."""
     options.validate(cfg)
     rt = train.runtime(cfg.device, cfg.precision)
     model, ckpt = checkpoints.load_pretrained(cfg.checkpoint)
@@ -386,14 +550,18 @@ def knn_eval(cfg: KnnConfig) -> dict:
     task = data.load_task(cfg.data, image_size=size, root=cfg.root, seed=cfg.seed, cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad, n_train=cfg.train_images, n_test=cfg.test_images)
     bank_sets, queries = ([task.train, task.val], task.test) if cfg.split == "test" else ([task.train], task.val)
-    scores = {name: knn_monitor(encoder.to(rt.device), bank_sets, queries, rt, cfg.k, size)
-              for name, encoder in (("knn_top1", model.encoder),
-                                    ("knn_top1_random_encoder", random_encoder(ckpt["arch"], cfg.seed)))}
+    views = pretraining_views(ckpt, cfg.checkpoint)
+    reports = {name: representation_report(m.to(rt.device), bank_sets, queries, rt, cfg.k, size, views)
+               for name, m in (("pretrained", model), ("random encoder", random_model(ckpt["arch"], cfg.seed)))}
     n_bank = sum(len(s) for s in bank_sets)
+    settings = diagnostic_settings(queries, views)
     result = dict(task=task.name, checkpoint=str(cfg.checkpoint), split=cfg.split, k=cfg.k, bank_images=n_bank,
-                  query_images=len(queries), **scores)
+                  query_images=len(queries), **reports["pretrained"],
+                  knn_top1_random_encoder=reports["random encoder"]["knn_top1"],
+                  random_encoder=reports["random encoder"], diagnostics=settings)
     print(f"kNN (k {cfg.k}) on {task.name} {cfg.split} ({len(queries):,} images; bank: {n_bank:,} training "
-          f"images): top-1 {scores['knn_top1']:.4f}, random encoder {scores['knn_top1_random_encoder']:.4f}")
+          f"images): top-1 {result['knn_top1']:.4f}, random encoder {result['knn_top1_random_encoder']:.4f}")
+    print("\n".join(diagnostics_table(f"{task.name} {cfg.split}", settings, reports)))
     return result
 
 

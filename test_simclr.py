@@ -2,7 +2,8 @@
 
 Contents (search for the heading; every '# ====' section, in file order):
   augment.py                         hand-computed values, torchvision agreement, random ops, bad input
-  losses.py and models.py            NT-Xent, distillation, encoders, torchvision layout, projection head
+  losses.py and models.py            NT-Xent, distillation, diagnostics (alignment, uniformity, contrastive
+                                     top-1), encoders, torchvision layout, projection head
   optim.py                           LARS by hand, parameter groups, warm-up then cosine per step
   options.py                         every numeric option of every command range-checked; interrupts outside fit
   shapes.py, sources.py and data.py  the world, image folders and the cache (concurrent runs, full disk,
@@ -499,6 +500,23 @@ def test_probability_zero_and_one():
     assert ((jittered - x).flatten(1).abs().amax(1) > 1e-3).all()
 
 
+def test_pipeline_grayscale_probability_zero_never_one_always_greys():
+    """SimCLRAugment's grayscale: the random numbers drawn do not depend on it, so with one seed the
+    P = 1 views are exactly the P = 0 views turned gray, and the default is the 0.2 of SimCLR."""
+    x = _images(32, 12, 12)
+    views = {p: A.SimCLRAugment(10, grayscale=p)(x, torch.Generator().manual_seed(5)) for p in (0.0, 0.2, 1.0)}
+
+    def is_gray(v):  # every pixel's three channels equal
+        return (v.amax(1) - v.amin(1)).flatten(1).amax(1) == 0
+    assert not is_gray(views[0.0])[3:].any()  # images 0-2 are the awkward cases (one is all gray)
+    assert is_gray(views[1.0]).all()
+    assert torch.equal(views[1.0], A.rgb_to_grayscale(views[0.0], 3))
+    assert torch.equal(A.SimCLRAugment(10)(x, torch.Generator().manual_seed(5)), views[0.2])
+    assert 0 < int(is_gray(views[0.2])[3:].sum()) < 29
+    # Grayscale belongs to the colour distortion: without it, no view is greyed.
+    assert not is_gray(A.SimCLRAugment(10, color=False, grayscale=1.0)(x, torch.Generator().manual_seed(5)))[3:].any()
+
+
 def test_probability_half_applies_to_about_half():
     x = _images(1, 8, 8).expand(2000, -1, -1, -1)
     g = torch.Generator().manual_seed(18)
@@ -576,6 +594,8 @@ def test_describe():
     assert A.SimCLRAugment(224, blur=True, strength=1.0).describe() == "crop+flip+color(s=1)+blur"
     assert A.SimCLRAugment(32, crop=False, flip=False, color=False).describe() == "none"
     assert A.SimCLRAugment(32, scale=(0.2, 1.0)).describe() == "crop(scale=0.2-1)+flip+color(s=0.5)"
+    assert A.SimCLRAugment(32, grayscale=0.5).describe() == "crop+flip+color(s=0.5,gray=0.5)"
+    assert A.SimCLRAugment(32, grayscale=0.2).describe() == "crop+flip+color(s=0.5)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -624,6 +644,8 @@ _X = torch.rand(2, 3, 8, 8)
     (lambda: A.SimCLRAugment(0), "size must be a positive int"),
     (lambda: A.SimCLRAugment(32.0), "size must be a positive int"),
     (lambda: A.SimCLRAugment(32, crop="yes"), "crop must be True or False"),
+    (lambda: A.SimCLRAugment(32, grayscale=1.5), r"grayscale must be a probability in \[0, 1\], got 1.5"),
+    (lambda: A.SimCLRAugment(32, grayscale=float("nan")), "grayscale must be a probability"),
     (lambda: A.SimCLRAugment(32)(torch.rand(3, 32, 32)), "single image"),
     (lambda: A.apply_color_jitter(_X, A.sample_color_jitter(3)), r"shape \(2,\)"),
 ])
@@ -639,7 +661,8 @@ def test_bad_input_raises_clear_value_error(call, message):
 STANDALONE_USE = {
     "augment.py": "import augment, torch; x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8); "
                   "assert augment.SimCLRAugment(32)(x).shape == (4, 3, 32, 32)",
-    "losses.py": "import losses, torch; assert losses.nt_xent(torch.randn(4, 8), torch.randn(4, 8)) > 0",
+    "losses.py": "import losses, torch; assert losses.nt_xent(torch.randn(4, 8), torch.randn(4, 8)) > 0; "
+                 "assert losses.uniformity(torch.randn(4, 8)) < 0",
     "models.py": "import models, torch; assert models.resnet18(num_classes=3).eval()(torch.rand(1, 3, 32, 32)).shape == (1, 3)",
     "optim.py": "import optim, torch; m = torch.nn.Linear(3, 2); o = optim.LARS(optim.parameter_groups(m, 1e-6), lr=0.1); "
                 "m(torch.rand(4, 3)).sum().backward(); o.step(); assert optim.learning_rate(0, 10, 2, 1.0) == 0.5",
@@ -1028,6 +1051,102 @@ def test_distillation_bad_logits(student, teacher, match):
 
 
 # ----------------------------------------------------------------------------------------------
+# Diagnostics of a representation: alignment, uniformity, the contrastive task's top-1
+# ----------------------------------------------------------------------------------------------
+
+def _on_circle(*degrees: float, radius: float = 1.0) -> torch.Tensor:
+    """Points on a circle at the given angles: their cosine similarities are cosines of angle differences."""
+    a = torch.tensor(degrees, dtype=torch.float64) * math.pi / 180
+    return (radius * torch.stack([a.cos(), a.sin()], dim=1)).float()
+
+
+def test_alignment_by_hand():
+    x = torch.randn(6, 5)
+    assert float(losses.alignment(x, x)) == 0.0  # identical views
+    assert float(losses.alignment(x, 3 * x)) == pytest.approx(0.0, abs=1e-6)  # the scale does not count
+    assert float(losses.alignment(x, -x)) == pytest.approx(4.0)  # opposite views: ||u - (-u)||^2 = 4
+    # image 0: views at 0 and 90 degrees, ||u1 - u2||^2 = 2; image 1: at 0 and 60, 2 - 2 cos 60 = 1
+    x1, x2 = _on_circle(0, 0), _on_circle(90, 60, radius=5.0)
+    assert float(losses.alignment(x1, x2)) == pytest.approx((2 + 1) / 2)
+    assert float(losses.alignment(x1, x2, alpha=1)) == pytest.approx((math.sqrt(2) + 1) / 2)
+
+
+def test_uniformity_by_hand():
+    one = torch.randn(1, 7).expand(9, 7) * torch.arange(1.0, 10.0)[:, None]
+    assert float(losses.uniformity(one)) == 0.0  # one feature (at any scale) for every image: the worst
+    # three images at 0, 90 and 180 degrees: squared distances 2, 2 and 4
+    expected = math.log((2 * math.exp(-2 * 2) + math.exp(-2 * 4)) / 3)
+    assert float(losses.uniformity(_on_circle(0, 90, 180))) == pytest.approx(expected)
+    assert float(losses.uniformity(_on_circle(0, 90, 180), t=1)) == pytest.approx(
+        math.log((2 * math.exp(-2) + math.exp(-4)) / 3))
+    # The same images drawn together around one direction are less uniform than spread over the sphere.
+    spread = torch.randn(500, 64, generator=torch.Generator().manual_seed(0))
+    clustered = spread + 4 * torch.ones(64)
+    assert 0 > float(losses.uniformity(clustered)) > float(losses.uniformity(spread))
+
+
+def test_contrastive_top1_by_hand():
+    # Two images, views at angles: image a at 0 and 10 degrees, image b at 90 and 15.
+    #   a@0:  its view at 10 is nearer than b's at 15 and 90   -> hit
+    #   b@90: its view at 15 (75 away) beats a's at 10 (80) and 0 (90)   -> hit
+    #   a@10: b's view at 15 (5 away) beats its own at 0 (10)   -> miss
+    #   b@15: a's view at 10 (5 away) beats its own at 90 (75)   -> miss
+    x1, x2 = _on_circle(0, 90), _on_circle(10, 15, radius=3.0)
+    assert float(losses.contrastive_top1(x1, x2)) == 0.5
+    assert float(losses.contrastive_top1(x2, x1)) == 0.5
+    # (B, N, D): each batch is its own task, the mean over all views; image b's views at 90 and 80
+    # make a batch of four hits.
+    easy = (_on_circle(0, 90), _on_circle(10, 80))
+    assert float(losses.contrastive_top1(torch.stack([x1, easy[0]]), torch.stack([x2, easy[1]]))) == 0.75
+    x = torch.randn(1, 5)
+    assert float(losses.contrastive_top1(x, 2 * x)) == 1.0  # N = 1: nothing competes
+    same = torch.randn(1, 5).expand(4, 5)
+    assert float(losses.contrastive_top1(same, same)) == 0.0  # a tie with a negative is a miss
+
+
+def _contrastive_top1_loop(x1, x2) -> float:
+    """The contrastive task's top-1 view by view, in float64."""
+    u = F.normalize(torch.cat([x1, x2]).double(), dim=1)
+    n, hits = len(x1), 0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        hits += all(float(u[i] @ u[positive]) > float(u[i] @ u[k]) for k in range(2 * n) if k not in (i, positive))
+    return hits / (2 * n)
+
+
+def test_diagnostics_match_loop_references_under_autocast():
+    g = torch.Generator().manual_seed(3)
+    x1 = torch.randn(12, 6, generator=g)
+    x2 = x1 + 0.8 * torch.randn(12, 6, generator=g)
+    u1, u2 = F.normalize(x1.double(), dim=1), F.normalize(x2.double(), dim=1)
+    pairs = [float((u1[i] - u1[j]).pow(2).sum()) for i in range(12) for j in range(i + 1, 12)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = (losses.alignment(x1.bfloat16(), x2.bfloat16()), losses.uniformity(x1), losses.contrastive_top1(x1, x2))
+    assert all(v.dtype == torch.float32 and v.ndim == 0 for v in values)
+    assert float(values[0]) == pytest.approx(float((u1 - u2).pow(2).sum(1).mean()), abs=0.02)  # inputs in bf16
+    assert float(values[1]) == pytest.approx(math.log(np.mean(np.exp(-2 * np.asarray(pairs)))), rel=1e-5)
+    assert float(values[2]) == _contrastive_top1_loop(x1, x2)
+    assert 0 < float(values[2]) < 1
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: losses.alignment(torch.randn(3, 4), torch.randn(2, 4)), "same shape"),
+    (lambda: losses.alignment(torch.randn(3), torch.randn(3)), r"shape \(N, D\)"),
+    (lambda: losses.alignment(torch.ones(3, 4, dtype=torch.long), torch.ones(3, 4, dtype=torch.long)), "floating"),
+    (lambda: losses.alignment(torch.randn(3, 4), torch.randn(3, 4), alpha=0), "alpha must be a positive"),
+    (lambda: losses.uniformity(torch.randn(1, 4)), "N >= 2"),
+    (lambda: losses.uniformity(torch.randn(3, 4), t=-1.0), "t must be a positive"),
+    (lambda: losses.uniformity([[1.0, 0.0]]), "torch.Tensor"),
+    (lambda: losses.contrastive_top1(torch.randn(2, 3, 4), torch.randn(3, 2, 4)), "same shape"),
+    (lambda: losses.contrastive_top1(torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5)), r"\(B, N, D\)"),
+    (lambda: losses.contrastive_top1(torch.randn(0, 4), torch.randn(0, 4)), "N >= 1"),
+])
+def test_diagnostics_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------------------------
 # Encoders
 # ----------------------------------------------------------------------------------------------
 
@@ -1344,6 +1463,8 @@ def test_every_numeric_option_of_every_command_is_range_checked(tmp_path, capsys
 def test_a_config_out_of_range_is_refused_from_python_too(tmp_path):
     with pytest.raises(options.UserError, match=r"--momentum must be in \[0, 1\); got 1.5"):
         simclr.pretrain(simclr.PretrainConfig(momentum=1.5), tmp_path / "p")
+    with pytest.raises(options.UserError, match=r"--grayscale must be in \[0, 1\]; got 1.5"):
+        simclr.pretrain(simclr.PretrainConfig(grayscale=1.5), tmp_path / "p")
     with pytest.raises(options.UserError, match="--temperature must be positive; got inf"):
         distill.distill(distill.DistillConfig(teacher="missing.pt", temperature=math.inf), tmp_path / "d")
     with pytest.raises(options.UserError, match="--batch-size must be at least 2 when batch norm trains"):
@@ -2480,6 +2601,21 @@ def test_resume_of_a_run_written_in_the_older_config_format_names_the_format(tmp
     checkpoints.RunFolder(folder, resume=True).start(dict(stage="pretrain", epochs=2))
 
 
+def test_resume_of_a_run_from_before_a_setting_existed_reads_the_value_it_ran_with(tmp_path):
+    """A config.json written before --grayscale existed was made with SimCLR's fixed 0.2
+    (SETTINGS_ADDED_LATER): it resumes with 0.2, and another value is refused naming both."""
+    folder = tmp_path / "r"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"")
+    before = dict(stage="pretrain", epochs=2, config_format=checkpoints.CONFIG_FORMAT)
+    (folder / "config.json").write_text(json.dumps(before))
+    run = checkpoints.RunFolder(folder, resume=True)
+    run.start(dict(before, grayscale=0.2))
+    with pytest.raises(options.UserError, match=r"grayscale: 0.2 in the run, 0.5 now"):
+        run.start(dict(before, grayscale=0.5))
+    run.close()
+
+
 def test_run_folder_refuses_existing_run(tmp_path):
     run = checkpoints.RunFolder(tmp_path / "r")
     run.write_config({"a": 1})
@@ -2749,14 +2885,61 @@ def read_log(run_dir):
     return [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
 
 
-def test_pretrain_lowers_loss(tmp_path):
-    summary = simclr.pretrain(tiny_pretrain_config(epochs=8, n_images=512, knn_every=8), tmp_path / "run")
-    steps = [r for r in read_log(tmp_path / "run") if "loss" in r]
+DIAGNOSTICS = ["knn_top1", "knn_top1_z", "alignment_h", "alignment_z", "uniformity_h", "uniformity_z",
+               "contrastive_top1_h", "contrastive_top1_z"]
+
+
+def _check_diagnostics(report: dict) -> None:
+    """representation_report's numbers, each within the range its definition allows."""
+    assert list(report) == DIAGNOSTICS, list(report)
+    for name, value in report.items():
+        low, high = (0, 4) if name.startswith("alignment") else (-4, 0) if name.startswith("uniformity") else (0, 1)
+        assert low <= value <= high, (name, value)
+
+
+def test_pretrain_lowers_loss_and_logs_what_is_inside_the_representation(tmp_path, capsys):
+    summary = simclr.pretrain(tiny_pretrain_config(epochs=8, n_images=512, knn_every=4), tmp_path / "run")
+    log = read_log(tmp_path / "run")
+    steps = [r for r in log if "loss" in r]
     first, last = np.mean([r["loss"] for r in steps[:4]]), np.mean([r["loss"] for r in steps[-4:]])
     assert last < first - 0.1, (first, last)
     assert 0 <= summary["knn_top1_random_encoder"] <= 1 and 0 <= summary["knn_top1"] <= 1
+    # Every kNN check logs h's and z's diagnostics, prints them, and they move as the encoder learns.
+    checks = [r for r in log if "knn_top1" in r]
+    assert [r["epoch"] for r in checks] == [4, 8]
+    for r in checks:
+        _check_diagnostics({k: v for k, v in r.items() if k not in ("epoch", "step")})
+    assert checks[0]["alignment_h"] != checks[1]["alignment_h"]
+    out = capsys.readouterr()
+    assert re.search(r"epoch 8: knn_top1=[\d.]+, knn_top1_z=[\d.]+, alignment_h=[\d.]+, alignment_z=[\d.]+, "
+                     r"uniformity_h=-[\d.]+, uniformity_z=-[\d.]+, contrastive_top1_h=[\d.]+, contrastive_top1_z=[\d.]+",
+                     out.out + out.err)
+    assert "h (encoder), random encoder" in out.err and "contrastive top-1" in out.err
+    _check_diagnostics(summary["random_encoder"])
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert written["random_encoder"] == summary["random_encoder"] and written["knn_top1"] == checks[-1]["knn_top1"]
+    n_val = len(data.load_task("shapes5", image_size=16, seed=0).val)
+    views = json.loads((tmp_path / "run" / "config.json").read_text())["augmentation"]  # the run's own
+    assert written["diagnostics"] == dict(images=n_val - n_val % min(n_val, 256), contrastive_batch=min(n_val, 256),
+                                          view_seed=0, views=views)
     ckpt = checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["kind"] == "pretrain" and ckpt["step"] == len(steps)
+
+
+def test_grayscale_option_reaches_the_views_config_json_and_checkpoints(tmp_path, monkeypatch):
+    used = []
+    grayscale = A.random_grayscale
+    monkeypatch.setattr(A, "random_grayscale", lambda x, p, generator: used.append(p) or grayscale(x, p, generator))
+    assert simclr.main(["pretrain", "--width", "0.125", "--epochs", "1", "--n-images", "64", "--batch-size", "32",
+                        "--eval-data", "", "--grayscale", "0.5", "--device", "cpu", "--out", str(tmp_path / "run"),
+                        "--release", str(tmp_path / "enc.pt")]) == 0
+    assert used and set(used) == {0.5}
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["grayscale"] == 0.5 and config["augmentation"] == "crop+flip+color(s=0.5,gray=0.5)"
+    recorded = dict(crop_min_scale=0.08, strength=0.5, grayscale=0.5)
+    for path in (tmp_path / "run" / "checkpoint.pt", tmp_path / "enc.pt"):
+        assert checkpoints.pretrain_augmentation(checkpoints.load_checkpoint(path)) == recorded
+    assert simclr.PretrainConfig().grayscale == 0.2 == A.SimCLRAugment.GRAYSCALE_P
 
 
 @pytest.mark.slow  # two minutes on 2 cores: the world's classes take the cpu preset's budget to show
@@ -2901,7 +3084,7 @@ def test_resume_with_changed_settings_is_refused_naming_each_one(tmp_path, capsy
     for flag, value, key in (("--batch-size", "32", "batch_size"), ("--n-images", "96", "n_images"),
                              ("--image-size", "24", "image_size"), ("--width", "0.25", "width"),
                              ("--model", "vgg11_bn", "model"), ("--optimizer", "sgd", "optimizer"),
-                             ("--data", "shapes47", "data")):
+                             ("--data", "shapes47", "data"), ("--grayscale", "0.5", "grayscale")):
         capsys.readouterr()
         assert simclr.main([*pre, "--resume", flag, value]) == 2, flag
         err = capsys.readouterr().err
@@ -3196,7 +3379,7 @@ def test_stages_augment_as_their_encoder_was_pretrained_and_carry_it_on(world, t
         return json.loads((tmp_path / folder / "config.json").read_text())["augmentation"]
     ft = simclr.finetune(simclr.FinetuneConfig(checkpoint=str(origin), color=True, **common), tmp_path / "ft", task=task)
     assert used("ft") == "crop(scale=0.3-1)+flip+color(s=0.7)"
-    carried = dict(crop_min_scale=0.3, strength=0.7)
+    carried = dict(crop_min_scale=0.3, strength=0.7, grayscale=0.2)  # recorded before --grayscale: SimCLR's 0.2
     assert checkpoints.load_checkpoint(ft["best"])["pretrain_augmentation"] == carried
     kd = distill.distill(distill.DistillConfig(teacher=ft["best"], mode="scratch", width=0.125, crop=True, flip=True,
                                                **common), tmp_path / "kd", task=task)
@@ -3221,6 +3404,11 @@ def test_stages_augment_as_their_encoder_was_pretrained_and_carry_it_on(world, t
     assert used("scratch") == "crop(scale=0.3-1)+flip"
     assert "pretrain_augmentation" not in checkpoints.load_checkpoint(scratch["best"])
     assert "does not record" not in capsys.readouterr().err
+    # A grayscale probability recorded with the rest is taken too.
+    grey = save_pretrain(tmp_path / "grey.pt", 1, task.train.images,
+                         config=dict(crop_min_scale=0.3, strength=0.7, grayscale=0.6))
+    simclr.finetune(simclr.FinetuneConfig(checkpoint=str(grey), color=True, **common), tmp_path / "grey", task=task)
+    assert used("grey") == "crop(scale=0.3-1)+flip+color(s=0.7,gray=0.6)"
     # A file without the record (here: pretrained before it existed) gets pretraining's defaults, and says so.
     simclr.finetune(simclr.FinetuneConfig(checkpoint=str(world["origin"]), color=True, **common), tmp_path / "old",
                     task=task)
@@ -3265,6 +3453,10 @@ def test_knn_command_scores_the_test_split_with_every_training_image_as_bank(wor
     assert simclr.main(args) == 0
     line = capsys.readouterr().out
     assert "on shapes2 test (100 images; bank: 200 training images)" in line and "random encoder" in line
+    assert "two views of 100 images (crop+flip+color(s=0.5), view seed 0)" in line and "N = 100" in line
+    assert all(re.search(rf"{row} +[\d.]+ +[\d.]+ +-[\d.]+ +[\d.]+\n", line)
+               for row in ("h \\(encoder\\), pretrained", "z \\(head\\), pretrained", "h \\(encoder\\), random encoder",
+                           "z \\(head\\), random encoder")), line
     res = simclr.knn_eval(simclr.KnnConfig(checkpoint=str(world["origin"]), data="shapes2", train_images=200,
                                            test_images=100, k=15, device="cpu", precision="fp32"))
     encoder = checkpoints.load_pretrained(world["origin"])[0].encoder.eval()
@@ -3274,9 +3466,62 @@ def test_knn_command_scores_the_test_split_with_every_training_image_as_bank(wor
         expected = _knn_by_hand(encoder(as_float(bank_images)), bank_labels, encoder(as_float(task.test.images)), 15)
     assert res["knn_top1"] == pytest.approx(float(np.mean(np.asarray(expected) == task.test.labels)))
     assert (res["bank_images"], res["query_images"]) == (200, 100)
+    _check_diagnostics({k: res[k] for k in DIAGNOSTICS})
+    _check_diagnostics(res["random_encoder"])
+    assert res["knn_top1_random_encoder"] == res["random_encoder"]["knn_top1"]
+    assert res["diagnostics"] == dict(images=100, contrastive_batch=100, view_seed=0, views="crop+flip+color(s=0.5)")
     val = simclr.knn_eval(simclr.KnnConfig(checkpoint=str(world["origin"]), data="shapes2", train_images=200,
                                            test_images=100, split="val", device="cpu"))
     assert (val["bank_images"], val["query_images"]) == (len(task.train), len(task.val))
+
+
+def test_representation_report_is_its_definitions_on_fixed_views_and_leaves_training_alone(world, monkeypatch):
+    """h's and z's numbers written out: the un-augmented kNN of each, and losses' diagnostics on
+    two of the given views of whole batches of N images (N cut to 40 here: 80 of the 100 test
+    images, drawn with VIEW_SEED, in two tasks), the views drawn from VIEW_SEED too; the same each
+    call, the global RNG and the model's mode untouched."""
+    task, rt = world["task"], train.Runtime(CPU, "fp32")
+    monkeypatch.setattr(simclr, "CONTRASTIVE_BATCH", 40)
+    model = checkpoints.load_pretrained(world["origin"])[0].train()
+    views = A.SimCLRAugment(SIZE, strength=0.7, scale=(0.3, 1.0), grayscale=0.6)
+    rng = torch.get_rng_state()
+    report = simclr.representation_report(model, task.train, task.test, rt, k=15, size=SIZE, views=views)
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    assert simclr.representation_report(model, task.train, task.test, rt, k=15, size=SIZE, views=views) == report
+    assert report["knn_top1"] == simclr.knn_monitor(model.encoder, task.train, task.test, rt, 15, SIZE)
+    default = simclr.representation_report(model, task.train, task.test, rt, k=15, size=SIZE)  # SimCLR's views
+    assert default["knn_top1"] == report["knn_top1"] and default["alignment_h"] != report["alignment_h"]
+    images, n = simclr.diagnostic_subset(task.test)
+    assert n == 40 and len(images) == 80 == simclr.diagnostic_settings(task.test, views)["images"]
+    assert len({im.tobytes() for im in images.images} - {im.tobytes() for im in task.test.images}) == 0
+    model.eval()
+    g = torch.Generator().manual_seed(simclr.VIEW_SEED)
+    with torch.no_grad():
+        _, z_bank = model(as_float(task.train.images))
+        _, z_query = model(as_float(task.test.images))
+        pairs = [model(torch.cat([views(x, g), views(x, g)])) for x in as_float(images.images).split(40)]
+    z_knn = _knn_by_hand(z_bank, task.train.labels, z_query, 15)
+    assert report["knn_top1_z"] == pytest.approx(float(np.mean(np.asarray(z_knn) == task.test.labels)))
+    for i, name in enumerate("hz"):
+        first = torch.stack([p[i][:40] for p in pairs])  # (2 tasks, N = 40, D)
+        second = torch.stack([p[i][40:] for p in pairs])
+        a, b = first.flatten(0, 1), second.flatten(0, 1)
+        assert report[f"alignment_{name}"] == pytest.approx(float(losses.alignment(a, b)), rel=1e-5)
+        assert report[f"uniformity_{name}"] == pytest.approx(
+            float(losses.uniformity(a) + losses.uniformity(b)) / 2, rel=1e-5)
+        assert report[f"contrastive_top1_{name}"] == float(losses.contrastive_top1(first, second))
+
+
+def test_knn_commands_views_are_the_encoders_pretraining_views(capsys):
+    recorded = dict(kind="pretrain", image_size=32,
+                    config=json.dumps(dict(crop_min_scale=0.3, strength=0.7, grayscale=0.6, blur=True)))
+    assert simclr.pretraining_views(recorded).describe() == "crop(scale=0.3-1)+flip+color(s=0.7,gray=0.6)+blur"
+    assert simclr.pretraining_views(dict(kind="pretrain", image_size=224, config="{}"), "old.pt").describe() == \
+        "crop+flip+color(s=1)+blur"  # none recorded: SimCLR's for the image size, and it says so
+    assert "'old.pt' does not record the augmentation" in capsys.readouterr().err
+    ckpt = checkpoints.load_checkpoint(run_all.released_encoder("teacher"))
+    config = json.loads(ckpt["config"])
+    assert simclr.pretraining_views(ckpt).describe() == config["augmentation"]
 
 
 def test_frozen_base_must_not_be_the_teachers_encoder(world, tmp_path):
@@ -3670,6 +3915,8 @@ def test_released_encoder_loads_and_matches_its_sha256(source, role):
     command = run_all.release_command(role, source)
     for flag in ("seed", "epochs", "data", "precision", "width", "batch_size", "strength", "crop_min_scale"):
         assert f"--{flag.replace('_', '-')} {config[flag]} " in command, flag
+    # Released before --grayscale existed: read as the 0.2 they were pretrained with.
+    assert "grayscale" not in config and checkpoints.pretrain_augmentation(ckpt)["grayscale"] == 0.2
     assert config["release"] == f"encoders/{entry['file']}" and config["precision"] == entry["precision"]
     log = [json.loads(line) for line in Path(f"{path}.log.jsonl").read_text().splitlines()]
     epochs_with_loss = {round(r["epoch"]) for r in log if "loss" in r}

@@ -475,9 +475,10 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
 # The views an encoder was pretrained on
 #
 # The seed paper's Study 1 fine-tunes with "similar data augmentation operations that were used for
-# training the pre-trained model", so fine-tuning, distillation and the probes take the crop floor
-# and colour strength from the encoder's pretraining. A pretraining checkpoint records them in its
-# config; each classifier trained from it carries them on (checkpoints.pretrain_augmentation).
+# training the pre-trained model", so fine-tuning, distillation and the probes take the crop floor,
+# colour strength and grayscale probability from the encoder's pretraining. A pretraining checkpoint
+# records them in its config; each classifier trained from it carries them on
+# (checkpoints.pretrain_augmentation).
 
 PRETRAIN_CROP_MIN_SCALE = 0.08  # SimCLR's random-resized-crop floor (v1 appendix A)
 
@@ -490,10 +491,10 @@ def default_strength(image_size: int) -> float:
 def matched_views(recorded: dict | None, image_size: int, *, crop: bool, flip: bool, color: bool,
                   blur: bool = False, crop_min_scale: float | None = None, strength: float | None = None,
                   source: str | os.PathLike | None = None, stage: str = "") -> augment.SimCLRAugment:
-    """The stage's augmentation with the encoder's pretraining crop floor and colour strength
-    (`recorded`), each replaced by an explicit option. Without a record: pretraining's defaults for
-    the image size, and where crop or colour is on, the run says so on stderr (naming `source`, the
-    encoder's file; None: no file, nothing to say)."""
+    """The stage's augmentation with the encoder's pretraining crop floor, colour strength and grayscale
+    probability (`recorded`; the first two each replaced by an explicit option). Without a record:
+    pretraining's defaults for the image size, and where crop or colour is on, the run says so on
+    stderr (naming `source`, the encoder's file; None: no file, nothing to say)."""
     if recorded is None:
         recorded = dict(crop_min_scale=PRETRAIN_CROP_MIN_SCALE, strength=default_strength(image_size))
         if source is not None and (crop or color) and (crop_min_scale is None or strength is None):
@@ -507,7 +508,8 @@ def matched_views(recorded: dict | None, image_size: int, *, crop: bool, flip: b
             print(f"{stage}: {what} is off, so the value {given:g} changes nothing.", file=sys.stderr)
     scale = recorded["crop_min_scale"] if crop_min_scale is None else crop_min_scale
     return augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=blur,
-                                 strength=recorded["strength"] if strength is None else strength, scale=(scale, 1.0))
+                                 strength=recorded["strength"] if strength is None else strength, scale=(scale, 1.0),
+                                 grayscale=recorded.get("grayscale", augment.SimCLRAugment.GRAYSCALE_P))
 
 
 def check_input_size(name: str, image_size: int) -> None:
