@@ -4073,15 +4073,17 @@ def _cifar_preset_data(root: Path) -> Path:
 
 def test_cifar_preset_end_to_end_on_generated_cifar_files(tmp_path, monkeypatch):
     """The transfer preset from the released CIFAR-10 encoders on generated CIFAR-10 and CIFAR-100 files at
-    tiny sizes: CIFAR-100 tasks sized per study, a random-encoder row, CIFAR-10 as an in-domain reference."""
+    tiny sizes: CIFAR-100 tasks sized per study, a random-encoder row, and CIFAR-10 added by --data as an
+    in-domain reference."""
     root = _cifar_preset_data(tmp_path / "data")
     p = dict(_shrunk(run_all.PRESETS["cifar"]), probe_batch_sizes=[8, 16],
              tasks=dict(train_per_class=0, min_train=0, test_per_class=0, min_test=0, real=True),
              study3_tasks=dict(train_per_class=12, min_train=0, test_per_class=0, min_test=0, real=True))
     monkeypatch.setitem(run_all.PRESETS, "cifar", p)
     out = tmp_path / "run"
+    study3 = [*p["data"]["study3"], "cifar10"]
     assert run_all.main(["--preset", "cifar", "--device", "cpu", "--seeds", "1", "--root", str(root),
-                         "--out", str(out)]) == 0
+                         "--data", "study3=" + ":".join(study3), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     flowers, pair = "cifar100@orchid+poppy+rose+sunflower+tulip", "cifar100@lion+wolf"
     assert results["data"]["study1"] == flowers and results["pretrain"]["task"] == "cifar10"
@@ -4180,8 +4182,10 @@ def test_cifar_preset_starts_from_the_released_cifar10_encoders():
     assert p["seeds_cpu"] >= 3 and p["pretrain"].precision in ("auto", "fp32")
     # Every task from CIFAR-100, whose classes the encoders never saw, but the in-domain reference.
     assert p["data"]["study1"] == run_all.CIFAR100_FLOWERS and data.num_classes(p["data"]["study1"]) == 5
-    assert [data.num_classes(t) for t in p["data"]["study3"]] == [2, 5, 20, 100, 10]
-    assert all(t.startswith("cifar100") for t in p["data"]["study3"] if t != "cifar10")
+    assert [data.num_classes(t) for t in p["data"]["study3"]] == [2, 5, 20, 100]
+    assert all(t.startswith("cifar100") for t in p["data"]["study3"])
+    # The 2-class task keeps a whole batch of the largest probe batch after the 10% val carve.
+    assert 2 * p["study3_tasks"]["train_per_class"] * 0.9 >= max(p["probe_batch_sizes"])
     # Studies 1 and 2 take every flower image; Study 3 one number of images per class; every test image.
     assert p["tasks"]["train_per_class"] == 0 and p["study3_tasks"]["train_per_class"] > 0
     assert all(s[k] == 0 for s in (p["tasks"], p["study3_tasks"]) for k in ("test_per_class", "min_test", "min_train"))
