@@ -23,6 +23,7 @@ import http.client
 import json
 import math
 import multiprocessing
+import multiprocessing.pool
 import os
 import pickle
 import shutil
@@ -222,15 +223,60 @@ def _workers(requested: int | None, n: int) -> int:
     return max(1, min(cores, 8, n // 256))  # small folders decode faster than a pool starts
 
 
-def _ignore_sigint() -> None:
-    """Pool workers leave Ctrl-C (sent to the whole process group) to the parent, which stops them,
-    instead of each printing a KeyboardInterrupt traceback."""
+# The signals a decode worker must not handle as its parent does (see _worker_signals).
+_WORKER_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _worker_signals() -> None:
+    """Initializer of each decode worker. Ctrl-C (sent to the whole process group) is left to the
+    parent, which ends the pool, instead of each worker printing a KeyboardInterrupt traceback.
+    SIGTERM, which Pool.terminate sends, gets the default action: the kernel ends the worker even
+    while it sleeps on a queue's lock, where a handler inherited from the parent (options.main's)
+    would wait for Python code that never runs, and the parent would wait on the worker forever.
+    Both signals have been blocked since the fork (_decode_pool); one that came meanwhile acts now."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
 
 
 def _pool_context():
     # fork on Linux: workers start instantly and only use Pillow / numpy; elsewhere spawn.
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back in this thread and in the threads and processes it starts
+    meanwhile, which inherit its signal mask; one that arrives is delivered when the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no masks, and spawned workers start afresh
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def _decode_pool(n_workers: int) -> Iterator[multiprocessing.pool.Pool]:
+    """A pool of ``n_workers`` decode processes. When the body ends normally the pool is closed and
+    its workers exit once the work is done; an error or interrupt terminates them instead."""
+    pool, joined = None, False
+    try:
+        # Blocked around the fork, so no worker runs a moment with the parent's handlers; the pool's
+        # own threads, which start replacement workers, inherit the mask and stay out of signals. A
+        # signal held back meanwhile is raised as the mask comes back, with the pool already named.
+        with _signals_blocked():
+            pool = _pool_context().Pool(n_workers, initializer=_worker_signals)
+        yield pool
+        pool.close()
+        pool.join()
+        joined = True
+    finally:
+        if pool is not None and not joined:
+            pool.terminate()
 
 
 def _bad_files_error(root: Path, bad: list[tuple[str, str]]) -> UserError:
@@ -470,7 +516,7 @@ def _decode_into(out: np.ndarray, root: Path, rels: list[str], res: int, workers
     bar = tqdm(total=n, desc=f"decoding {root.name} at {res}px", unit="img", disable=(not progress) if progress is not None else None)
     with contextlib.ExitStack() as stack:
         if n_workers > 1:
-            pool = stack.enter_context(_pool_context().Pool(n_workers, initializer=_ignore_sigint))
+            pool = stack.enter_context(_decode_pool(n_workers))
             results = pool.imap(_decode_chunk, tasks)
         else:
             results = map(_decode_chunk, tasks)

@@ -6,7 +6,8 @@ Contents (search for the heading; every '# ====' section, in file order):
   optim.py                           LARS by hand, parameter groups, warm-up then cosine per step
   options.py                         every numeric option of every command range-checked; interrupts outside fit
   shapes.py, sources.py and data.py  the world, image folders and the cache (concurrent runs, full disk,
-                                     named pipes), CIFAR (structure), downloads (unsafe members), batches
+                                     named pipes), the decode pool (workers' signals, how it ends),
+                                     CIFAR (structure), downloads (unsafe members), batches
   checkpoints.py                     atomic writes, checkpoint formats (non-tensors refused), run-folder locks
   train.py                           devices, compilation, the training loop and its interrupts, evaluation
   simclr.py                          pretraining, non-finite losses, resume, evaluation, fine-tuning, faults
@@ -31,8 +32,11 @@ import io
 import itertools
 import json
 import math
+import multiprocessing
+import multiprocessing.pool
 import os
 import pickle
+import queue
 import re
 import signal
 import socket
@@ -1950,6 +1954,260 @@ def test_labeled_sets_too_small_exit_2_before_training(world, tmp_path, capsys):
         assert code == 2 and expected in _error_line(err), (case, err[-3000:])
     for out in ("ft", "tr"):
         assert not (tmp_path / out / "checkpoint.pt").exists() and not (tmp_path / out / "log.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The decode pool: its workers' signals, and how it ends
+# ---------------------------------------------------------------------------------------------
+# Pool.terminate ends its workers with SIGTERM. Workers that kept the command's SIGTERM handler
+# (options.main's) printed its traceback, or, when the signal came just before a worker slept on a
+# queue's lock, never ended, and the command waited for them forever (issue 34).
+
+_linux_fork = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="decode workers are forked on Linux only")
+
+_AT_FORK: dict = {}  # in a decode worker: what it inherited from the fork, noted before its initializer ran
+
+
+def _worker_signal_report(_: int) -> dict:
+    """A pool task: this worker's SIGTERM and SIGINT handlers and blocked signals, now and at the fork."""
+    return dict(_AT_FORK, sigterm=signal.getsignal(signal.SIGTERM), sigint=signal.getsignal(signal.SIGINT),
+                blocked=signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+@_linux_fork
+def test_decode_workers_take_sigterm_default_and_ignore_sigint(monkeypatch):
+    """In a worker SIGTERM has its default action and SIGINT is ignored, whatever the command's
+    handlers; both were blocked from the fork until then; the command's handlers and mask are kept."""
+    set_worker_signals = sources._worker_signals
+
+    def noting_the_fork_then_setting():
+        _AT_FORK.update(sigterm_at_fork=signal.getsignal(signal.SIGTERM),
+                        blocked_at_fork=signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        set_worker_signals()
+    monkeypatch.setattr(sources, "_worker_signals", noting_the_fork_then_setting)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    previous = signal.signal(signal.SIGTERM, options._raise_terminated)  # as options.main installs it
+    try:
+        with sources._decode_pool(2) as pool:
+            reports = pool.map(_worker_signal_report, range(8), chunksize=1)
+        assert signal.getsignal(signal.SIGTERM) is options._raise_terminated
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask
+    assert len(reports) == 8
+    for report in reports:
+        assert report["sigterm"] == signal.SIG_DFL and report["sigint"] == signal.SIG_IGN, report
+        assert not {signal.SIGINT, signal.SIGTERM} & report["blocked"], report
+        assert report["sigterm_at_fork"] is options._raise_terminated, report  # the parent's, but blocked:
+        assert {signal.SIGINT, signal.SIGTERM} <= report["blocked_at_fork"], report  # a signal waits for the reset
+
+
+@_linux_fork
+def test_finished_decode_closes_and_joins_its_pool_without_sigterm(tmp_path, monkeypatch):
+    """A decode that ran to its end lets its workers exit by themselves (close, join): no SIGTERM is
+    sent, and no worker is left."""
+    calls, sent = [], []
+    fork = sources._pool_context()
+
+    class RecordingPool(multiprocessing.pool.Pool):
+        def close(self):
+            calls.append("close")
+            super().close()
+
+        def join(self):
+            calls.append("join")
+            super().join()
+
+        def terminate(self):
+            calls.append("terminate")
+            super().terminate()
+
+    class Context:  # the real start method, with a pool that records how it is ended
+        @staticmethod
+        def Pool(*args, **kwargs):
+            return RecordingPool(*args, context=fork, **kwargs)
+
+    monkeypatch.setattr(sources, "_pool_context", Context)
+    kill = os.kill
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append(sig) or kill(pid, sig))
+    children = set(multiprocessing.active_children())
+    images, rels = sources.load_folder_images(_class_folder(tmp_path / "imgs", 12), 16, cache_dir=tmp_path / "cache",
+                                              workers=2)
+    assert images.shape[0] == len(rels) == 24
+    assert calls == ["close", "join"] and sent == []
+    assert set(multiprocessing.active_children()) == children
+
+
+
+@_linux_fork
+def test_sigterm_while_the_pool_starts_is_held_then_ends_it(monkeypatch, capfd):
+    """A SIGTERM that reaches the command while its workers are forked waits until they all exist,
+    then raises in the command, which ends the pool: no traceback, no worker left."""
+    fork = sources._pool_context()
+    pools = []  # kept here, so that only _decode_pool can end them (not the garbage collector)
+
+    class Context:  # the real start method; the signal comes as the last worker has been forked
+        @staticmethod
+        def Pool(*args, **kwargs):
+            pools.append(fork.Pool(*args, **kwargs))
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # as `kill` reaches a lone thread
+            return pools[-1]
+
+    monkeypatch.setattr(sources, "_pool_context", Context)
+    children = set(multiprocessing.active_children())
+    previous = signal.signal(signal.SIGTERM, options._raise_terminated)
+    try:
+        with pytest.raises(options.Terminated), sources._decode_pool(2):
+            pytest.fail("the pool was used although a SIGTERM came while it started")
+        assert set(multiprocessing.active_children()) == children
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for pool in pools:
+            pool.terminate()
+    assert "Traceback" not in capfd.readouterr().err
+
+# Runs `data.py info` with a pool of two workers on any machine. Each worker leaves a file named by its
+# pid when it starts decoding; with "hold" it then waits there until the test signals the command.
+_HELD_DECODE = r"""
+import os, sys, time
+import data, sources
+folder, cache, marks, mode = sys.argv[1:5]
+sources._workers = lambda requested, n: 2
+decode_image = sources.decode_image
+
+def decode(path, res):
+    open(os.path.join(marks, str(os.getpid())), "w").close()
+    if mode == "hold":
+        time.sleep(300)
+    return decode_image(path, res)
+
+sources.decode_image = decode
+sys.exit(data.main(["info", folder, "--size", "16", "--cache-dir", cache]))
+"""
+
+
+def _process_table() -> dict[int, tuple[str, int, int]]:
+    """Every process in /proc: pid -> (state, parent pid, process group)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path("/proc", entry, "stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            state, ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+            table[int(entry)] = (state, int(ppid), int(pgrp))
+    return table
+
+
+@_linux_fork
+def test_decode_ends_without_traceback_or_leftover_workers(tmp_path):
+    """A decode that finishes prints no traceback. Ctrl-C (SIGINT to the process group, as a terminal
+    sends it), SIGTERM to the command, and SIGTERM to its whole group (as a service manager sends it),
+    while both workers decode, end the command with one line and 128 + the signal, and leave no worker
+    in the process list."""
+    folder = _class_folder(tmp_path / "imgs", 12)  # 24 images: 3 tasks of 8, one for each worker at first
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    endings = {"finishes": None, "ctrl-c": (os.killpg, signal.SIGINT), "sigterm": (os.kill, signal.SIGTERM),
+               "sigterm to the group": (os.killpg, signal.SIGTERM)}
+    procs = {}
+    try:
+        for k, (case, ending) in enumerate(endings.items()):
+            marks = tmp_path / f"marks{k}"
+            marks.mkdir()
+            procs[case] = subprocess.Popen(
+                [sys.executable, "-c", _HELD_DECODE, str(folder), str(tmp_path / f"cache{k}"), str(marks),
+                 "run" if ending is None else "hold"], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own process group
+            procs[case].marks = marks
+        deadline = time.time() + 120
+        for case, ending in endings.items():
+            proc = procs[case]
+            if ending is None:
+                continue
+            while len(list(proc.marks.iterdir())) < 2:  # both workers are decoding
+                assert proc.poll() is None and time.time() < deadline, (case, proc.communicate())
+                time.sleep(0.05)
+            children = {pid for pid, (_, ppid, _) in _process_table().items() if ppid == proc.pid}
+            assert {int(p.name) for p in proc.marks.iterdir()} <= children, case
+            send, sig = ending
+            send(proc.pid, sig)
+        for case, ending in endings.items():
+            proc = procs[case]
+            out, err = proc.communicate(timeout=120)
+            assert "Traceback" not in err, (case, err[-3000:])
+            if ending is None:
+                assert proc.returncode == 0 and "imgs: 2 classes (a, b)" in out, (case, err[-3000:])
+            else:
+                sig = ending[1]
+                assert proc.returncode == 128 + sig, (case, proc.returncode, err[-3000:])
+                assert err.strip().count("\n") == 0, (case, err)  # one line
+                assert err.startswith(f"Stopped by {sig.name} outside a training loop"), (case, err)
+            left = [pid for pid, (state, _, group) in _process_table().items() if group == proc.pid and state != "Z"]
+            assert left == [], (case, "workers left running", left)
+    finally:  # never leave a command or its workers behind, whatever failed
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# Fresh decodes of one folder (a new cache each), one after another in one process, as `data.py info`
+# runs them; each trial prints its number and exit status, its stderr goes to a file of its own. Eight
+# workers, the most the command starts, and more than two cores hold: a lost SIGTERM shows more often.
+_REPEATED_DECODES = r"""
+import os, sys
+import data, sources
+folder, work, trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sources._workers = lambda requested, n: 8
+for t in range(trials):
+    err = os.open(os.path.join(work, f"{t}.err"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(err, 2)
+    os.close(err)
+    code = data.main(["info", folder, "--cache-dir", os.path.join(work, f"cache{t}")])
+    print("trial", t, code, flush=True)
+"""
+
+
+@pytest.mark.slow  # about a minute on 2 cores
+@_linux_fork
+def test_repeated_fresh_decodes_neither_hang_nor_print_a_traceback(tmp_path):
+    """40 fresh decodes of a new folder of 1,400 small PNGs, each within 30 s (a watchdog ends the
+    run instead of letting CI hang). Before the fix, on 2 cores with another job running, such
+    trials printed a worker's traceback in 13 and hung in 11 of 60."""
+    trials, cap_s = 40, 30
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (folder / f"c{c}").mkdir(parents=True)
+        for k in range(350):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"c{c}" / f"{k}.png")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _REPEATED_DECODES, str(folder), str(work), str(trials)], cwd=HERE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True).start()
+    try:
+        for t in range(trials):
+            deadline = time.time() + cap_s
+            line = ""
+            while not line.startswith("trial "):
+                try:
+                    line = lines.get(timeout=max(0.0, deadline - time.time()))
+                except queue.Empty:
+                    pytest.fail(f"trial {t} did not finish within {cap_s} s: the decode hung")
+                assert line is not None, f"the decodes ended at trial {t}, rc {proc.wait()}"
+            assert line.split() == ["trial", str(t), "0"], line
+            err = (work / f"{t}.err").read_text()
+            assert "Traceback" not in err, (t, err[-3000:])
+        assert proc.wait(timeout=60) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------
