@@ -33,7 +33,6 @@ import itertools
 import json
 import math
 import multiprocessing
-import multiprocessing.pool
 import os
 import pickle
 import queue
@@ -1959,13 +1958,15 @@ def test_labeled_sets_too_small_exit_2_before_training(world, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # The decode pool: its workers' signals, and how it ends
 # ---------------------------------------------------------------------------------------------
-# Pool.terminate ends its workers with SIGTERM. Workers that kept the command's SIGTERM handler
-# (options.main's) printed its traceback, or, when the signal came just before a worker slept on a
-# queue's lock, never ended, and the command waited for them forever (issue 34).
+# Issue 34: multiprocessing.Pool's terminate ended the workers with SIGTERM. Workers that kept the
+# command's SIGTERM handler (options.main's) printed its traceback, or, when the signal came just
+# before a worker slept on the shared task queue's lock, never ended, and the command waited forever;
+# a worker that died holding that lock (a SIGTERM to the whole process group, the out-of-memory
+# killer) left the command waiting forever too. The decode workers now share no lock.
 
 _linux_fork = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="decode workers are forked on Linux only")
 
-_AT_FORK: dict = {}  # in a decode worker: what it inherited from the fork, noted before its initializer ran
+_AT_FORK: dict = {}  # in a decode worker: what it inherited from the fork, noted before its signals were set
 
 
 def _worker_signal_report(_: int) -> dict:
@@ -1988,8 +1989,8 @@ def test_decode_workers_take_sigterm_default_and_ignore_sigint(monkeypatch):
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     previous = signal.signal(signal.SIGTERM, options._raise_terminated)  # as options.main installs it
     try:
-        with sources._decode_pool(2) as pool:
-            reports = pool.map(_worker_signal_report, range(8), chunksize=1)
+        with sources._decode_pool(2, _worker_signal_report) as pool:
+            reports = list(pool.imap(list(range(8))))
         assert signal.getsignal(signal.SIGTERM) is options._raise_terminated
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
@@ -2006,66 +2007,59 @@ def test_decode_workers_take_sigterm_default_and_ignore_sigint(monkeypatch):
 @_linux_fork
 def test_finished_decode_closes_and_joins_its_pool_without_sigterm(tmp_path, monkeypatch):
     """A decode that ran to its end lets its workers exit by themselves (close, join): no SIGTERM is
-    sent, and no worker is left."""
-    calls, sent = [], []
-    fork = sources._pool_context()
+    sent, every worker exits with status 0, and none is left."""
+    calls, sent, exit_codes = [], [], []
+    close, terminate = sources._DecodeWorkers.close, sources._DecodeWorkers.terminate
 
-    class RecordingPool(multiprocessing.pool.Pool):
-        def close(self):
-            calls.append("close")
-            super().close()
-
-        def join(self):
-            calls.append("join")
-            super().join()
-
-        def terminate(self):
-            calls.append("terminate")
-            super().terminate()
-
-    class Context:  # the real start method, with a pool that records how it is ended
-        @staticmethod
-        def Pool(*args, **kwargs):
-            return RecordingPool(*args, context=fork, **kwargs)
-
-    monkeypatch.setattr(sources, "_pool_context", Context)
+    def recording_close(pool):
+        calls.append("close")
+        close(pool)
+        exit_codes.extend(process.exitcode for process, _, _ in pool.workers)
+    monkeypatch.setattr(sources._DecodeWorkers, "close", recording_close)
+    monkeypatch.setattr(sources._DecodeWorkers, "terminate", lambda pool: calls.append("terminate") or terminate(pool))
     kill = os.kill
     monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append(sig) or kill(pid, sig))
     children = set(multiprocessing.active_children())
     images, rels = sources.load_folder_images(_class_folder(tmp_path / "imgs", 12), 16, cache_dir=tmp_path / "cache",
                                               workers=2)
     assert images.shape[0] == len(rels) == 24
-    assert calls == ["close", "join"] and sent == []
+    assert calls == ["close"] and sent == [] and exit_codes == [0, 0]
     assert set(multiprocessing.active_children()) == children
-
 
 
 @_linux_fork
 def test_sigterm_while_the_pool_starts_is_held_then_ends_it(monkeypatch, capfd):
     """A SIGTERM that reaches the command while its workers are forked waits until they all exist,
-    then raises in the command, which ends the pool: no traceback, no worker left."""
+    then raises in the command, which ends them all with SIGTERM's default action: no traceback."""
     fork = sources._pool_context()
-    pools = []  # kept here, so that only _decode_pool can end them (not the garbage collector)
+    started = []  # kept here, so that only the pool can end them
 
-    class Context:  # the real start method; the signal comes as the last worker has been forked
-        @staticmethod
-        def Pool(*args, **kwargs):
-            pools.append(fork.Pool(*args, **kwargs))
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # as `kill` reaches a lone thread
-            return pools[-1]
+    class SignalledAfterTheLastFork(fork.Process):
+        def start(self):
+            super().start()
+            started.append(self)
+            if len(started) == 2:
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)  # as `kill` reaches a lone thread
+
+    class Context:  # the real start method and pipes
+        Pipe = staticmethod(fork.Pipe)
+        Process = SignalledAfterTheLastFork
 
     monkeypatch.setattr(sources, "_pool_context", Context)
     children = set(multiprocessing.active_children())
     previous = signal.signal(signal.SIGTERM, options._raise_terminated)
     try:
-        with pytest.raises(options.Terminated), sources._decode_pool(2):
+        with pytest.raises(options.Terminated), sources._decode_pool(2, _worker_signal_report):
             pytest.fail("the pool was used although a SIGTERM came while it started")
         assert set(multiprocessing.active_children()) == children
+        assert [process.exitcode for process in started] == [-signal.SIGTERM, -signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
-        for pool in pools:
-            pool.terminate()
+        for process in started:
+            process.kill()
+            process.join()
     assert "Traceback" not in capfd.readouterr().err
+
 
 # Runs `data.py info` with a pool of two workers on any machine. Each worker leaves a file named by its
 # pid when it starts decoding; with "hold" it then waits there until the test signals the command.
@@ -2101,16 +2095,33 @@ def _process_table() -> dict[int, tuple[str, int, int]]:
     return table
 
 
+def _signal_each(command: int, workers: list[int], sig: int) -> None:
+    """`sig` to the command, then to each worker, as pkill or a service manager sends it."""
+    for pid in [command, *workers]:
+        os.kill(pid, sig)
+
+
 @_linux_fork
 def test_decode_ends_without_traceback_or_leftover_workers(tmp_path):
-    """A decode that finishes prints no traceback. Ctrl-C (SIGINT to the process group, as a terminal
-    sends it), SIGTERM to the command, and SIGTERM to its whole group (as a service manager sends it),
-    while both workers decode, end the command with one line and 128 + the signal, and leave no worker
-    in the process list."""
-    folder = _class_folder(tmp_path / "imgs", 12)  # 24 images: 3 tasks of 8, one for each worker at first
+    """While one worker decodes and the other waits for a task: Ctrl-C (SIGINT to the process group,
+    as a terminal sends it), SIGTERM to the command, to its process group (`kill %1`, timeout) or to
+    each of its processes (pkill) end the command with one line and 128 + the signal; a worker killed
+    (SIGKILL, as the out-of-memory killer sends it) ends it with one line and exit 2. None leaves a
+    worker in the process list, and a decode that finishes prints no traceback."""
+    folder = _class_folder(tmp_path / "imgs", 4)  # 8 images: one task, so the second worker waits idle
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    endings = {"finishes": None, "ctrl-c": (os.killpg, signal.SIGINT), "sigterm": (os.kill, signal.SIGTERM),
-               "sigterm to the group": (os.killpg, signal.SIGTERM)}
+    stopped = r"Stopped by {} outside a training loop, before the command finished\. [^\n]*"
+    endings = {  # case: (how the signal is sent, exit status, the one line printed)
+        "finishes": None,
+        "ctrl-c": (lambda pid, workers: os.killpg(pid, signal.SIGINT), 130, stopped.format("SIGINT")),
+        "sigterm": (lambda pid, workers: os.kill(pid, signal.SIGTERM), 143, stopped.format("SIGTERM")),
+        "sigterm to the group": (lambda pid, workers: os.killpg(pid, signal.SIGTERM), 143, stopped.format("SIGTERM")),
+        "sigterm to each process": (lambda pid, workers: _signal_each(pid, workers, signal.SIGTERM), 143,
+                                    stopped.format("SIGTERM")),
+        "a worker killed": (lambda pid, workers: os.kill(workers[-1], signal.SIGKILL), 2,
+                            rf"error: decoding the images under {re.escape(str(folder))} stopped: decode worker "
+                            r"\d+ was ended by SIGKILL\. Nothing was kept\. Run the command again[^\n]*"),
+    }
     procs = {}
     try:
         for k, (case, ending) in enumerate(endings.items()):
@@ -2126,13 +2137,15 @@ def test_decode_ends_without_traceback_or_leftover_workers(tmp_path):
             proc = procs[case]
             if ending is None:
                 continue
-            while len(list(proc.marks.iterdir())) < 2:  # both workers are decoding
+            while True:  # until one worker decodes and the other is there too
+                workers = sorted(pid for pid, (_, ppid, _) in _process_table().items() if ppid == proc.pid)
+                decoding = [int(p.name) for p in proc.marks.iterdir()]
+                if len(workers) == 2 and decoding:
+                    break
                 assert proc.poll() is None and time.time() < deadline, (case, proc.communicate())
                 time.sleep(0.05)
-            children = {pid for pid, (_, ppid, _) in _process_table().items() if ppid == proc.pid}
-            assert {int(p.name) for p in proc.marks.iterdir()} <= children, case
-            send, sig = ending
-            send(proc.pid, sig)
+            assert set(decoding) < set(workers), (case, decoding, workers)
+            ending[0](proc.pid, [*decoding, *(set(workers) - set(decoding))])  # the idle worker last
         for case, ending in endings.items():
             proc = procs[case]
             out, err = proc.communicate(timeout=120)
@@ -2140,12 +2153,10 @@ def test_decode_ends_without_traceback_or_leftover_workers(tmp_path):
             if ending is None:
                 assert proc.returncode == 0 and "imgs: 2 classes (a, b)" in out, (case, err[-3000:])
             else:
-                sig = ending[1]
-                assert proc.returncode == 128 + sig, (case, proc.returncode, err[-3000:])
-                assert err.strip().count("\n") == 0, (case, err)  # one line
-                assert err.startswith(f"Stopped by {sig.name} outside a training loop"), (case, err)
+                assert proc.returncode == ending[1], (case, proc.returncode, err[-3000:])
+                assert re.fullmatch(ending[2], err.strip()), (case, err)  # one line
             left = [pid for pid, (state, _, group) in _process_table().items() if group == proc.pid and state != "Z"]
-            assert left == [], (case, "workers left running", left)
+            assert left == [], (case, "processes left running", left)
     finally:  # never leave a command or its workers behind, whatever failed
         for proc in procs.values():
             with contextlib.suppress(ProcessLookupError):
