@@ -23,6 +23,7 @@ import http.client
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import shutil
@@ -38,7 +39,8 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -222,15 +224,152 @@ def _workers(requested: int | None, n: int) -> int:
     return max(1, min(cores, 8, n // 256))  # small folders decode faster than a pool starts
 
 
-def _ignore_sigint() -> None:
-    """Pool workers leave Ctrl-C (sent to the whole process group) to the parent, which stops them,
-    instead of each printing a KeyboardInterrupt traceback."""
+# The signals a decode worker must not handle as its parent does (see _worker_signals).
+_WORKER_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _worker_signals() -> None:
+    """First thing in each decode worker. Ctrl-C (sent to the whole process group) is left to the
+    parent, which ends the workers, instead of each printing a KeyboardInterrupt traceback. SIGTERM,
+    which ends them, gets the default action: the kernel ends a worker wherever it is, where a handler
+    inherited from the parent (options.main's) would wait for Python code that a worker asleep in a
+    system call may never run, and the parent would wait on the worker forever. Both signals have been
+    blocked since the fork (_DecodeWorkers.start); one that came meanwhile acts now."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
 
 
 def _pool_context():
     # fork on Linux: workers start instantly and only use Pillow / numpy; elsewhere spawn.
     return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """SIGINT and SIGTERM held back in this thread and in the processes it starts meanwhile, which
+    inherit its signal mask; one that arrives is delivered when the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no masks, and spawned workers start afresh
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class _WorkerLost(Exception):
+    """A decode worker ended in the middle of the work (a signal, the out-of-memory killer)."""
+
+
+def _decode_worker(function: Callable, tasks: Connection, results: Connection) -> None:
+    """Body of a decode worker: function(task) for each task that comes, until None comes."""
+    _worker_signals()
+    try:
+        for task in iter(tasks.recv, None):
+            results.send(function(task))
+    except (EOFError, OSError):  # a pipe closed: the parent is gone (killed), nobody waits for the rest
+        pass
+
+
+class _DecodeWorkers:
+    """Worker processes, each with a task pipe and a result pipe of its own. multiprocessing.Pool's
+    workers share one task queue and its lock: a worker killed while it held the lock (a SIGTERM to
+    the whole process group, the out-of-memory killer) left Pool.terminate waiting on it forever. Here
+    nothing is shared, a worker's death is seen at once (its sentinel), and ending never waits on a
+    worker: close() lets idle workers exit, terminate() ends them with SIGTERM's default action."""
+
+    def __init__(self) -> None:
+        self.workers: list = []  # (process, task pipe's sending end, result pipe's receiving end)
+
+    def start(self, n_workers: int, function: Callable) -> None:
+        context = _pool_context()
+        with _signals_blocked():  # so no worker runs a moment with the parent's handlers (_worker_signals)
+            for _ in range(n_workers):
+                task_out, task_in = context.Pipe(duplex=False)
+                result_out, result_in = context.Pipe(duplex=False)
+                process = context.Process(target=_decode_worker, args=(function, task_out, result_in), daemon=True)
+                process.start()
+                self.workers.append((process, task_in, result_out))
+                task_out.close()  # the worker holds the only other ends now: its death closes its pipes
+                result_in.close()
+
+    def imap(self, tasks: list) -> Iterator:
+        """function(task) for each task, in order. An idle worker takes the next task, at most two per
+        worker ahead of the result awaited, so that the results held back stay few."""
+        idle, busy, done, sent = list(range(len(self.workers))), {}, {}, 0
+        for i in range(len(tasks)):
+            while i not in done:
+                while idle and sent < min(len(tasks), i + 2 * len(self.workers)):
+                    k = idle.pop()
+                    self._send(k, tasks[sent])
+                    busy[k], sent = sent, sent + 1
+                k, result = self._receive(list(busy))
+                done[busy.pop(k)] = result
+                idle.append(k)
+            yield done.pop(i)
+
+    def _send(self, k: int, task) -> None:
+        try:
+            self.workers[k][1].send(task)
+        except OSError:  # the worker's end is closed: it ended
+            raise self._lost(k) from None
+
+    def _receive(self, busy: list[int]) -> tuple[int, object]:
+        """(worker, result) of the next busy worker to finish; _WorkerLost as soon as any worker ends."""
+        waiting = {self.workers[k][2]: (k, "result") for k in busy}
+        waiting.update({process.sentinel: (k, "ended") for k, (process, _, _) in enumerate(self.workers)})
+        k, what = waiting[multiprocessing.connection.wait(list(waiting))[0]]  # no timeout: never empty
+        if what == "ended":  # no worker ends by itself before close()
+            raise self._lost(k)
+        try:
+            return k, self.workers[k][2].recv()
+        except (EOFError, OSError):  # it ended before or while sending
+            raise self._lost(k) from None
+
+    def _lost(self, k: int) -> _WorkerLost:
+        process = self.workers[k][0]
+        process.join()
+        code = process.exitcode
+        how = f"by {signal.Signals(-code).name}" if code < 0 else f"with exit status {code}"
+        return _WorkerLost(f"decode worker {process.pid} was ended {how}")
+
+    def close(self) -> None:
+        """Let every worker finish and exit (each is idle once imap has returned all results)."""
+        for _, task_in, _ in self.workers:
+            with contextlib.suppress(OSError):  # one that ended meanwhile needs no word
+                task_in.send(None)
+        self._join()
+
+    def terminate(self) -> None:
+        """End every worker now, wherever it is."""
+        for process, _, _ in self.workers:
+            if process.exitcode is None:
+                process.terminate()
+        self._join()
+
+    def _join(self) -> None:
+        for process, task_in, result_out in self.workers:
+            process.join()
+            task_in.close()
+            result_out.close()
+
+
+@contextlib.contextmanager
+def _decode_pool(n_workers: int, function: Callable = _decode_chunk) -> Iterator[_DecodeWorkers]:
+    """``n_workers`` processes that run ``function`` on tasks (imap). When the body ends normally the
+    workers finish and exit; an error or interrupt ends them at once."""
+    pool, finished = _DecodeWorkers(), False
+    try:
+        pool.start(n_workers, function)
+        yield pool
+        pool.close()
+        finished = True
+    finally:
+        if not finished:
+            pool.terminate()
 
 
 def _bad_files_error(root: Path, bad: list[tuple[str, str]]) -> UserError:
@@ -470,16 +609,20 @@ def _decode_into(out: np.ndarray, root: Path, rels: list[str], res: int, workers
     bar = tqdm(total=n, desc=f"decoding {root.name} at {res}px", unit="img", disable=(not progress) if progress is not None else None)
     with contextlib.ExitStack() as stack:
         if n_workers > 1:
-            pool = stack.enter_context(_pool_context().Pool(n_workers, initializer=_ignore_sigint))
-            results = pool.imap(_decode_chunk, tasks)
+            results = stack.enter_context(_decode_pool(n_workers)).imap(tasks)
         else:
             results = map(_decode_chunk, tasks)
-        for (_, chunk, _), (arr, ok, chunk_bad) in zip(tasks, results):
-            good = np.flatnonzero(ok)
-            out[len(kept) : len(kept) + good.size] = arr[good]
-            kept.extend(chunk[i] for i in good)
-            bad.extend(chunk_bad)
-            bar.update(len(chunk))
+        try:
+            for (_, chunk, _), (arr, ok, chunk_bad) in zip(tasks, results):
+                good = np.flatnonzero(ok)
+                out[len(kept) : len(kept) + good.size] = arr[good]
+                kept.extend(chunk[i] for i in good)
+                bad.extend(chunk_bad)
+                bar.update(len(chunk))
+        except _WorkerLost as exc:
+            raise UserError(f"decoding the images under {root} stopped: {exc}. Nothing was kept. Run the command "
+                            "again; if it happens again, the system may be short of memory (it ends processes "
+                            "then), or an image may crash the decoder.") from None
     bar.close()
     return kept, bad
 
