@@ -1360,12 +1360,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
+def run_study(study: Callable[..., dict], config: type, args: argparse.Namespace, argv: Sequence[str],
+              script: str = "run_all.py") -> None:
+    """A command line of staged studies (run_all, study1_length): its options -> study(cfg, out, ...); an
+    interrupt ends it with where it landed and the command that resumes it."""
     try:
-        run_all(options.from_args(RunAllConfig, args), args.out, resume=args.resume, overwrite=args.overwrite,
-                command=" ".join(["python run_all.py", *argv]))
+        study(options.from_args(config, args), args.out, resume=args.resume, overwrite=args.overwrite,
+              command=" ".join([f"python {script}", *argv]))
     except _INTERRUPTS as e:
-        raise interrupted(e, argv) from None
+        raise interrupted(e, argv, script) from None
+
+
+def run_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
+    run_study(run_all, RunAllConfig, args, argv)
 
 
 

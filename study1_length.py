@@ -184,17 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_command(args: argparse.Namespace, argv: Sequence[str] = ()) -> None:
-    try:
-        study1_length(options.from_args(LengthConfig, args), args.out, resume=args.resume, overwrite=args.overwrite,
-                      command=" ".join(["python study1_length.py", *argv]))
-    except run_all._INTERRUPTS as e:
-        raise run_all.interrupted(e, argv, "study1_length.py") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    return train.main(argv, run=lambda args: run_command(args, argv), parser=build_parser())
+    return train.main(argv, run=lambda args: run_all.run_study(study1_length, LengthConfig, args, argv,
+                                                                "study1_length.py"), parser=build_parser())
 
 
 if __name__ == "__main__":
