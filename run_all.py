@@ -17,7 +17,8 @@ fine-tune -> distill):
                and as full students trained from scratch (extra rows)
     Study 3    a linear layer on the frozen pretrained encoder, crop + flip, on tasks of 2 to 100 classes
                at batch sizes 32 and 64, same epochs for both (their Table 4, Figure 6); the cifar preset
-               also probes a random encoder, and reports CIFAR-10 as an in-domain reference
+               also probes a random encoder; a task from the encoder's own pretraining data is an in-domain
+               reference, left out of the verdicts
 
 Everything lands in the run folder (--out): results.json (every number, the settings, seeds,
 versions, device, precision, wall time per stage), results.md (the tables beside the paper's
@@ -94,7 +95,8 @@ from transfer import TransferConfig
 #           only, unless real=True (then named datasets too, counted on the classes selected; folders
 #           keep their own splits); 0 keeps a dataset's own split.
 # study3_tasks: Study 3's own sizes, where they differ from Studies 1 and 2's (default: tasks).
-# random_row: Study 3 also probes a random encoder of the same architecture (what pretraining adds).
+# random_row: Study 3 also probes a random encoder of the same architecture (what pretraining adds), at
+#           the largest batch size and the first seed: it is in no verdict, and it costs as much as the rest.
 # released: None, or the source whose released encoders (RELEASED[source]) the preset starts from
 #           instead of pretraining in the run.
 # knn_check: the encoder's kNN check on a task's val split: True for study1's task, a task name, or False.
@@ -167,8 +169,8 @@ PRESETS: dict[str, dict] = {
     # photos it never saw (CIFAR-100's). Studies 1 and 2: the five flowers with all their images
     # (2,250 / 250 / 500). Study 3: tasks of 2, 5, 20 and 100 classes with the same number of training
     # images per class, so that only the number of classes changes (the paper's datasets also differed
-    # in size), every test image, and a random-encoder row. 40 per class is the fewest that give the
-    # 2-class task a whole batch of 64 after the val carve (72 / 8); more would cost time (RESULTS.md).
+    # in size), every test image, and a random-encoder row. 36 per class is the fewest that give the
+    # 2-class task a whole batch of 64 after the val carve (65 / 7); more would cost time (RESULTS.md).
     # --data study3=...:cifar10 adds CIFAR-10, the encoders' own images, as an in-domain reference.
     # The pretraining settings are the release's (used by --from-scratch only): colour strength 0.5 and
     # crops from 8%, chosen with 5-epoch runs on a validation split of CIFAR-10's training images.
@@ -177,7 +179,7 @@ PRESETS: dict[str, dict] = {
         data=dict(pool="cifar10", study1=CIFAR100_FLOWERS,
                   study3=[CIFAR100_PAIR, CIFAR100_FLOWERS, "cifar100_coarse", "cifar100"]),
         pool_images=None, tasks=dict(train_per_class=0, min_train=0, test_per_class=0, min_test=0, real=True),
-        study3_tasks=dict(train_per_class=40, min_train=0, test_per_class=0, min_test=0, real=True),
+        study3_tasks=dict(train_per_class=36, min_train=0, test_per_class=0, min_test=0, real=True),
         random_row=True,
         pretrain=PretrainConfig(**_CIFAR_PRETRAIN, model="resnet18", width=0.125, log_every=100, knn_every=5),
         vgg="vgg16_bn",
@@ -682,8 +684,8 @@ def summarise(runs: dict, mapping: dict, tasks: dict[str, data.TaskData], seeds:
     batch_sizes = sorted({int(k.rsplit("-b", 1)[1]) for k in runs if "-study3-" in k and RANDOM_TAG not in k})
     t4 = {t: {b: [runs[f"seed{s}-study3-{t}-b{b}"]["test_top1"] for s in seeds] for b in batch_sizes} for t in study3}
     big = max(batch_sizes)
-    random = {t: [runs[f"seed{s}-study3-{t}{RANDOM_TAG}-b{big}"]["test_top1"] for s in seeds] for t in study3
-              if f"seed{seeds[0]}-study3-{t}{RANDOM_TAG}-b{big}" in runs}
+    random = {t: [runs[k]["test_top1"] for s in seeds if (k := f"seed{s}-study3-{t}{RANDOM_TAG}-b{big}") in runs]
+              for t in study3 if f"seed{seeds[0]}-study3-{t}{RANDOM_TAG}-b{big}" in runs}
     moved = [t for t in study3 if t not in references]  # the tasks the encoder is transferred to
     claims4 = {f"accuracy falls as the number of classes grows (batch {big})":
                [(t4[a][big], t4[b][big]) for a, b in zip(moved, moved[1:])]}
@@ -827,8 +829,9 @@ def _study3_section(summary: dict, meta: dict, tasks: dict[str, data.TaskData], 
     if random:
         gains = [f"{_display(t)} {statistics.fmean(summary['table4'][t][str(max(bs))]) - statistics.fmean(v):+.3f}"
                  for t, v in random.items()]
-        lines += [f"- What pretraining adds (pretrained minus random encoder of the same architecture, batch "
-                  f"{max(bs)}): {', '.join(gains)}."]
+        lines += [f"- What pretraining adds (pretrained minus random encoder, batch {max(bs)}): {', '.join(gains)}. "
+                  "The random encoder: one untrained network of the same architecture (batch norm at its initial "
+                  f"statistics), probed with seed {meta['seeds'][0]}."]
     if summary["reference_tasks"]:
         lines += [f"- {', '.join(_display(t) for t in summary['reference_tasks'])}: from the dataset the encoder was "
                   "pretrained on (without labels): an in-domain reference, not transfer to a new dataset; left out "
@@ -1152,14 +1155,20 @@ class Plan:
     def reference_tasks(self) -> list[str]:
         """Study 3's in-domain references: its tasks drawn from the dataset the pool is (the encoder's
         pretraining images), reported but left out of the verdicts."""
-        pool = data.split_classes(self.mapping["pool"])[0]
-        return [t for t in self.mapping["study3"] if data.split_classes(t)[0] == pool]
+        return [t for t in self.mapping["study3"] if _dataset(t) == _dataset(self.mapping["pool"])]
 
     def settings(self) -> dict:
         """What the run folder's config.json records and --resume compares (prepare_folder)."""
         return as_json(dict(preset=self.preset, values=self.values, data=self.mapping, seeds=self.seeds,
                             device=self.device, precision=self.rt.precision, pretrained=self.teacher, bases=self.bases,
                             skip_bad=self.cfg.skip_bad))
+
+
+def _dataset(name: str) -> str:
+    """The dataset a task or pool is drawn from: a named dataset's key (cifar-10@cat+dog -> cifar10), else itself."""
+    base = data.split_classes(name)[0]
+    key = sources.normalise(base)
+    return key if key in sources.DATASETS else base
 
 
 def plan_run(cfg: RunAllConfig) -> Plan:
@@ -1201,7 +1210,7 @@ def choose_compile(plan: Plan, tasks: dict[str, data.TaskData], tasks3: dict[str
     groups = {"finetune": (n * len(STUDY1_ROWS), values["finetune"].epochs, [mapping["study1"]]),
               "distill": (n, values["distill"].epochs or distill.PRESETS[values["distill"].preset]["epochs"],
                           [mapping["study2"]]),
-              "probe": (n * (1 + bool(values.get("random_row"))), values["probe"].epochs, mapping["study3"])}
+              "probe": (n + bool(values.get("random_row")), values["probe"].epochs, mapping["study3"])}
     for key, (runs, epochs, names) in groups.items():
         images = runs * epochs * sum(len({**tasks, **tasks3}[t].train) for t in names)
         compiled = train.resolve_compile(setting, plan.rt.device, images)
@@ -1213,8 +1222,9 @@ def count_stages(plan: Plan) -> int:
     """The progress bar's total: the encoder's stage, the student bases pretrained here, each seed's studies."""
     random = bool(plan.values.get("random_row"))
     per_seed = (len(STUDY1_ROWS) + plan.separate_teacher + len(STUDY2_ROWS)
-                + len(plan.mapping["study3"]) * (len(plan.values["probe_batch_sizes"]) + random))
-    return 1 + random + sum(b is None for b in plan.bases.values()) + len(plan.seeds) * per_seed
+                + len(plan.mapping["study3"]) * len(plan.values["probe_batch_sizes"]))
+    return (1 + random * (1 + len(plan.mapping["study3"])) + sum(b is None for b in plan.bases.values())
+            + len(plan.seeds) * per_seed)
 
 
 def run_all(cfg: RunAllConfig, out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
@@ -1306,15 +1316,17 @@ def study2(pipe: Pipeline, plan: Plan, task: data.TaskData, encoder: str, bases:
 
 def study3(pipe: Pipeline, plan: Plan, tasks: dict[str, data.TaskData], encoder: str) -> None:
     """Study 3: for each seed, a linear probe on the frozen encoder per task and batch size; where the
-    preset asks, also on a random encoder of the same architecture at the largest batch size."""
-    probed = {"": (encoder, plan.values["probe_batch_sizes"])}
+    preset asks, also on a random encoder of the same architecture at the largest batch size (first seed)."""
+    probed = {"": (encoder, plan.values["probe_batch_sizes"], plan.seeds)}
     if plan.values.get("random_row"):
         random = pipe.run("random-encoder", random_encoder_stage(encoder, plan.cfg.seed))["checkpoint"]
-        probed[RANDOM_TAG] = (random, [max(plan.values["probe_batch_sizes"])])
+        probed[RANDOM_TAG] = (random, [max(plan.values["probe_batch_sizes"])], plan.seeds[:1])
     splits: dict = {(t, tag): {} for t in plan.mapping["study3"] for tag in probed}  # shared by every seed
     for s in plan.seeds:
         for task_name in plan.mapping["study3"]:
-            for tag, (checkpoint, batch_sizes) in probed.items():
+            for tag, (checkpoint, batch_sizes, seeds) in probed.items():
+                if s not in seeds:
+                    continue
                 views: dict = {}  # shared by the task's batch sizes (probe_stage)
                 for b in batch_sizes:
                     pipe.run(f"seed{s}-study3-{task_name}{tag}-b{b}", probe_stage(

@@ -568,7 +568,7 @@ def val_top1(model: models.Classifier, val: Images, rt: Runtime, size: int,
 
 
 def best_reports(run: RunFolder, task: Task, rt: Runtime, size: int,
-                 base_features: dict[str, torch.Tensor] | None = None) -> dict:
+                 split_features: dict[str, torch.Tensor] | None = None) -> dict:
     """{val, test}: accuracy reports (without predictions) of the run's best.pt, the epoch `val_top1` chose;
     given its frozen base's features of both splits ({val, test}), of the layers on top alone."""
     best, _ = load_classifier(run.path / "best.pt", task.num_classes)
@@ -576,9 +576,9 @@ def best_reports(run: RunFolder, task: Task, rt: Runtime, size: int,
 
     @torch.no_grad()
     def report(name: str, split: Images) -> dict:
-        if base_features is None:
+        if split_features is None:
             return evaluate_classifier(best, split, rt, size=size)
-        return accuracy_report(best.classify(base_features[name]), split.labels, split.classes)
+        return accuracy_report(best.classify(split_features[name]), split.labels, split.classes)
     reports = {name: report(name, split) for name, split in (("val", task.val), ("test", task.test))}
     for report in reports.values():
         report.pop("predictions")

@@ -266,10 +266,10 @@ def frozen_split_features(model: models.Classifier, task: data.TaskData, rt: tra
 
 def transfer_objective(cfg: TransferConfig, model: models.Classifier, task: data.TaskData,
                        augmentation: augment.SimCLRAugment | None, rt: train.Runtime, image_size: int,
-                       shared_features: dict | None, frozen: dict[str, torch.Tensor] | None
+                       shared_features: dict | None, val_features: torch.Tensor | None
                        ) -> tuple[AugmentedFeatures | data.BatchLoader, Callable, Callable[[], dict]]:
     """(loader, loss_fn, evaluate) for train.fit: linear-aug trains the linear layer on the frozen
-    base's features of augmented views (AugmentedFeatures) and selects on `frozen`'s val features,
+    base's features of augmented views (AugmentedFeatures) and selects on its `val_features`,
     finetune the whole network on the views."""
     view = augmentation if augmentation is not None else (lambda x, g: train.to_float(x, image_size))
     if cfg.mode == "linear-aug":
@@ -277,7 +277,7 @@ def transfer_objective(cfg: TransferConfig, model: models.Classifier, task: data
                                    varies=augmentation is not None, shared=shared_features,
                                    compile=train.resolve_compile(cfg.compile, rt.device, cfg.epochs * len(task.train)))
         loss_fn = lambda h, y, g: F.cross_entropy(model.classify(h).float(), y)  # noqa: E731
-        return loader, loss_fn, train.val_top1(model, task.val, rt, image_size, frozen["val"])
+        return loader, loss_fn, train.val_top1(model, task.val, rt, image_size, val_features)
     loader = data.BatchLoader(task.train, cfg.batch_size, rt.device, shuffle=True, drop_last=True, seed=cfg.seed)
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, rt.device,
                                                              cfg.epochs * len(loader) * cfg.batch_size))
@@ -320,15 +320,15 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
                                      lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, seed=cfg.seed)
         run.save(dict(meta, format=checkpoints.CHECKPOINT_FORMAT, model=model.state_dict()), "best.pt")
     else:
-        frozen = (frozen_split_features(model, task, rt, image_size, split_features) if cfg.mode == "linear-aug"
-                  else None)
-        loader, loss_fn, evaluate = transfer_objective(cfg, model, task, augmentation, rt, image_size,
-                                                       shared_features, frozen)
+        split_features = (frozen_split_features(model, task, rt, image_size, split_features)
+                          if cfg.mode == "linear-aug" else None)
+        loader, loss_fn, evaluate = transfer_objective(cfg, model, task, augmentation, rt, image_size, shared_features,
+                                                       split_features["val"] if split_features else None)
         schedule = train.Schedule(epochs=cfg.epochs, lr=cfg.lr, optimizer="sgd", momentum=cfg.momentum,
                                   weight_decay=cfg.weight_decay, log_every=cfg.log_every)
         train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta, evaluate=evaluate,
                   select="val_top1", desc=f"transfer {cfg.mode} {task.name}")
-        reports = train.best_reports(run, task, rt, image_size, frozen)
+        reports = train.best_reports(run, task, rt, image_size, split_features)
     if snapshot is not None:
         train.check_frozen(*snapshot)
     return report(run, cfg, task, config["augmentation"], reports)
