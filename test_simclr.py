@@ -17,7 +17,7 @@ Contents (search for the heading; every '# ====' section, in file order):
                                      the cifar transfer preset, Study 1 against fine-tuning length
   Every command line: bad input      one table of broken input through every script, in real processes
 
-Run: python -m pytest test_simclr.py          (default, a few minutes on 2 CPU cores)
+Run: python -m pytest test_simclr.py          (default, about 2.5 minutes on 2 CPU cores; README)
      python -m pytest test_simclr.py -m slow  (kill/resume and other slow fault cases)
 No network and no external dataset: all data is generated here or by shapes.py.
 """
