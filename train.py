@@ -575,11 +575,11 @@ def best_reports(run: RunFolder, task: Task, rt: Runtime, size: int,
     best = best.to(rt.device).eval()
 
     @torch.no_grad()
-    def report(name: str, split: Images) -> dict:
+    def score(name: str, split: Images) -> dict:
         if split_features is None:
             return evaluate_classifier(best, split, rt, size=size)
         return accuracy_report(best.classify(split_features[name]), split.labels, split.classes)
-    reports = {name: report(name, split) for name, split in (("val", task.val), ("test", task.test))}
+    reports = {name: score(name, split) for name, split in (("val", task.val), ("test", task.test))}
     for report in reports.values():
         report.pop("predictions")
     return reports
