@@ -12,6 +12,7 @@ Contents (search for the heading; every '# ====' section, in file order):
   checkpoints.py                     atomic writes, checkpoint formats (non-tensors refused), run-folder locks
   train.py                           devices, compilation, the training loop and its interrupts, evaluation
   simclr.py                          pretraining, non-finite losses, resume, evaluation, fine-tuning, faults
+  simclr_one_page.py                 its imports, a few steps from chance
   distill.py and transfer.py         distillation, transfer, command lines
   run_all.py and study1_length.py    the verdict rule, options, the tiny preset end to end, kill/interrupt+resume,
                                      the cifar transfer preset, Study 1 against fine-tuning length
@@ -3497,6 +3498,33 @@ def test_sigint_sigterm_save_and_say_how_to_resume(tmp_path, sig):
     assert proc.returncode == 2, err
     assert "--resume" in err and "Traceback" not in err
     assert checkpoints.load_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] >= 2
+
+
+# ==================================================================================================
+# simclr_one_page.py
+# ==================================================================================================
+
+def test_one_page_simclr_imports_only_the_learner_files():
+    """The one-page file stands on augment, losses, models, optim and shapes' images, nothing of the engine."""
+    import ast
+    tree = ast.parse((Path(__file__).parent / "simclr_one_page.py").read_text())
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= {"augment", "losses", "models", "optim", "shapes", "torch", "numpy", "time"}, imported
+
+
+def test_one_page_simclr_runs_and_starts_at_chance(monkeypatch, capsys):
+    """A few steps at tiny sizes: NT-Xent of an untrained network is about log(2B - 1), the value of
+    guessing the partner among 2B - 1 candidates; the run ends with a kNN score."""
+    import simclr_one_page as page
+    for name, value in dict(POOL_IMAGES=96, BATCH=32, KNN_BANK=40, KNN_QUERIES=20, KNN_K=10, DEVICE="cpu").items():
+        monkeypatch.setattr(page, name, value)
+    top1 = page.main(steps=4)
+    out = capsys.readouterr().out
+    first_loss = float(re.search(r"step +0/4 +loss ([0-9.]+)", out).group(1))
+    assert abs(first_loss - math.log(2 * 32 - 1)) < 0.3, out
+    assert re.search(r"step +3/4 ", out) and "kNN top-1, shapes5 test" in out
+    assert 0.0 <= top1 <= 1.0
 
 
 # ==================================================================================================
