@@ -260,15 +260,24 @@ class DistillData:
     known: np.ndarray
 
 
+def teacher_data_seed(teacher_ckpt: dict, default: int) -> int:
+    """The seed the teacher's task was drawn and split with: its recorded --data-seed, else its --seed
+    (what a teacher recorded without a data seed used), else `default`. With another seed the
+    validation carve (and a generated task's images) would differ, and the teacher's training images
+    would select the student's best epoch."""
+    config = json.loads(teacher_ckpt.get("config") or "{}")
+    if config.get("data_seed") is not None:
+        return int(config["data_seed"])
+    return int(config.get("seed", default))
+
+
 def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data.TaskData | None) -> DistillData:
     """The teacher, the task and the images to distil on: the teacher's image size and split seed
     decide the task's images."""
     teacher_ckpt_meta = checkpoints.load_checkpoint(cfg.teacher)
     image_size = int(teacher_ckpt_meta.get("image_size") or 32)
-    # The split seed is the teacher's: with another seed the validation carve (and a generated task's
-    # images) would differ, and the teacher's training images would select the student's best epoch.
-    data_seed = json.loads(teacher_ckpt_meta.get("config") or "{}").get("seed", cfg.seed)
-    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=data_seed,
+    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root,
+                                  seed=teacher_data_seed(teacher_ckpt_meta, cfg.seed),
                                   cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
     teacher_model, teacher_ckpt = load_teacher(cfg.teacher, task, dev)
     extra = (data.load_unlabeled(cfg.extra_unlabeled, image_size=image_size, n=cfg.extra_n, root=cfg.root,

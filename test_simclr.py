@@ -3702,6 +3702,24 @@ def test_finetune_draws_its_task_from_data_seed(world, tmp_path, monkeypatch):
     assert seeds == [0] and json.loads((tmp_path / "ft" / "config.json").read_text())["data_seed"] == 0
 
 
+def test_distill_alone_validates_on_the_teachers_val_split(world, tmp_path, monkeypatch):
+    """A teacher fine-tuned with --data-seed other than --seed: distill run on its own draws the
+    teacher's task, so the split that picks the student's epoch is the teacher's validation split."""
+    tasks, load_task = [], data.load_task
+    monkeypatch.setattr(data, "load_task", lambda *a, **k: tasks.append(load_task(*a, **k)) or tasks[-1])
+    teacher = simclr.finetune(simclr.FinetuneConfig(checkpoint=str(world["origin"]), data="shapes2", fraction=0.1,
+                                                    epochs=1, batch_size=32, device="cpu", seed=1, data_seed=2,
+                                                    log_every=100), tmp_path / "ft")
+    distill.distill(distill.DistillConfig(teacher=teacher["best"], data="shapes2", width=0.125, epochs=1,
+                                          batch_size=64, crop=False, flip=False, device="cpu", seed=1,
+                                          log_every=100), tmp_path / "kd")
+    teachers, students = tasks
+    assert np.array_equal(students.val.images, teachers.val.images), "distill validates on other images"
+    assert np.array_equal(students.val.labels, teachers.val.labels)
+    # The training seed alone draws other images: the check above can tell the two seeds apart.
+    assert not np.array_equal(load_task("shapes2", image_size=SIZE, seed=1).val.images, teachers.val.images)
+
+
 def _knn_by_hand(bank, bank_labels, query, k, temperature=0.1):
     """Weighted kNN votes, one query at a time in float64 (the reference for simclr.knn_eval)."""
     bank = nn.functional.normalize(bank.double(), dim=1)
