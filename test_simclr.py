@@ -13,8 +13,8 @@ Contents (search for the heading; every '# ====' section, in file order):
   train.py                           devices, compilation, the training loop and its interrupts, evaluation
   simclr.py                          pretraining, non-finite losses, resume, evaluation, fine-tuning, faults
   distill.py and transfer.py         distillation, transfer, command lines
-  run_all.py and study1_length.py    the verdict rule, options, the tiny preset end to end, kill/interrupt+resume,
-                                     the cifar transfer preset, Study 1 against fine-tuning length
+  run_all.py, report.py and          the verdict rule, options, the tiny preset end to end, kill/interrupt+resume,
+  study1_length.py                   the cifar transfer preset, Study 1 against fine-tuning length
   Every command line: bad input      one table of broken input through every script, in real processes
 
 Run: python -m pytest test_simclr.py          (default, about 2.5 minutes on 2 CPU cores; README)
@@ -65,6 +65,7 @@ import distill
 import losses
 import models
 import optim
+import report
 import run_all
 import shapes
 import simclr
@@ -3159,10 +3160,10 @@ DIAGNOSTICS = ["knn_top1", "knn_top1_z", "alignment_h", "alignment_z", "uniformi
                "contrastive_top1_h", "contrastive_top1_z"]
 
 
-def _check_diagnostics(report: dict) -> None:
+def _check_diagnostics(numbers: dict) -> None:
     """representation_report's numbers, each within the range its definition allows."""
-    assert list(report) == DIAGNOSTICS, list(report)
-    for name, value in report.items():
+    assert list(numbers) == DIAGNOSTICS, list(numbers)
+    for name, value in numbers.items():
         low, high = (0, 4) if name.startswith("alignment") else (-4, 0) if name.startswith("uniformity") else (0, 1)
         assert low <= value <= high, (name, value)
 
@@ -4019,7 +4020,7 @@ def test_cli_errors_exit_2_with_a_message(world, tmp_path, capsys):
 
 
 # ==================================================================================================
-# run_all.py and study1_length.py
+# run_all.py, report.py and study1_length.py
 # ==================================================================================================
 
 # --- the verdict rule, on hand-made numbers --------------------------------------------------------
@@ -4027,41 +4028,41 @@ def test_cli_errors_exit_2_with_a_message(world, tmp_path, capsys):
 
 def test_verdict_holds_when_gap_exceeds_spread():
     # gap 0.10, standard deviations 0.01: the ordering holds by far more than the spread.
-    assert run_all.verdict([0.90, 0.91, 0.92], [0.80, 0.81, 0.82]) == "holds"
+    assert report.verdict([0.90, 0.91, 0.92], [0.80, 0.81, 0.82]) == "holds"
 
 
 def test_verdict_fails_when_the_opposite_ordering_holds():
-    assert run_all.verdict([0.80, 0.81, 0.82], [0.90, 0.91, 0.92]) == "fails"
+    assert report.verdict([0.80, 0.81, 0.82], [0.90, 0.91, 0.92]) == "fails"
 
 
 def test_verdict_not_conclusive_when_gap_within_spread():
     # mean gap 0.01 but a standard deviation of 0.05 on one side.
-    assert run_all.verdict([0.80, 0.85, 0.90], [0.83, 0.84, 0.85]) == "not conclusive"
-    assert run_all.verdict([0.83, 0.84, 0.85], [0.80, 0.85, 0.90]) == "not conclusive"
+    assert report.verdict([0.80, 0.85, 0.90], [0.83, 0.84, 0.85]) == "not conclusive"
+    assert report.verdict([0.83, 0.84, 0.85], [0.80, 0.85, 0.90]) == "not conclusive"
 
 
 def test_verdict_one_seed_is_never_conclusive():
-    assert run_all.verdict([0.99], [0.01]) == "not conclusive"
-    assert run_all.verdict([0.01], [0.99]) == "not conclusive"
+    assert report.verdict([0.99], [0.01]) == "not conclusive"
+    assert report.verdict([0.01], [0.99]) == "not conclusive"
 
 
 def test_verdict_spread_is_the_larger_standard_deviation():
     # gap 0.02; std 0.01 on the left, 0.03 on the right: not conclusive (0.02 < 0.03); with both
     # sides at std 0.01 it holds.
-    assert run_all.verdict([0.51, 0.52, 0.53], [0.47, 0.50, 0.53]) == "not conclusive"
-    assert run_all.verdict([0.51, 0.52, 0.53], [0.49, 0.50, 0.51]) == "holds"
+    assert report.verdict([0.51, 0.52, 0.53], [0.47, 0.50, 0.53]) == "not conclusive"
+    assert report.verdict([0.51, 0.52, 0.53], [0.49, 0.50, 0.51]) == "holds"
 
 
 def test_combine_needs_every_ordering():
-    assert run_all.combine(["holds", "holds"]) == "holds"
-    assert run_all.combine(["holds", "not conclusive"]) == "not conclusive"
-    assert run_all.combine(["holds", "fails", "not conclusive"]) == "fails"
+    assert report.combine(["holds", "holds"]) == "holds"
+    assert report.combine(["holds", "not conclusive"]) == "not conclusive"
+    assert report.combine(["holds", "fails", "not conclusive"]) == "fails"
 
 
 def test_mean_std_is_the_sample_standard_deviation():
-    m, s = run_all.mean_std([1.0, 2.0, 3.0])
+    m, s = report.mean_std([1.0, 2.0, 3.0])
     assert m == 2.0 and s == pytest.approx(1.0)
-    assert run_all.mean_std([0.5]) == (0.5, 0.0)
+    assert report.mean_std([0.5]) == (0.5, 0.0)
 
 
 # --- options ---------------------------------------------------------------------------------------
@@ -4103,8 +4104,8 @@ def _numbers(tree):
 
 def test_tiny_writes_all_three_studies_tables_and_figures(tiny_run):
     results = json.loads((tiny_run / "results.json").read_text())
-    assert set(results["table1"]) == {k for k, _, _ in run_all.STUDY1_ROWS}
-    assert set(results["table2"]) == {f"{m}-{f}" for m, f in run_all.STUDY2_ROWS}
+    assert set(results["table1"]) == {k for k, _, _ in report.STUDY1_ROWS}
+    assert set(results["table2"]) == {f"{m}-{f}" for m, f in report.STUDY2_ROWS}
     assert results["study3_tasks"] == ["shapes2", "shapes5", "shapes47", "shapes100"]
     assert results["batch_sizes"] == [32, 64]
     for table in ("table1", "table2", "table4"):
@@ -4399,7 +4400,7 @@ def test_cifar_preset_end_to_end_on_generated_cifar_files(tmp_path, monkeypatch)
     assert "| cifar10 (in-domain reference) | 10 |" in md and "random encoder (batch 16)" in md
     assert "(cifar100 vs cifar100@lion+wolf)" in md and "kNN top-1 on cifar10 val" in md
     assert f"| {flowers} | 5 | 54 / 6 / 10 |" in md and "90 training labels" in md and "What pretraining adds" in md
-    assert Image.open(out / "figure6.png").size == run_all._CANVAS
+    assert Image.open(out / "figure6.png").size == report._CANVAS
 
 
 def test_study3_verdicts_leave_out_in_domain_reference_tasks():
@@ -4409,18 +4410,18 @@ def test_study3_verdicts_leave_out_in_domain_reference_tasks():
     accuracy = {"two": 0.9, "ten": 0.2, "hundred": 0.5}  # "ten" is the in-domain reference
     for name, classes in (("two", 2), ("ten", 10), ("hundred", 100)):
         tasks[name] = types.SimpleNamespace(num_classes=classes)
-    runs = {f"seed{s}-study1-{k}": dict(test_top1=0.5) for s in seeds for k, _, _ in run_all.STUDY1_ROWS}
+    runs = {f"seed{s}-study1-{k}": dict(test_top1=0.5) for s in seeds for k, _, _ in report.STUDY1_ROWS}
     runs |= {f"seed{s}-study2-{m}-{f}": dict(student_test_top1=0.5, teacher_test_top1=0.6, agreement_test=0.7,
-                                              student_arch=f) for s in seeds for m, f in run_all.STUDY2_ROWS}
+                                              student_arch=f) for s in seeds for m, f in report.STUDY2_ROWS}
     runs |= {f"seed{s}-study3-{t}-b{b}": dict(test_top1=accuracy[t] + 0.01 * s + 0.001 * b)
              for s in seeds for t in tasks for b in (32, 64)}
     mapping = dict(study3=["hundred", "two", "ten"])
     claim = "accuracy falls as the number of classes grows (batch 64)"
-    kept = run_all.summarise(runs, mapping, tasks, seeds, references=["ten"])
+    kept = report.summarise(runs, mapping, tasks, seeds, references=["ten"])
     assert kept["study3_tasks"] == ["two", "ten", "hundred"] and kept["reference_tasks"] == ["ten"]
     assert kept["verdicts"]["study3"][claim]["verdict"] == "holds"
     assert "(hundred vs two)" in " ".join(kept["verdicts"]["study3"])
-    counted = run_all.summarise(runs, mapping, tasks, seeds)
+    counted = report.summarise(runs, mapping, tasks, seeds)
     assert counted["verdicts"]["study3"][claim]["verdict"] == "fails"
 
 
@@ -4625,7 +4626,7 @@ def test_run_all_interrupted_anywhere_says_how_to_resume_and_ends_in_the_same_ta
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the KeyboardInterrupt arrives here
     with monkeypatch.context() as patch:
-        patch.setattr(run_all, "draw_chart", draw_chart_interrupted)
+        patch.setattr(report, "draw_chart", draw_chart_interrupted)
         assert run_all.main([*args, "--resume"]) == 130
     err = capsys.readouterr().err
     assert "run_all stopped by SIGINT while drawing the figures" in err and resume in err, err[-3000:]
@@ -4672,7 +4673,7 @@ def test_study1_length_command_at_tiny_sizes(tmp_path):
     assert json.loads((out / "runs" / "seed0-e1-none" / "config.json").read_text())["crop"] is False
     md = (out / "results.md").read_text()
     assert "| none | " in md and "| all beats none | " in md and "Length rule" in md
-    assert Image.open(out / "figure_length.png").size == run_all._CANVAS
+    assert Image.open(out / "figure_length.png").size == report._CANVAS
     # A finished run resumes from its records; bad lengths are refused before anything runs.
     assert study1_length.main([*args, "--resume"]) == 0
     for bad in ("0,15", "15,15", "x", ""):
