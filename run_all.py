@@ -76,7 +76,7 @@ import train
 import transfer
 from distill import DistillConfig
 from options import UserError
-from report import RANDOM_TAG, STUDY1_ROWS, STUDY2_ROWS
+from report import ALL_OPERATIONS, RANDOM_TAG, STUDY1_ROWS, STUDY2_ROWS
 from simclr import FinetuneConfig, PretrainConfig
 from transfer import TransferConfig
 
@@ -853,7 +853,7 @@ def study2(pipe: Pipeline, plan: Plan, task: data.TaskData, encoder: str, bases:
         teacher_run = f"seed{s}-study1-all"
         if plan.separate_teacher:
             teacher_run = f"seed{s}-study2-teacher"
-            pipe.run(teacher_run, finetune_stage(encoder, task, STUDY1_ROWS[5][2], plan.values["finetune"], s,
+            pipe.run(teacher_run, finetune_stage(encoder, task, ALL_OPERATIONS, plan.values["finetune"], s,
                                                  plan.device))
         for mode, family in STUDY2_ROWS:
             pipe.run(f"seed{s}-study2-{mode}-{family}", distill_stage(
