@@ -466,7 +466,7 @@ class Encoder:
     path: str
     classifier: nn.Module | None = None  # the whole classifier when the source is one (for predictions)
     classes: list[str] | None = None
-    augmentation: dict | None = None     # pretrain_augmentation(): the views it was pretrained on, if recorded
+    pretrain_augmentation: dict | None = None  # pretrain_augmentation(): the views it was pretrained on, if recorded
 
 
 _ARCH_KEYS = ("encoder", "width", "cifar_stem", "head_layers", "head_hidden", "out_dim")
@@ -539,7 +539,7 @@ def _project_encoder(path, ckpt: dict, arch, width, cifar_stem, normalize, head_
                             f"head of '{path}'.")
         return Encoder(model.encoder, model.head if head_layer else None, head_layer, a, list(ckpt["mean"]),
                        list(ckpt["std"]), int(ckpt["image_size"]), "pretrain", str(path),
-                       augmentation=pretrain_augmentation(ckpt))
+                       pretrain_augmentation=pretrain_augmentation(ckpt))
     model, ckpt = load_classifier(path)
     a = {k: ckpt["arch"][k] for k in _ARCH_KEYS if k in ckpt["arch"]}  # a student has no head
     _check_requested(path, a, arch, width, cifar_stem, model.encoder)
@@ -548,7 +548,8 @@ def _project_encoder(path, ckpt: dict, arch, width, cifar_stem, normalize, head_
                         f"--head-layer {head_layer} cannot be chosen for it.")
     return Encoder(model.encoder, model.head, model.head_layer, a, model.mean.flatten().tolist(),
                    model.std.flatten().tolist(), int(ckpt.get("image_size") or 32), "classifier", str(path),
-                   classifier=model, classes=ckpt.get("classes"), augmentation=pretrain_augmentation(ckpt))
+                   classifier=model, classes=ckpt.get("classes"),
+                   pretrain_augmentation=pretrain_augmentation(ckpt))
 
 
 def _check_requested(path, have: dict, arch, width, cifar_stem, encoder: nn.Module) -> None:
@@ -596,7 +597,7 @@ def _torchvision_encoder(path, state: dict, arch, width, cifar_stem, normalize, 
           f"normalisation mean {list(mean)} std {list(std)}.", file=sys.stderr)
     a = dict(encoder=arch, width=width, cifar_stem=cifar_stem)
     return Encoder(encoder, None, 0, a, list(mean), list(std), int(side.get("image_size", 224)), "torchvision",
-                   str(path), augmentation=side.get(PRETRAIN_AUGMENTATION))
+                   str(path), pretrain_augmentation=side.get(PRETRAIN_AUGMENTATION))
 
 
 def classifier_for(enc: Encoder, num_classes: int) -> tuple[models.Classifier, dict]:
@@ -657,6 +658,6 @@ def pretrain_augmentation(ckpt: dict | None) -> dict | None:
                 grayscale=float(config.get("grayscale", SETTINGS_ADDED_LATER["grayscale"])))
 
 
-def carried(recorded: dict | None) -> dict:
+def carried(pretrain_augmentation: dict | None) -> dict:
     """The checkpoint entry that carries a pretraining record on (none without a record)."""
-    return {PRETRAIN_AUGMENTATION: recorded} if recorded else {}
+    return {PRETRAIN_AUGMENTATION: pretrain_augmentation} if pretrain_augmentation else {}

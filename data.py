@@ -550,11 +550,6 @@ class BatchLoader:
             return self.per_rank // self.batch_size
         return -(-self.per_rank // self.batch_size)
 
-    @property
-    def resident(self) -> bool:
-        """Whether the whole set lives on the device."""
-        return self._resident is not None
-
     def indices(self, epoch: int) -> np.ndarray:
         """This rank's image indices for ``epoch``, in batch order (before dropping the last batch)."""
         n = len(self.images)

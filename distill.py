@@ -260,15 +260,24 @@ class DistillData:
     known: np.ndarray
 
 
+def teacher_data_seed(teacher_ckpt: dict, default: int) -> int:
+    """The seed the teacher's task was drawn and split with: its recorded --data-seed, else its --seed
+    (what a teacher recorded without a data seed used), else `default`. With another seed the
+    validation carve (and a generated task's images) would differ, and the teacher's training images
+    would select the student's best epoch."""
+    config = json.loads(teacher_ckpt.get("config") or "{}")
+    if config.get("data_seed") is not None:
+        return int(config["data_seed"])
+    return int(config.get("seed", default))
+
+
 def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data.TaskData | None) -> DistillData:
     """The teacher, the task and the images to distil on: the teacher's image size and split seed
     decide the task's images."""
     teacher_ckpt_meta = checkpoints.load_checkpoint(cfg.teacher)
     image_size = int(teacher_ckpt_meta.get("image_size") or 32)
-    # The split seed is the teacher's: with another seed the validation carve (and a generated task's
-    # images) would differ, and the teacher's training images would select the student's best epoch.
-    data_seed = json.loads(teacher_ckpt_meta.get("config") or "{}").get("seed", cfg.seed)
-    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=data_seed,
+    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root,
+                                  seed=teacher_data_seed(teacher_ckpt_meta, cfg.seed),
                                   cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
     teacher_model, teacher_ckpt = load_teacher(cfg.teacher, task, dev)
     extra = (data.load_unlabeled(cfg.extra_unlabeled, image_size=image_size, n=cfg.extra_n, root=cfg.root,
@@ -293,21 +302,22 @@ def resolve_settings(cfg: DistillConfig) -> tuple[dict, tuple[int, ...]]:
     given = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                  weight_decay=cfg.weight_decay,
                  optimizer=cfg.optimizer, temperature=cfg.temperature, crop=cfg.crop, flip=cfg.flip, color=cfg.color)
-    s = {**PRESETS[cfg.preset], **{k: v for k, v in given.items() if v is not None}}
+    settings = {**PRESETS[cfg.preset], **{k: v for k, v in given.items() if v is not None}}
     if cfg.mode not in MODES:
         raise UserError(f"Unknown --mode '{cfg.mode}'. Use one of: {', '.join(MODES)}.")
     if cfg.soft_labels not in SOFT_LABELS:
         raise UserError(f"Unknown --soft-labels '{cfg.soft_labels}'. Use online or precomputed.")
     if cfg.student not in models.MODEL_NAMES:
         raise UserError(f"Unknown --student '{cfg.student}'. Use one of: {', '.join(models.MODEL_NAMES)}.")
-    train.check_positive(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], temperature=s["temperature"])
+    train.check_positive(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
+                         temperature=settings["temperature"])
     if cfg.mode != "frozen":
-        train.check_batch_for_batch_norm(s["batch_size"])
+        train.check_batch_for_batch_norm(settings["batch_size"])
     if cfg.alpha < 1.0 and cfg.labeled_fraction == 0.0:
         raise UserError(f"--alpha {cfg.alpha} mixes in a label loss (weight {1 - cfg.alpha:g}) but --labeled-fraction is 0, "
                         "so no label is known. Pass --labeled-fraction > 0 or --alpha 1.")
     dense_layers = tuple(cfg.dense_layers) if cfg.dense_layers is not None else ((256,) if cfg.mode == "frozen" else ())
-    return s, dense_layers
+    return settings, dense_layers
 
 
 def load_student(cfg: DistillConfig, dense_layers: tuple[int, ...], d: DistillData, dev: torch.device
@@ -323,14 +333,16 @@ def load_student(cfg: DistillConfig, dense_layers: tuple[int, ...], d: DistillDa
     return model.to(dev), arch
 
 
-def student_views(cfg: DistillConfig, s: dict, recorded: dict | None, image_size: int) -> augment.SimCLRAugment | None:
+def student_views(cfg: DistillConfig, settings: dict, pretrain_augmentation: dict | None,
+                  image_size: int) -> augment.SimCLRAugment | None:
     """The student's augmentation, None when crop, flip and colour are all off: the crop floor and
-    colour strength the teacher's encoder was pretrained with (`recorded`), unless cfg gives them."""
-    if not (s["crop"] or s["flip"] or s["color"]):
+    colour strength the teacher's encoder was pretrained with (`pretrain_augmentation`), unless cfg
+    gives them."""
+    if not (settings["crop"] or settings["flip"] or settings["color"]):
         return None
-    return train.matched_views(recorded, image_size, crop=s["crop"], flip=s["flip"], color=s["color"],
-                               crop_min_scale=cfg.crop_min_scale, strength=cfg.strength, source=cfg.teacher,
-                               stage="distill")
+    return train.matched_views(pretrain_augmentation, image_size, crop=settings["crop"], flip=settings["flip"],
+                               color=settings["color"], crop_min_scale=cfg.crop_min_scale, strength=cfg.strength,
+                               source=cfg.teacher, stage="distill")
 
 
 def soft_labels_used(cfg: DistillConfig, augmentation: augment.SimCLRAugment | None) -> str:
@@ -345,22 +357,22 @@ def caches_base_features(cfg: DistillConfig, augmentation: augment.SimCLRAugment
     return cfg.mode == "frozen" and augmentation is None
 
 
-def student_record(cfg: DistillConfig, teacher_record: dict | None) -> dict | None:
+def student_pretrain_augmentation(cfg: DistillConfig, teacher_pretrain_augmentation: dict | None) -> dict | None:
     """The pretraining augmentation the student's checkpoint carries on: its own base's where it
     has a pretrained base, else its teacher's."""
     if cfg.mode != "scratch" and cfg.student_checkpoint:
         return checkpoints.pretrain_augmentation(checkpoints.load_checkpoint(cfg.student_checkpoint))
-    return teacher_record
+    return teacher_pretrain_augmentation
 
 
 def announce(config: dict) -> None:
     """The run's settings in one line on stderr, as config.json records them."""
-    c, s = config, config["effective"]
+    c, settings = config, config["effective"]
     print(f"distill: teacher {c['teacher']} -> {c['student']} (width {c['width']}, {c['mode']}) on "
-          f"{c['distillation_images']} images of {c['task']}, T {s['temperature']}, alpha {c['alpha']}, soft labels "
-          f"{c['soft_labels_effective']}, augment {c['augmentation']}, {s['optimizer']} lr {s['lr']} wd "
-          f"{s['weight_decay']}, {s['epochs']} epochs x batch {s['batch_size']}, device {c['device_resolved']}, "
-          f"{c['precision_resolved']}", file=sys.stderr)
+          f"{c['distillation_images']} images of {c['task']}, T {settings['temperature']}, alpha {c['alpha']}, "
+          f"soft labels {c['soft_labels_effective']}, augment {c['augmentation']}, {settings['optimizer']} lr "
+          f"{settings['lr']} wd {settings['weight_decay']}, {settings['epochs']} epochs x batch "
+          f"{settings['batch_size']}, device {c['device_resolved']}, {c['precision_resolved']}", file=sys.stderr)
 
 
 def teacher_logits(d: DistillData, rt: train.Runtime) -> torch.Tensor:
@@ -377,7 +389,7 @@ def base_features(model: models.Classifier, d: DistillData, rt: train.Runtime) -
             train.extract_features(model.base, d.task.val, rt, size=d.image_size))
 
 
-def distillation_objective(cfg: DistillConfig, s: dict, model: models.Classifier, d: DistillData,
+def distillation_objective(cfg: DistillConfig, settings: dict, model: models.Classifier, d: DistillData,
                            augmentation: augment.SimCLRAugment | None, rt: train.Runtime
                            ) -> tuple[Callable, Callable[[], dict]]:
     """(loss_fn, evaluate) for train.fit, the teacher's soft labels precomputed and the base's
@@ -388,9 +400,10 @@ def distillation_objective(cfg: DistillConfig, s: dict, model: models.Classifier
     features, val_features = base_features(model, d, rt) if cached else (None, None)
     known = torch.as_tensor(d.known, device=rt.device) if cfg.alpha < 1.0 else None
     # With cached base features only the dense layers run: nothing worth compiling.
+    steps = settings["epochs"] * (len(d.images) // settings["batch_size"])
     student = model if cached else train.compiled(model, train.resolve_compile(
-        cfg.compile, rt.device, s["epochs"] * (len(d.images) // s["batch_size"]) * s["batch_size"]))
-    loss_fn = distillation_loss_fn(student, d.teacher, view, s["temperature"], cfg.alpha, known, table, features)
+        cfg.compile, rt.device, steps * settings["batch_size"]))
+    loss_fn = distillation_loss_fn(student, d.teacher, view, settings["temperature"], cfg.alpha, known, table, features)
     return loss_fn, train.val_top1(model, d.task.val, rt, d.image_size, val_features)
 
 
@@ -403,32 +416,36 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
     Returns dict(student={val, test reports vs ground truth}, teacher={val, test}, agreement={val, test},
     best=<best.pt path>, ...); best.pt is the student with the best val top-1 (never the test split),
     loadable by checkpoints.load_classifier."""
-    s, dense_layers = resolve_settings(cfg)
+    settings, dense_layers = resolve_settings(cfg)
     rt = train.runtime(cfg.device, cfg.precision)
     train.seed_everything(cfg.seed)
-    d = load_data(cfg, s["batch_size"], rt.device, task)
+    d = load_data(cfg, settings["batch_size"], rt.device, task)
     model, arch = load_student(cfg, dense_layers, d, rt.device)
     run = checkpoints.RunFolder(out, resume=resume, overwrite=overwrite)
     # The student sees the kind of views its teacher's encoder was pretrained on.
-    recorded = checkpoints.pretrain_augmentation(d.teacher_ckpt)
-    augmentation = student_views(cfg, s, recorded, d.image_size)
-    config = dict(stage="distill", **dataclasses.asdict(cfg), effective=s, task=d.task.name, image_size=d.image_size,
-                  cifar_stem_resolved=arch["cifar_stem"], dense_layers_resolved=list(dense_layers),
-                  soft_labels_effective=soft_labels_used(cfg, augmentation),
+    pretrain_augmentation = checkpoints.pretrain_augmentation(d.teacher_ckpt)
+    augmentation = student_views(cfg, settings, pretrain_augmentation, d.image_size)
+    config = dict(stage="distill", **dataclasses.asdict(cfg), effective=settings, task=d.task.name,
+                  image_size=d.image_size, cifar_stem_resolved=arch["cifar_stem"],
+                  dense_layers_resolved=list(dense_layers), soft_labels_effective=soft_labels_used(cfg, augmentation),
                   cached_base_features=caches_base_features(cfg, augmentation),
-                  augmentation=augmentation.describe() if augmentation else "none", pretrain_augmentation=recorded,
+                  augmentation=augmentation.describe() if augmentation else "none",
+                  pretrain_augmentation=pretrain_augmentation,
                   distillation_images=len(d.images), known_labels=int((d.known >= 0).sum()),
                   device_resolved=str(rt.device), precision_resolved=rt.precision)
     run.start(config)
     announce(config)
 
     frozen_state = {k: v.clone() for k, v in model.encoder.state_dict().items()} if cfg.mode == "frozen" else None
-    loss_fn, evaluate = distillation_objective(cfg, s, model, d, augmentation, rt)
-    loader = data.BatchLoader(d.images, s["batch_size"], rt.device, shuffle=True, drop_last=True, seed=cfg.seed)
-    schedule = train.Schedule(epochs=s["epochs"], lr=s["lr"], optimizer=s["optimizer"], momentum=s["momentum"],
-                              weight_decay=s["weight_decay"], log_every=cfg.log_every)
+    loss_fn, evaluate = distillation_objective(cfg, settings, model, d, augmentation, rt)
+    loader = data.BatchLoader(d.images, settings["batch_size"], rt.device, shuffle=True, drop_last=True,
+                              seed=cfg.seed)
+    schedule = train.Schedule(epochs=settings["epochs"], lr=settings["lr"], optimizer=settings["optimizer"],
+                              momentum=settings["momentum"], weight_decay=settings["weight_decay"],
+                              log_every=cfg.log_every)
     meta = dict(kind="distill", arch=arch, classes=d.task.classes, image_size=d.image_size,
-                config=json.dumps(config, default=str), **checkpoints.carried(student_record(cfg, recorded)))
+                config=json.dumps(config, default=str),
+                **checkpoints.carried(student_pretrain_augmentation(cfg, pretrain_augmentation)))
     train.fit(model, loss_fn, loader, run, schedule, rt, seed=cfg.seed, meta=meta, evaluate=evaluate,
               select="val_top1", desc=f"distill {cfg.mode} {cfg.student}")
     if frozen_state is not None:

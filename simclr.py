@@ -625,13 +625,13 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
                               start.std).to(rt.device)
     if rt.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    augmentation = train.matched_views(start.recorded, start.image_size, crop=cfg.crop, flip=cfg.flip,
+    augmentation = train.matched_views(start.pretrain_augmentation, start.image_size, crop=cfg.crop, flip=cfg.flip,
                                        color=cfg.color, blur=cfg.blur, crop_min_scale=cfg.crop_min_scale,
                                        strength=cfg.strength, source=cfg.checkpoint, stage="finetune")
     config = dict(stage="finetune", **asdict(cfg), pretrained=not start.scratch, arch_resolved=start.arch,
                   image_size_resolved=start.image_size, task=task.name,
                   split_sizes=dict(train=len(task.train), val=len(task.val), test=len(task.test), labeled=len(labeled)),
-                  augmentation=augmentation.describe(), pretrain_augmentation=start.recorded,
+                  augmentation=augmentation.describe(), pretrain_augmentation=start.pretrain_augmentation,
                   device_resolved=str(rt.device), precision_resolved=rt.precision)
     run.start(config)
     loader = data.BatchLoader(labeled, cfg.batch_size, rt.device, shuffle=True, drop_last=True, seed=cfg.seed)
@@ -641,7 +641,7 @@ def finetune(cfg: FinetuneConfig, out: str | os.PathLike, resume: bool = False, 
     meta = dict(kind="finetune", arch=checkpoints.classifier_arch(start.arch, cfg.head_layer, task.num_classes,
                                                                   start.mean, start.std),
                 classes=task.classes, image_size=start.image_size, config=json.dumps(config, default=str),
-                **checkpoints.carried(None if start.scratch else start.recorded))
+                **checkpoints.carried(None if start.scratch else start.pretrain_augmentation))
     step_model = train.compiled(model, train.resolve_compile(cfg.compile, rt.device,
                                                              cfg.epochs * len(loader) * cfg.batch_size))
     train.fit(model, train.supervised_loss_fn(step_model, augmentation), loader, run, schedule, rt, seed=cfg.seed,
@@ -658,7 +658,7 @@ class StartingPoint:
     image_size: int
     mean: Sequence[float]
     std: Sequence[float]
-    recorded: dict | None   # the views the encoder was pretrained on (checkpoints.pretrain_augmentation)
+    pretrain_augmentation: dict | None  # the views the encoder was pretrained on (checkpoints.pretrain_augmentation)
     scratch: bool
 
 

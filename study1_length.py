@@ -34,6 +34,7 @@ from pathlib import Path
 import checkpoints
 import data
 import options
+import report
 import run_all
 import train
 from options import UserError
@@ -69,7 +70,7 @@ def summarise(runs: dict, lengths: Sequence[int], seeds: Sequence[int]) -> dict:
     per = lambda key: {row: {n: [runs[f"seed{s}-e{n}-{row}"][key] for s in seeds]  # noqa: E731
                              for n in lengths} for row in ROWS}
     test, best = per("test_top1"), per("best_epoch")
-    verdicts = {n: {f"{hi} beats {lo}": run_all._judge([(test[hi][n], test[lo][n])], len(seeds))
+    verdicts = {n: {f"{hi} beats {lo}": report.judge([(test[hi][n], test[lo][n])], len(seeds))
                     for hi, lo in ORDERINGS} for n in lengths}
     return dict(lengths=list(lengths), test_top1=test, best_epoch=best, verdicts=verdicts,
                 chosen_length=chosen_length(best["none"]))
@@ -81,12 +82,13 @@ def results_markdown(summary: dict, task: data.TaskData, meta: dict) -> str:
     lines = [f"# Study 1 against fine-tuning length ({meta['preset']} preset)", "",
              f"Device: {meta['device']}, precision {meta['precision']}. Seeds: {meta['seeds']}. Wall time: "
              f"{meta['wall_s']:.0f} s. Command: `{meta['command']}`.", "",
-             f"Whole network fine-tuned from the encoder ({meta['encoder']}) on {run_all._display(task.name)} ({task.num_classes} "
-             f"classes, {len(task.train)} / {len(task.val)} / {n_test} train / val / test); test top-1 of the "
-             "best-val epoch, mean ± std over seeds; in brackets the median best validation epoch.", "",
+             f"Whole network fine-tuned from the encoder ({meta['encoder']}) on {report.display_name(task.name)} "
+             f"({task.num_classes} classes, {len(task.train)} / {len(task.val)} / {n_test} train / val / test); test "
+             "top-1 of the best-val epoch, mean ± std over seeds; in brackets the median best validation epoch.", "",
              "| row | " + " | ".join(map(_epochs, lengths)) + " |", "|---" * (1 + len(lengths)) + "|"]
     for row in ROWS:
-        cells = [f"{run_all._fmt(test[row][n])} ({statistics.median(summary['best_epoch'][row][n]):g})" for n in lengths]
+        cells = [f"{report.mean_std_text(test[row][n])} ({statistics.median(summary['best_epoch'][row][n]):g})"
+                 for n in lengths]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     lines += ["", "| ordering | " + " | ".join(map(_epochs, lengths)) + " |", "|---" * (1 + len(lengths)) + "|"]
     for hi, lo in ORDERINGS:
@@ -110,7 +112,7 @@ def results_markdown(summary: dict, task: data.TaskData, meta: dict) -> str:
 
 def _verdict_cell(text: str, higher: Sequence[float], lower: Sequence[float]) -> str:
     """A verdict with the gap it judged and the spread the gap had to exceed."""
-    (mh, sh), (ml, sl) = run_all.mean_std(higher), run_all.mean_std(lower)
+    (mh, sh), (ml, sl) = report.mean_std(higher), report.mean_std(lower)
     return f"{text} (gap {mh - ml:+.3f}, spread {max(sh, sl):.3f})"
 
 
@@ -120,12 +122,12 @@ def _epochs(n: int) -> str:
 
 def draw_length(path: Path, summary: dict, n_seeds: int) -> None:
     """figure_length.png: test top-1 against fine-tuning epochs, one line per row, error bars = std over seeds."""
-    stats = {row: [run_all.mean_std(summary["test_top1"][row][n]) for n in summary["lengths"]] for row in ROWS}
-    colours = dict(zip(ROWS, run_all.HERE_COLOURS))
-    run_all.draw_chart(path, f"Study 1 against fine-tuning length (mean ± std, {n_seeds} seeds)",
-                       "fine-tuning epochs", [str(n) for n in summary["lengths"]],
-                       [(row, colours[row], [m for m, _ in stats[row]], [s for _, s in stats[row]]) for row in ROWS],
-                       kind="line")
+    stats = {row: [report.mean_std(summary["test_top1"][row][n]) for n in summary["lengths"]] for row in ROWS}
+    colours = dict(zip(ROWS, report.HERE_COLOURS))
+    report.draw_chart(path, f"Study 1 against fine-tuning length (mean ± std, {n_seeds} seeds)",
+                      "fine-tuning epochs", [str(n) for n in summary["lengths"]],
+                      [(row, colours[row], [m for m, _ in stats[row]], [s for _, s in stats[row]]) for row in ROWS],
+                      kind="line")
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -162,7 +164,7 @@ def study1_length(cfg: LengthConfig, out: str | Path, resume: bool = False, over
     images = len(plan.seeds) * len(ROWS) * sum(lengths) * len(task.train)
     compiled = train.resolve_compile(cfg.compile, plan.rt.device, images)
     finetune = dataclasses.replace(plan.values["finetune"], compile="on" if compiled else "off")
-    augmentations = {key: aug for key, _, aug in run_all.STUDY1_ROWS}
+    augmentations = {key: aug for key, _, aug in report.STUDY1_ROWS}
     with run_all.Pipeline(out, resume, 1 + len(lengths) * len(plan.seeds) * len(ROWS)) as pipe:
         encoder = run_all.encoder_stage(pipe, plan)
         for n in lengths:
@@ -172,7 +174,7 @@ def study1_length(cfg: LengthConfig, out: str | Path, resume: bool = False, over
                                                    dataclasses.replace(finetune, epochs=n), s, plan.device)
                     pipe.run(f"seed{s}-e{n}-{row}", length_stage(stage))
     summary = summarise(pipe.results, lengths, plan.seeds)
-    meta = dict(preset=plan.preset, seeds=plan.seeds, device=run_all._device_info(plan.rt.device)["name"],
+    meta = dict(preset=plan.preset, seeds=plan.seeds, device=report.device_info(plan.rt.device)["name"],
                 precision=plan.rt.precision, encoder=run_all._encoder_origin(plan.teacher), task=name,
                 wall_s=time.perf_counter() - start, command=command or f"study1_length(epochs={cfg.epochs!r})")
     results = dict(meta, settings=settings, runs=pipe.results, **summary)

@@ -14,8 +14,8 @@ Contents (search for the heading; every '# ====' section, in file order):
   simclr.py                          pretraining, non-finite losses, resume, evaluation, fine-tuning, faults
   simclr_one_page.py                 its imports, a few steps from chance
   distill.py and transfer.py         distillation, transfer, command lines
-  run_all.py and study1_length.py    the verdict rule, options, the tiny preset end to end, kill/interrupt+resume,
-                                     the cifar transfer preset, Study 1 against fine-tuning length
+  run_all.py, report.py and          the verdict rule, options, the tiny preset end to end, kill/interrupt+resume,
+  study1_length.py                   the cifar transfer preset, Study 1 against fine-tuning length
   Every command line: bad input      one table of broken input through every script, in real processes
 
 Run: python -m pytest test_simclr.py          (default, about 2.5 minutes on 2 CPU cores; README)
@@ -66,6 +66,7 @@ import distill
 import losses
 import models
 import optim
+import report
 import run_all
 import shapes
 import simclr
@@ -851,6 +852,24 @@ def test_nt_xent_is_float32_under_autocast():
     # A bfloat16 matrix product inside would be off by ~1e-3 here; float32 on the same inputs is not.
     reference = losses.nt_xent(z1.float(), z2.float(), 0.1)
     assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-6)
+
+
+def test_bf16_and_fp32_losses_agree_on_one_step():
+    """One SimCLR step from identical weights and batch: the loss under bf16 autocast within 2%
+    (relative; fixed before measuring) of the fp32 loss, and it stays float32."""
+    torch.manual_seed(0)
+    model = checkpoints.build_simclr_model(dict(encoder="resnet18", width=0.125, cifar_stem=True, head_layers=3,
+                                          head_hidden=None, out_dim=128))
+    images = torch.as_tensor(shapes.generate("shapes5", 64, image_size=32)[0]).permute(0, 3, 1, 2).contiguous()
+    loss_fn = simclr.contrastive_loss_fn(model, A.SimCLRAugment(32, strength=1.0, scale=(0.4, 1.0)), 0.5,
+                                         train.Distributed())
+    losses_by = {}
+    for precision in ("fp32", "bf16"):
+        with train.autocast(torch.device("cpu"), precision):
+            loss = loss_fn(images, None, torch.Generator().manual_seed(1))
+        assert loss.dtype == torch.float32
+        losses_by[precision] = loss.item()
+    assert abs(losses_by["bf16"] - losses_by["fp32"]) <= 0.02 * abs(losses_by["fp32"]), losses_by
 
 
 def test_nt_xent_non_finite_projections():
@@ -2985,6 +3004,24 @@ def test_select_device_errors():
             train.select_device("cuda")
 
 
+def test_resolve_precision(monkeypatch):
+    assert train.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert train.resolve_precision("auto", torch.device("mps")) == "fp32"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert train.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    with pytest.raises(options.UserError, match="precision"):
+        train.resolve_precision("fp16", torch.device("cpu"))
+    with pytest.raises(options.UserError, match="--precision"):
+        options.validate(simclr.FinetuneConfig(checkpoint="x", precision="half"))
+    # train.runtime resolves both once; its autocast is bf16 exactly when the precision is
+    assert train.runtime("cpu", "auto") == train.Runtime(torch.device("cpu"), "bf16")
+    assert isinstance(train.runtime("cpu", "fp32").autocast(), contextlib.nullcontext)
+    assert train.runtime("cpu", "bf16").autocast().fast_dtype == torch.bfloat16
+
+
 # --- the training loop, the linear probe and the kNN monitor, on toy problems --------------------
 
 def _two_tone_set(n: int = 64, seed: int = 0) -> data.ImageSet:
@@ -3160,10 +3197,10 @@ DIAGNOSTICS = ["knn_top1", "knn_top1_z", "alignment_h", "alignment_z", "uniformi
                "contrastive_top1_h", "contrastive_top1_z"]
 
 
-def _check_diagnostics(report: dict) -> None:
+def _check_diagnostics(numbers: dict) -> None:
     """representation_report's numbers, each within the range its definition allows."""
-    assert list(report) == DIAGNOSTICS, list(report)
-    for name, value in report.items():
+    assert list(numbers) == DIAGNOSTICS, list(numbers)
+    for name, value in numbers.items():
         low, high = (0, 4) if name.startswith("alignment") else (-4, 0) if name.startswith("uniformity") else (0, 1)
         assert low <= value <= high, (name, value)
 
@@ -3211,6 +3248,24 @@ def test_grayscale_option_reaches_the_views_config_json_and_checkpoints(tmp_path
     for path in (tmp_path / "run" / "checkpoint.pt", tmp_path / "enc.pt"):
         assert checkpoints.pretrain_augmentation(checkpoints.load_checkpoint(path)) == recorded
     assert simclr.PretrainConfig().grayscale == 0.2 == A.SimCLRAugment.GRAYSCALE_P
+
+
+def test_pretrain_release_writes_a_small_checkpoint_with_the_same_bytes_each_time(tmp_path, monkeypatch):
+    digests = []
+    for k in range(2):
+        (tmp_path / str(k)).mkdir()
+        monkeypatch.chdir(tmp_path / str(k))
+        assert simclr.main(["pretrain", "--width", "0.125", "--epochs", "2", "--n-images", "64", "--batch-size", "32",
+                            "--eval-images", "100", "--knn-k", "5", "--knn-every", "1", "--log-every", "2",
+                            "--device", "cpu", "--precision", "fp32", "--out", "run", "--release", "enc.pt"]) == 0
+        digests.append(hashlib.sha256(Path("enc.pt").read_bytes()).hexdigest())
+        ckpt = checkpoints.load_checkpoint("enc.pt")
+        assert "optimizer" not in ckpt and "rng" not in ckpt
+        assert Path("enc.pt").stat().st_size < 0.6 * Path("run/checkpoint.pt").stat().st_size
+        assert [r["epoch"] for r in map(json.loads, Path("enc.pt.log.jsonl").read_text().splitlines())
+                if "knn_top1" in r] == [1, 2]
+        checkpoints.load_pretrained("enc.pt")
+    assert digests[0] == digests[1]
 
 
 @pytest.mark.slow  # two minutes on 2 cores: the world's classes take the cpu preset's budget to show
@@ -3390,6 +3445,65 @@ def test_linear_eval_and_finetune_from_pretrained(tmp_path):
     assert meta["kind"] == "finetune" and teacher.head_layer == 1
     with pytest.raises(options.UserError, match="predicts 5 classes"):
         checkpoints.load_classifier(ft["best"], num_classes=2)
+
+
+def test_finetune_val_images_caps_the_split_that_picks_the_epoch(tmp_path):
+    simclr.pretrain(tiny_pretrain_config(eval_data=None, epochs=1), tmp_path / "pre")
+    common = dict(checkpoint=str(tmp_path / "pre" / "checkpoint.pt"), data="shapes5", train_images=400,
+                  test_images=20, epochs=1, batch_size=16, device="cpu")
+    capped = simclr.finetune(simclr.FinetuneConfig(**common, val_images=15), tmp_path / "capped")
+    whole = simclr.finetune(simclr.FinetuneConfig(**common), tmp_path / "whole")
+    config = {k: json.loads((tmp_path / k / "config.json").read_text()) for k in ("capped", "whole")}
+    assert (config["whole"]["split_sizes"]["val"], config["capped"]["split_sizes"]["val"]) == (40, 15)
+    assert (config["whole"]["val_images"], config["capped"]["val_images"]) == (None, 15)  # the options as given
+    assert config["whole"]["split_sizes"]["train"] == config["capped"]["split_sizes"]["train"] == 360  # train is untouched
+    assert sorted(capped["val"]["per_class"]) == sorted(whole["val"]["per_class"])  # every class kept
+    assert simclr.main(["finetune", "--checkpoint", common["checkpoint"], "--val-images", "0", "--out", "x"]) == 2
+    with pytest.raises(options.UserError, match="cannot hold one image of each of shapes5's 5 classes"):
+        simclr.finetune(simclr.FinetuneConfig(**common, val_images=4), tmp_path / "four")
+
+
+def test_finetune_from_scratch_keeps_the_architecture_and_drops_the_weights(tmp_path, monkeypatch):
+    pre_dir = tmp_path / "pre"
+    simclr.pretrain(simclr.PretrainConfig(width=0.125, epochs=1, n_images=64, batch_size=32, head_layers=3,
+                                          eval_data="", device="cpu"), pre_dir)
+    pretrained = checkpoints.load_pretrained(pre_dir / "checkpoint.pt")[0].encoder.state_dict()
+    seen = {}
+
+    def capture(model, *args, **kwargs):
+        seen["encoder"] = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "fit", capture)
+    for scratch in (False, True):
+        cfg = simclr.FinetuneConfig(checkpoint=str(pre_dir / "checkpoint.pt"), from_scratch=scratch, epochs=1,
+                                    batch_size=16, train_images=100, test_images=20, device="cpu")
+        with pytest.raises(KeyboardInterrupt):
+            simclr.finetune(cfg, tmp_path / f"ft{scratch}")
+        same = all(torch.equal(seen["encoder"][k], v) for k, v in pretrained.items() if v.is_floating_point())
+        assert same is not scratch
+        assert seen["encoder"].keys() == pretrained.keys()
+        config = json.loads((tmp_path / f"ft{scratch}" / "config.json").read_text())
+        assert config["from_scratch"] is scratch and config["pretrained"] is not scratch
+        assert (config["split_sizes"]["train"], config["split_sizes"]["test"]) == (90, 20)
+
+
+def test_every_option_of_a_simclr_stage_is_in_its_config_json(tmp_path):
+    """config.json is the config dataclass written whole (plus derived values): an option added to a
+    config reaches config.json, and with it the resume check, without being listed anywhere."""
+    pre = tiny_pretrain_config(eval_data=None, epochs=1)
+    simclr.pretrain(pre, tmp_path / "pre")
+    ckpt = str(tmp_path / "pre" / "checkpoint.pt")
+    ft = simclr.FinetuneConfig(checkpoint=ckpt, epochs=1, batch_size=16, train_images=100, test_images=20,
+                               val_images=12, device="cpu", seed=3)
+    simclr.finetune(ft, tmp_path / "ft")
+    le = simclr.LinearEvalConfig(checkpoint=ckpt, epochs=2, train_images=100, test_images=20, device="cpu", lr=0.2)
+    simclr.linear_eval(le, tmp_path / "le")
+    for cfg, folder in ((simclr.resolve_defaults(pre), "pre"), (ft, "ft"), (le, "le")):
+        written = json.loads((tmp_path / folder / "config.json").read_text())
+        assert written["config_format"] == checkpoints.CONFIG_FORMAT
+        for f in dataclasses.fields(cfg):
+            assert written[f.name] == json.loads(json.dumps(getattr(cfg, f.name))), (folder, f.name)
 
 
 def test_check_frozen_catches_a_changed_bn_statistic():
@@ -3696,7 +3810,7 @@ def test_stages_augment_as_their_encoder_was_pretrained_and_carry_it_on(world, t
                                                test_images=100, epochs=1, device="cpu"), tmp_path / "lin")
     assert checkpoints.load_checkpoint(tmp_path / "lin" / "best.pt")["pretrain_augmentation"] == carried
     transfer.export(str(origin), tmp_path / "exported.pt")
-    assert checkpoints.load_encoder(tmp_path / "exported.pt").augmentation == carried
+    assert checkpoints.load_encoder(tmp_path / "exported.pt").pretrain_augmentation == carried
     scratch = simclr.finetune(simclr.FinetuneConfig(checkpoint=str(origin), from_scratch=True, **common),
                               tmp_path / "scratch", task=task)
     assert used("scratch") == "crop(scale=0.3-1)+flip"
@@ -3728,6 +3842,24 @@ def test_finetune_draws_its_task_from_data_seed(world, tmp_path, monkeypatch):
                                           test_images=50, epochs=1, batch_size=32, device="cpu", seed=1,
                                           data_seed=0), tmp_path / "ft")
     assert seeds == [0] and json.loads((tmp_path / "ft" / "config.json").read_text())["data_seed"] == 0
+
+
+def test_distill_alone_validates_on_the_teachers_val_split(world, tmp_path, monkeypatch):
+    """A teacher fine-tuned with --data-seed other than --seed: distill run on its own draws the
+    teacher's task, so the split that picks the student's epoch is the teacher's validation split."""
+    tasks, load_task = [], data.load_task
+    monkeypatch.setattr(data, "load_task", lambda *a, **k: tasks.append(load_task(*a, **k)) or tasks[-1])
+    teacher = simclr.finetune(simclr.FinetuneConfig(checkpoint=str(world["origin"]), data="shapes2", fraction=0.1,
+                                                    epochs=1, batch_size=32, device="cpu", seed=1, data_seed=2,
+                                                    log_every=100), tmp_path / "ft")
+    distill.distill(distill.DistillConfig(teacher=teacher["best"], data="shapes2", width=0.125, epochs=1,
+                                          batch_size=64, crop=False, flip=False, device="cpu", seed=1,
+                                          log_every=100), tmp_path / "kd")
+    teachers, students = tasks
+    assert np.array_equal(students.val.images, teachers.val.images), "distill validates on other images"
+    assert np.array_equal(students.val.labels, teachers.val.labels)
+    # The training seed alone draws other images: the check above can tell the two seeds apart.
+    assert not np.array_equal(load_task("shapes2", image_size=SIZE, seed=1).val.images, teachers.val.images)
 
 
 def _knn_by_hand(bank, bank_labels, query, k, temperature=0.1):
@@ -4029,7 +4161,7 @@ def test_cli_errors_exit_2_with_a_message(world, tmp_path, capsys):
 
 
 # ==================================================================================================
-# run_all.py and study1_length.py
+# run_all.py, report.py and study1_length.py
 # ==================================================================================================
 
 # --- the verdict rule, on hand-made numbers --------------------------------------------------------
@@ -4037,41 +4169,41 @@ def test_cli_errors_exit_2_with_a_message(world, tmp_path, capsys):
 
 def test_verdict_holds_when_gap_exceeds_spread():
     # gap 0.10, standard deviations 0.01: the ordering holds by far more than the spread.
-    assert run_all.verdict([0.90, 0.91, 0.92], [0.80, 0.81, 0.82]) == "holds"
+    assert report.verdict([0.90, 0.91, 0.92], [0.80, 0.81, 0.82]) == "holds"
 
 
 def test_verdict_fails_when_the_opposite_ordering_holds():
-    assert run_all.verdict([0.80, 0.81, 0.82], [0.90, 0.91, 0.92]) == "fails"
+    assert report.verdict([0.80, 0.81, 0.82], [0.90, 0.91, 0.92]) == "fails"
 
 
 def test_verdict_not_conclusive_when_gap_within_spread():
     # mean gap 0.01 but a standard deviation of 0.05 on one side.
-    assert run_all.verdict([0.80, 0.85, 0.90], [0.83, 0.84, 0.85]) == "not conclusive"
-    assert run_all.verdict([0.83, 0.84, 0.85], [0.80, 0.85, 0.90]) == "not conclusive"
+    assert report.verdict([0.80, 0.85, 0.90], [0.83, 0.84, 0.85]) == "not conclusive"
+    assert report.verdict([0.83, 0.84, 0.85], [0.80, 0.85, 0.90]) == "not conclusive"
 
 
 def test_verdict_one_seed_is_never_conclusive():
-    assert run_all.verdict([0.99], [0.01]) == "not conclusive"
-    assert run_all.verdict([0.01], [0.99]) == "not conclusive"
+    assert report.verdict([0.99], [0.01]) == "not conclusive"
+    assert report.verdict([0.01], [0.99]) == "not conclusive"
 
 
 def test_verdict_spread_is_the_larger_standard_deviation():
     # gap 0.02; std 0.01 on the left, 0.03 on the right: not conclusive (0.02 < 0.03); with both
     # sides at std 0.01 it holds.
-    assert run_all.verdict([0.51, 0.52, 0.53], [0.47, 0.50, 0.53]) == "not conclusive"
-    assert run_all.verdict([0.51, 0.52, 0.53], [0.49, 0.50, 0.51]) == "holds"
+    assert report.verdict([0.51, 0.52, 0.53], [0.47, 0.50, 0.53]) == "not conclusive"
+    assert report.verdict([0.51, 0.52, 0.53], [0.49, 0.50, 0.51]) == "holds"
 
 
 def test_combine_needs_every_ordering():
-    assert run_all.combine(["holds", "holds"]) == "holds"
-    assert run_all.combine(["holds", "not conclusive"]) == "not conclusive"
-    assert run_all.combine(["holds", "fails", "not conclusive"]) == "fails"
+    assert report.combine(["holds", "holds"]) == "holds"
+    assert report.combine(["holds", "not conclusive"]) == "not conclusive"
+    assert report.combine(["holds", "fails", "not conclusive"]) == "fails"
 
 
 def test_mean_std_is_the_sample_standard_deviation():
-    m, s = run_all.mean_std([1.0, 2.0, 3.0])
+    m, s = report.mean_std([1.0, 2.0, 3.0])
     assert m == 2.0 and s == pytest.approx(1.0)
-    assert run_all.mean_std([0.5]) == (0.5, 0.0)
+    assert report.mean_std([0.5]) == (0.5, 0.0)
 
 
 # --- options ---------------------------------------------------------------------------------------
@@ -4113,8 +4245,8 @@ def _numbers(tree):
 
 def test_tiny_writes_all_three_studies_tables_and_figures(tiny_run):
     results = json.loads((tiny_run / "results.json").read_text())
-    assert set(results["table1"]) == {k for k, _, _ in run_all.STUDY1_ROWS}
-    assert set(results["table2"]) == {f"{m}-{f}" for m, f in run_all.STUDY2_ROWS}
+    assert set(results["table1"]) == {k for k, _, _ in report.STUDY1_ROWS}
+    assert set(results["table2"]) == {f"{m}-{f}" for m, f in report.STUDY2_ROWS}
     assert results["study3_tasks"] == ["shapes2", "shapes5", "shapes47", "shapes100"]
     assert results["batch_sizes"] == [32, 64]
     for table in ("table1", "table2", "table4"):
@@ -4195,7 +4327,7 @@ def test_resume_reruns_only_the_stage_without_a_record(tiny_run, monkeypatch):
     assert after["table2"]["frozen-vgg"]["student"] == pytest.approx(before["table2"]["frozen-vgg"]["student"])
 
 
-# --- released encoders, precision, and the cuda and paper presets at tiny sizes ---------------------
+# --- released encoders, and the cuda, paper and cifar presets at tiny sizes -------------------------
 
 
 RELEASED_FILES = [(source, role) for source, roles in run_all.RELEASED.items() for role in roles]
@@ -4274,42 +4406,6 @@ def test_cpu_preset_starts_from_released_encoders_unless_told_otherwise():
     for name in ("cuda", "paper", "tiny"):
         assert run_all.choose_encoders(run_all.PRESETS[name], False, None, {})[0] is None
     assert p["seeds_cpu"] >= 3 and p["tasks"]["min_test"] >= 1000
-
-
-def test_resolve_precision(monkeypatch):
-    assert train.resolve_precision("auto", torch.device("cuda")) == "bf16"
-    assert train.resolve_precision("auto", torch.device("mps")) == "fp32"
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
-    assert train.resolve_precision("auto", torch.device("cpu")) == "fp32"
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
-    assert train.resolve_precision("auto", torch.device("cpu")) == "bf16"
-    assert train.resolve_precision("fp32", torch.device("cpu")) == "fp32"
-    with pytest.raises(options.UserError, match="precision"):
-        train.resolve_precision("fp16", torch.device("cpu"))
-    with pytest.raises(options.UserError, match="--precision"):
-        options.validate(simclr.FinetuneConfig(checkpoint="x", precision="half"))
-    # train.runtime resolves both once; its autocast is bf16 exactly when the precision is
-    assert train.runtime("cpu", "auto") == train.Runtime(torch.device("cpu"), "bf16")
-    assert isinstance(train.runtime("cpu", "fp32").autocast(), contextlib.nullcontext)
-    assert train.runtime("cpu", "bf16").autocast().fast_dtype == torch.bfloat16
-
-
-def test_bf16_and_fp32_losses_agree_on_one_step():
-    """One SimCLR step from identical weights and batch: the loss under bf16 autocast within 2%
-    (relative; fixed before measuring) of the fp32 loss, and it stays float32."""
-    torch.manual_seed(0)
-    model = checkpoints.build_simclr_model(dict(encoder="resnet18", width=0.125, cifar_stem=True, head_layers=3,
-                                          head_hidden=None, out_dim=128))
-    images = torch.as_tensor(shapes.generate("shapes5", 64, image_size=32)[0]).permute(0, 3, 1, 2).contiguous()
-    loss_fn = simclr.contrastive_loss_fn(model, A.SimCLRAugment(32, strength=1.0, scale=(0.4, 1.0)), 0.5,
-                                         train.Distributed())
-    losses_by = {}
-    for precision in ("fp32", "bf16"):
-        with train.autocast(torch.device("cpu"), precision):
-            loss = loss_fn(images, None, torch.Generator().manual_seed(1))
-        assert loss.dtype == torch.float32
-        losses_by[precision] = loss.item()
-    assert abs(losses_by["bf16"] - losses_by["fp32"]) <= 0.02 * abs(losses_by["fp32"]), losses_by
 
 
 def _image_folder(root: Path, images: np.ndarray, labels: np.ndarray, classes: Sequence[str]) -> Path:
@@ -4409,7 +4505,7 @@ def test_cifar_preset_end_to_end_on_generated_cifar_files(tmp_path, monkeypatch)
     assert "| cifar10 (in-domain reference) | 10 |" in md and "random encoder (batch 16)" in md
     assert "(cifar100 vs cifar100@lion+wolf)" in md and "kNN top-1 on cifar10 val" in md
     assert f"| {flowers} | 5 | 54 / 6 / 10 |" in md and "90 training labels" in md and "What pretraining adds" in md
-    assert Image.open(out / "figure6.png").size == run_all._CANVAS
+    assert Image.open(out / "figure6.png").size == report._CANVAS
 
 
 def test_study3_verdicts_leave_out_in_domain_reference_tasks():
@@ -4419,18 +4515,18 @@ def test_study3_verdicts_leave_out_in_domain_reference_tasks():
     accuracy = {"two": 0.9, "ten": 0.2, "hundred": 0.5}  # "ten" is the in-domain reference
     for name, classes in (("two", 2), ("ten", 10), ("hundred", 100)):
         tasks[name] = types.SimpleNamespace(num_classes=classes)
-    runs = {f"seed{s}-study1-{k}": dict(test_top1=0.5) for s in seeds for k, _, _ in run_all.STUDY1_ROWS}
+    runs = {f"seed{s}-study1-{k}": dict(test_top1=0.5) for s in seeds for k, _, _ in report.STUDY1_ROWS}
     runs |= {f"seed{s}-study2-{m}-{f}": dict(student_test_top1=0.5, teacher_test_top1=0.6, agreement_test=0.7,
-                                              student_arch=f) for s in seeds for m, f in run_all.STUDY2_ROWS}
+                                              student_arch=f) for s in seeds for m, f in report.STUDY2_ROWS}
     runs |= {f"seed{s}-study3-{t}-b{b}": dict(test_top1=accuracy[t] + 0.01 * s + 0.001 * b)
              for s in seeds for t in tasks for b in (32, 64)}
     mapping = dict(study3=["hundred", "two", "ten"])
     claim = "accuracy falls as the number of classes grows (batch 64)"
-    kept = run_all.summarise(runs, mapping, tasks, seeds, references=["ten"])
+    kept = report.summarise(runs, mapping, tasks, seeds, references=["ten"])
     assert kept["study3_tasks"] == ["two", "ten", "hundred"] and kept["reference_tasks"] == ["ten"]
     assert kept["verdicts"]["study3"][claim]["verdict"] == "holds"
     assert "(hundred vs two)" in " ".join(kept["verdicts"]["study3"])
-    counted = run_all.summarise(runs, mapping, tasks, seeds)
+    counted = report.summarise(runs, mapping, tasks, seeds)
     assert counted["verdicts"]["study3"][claim]["verdict"] == "fails"
 
 
@@ -4491,83 +4587,6 @@ def test_cifar_preset_starts_from_the_released_cifar10_encoders():
     # Studies 1 and 2 take every flower image; Study 3 one number of images per class; every test image.
     assert p["tasks"]["train_per_class"] == 0 and p["study3_tasks"]["train_per_class"] > 0
     assert all(s[k] == 0 for s in (p["tasks"], p["study3_tasks"]) for k in ("test_per_class", "min_test", "min_train"))
-
-
-def test_finetune_val_images_caps_the_split_that_picks_the_epoch(tmp_path):
-    simclr.pretrain(tiny_pretrain_config(eval_data=None, epochs=1), tmp_path / "pre")
-    common = dict(checkpoint=str(tmp_path / "pre" / "checkpoint.pt"), data="shapes5", train_images=400,
-                  test_images=20, epochs=1, batch_size=16, device="cpu")
-    capped = simclr.finetune(simclr.FinetuneConfig(**common, val_images=15), tmp_path / "capped")
-    whole = simclr.finetune(simclr.FinetuneConfig(**common), tmp_path / "whole")
-    config = {k: json.loads((tmp_path / k / "config.json").read_text()) for k in ("capped", "whole")}
-    assert (config["whole"]["split_sizes"]["val"], config["capped"]["split_sizes"]["val"]) == (40, 15)
-    assert (config["whole"]["val_images"], config["capped"]["val_images"]) == (None, 15)  # the options as given
-    assert config["whole"]["split_sizes"]["train"] == config["capped"]["split_sizes"]["train"] == 360  # train is untouched
-    assert sorted(capped["val"]["per_class"]) == sorted(whole["val"]["per_class"])  # every class kept
-    assert simclr.main(["finetune", "--checkpoint", common["checkpoint"], "--val-images", "0", "--out", "x"]) == 2
-    with pytest.raises(options.UserError, match="cannot hold one image of each of shapes5's 5 classes"):
-        simclr.finetune(simclr.FinetuneConfig(**common, val_images=4), tmp_path / "four")
-
-
-def test_finetune_from_scratch_keeps_the_architecture_and_drops_the_weights(tmp_path, monkeypatch):
-    pre_dir = tmp_path / "pre"
-    simclr.pretrain(simclr.PretrainConfig(width=0.125, epochs=1, n_images=64, batch_size=32, head_layers=3,
-                                          eval_data="", device="cpu"), pre_dir)
-    pretrained = checkpoints.load_pretrained(pre_dir / "checkpoint.pt")[0].encoder.state_dict()
-    seen = {}
-
-    def capture(model, *args, **kwargs):
-        seen["encoder"] = {k: v.clone() for k, v in model.encoder.state_dict().items()}
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train, "fit", capture)
-    for scratch in (False, True):
-        cfg = simclr.FinetuneConfig(checkpoint=str(pre_dir / "checkpoint.pt"), from_scratch=scratch, epochs=1,
-                                    batch_size=16, train_images=100, test_images=20, device="cpu")
-        with pytest.raises(KeyboardInterrupt):
-            simclr.finetune(cfg, tmp_path / f"ft{scratch}")
-        same = all(torch.equal(seen["encoder"][k], v) for k, v in pretrained.items() if v.is_floating_point())
-        assert same is not scratch
-        assert seen["encoder"].keys() == pretrained.keys()
-        config = json.loads((tmp_path / f"ft{scratch}" / "config.json").read_text())
-        assert config["from_scratch"] is scratch and config["pretrained"] is not scratch
-        assert (config["split_sizes"]["train"], config["split_sizes"]["test"]) == (90, 20)
-
-
-def test_every_option_of_a_simclr_stage_is_in_its_config_json(tmp_path):
-    """config.json is the config dataclass written whole (plus derived values): an option added to a
-    config reaches config.json, and with it the resume check, without being listed anywhere."""
-    pre = tiny_pretrain_config(eval_data=None, epochs=1)
-    simclr.pretrain(pre, tmp_path / "pre")
-    ckpt = str(tmp_path / "pre" / "checkpoint.pt")
-    ft = simclr.FinetuneConfig(checkpoint=ckpt, epochs=1, batch_size=16, train_images=100, test_images=20,
-                               val_images=12, device="cpu", seed=3)
-    simclr.finetune(ft, tmp_path / "ft")
-    le = simclr.LinearEvalConfig(checkpoint=ckpt, epochs=2, train_images=100, test_images=20, device="cpu", lr=0.2)
-    simclr.linear_eval(le, tmp_path / "le")
-    for cfg, folder in ((simclr.resolve_defaults(pre), "pre"), (ft, "ft"), (le, "le")):
-        written = json.loads((tmp_path / folder / "config.json").read_text())
-        assert written["config_format"] == checkpoints.CONFIG_FORMAT
-        for f in dataclasses.fields(cfg):
-            assert written[f.name] == json.loads(json.dumps(getattr(cfg, f.name))), (folder, f.name)
-
-
-def test_pretrain_release_writes_a_small_checkpoint_with_the_same_bytes_each_time(tmp_path, monkeypatch):
-    digests = []
-    for k in range(2):
-        (tmp_path / str(k)).mkdir()
-        monkeypatch.chdir(tmp_path / str(k))
-        assert simclr.main(["pretrain", "--width", "0.125", "--epochs", "2", "--n-images", "64", "--batch-size", "32",
-                            "--eval-images", "100", "--knn-k", "5", "--knn-every", "1", "--log-every", "2",
-                            "--device", "cpu", "--precision", "fp32", "--out", "run", "--release", "enc.pt"]) == 0
-        digests.append(hashlib.sha256(Path("enc.pt").read_bytes()).hexdigest())
-        ckpt = checkpoints.load_checkpoint("enc.pt")
-        assert "optimizer" not in ckpt and "rng" not in ckpt
-        assert Path("enc.pt").stat().st_size < 0.6 * Path("run/checkpoint.pt").stat().st_size
-        assert [r["epoch"] for r in map(json.loads, Path("enc.pt.log.jsonl").read_text().splitlines())
-                if "knn_top1" in r] == [1, 2]
-        checkpoints.load_pretrained("enc.pt")
-    assert digests[0] == digests[1]
 
 
 # --- killed or interrupted anywhere, then resumed (slow) -----------------------------------------
@@ -4635,7 +4654,7 @@ def test_run_all_interrupted_anywhere_says_how_to_resume_and_ends_in_the_same_ta
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(1)  # the KeyboardInterrupt arrives here
     with monkeypatch.context() as patch:
-        patch.setattr(run_all, "draw_chart", draw_chart_interrupted)
+        patch.setattr(report, "draw_chart", draw_chart_interrupted)
         assert run_all.main([*args, "--resume"]) == 130
     err = capsys.readouterr().err
     assert "run_all stopped by SIGINT while drawing the figures" in err and resume in err, err[-3000:]
@@ -4682,7 +4701,7 @@ def test_study1_length_command_at_tiny_sizes(tmp_path):
     assert json.loads((out / "runs" / "seed0-e1-none" / "config.json").read_text())["crop"] is False
     md = (out / "results.md").read_text()
     assert "| none | " in md and "| all beats none | " in md and "Length rule" in md
-    assert Image.open(out / "figure_length.png").size == run_all._CANVAS
+    assert Image.open(out / "figure_length.png").size == report._CANVAS
     # A finished run resumes from its records; bad lengths are refused before anything runs.
     assert study1_length.main([*args, "--resume"]) == 0
     for bad in ("0,15", "15,15", "x", ""):

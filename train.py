@@ -488,28 +488,30 @@ def default_strength(image_size: int) -> float:
     return 0.5 if image_size <= 64 else 1.0
 
 
-def matched_views(recorded: dict | None, image_size: int, *, crop: bool, flip: bool, color: bool,
+def matched_views(pretrain_augmentation: dict | None, image_size: int, *, crop: bool, flip: bool, color: bool,
                   blur: bool = False, crop_min_scale: float | None = None, strength: float | None = None,
                   source: str | os.PathLike | None = None, stage: str = "") -> augment.SimCLRAugment:
     """The stage's augmentation with the encoder's pretraining crop floor, colour strength and grayscale
-    probability (`recorded`; the first two each replaced by an explicit option). Without a record:
-    pretraining's defaults for the image size, and where crop or colour is on, the run says so on
-    stderr (naming `source`, the encoder's file; None: no file, nothing to say)."""
-    if recorded is None:
-        recorded = dict(crop_min_scale=PRETRAIN_CROP_MIN_SCALE, strength=default_strength(image_size))
+    probability (`pretrain_augmentation`; the first two each replaced by an explicit option). Without
+    a record: pretraining's defaults for the image size, and where crop or colour is on, the run says
+    so on stderr (naming `source`, the encoder's file; None: no file, nothing to say)."""
+    if pretrain_augmentation is None:
+        pretrain_augmentation = dict(crop_min_scale=PRETRAIN_CROP_MIN_SCALE, strength=default_strength(image_size))
         if source is not None and (crop or color) and (crop_min_scale is None or strength is None):
             print(f"{stage}: '{source}' does not record the augmentation it was pretrained with; using "
-                  f"pretraining's defaults for {image_size} px images (crops from {recorded['crop_min_scale']:.0%} "
-                  f"of the image, colour strength {recorded['strength']:g}). --crop-min-scale and --strength "
-                  "override them.", file=sys.stderr)
+                  f"pretraining's defaults for {image_size} px images (crops from "
+                  f"{pretrain_augmentation['crop_min_scale']:.0%} of the image, colour strength "
+                  f"{pretrain_augmentation['strength']:g}). --crop-min-scale and --strength override them.",
+                  file=sys.stderr)
     for given, on, what in ((crop_min_scale, crop, "--crop-min-scale: cropping"),
                             (strength, color, "--strength: colour distortion")):
         if given is not None and not on:
             print(f"{stage}: {what} is off, so the value {given:g} changes nothing.", file=sys.stderr)
-    scale = recorded["crop_min_scale"] if crop_min_scale is None else crop_min_scale
-    return augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=blur,
-                                 strength=recorded["strength"] if strength is None else strength, scale=(scale, 1.0),
-                                 grayscale=recorded.get("grayscale", augment.SimCLRAugment.GRAYSCALE_P))
+    scale = pretrain_augmentation["crop_min_scale"] if crop_min_scale is None else crop_min_scale
+    colour_strength = pretrain_augmentation["strength"] if strength is None else strength
+    return augment.SimCLRAugment(image_size, crop=crop, flip=flip, color=color, blur=blur, strength=colour_strength,
+                                 scale=(scale, 1.0),
+                                 grayscale=pretrain_augmentation.get("grayscale", augment.SimCLRAugment.GRAYSCALE_P))
 
 
 def check_input_size(name: str, image_size: int) -> None:

@@ -237,7 +237,7 @@ def transfer_views(cfg: TransferConfig, enc: checkpoints.Encoder, image_size: in
     floor and colour strength the encoder was pretrained with, unless cfg gives them."""
     if cfg.mode == "linear-cached" or not (cfg.crop or cfg.flip or cfg.color):
         return None
-    return train.matched_views(enc.augmentation, image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color,
+    return train.matched_views(enc.pretrain_augmentation, image_size, crop=cfg.crop, flip=cfg.flip, color=cfg.color,
                                crop_min_scale=cfg.crop_min_scale, strength=cfg.strength, source=cfg.source,
                                stage="transfer")
 
@@ -308,12 +308,12 @@ def transfer(cfg: TransferConfig, out: str | os.PathLike, resume: bool = False, 
     config = dict(stage="transfer", **dataclasses.asdict(cfg), source_kind=enc.kind, arch_resolved=enc.arch,
                   head_layer_resolved=enc.head_layer, mean=enc.mean, std=enc.std, task=task.name,
                   augmentation=augmentation.describe() if augmentation else "none",
-                  pretrain_augmentation=enc.augmentation, image_size_resolved=image_size,
+                  pretrain_augmentation=enc.pretrain_augmentation, image_size_resolved=image_size,
                   device_resolved=str(rt.device), precision_resolved=rt.precision)
     run.start(config)
     announce(config, task)
     meta = dict(kind="transfer", arch=cls_arch, classes=task.classes, image_size=image_size,
-                config=json.dumps(config, default=str), **checkpoints.carried(enc.augmentation))
+                config=json.dumps(config, default=str), **checkpoints.carried(enc.pretrain_augmentation))
 
     if cfg.mode == "linear-cached":
         reports = train.linear_probe(model, task, rt, image_size, epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -427,7 +427,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike, *, arch: str | Non
     checkpoints.atomic_save(state, out)
     description = dict(format="torchvision-state-dict", arch=enc.arch["encoder"], width=enc.arch["width"],
                        cifar_stem=enc.arch["cifar_stem"], mean=enc.mean, std=enc.std, image_size=enc.image_size,
-                       source=str(source), **checkpoints.carried(enc.augmentation))
+                       source=str(source), **checkpoints.carried(enc.pretrain_augmentation))
     checkpoints.atomic_write_text(json.dumps(description, indent=2) + "\n", side)
     print(f"export: {len(state)} tensors of {description['arch']} (width {description['width']}) -> {out} "
           f"(+ {side.name}: normalisation mean {enc.mean} std {enc.std})", file=sys.stderr)
