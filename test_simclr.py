@@ -2102,11 +2102,11 @@ def test_labeled_sets_too_small_exit_2_before_training(world, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # The decode pool: its workers' signals, and how it ends
 # ---------------------------------------------------------------------------------------------
-# Issue 34: multiprocessing.Pool's terminate ended the workers with SIGTERM. Workers that kept the
-# command's SIGTERM handler (options.main's) printed its traceback, or, when the signal came just
-# before a worker slept on the shared task queue's lock, never ended, and the command waited forever;
-# a worker that died holding that lock (a SIGTERM to the whole process group, the out-of-memory
-# killer) left the command waiting forever too. The decode workers now share no lock.
+# Why the decode workers share no lock: with multiprocessing.Pool, whose terminate ends workers with
+# SIGTERM, a worker that kept the command's SIGTERM handler (options.main's) printed its traceback, or,
+# when the signal came just before it slept on the shared task queue's lock, never ended, and the
+# command waited forever; a worker that died holding that lock (a SIGTERM to the whole process group,
+# the out-of-memory killer) left the command waiting forever too.
 
 _linux_fork = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="decode workers are forked on Linux only")
 
@@ -2330,8 +2330,8 @@ for t in range(trials):
 @_linux_fork
 def test_repeated_fresh_decodes_neither_hang_nor_print_a_traceback(tmp_path):
     """40 fresh decodes of a new folder of 1,400 small PNGs, each within 30 s (a watchdog ends the
-    run instead of letting CI hang). Before issue 34's fix, the same 40 trials and cap, on 2 cores
-    with another job running, printed a worker's traceback in 15 and hung in 5 (about 1 s each now)."""
+    run instead of letting CI hang). With a multiprocessing.Pool, the same 40 trials and cap, on 2
+    cores with another job running, printed a worker's traceback in 15 and hung in 5."""
     trials, cap_s = 40, 30
     folder = tmp_path / "photos"
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Pin the project's behaviour before a restructuring (issue 25): run the tiny runs of every command
+"""Pin the project's behaviour before a restructuring: run the tiny runs of every command
 and record everything they produce, then compare two such records.
 
     python .ci/pin_behaviour.py record OUT      # runs every command into OUT/runs, writes OUT/record.json
