@@ -699,28 +699,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("grid", help="save a PNG grid of samples per class", formatter_class=HelpFormatter)
     p.add_argument("name", help=f"dataset name ({', '.join(known_names())}) or folder")
     p.add_argument("--out", default="grid.png", help="PNG file to write")
-    p.add_argument("--size", type=options.bounded(int, options.Range(8), "size"), default=32, help="image size")
+    _add_size(p)
     p.add_argument("--per-class", type=options.bounded(int, options.AT_LEAST_1, "per-class"), default=8, help="images per class (row)")
     p.add_argument("--max-classes", type=options.bounded(int, options.AT_LEAST_1, "max-classes"), default=20, help="rows to show at most")
-    p.add_argument("--seed", type=options.bounded(int, options.NON_NEGATIVE, "seed"), default=0, help="random seed")
-    p.add_argument("--root", default=None, help="data root for named datasets; None: $SIMCLR_DATA, else ~/.local/share/simclr")
-    p.add_argument("--cache-dir", default=None, help="decode cache; None: $SIMCLR_CACHE, else ~/.cache/simclr")
+    options.add_options(p, options.StageConfig, only=("seed", "root", "cache_dir"))
     p = sub.add_parser("info", help="print splits, classes and channel statistics", formatter_class=HelpFormatter)
     p.add_argument("name", help="dataset name or folder")
-    p.add_argument("--size", type=options.bounded(int, options.Range(8), "size"), default=32, help="image size")
-    p.add_argument("--root", default=None, help="data root for named datasets")
-    p.add_argument("--cache-dir", default=None, help="decode cache")
-    p.add_argument("--skip-bad", action="store_true", help="leave out unreadable images with a warning")
+    _add_size(p)
+    options.add_options(p, options.StageConfig, only=("root", "cache_dir", "skip_bad"))
     p.add_argument("--download", action="store_true", help="download a named dataset if missing")
     p = sub.add_parser("download", help="download and extract a named dataset", formatter_class=HelpFormatter)
     p.add_argument("name", choices=list(sources.DATASETS))
-    p.add_argument("--root", default=None, help="data root; None: $SIMCLR_DATA, else ~/.local/share/simclr")
+    options.add_options(p, options.StageConfig, only=("root",))
     p.add_argument("--mirror", default=None, help="base URL serving the archives by file name; None: $SIMCLR_MIRROR, else the publisher")
     p = sub.add_parser("bench", help="generator speed on one CPU core", formatter_class=HelpFormatter)
     p.add_argument("--n", type=options.bounded(int, options.AT_LEAST_1, "n"), default=20000, help="images to generate")
-    p.add_argument("--size", type=options.bounded(int, options.Range(8), "size"), default=32, help="image size")
+    _add_size(p)
     p.add_argument("--name", default=POOL_NAME, help="embedded dataset to render")
     return parser
+
+
+def _add_size(parser: argparse.ArgumentParser) -> None:
+    """--size, the side in pixels that grid, info and bench resize or render images to."""
+    parser.add_argument("--size", type=options.bounded(int, options.Range(8), "size"), default=32, help="image size")
 
 
 def run_command(args: argparse.Namespace) -> None:

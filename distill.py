@@ -208,7 +208,8 @@ def agreement(a: list[int], b: list[int]) -> float:
 
 
 @dataclass
-class DistillConfig(options.StageConfig):
+class DistillConfig(train.PresetViewOptions, train.MatchedViewOptions, train.PresetTrainingOptions,
+                    train.LoopOptions, options.StageConfig):
     """Every setting of a distillation run; settings left as None take PRESETS[preset]'s value, and
     dense_layers None means (256,) in frozen mode and none otherwise."""
     teacher: str = option(None, "classifier checkpoint (best.pt of a finetune/distill/transfer run)", required=True)
@@ -229,23 +230,10 @@ class DistillConfig(options.StageConfig):
     labeled_fraction: float = option(0.0, "fraction of train labels known (alpha < 1)", allowed=options.UNIT)
     soft_labels: str = option("online", "teacher on each augmented view (SimCLR v2) or once on un-augmented images",
                               choices=SOFT_LABELS)
-    crop: bool | None = option(None, "crop augmentation; None: the preset's")
-    flip: bool | None = option(None, "flip augmentation; None: the preset's")
-    color: bool | None = option(None, "color augmentation; None: the preset's")
-    crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image; None: the teacher's "
-                                          "pretraining setting", allowed=options.FRACTION)
-    strength: float | None = option(None, "colour distortion strength; None: the teacher's pretraining setting",
-                                    allowed=options.NON_NEGATIVE)
     extra_unlabeled: str | None = option(None, "extra unlabeled images, e.g. shapes-pool or a folder")
     extra_n: int | None = option(None, "how many extra unlabeled images", allowed=options.POSITIVE)
-    epochs: int | None = option(None, "None: the preset's", allowed=options.POSITIVE)
-    batch_size: int | None = option(None, "None: the preset's", allowed=options.POSITIVE)
     lr: float | None = option(None, "peak learning rate, cosine decay; None: the preset's", allowed=options.POSITIVE)
-    momentum: float | None = option(None, "None: the preset's", allowed=options.MOMENTUM)
-    weight_decay: float | None = option(None, "None: the preset's", allowed=options.NON_NEGATIVE)
-    optimizer: str | None = option(None, "None: the preset's", choices=["sgd", "lars"])
-    log_every: int = option(20, "steps between log lines (host syncs)", allowed=options.AT_LEAST_1)
-    compile: str = train.compile_option()
+    optimizer: str | None = option(None, "None: the preset's", choices=list(train.OPTIMIZERS))
 
 
 @dataclass
@@ -297,18 +285,10 @@ def resolve_settings(cfg: DistillConfig) -> tuple[dict, tuple[int, ...]]:
     """(the optimisation and augmentation settings: cfg's where given, else the preset's; the dense
     layer widths), after checking every option."""
     options.validate(cfg)
-    if cfg.preset not in PRESETS:
-        raise UserError(f"Unknown --preset '{cfg.preset}'. Use one of: {', '.join(PRESETS)}.")
     given = dict(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
                  weight_decay=cfg.weight_decay,
                  optimizer=cfg.optimizer, temperature=cfg.temperature, crop=cfg.crop, flip=cfg.flip, color=cfg.color)
     settings = {**PRESETS[cfg.preset], **{k: v for k, v in given.items() if v is not None}}
-    if cfg.mode not in MODES:
-        raise UserError(f"Unknown --mode '{cfg.mode}'. Use one of: {', '.join(MODES)}.")
-    if cfg.soft_labels not in SOFT_LABELS:
-        raise UserError(f"Unknown --soft-labels '{cfg.soft_labels}'. Use online or precomputed.")
-    if cfg.student not in models.MODEL_NAMES:
-        raise UserError(f"Unknown --student '{cfg.student}'. Use one of: {', '.join(models.MODEL_NAMES)}.")
     train.check_positive(epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
                          temperature=settings["temperature"])
     if cfg.mode != "frozen":
@@ -324,7 +304,7 @@ def load_student(cfg: DistillConfig, dense_layers: tuple[int, ...], d: DistillDa
                  ) -> tuple[models.Classifier, dict]:
     """(the student on `dev`, its 'arch' for the checkpoint): build_student for cfg.mode, with the
     CIFAR stem up to 64 px unless cfg says; a frozen base must not be the teacher's own encoder."""
-    cifar_stem = d.image_size <= 64 if cfg.cifar_stem is None else cfg.cifar_stem
+    cifar_stem = train.pretrain_defaults(d.image_size)["cifar_stem"] if cfg.cifar_stem is None else cfg.cifar_stem
     train.check_input_size(cfg.student, d.image_size)
     model, arch = build_student(cfg.mode, cfg.student, cfg.width, cifar_stem, d.task.num_classes, dense_layers,
                                 cfg.student_checkpoint, d.image_size)

@@ -2,7 +2,9 @@
 
 A stage's settings are one dataclass whose fields are declared with `option(default, help,
 allowed=...)`; `add_options` builds the --flags from those fields and `validate` checks their ranges,
-so a setting's default, help text and allowed values are written in one place. `main` runs a command
+so a setting's default, help text and allowed values are written in one place. Options that several
+stages share are declared once, in an option group (a dataclass such as `StageConfig`) that their
+configs inherit; a stage that needs another default says so with `override`. `main` runs a command
 line and turns a `UserError` into one paragraph on stderr and exit status 2, without a traceback.
 
 Standard library only, so that shapes.py, which raises `UserError`, needs only numpy.
@@ -12,13 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import signal
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 
 class UserError(Exception):
@@ -119,6 +122,12 @@ def option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
     return field(default=default, metadata=dict(help=help, **argparse_kwargs))
 
 
+def override(group: type, name: str, default: Any) -> Any:
+    """The option `name` of the option group `group` with another default, for a stage that needs one
+    (a comment beside it says why): its help and allowed values stay written once, in `group`."""
+    return field(default=default, metadata=group.__dataclass_fields__[name].metadata)
+
+
 @dataclass
 class StageConfig:
     """The options every stage shares: where it runs and where its data comes from."""
@@ -134,13 +143,39 @@ class StageConfig:
                             flag=True)
 
 
-def add_options(parser: argparse.ArgumentParser, config: type, only: Iterable[str] | None = None) -> None:
+def declared_by(config: type, name: str) -> type:
+    """The class whose own body declares the field `name` of the dataclass `config`: `config` itself,
+    or the stage config or option group it inherits the field from."""
+    return next(c for c in config.__mro__ if name in inspect.get_annotations(c))
+
+
+def _help_position(config: type) -> Callable[[dataclasses.Field], tuple[int, int, int]]:
+    """Where a field's flag goes in --help: a stage's own options first (a base stage's before those it
+    adds), then the option groups it mixes in, in the order it lists them, and StageConfig's options
+    last (also where a stage gives one another default or help)."""
+    mro = list(config.__mro__)
+    shared = list(inspect.get_annotations(StageConfig))
+
+    def position(f: dataclasses.Field) -> tuple[int, int, int]:
+        if f.name in shared:
+            return 2, 0, shared.index(f.name)
+        owner = declared_by(config, f.name)
+        in_body = list(inspect.get_annotations(owner)).index(f.name)
+        if issubclass(owner, StageConfig):
+            return 0, -mro.index(owner), in_body
+        return 1, mro.index(owner), in_body
+    return position
+
+
+def add_options(parser: argparse.ArgumentParser, config: type, only: Sequence[str] | None = None) -> None:
     """One --flag per field of the dataclass `config` that has help text (see `option`), typed by
-    the field's annotation; StageConfig's shared options come last in --help."""
+    the field's annotation: all of them in the order of `_help_position`, or those named in `only`, in
+    that order. Each flag records the class that declares it (`declared_by`)."""
     hints = typing.get_type_hints(config)
-    shared = {f.name for f in dataclasses.fields(StageConfig)}
-    chosen = [f for f in dataclasses.fields(config) if "help" in f.metadata and (only is None or f.name in only)]
-    for f in sorted(chosen, key=lambda f: f.name in shared):
+    with_help = {f.name: f for f in dataclasses.fields(config) if "help" in f.metadata}
+    chosen = (sorted(with_help.values(), key=_help_position(config)) if only is None
+              else [with_help[name] for name in only])
+    for f in chosen:
         kwargs = dict(f.metadata)
         allowed = kwargs.pop("allowed", None)
         flags = kwargs.pop("flags", None) or ["--" + f.name.replace("_", "-")]
@@ -156,7 +191,8 @@ def add_options(parser: argparse.ArgumentParser, config: type, only: Iterable[st
             kwargs["type"] = bounded(kind, allowed, f.name.replace("_", "-"))
         else:
             kwargs["type"] = bool_arg if kind is bool else kind
-        parser.add_argument(*flags, dest=f.name, default=f.default, **kwargs)
+        action = parser.add_argument(*flags, dest=f.name, default=f.default, **kwargs)
+        action.declared_by = declared_by(config, f.name)  # type: ignore[attr-defined]  (tests count declarations)
 
 
 def from_args(config: type, args: argparse.Namespace) -> Any:

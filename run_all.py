@@ -99,14 +99,9 @@ from transfer import TransferConfig
 # A Study 3 task drawn from the dataset the encoder was pretrained on (the pool's) is an in-domain
 # reference: reported and drawn, marked as such, and left out of the verdicts, which are about transfer.
 
-# The embedded world at 32 px departs from SimCLR's CIFAR augmentations in two ways, both chosen on
-# the kNN check (shapes5's validation split, 500 images; never the test split) of the CPU preset:
-# - colour strength 1.0, not 0.5: every image draws its colours at random, so colour alone tells
-#   two images apart (SimCLR v1 section 3, Figure 6) unless the distortion is strong;
-# - crops of at least 40% of the image, not 8%: the class is an outline, and at 32 px a crop of 8%
-#   (9x9 pixels) keeps only texture.
-# The measurements behind both: RESULTS.md, "How the CPU pretraining settings were chosen".
-_SMALL_PRETRAIN = dict(head_layers=3, optimizer="lars", knn_k=50, strength=1.0, crop_min_scale=0.4)
+# The embedded world at 32 px departs from SimCLR's CIFAR augmentations in colour strength and crop
+# floor: train.PRETRAIN_DEFAULTS['embedded'] gives both and why.
+_SMALL_PRETRAIN = dict(head_layers=3, optimizer="lars", knn_k=50, **train.PRETRAIN_DEFAULTS["embedded"])
 
 # Study 3's probe: a new linear layer on the frozen encoder, trained on crop + flip views (the seed
 # paper's Study 3, transfer.py's 'paper' preset); each preset sets its epochs.
@@ -645,6 +640,8 @@ class RunAllConfig(options.StageConfig):
                                            "(see below)", flags=["--data"], metavar="DATA")
     seeds: int | None = options.option(None, "seeds per study, mean ± std (default: the preset's: 3, 1 for tiny and "
                                        "paper on CPU)", allowed=options.AT_LEAST_1)
+    # Not train.LoopOptions' compile: one setting for every stage of the run, and 'auto' weighs the images
+    # of all the runs that share a compiled network.
     compile: str = options.option("auto", "torch.compile the training steps: auto compiles a network on a CPU when its "
                                   f"runs together train on at least {train.COMPILE_MIN_IMAGES:,} images (Study 1's "
                                   "fine-tunes in the cpu preset), as each compile is shared by the later runs",

@@ -73,9 +73,17 @@ def contrastive_loss_fn(model: nn.Module, augmentation: augment.SimCLRAugment, t
 
 
 @dataclass
-class PretrainConfig(options.StageConfig):
+class EncoderOptions:
+    """The network that pretraining trains and bench times."""
+    model: str = option("resnet18", "encoder (models.py)", choices=models.MODEL_NAMES)
+    width: float = option(1.0, "channel multiplier (SimCLR 2x, 4x; 0.25 for CPU)", allowed=options.POSITIVE)
+
+
+@dataclass
+class PretrainConfig(EncoderOptions, train.OptimiserOptions, train.LoopOptions, options.StageConfig):
     """Every setting of a pretraining run. Defaults follow the official CIFAR command up to 64 px and
-    the ImageNet settings above; None means 'choose by image size' (see `resolve_defaults`)."""
+    the ImageNet settings above; None means 'choose by image size' (train.PRETRAIN_DEFAULTS, filled in
+    by `resolve_defaults`)."""
     data: str = option("shapes-pool", "unlabeled images: shapes-pool, a folder, or a dataset name")
     eval_data: str | None = option("shapes5", "labeled task for the kNN monitor, its train split the bank and its "
                                    "val split the queries ('' for none)")
@@ -83,36 +91,33 @@ class PretrainConfig(options.StageConfig):
                                      "None: its default", allowed=options.POSITIVE)
     image_size: int = option(32, "working resolution in pixels", allowed=options.POSITIVE)
     n_images: int | None = option(None, "pool size (generated) or cap (folder)", allowed=options.POSITIVE)
-    model: str = option("resnet18", "encoder (models.py)", choices=models.MODEL_NAMES)
-    width: float = option(1.0, "channel multiplier (SimCLR 2x, 4x; 0.25 for CPU)", allowed=options.POSITIVE)
-    cifar_stem: bool | None = option(None, "3x3 stem, no max-pool (default: on up to 64 px)")
+    cifar_stem: bool | None = option(None, f"3x3 stem, no max-pool (default: {train.default_by_size('cifar_stem')})")
     head_layers: int = option(2, "2 (SimCLR v1) or 3 (v2)", allowed=options.AT_LEAST_1)
     head_hidden: int | None = option(None, "head width (default: the encoder's feature width)",
                                      allowed=options.AT_LEAST_1)
     out_dim: int = option(128, "projection size z (the loss's input)", allowed=options.AT_LEAST_1)
     epochs: int = option(100, "passes over the unlabeled images", allowed=options.POSITIVE)
     batch_size: int = option(512, "global batch (all processes)", allowed=options.POSITIVE)
-    optimizer: str = option("lars", "LARS (SimCLR) or SGD with momentum", choices=["lars", "sgd"])
-    base_lr: float | None = option(None, "scaled by batch/256 (default: 1.0 up to 64 px, else 0.3)",
+    optimizer: str = options.override(train.OptimiserOptions, "optimizer", "lars")  # SimCLR's (v1 section 2.2)
+    base_lr: float | None = option(None, f"scaled by batch/256 (default: {train.default_by_size('base_lr')})",
                                    allowed=options.POSITIVE)
     lr_scaling: str = option("linear", "lr = base-lr x batch/256 (linear) or base-lr x sqrt(batch) (sqrt; SimCLR v2 "
                              "uses 0.075)", choices=["linear", "sqrt"])
-    weight_decay: float | None = option(None, "default: 1e-4 up to 64 px, else 1e-6", allowed=options.NON_NEGATIVE)
-    momentum: float = option(0.9, "momentum of LARS / SGD", allowed=options.MOMENTUM)
+    # Not OptimiserOptions' 0: SimCLR's weight decay depends on the image size.
+    weight_decay: float | None = option(None, f"default: {train.default_by_size('weight_decay')}",
+                                        allowed=options.NON_NEGATIVE)
     warmup_epochs: float | None = option(None, "default: 10, at most a tenth of the run", allowed=options.NON_NEGATIVE)
     temperature: float = option(0.5, "NT-Xent temperature", allowed=options.POSITIVE)
-    strength: float | None = option(None, "colour distortion strength (default: 0.5 up to 64 px, else 1.0)",
+    strength: float | None = option(None, f"colour distortion strength (default: {train.default_by_size('strength')})",
                                     allowed=options.NON_NEGATIVE)
     grayscale: float = option(augment.SimCLRAugment.GRAYSCALE_P, "probability that a view is turned gray, after "
                               "the colour jitter (SimCLR: 0.2)", allowed=options.UNIT)
     crop_min_scale: float = option(train.PRETRAIN_CROP_MIN_SCALE, "smallest random-crop area as a fraction of the image (SimCLR: 0.08)",
                                    allowed=options.FRACTION)
-    blur: bool | None = option(None, "Gaussian blur (default: off up to 64 px)")
+    blur: bool | None = option(None, f"Gaussian blur (default: {train.default_by_size('blur')})")
     knn_every: int = option(10, "epochs between kNN monitor evaluations", allowed=options.AT_LEAST_1)
     knn_k: int = option(200, "neighbours of the kNN monitor", allowed=options.AT_LEAST_1)
-    log_every: int = option(20, "steps between log lines (host syncs)", allowed=options.AT_LEAST_1)
     checkpoint_every: int = option(0, "steps between checkpoints (0: each epoch)", allowed=options.NON_NEGATIVE)
-    compile: str = train.compile_option()
     release: str | None = option(None, "also write the final encoder and head, without optimiser state, to this "
                                  "file (a released encoder: see RESULTS.md), with the run's log beside it as "
                                  "FILE.log.jsonl")
@@ -121,18 +126,11 @@ class PretrainConfig(options.StageConfig):
 
 
 def resolve_defaults(cfg: PretrainConfig) -> PretrainConfig:
-    small = cfg.image_size <= 64
-    cfg = dataclasses.replace(cfg, eval_data=cfg.eval_data or None)
-    if cfg.cifar_stem is None:
-        cfg.cifar_stem = small
-    if cfg.base_lr is None:
-        cfg.base_lr = 1.0 if small else 0.3
-    if cfg.weight_decay is None:
-        cfg.weight_decay = 1e-4 if small else 1e-6
-    if cfg.strength is None:
-        cfg.strength = train.default_strength(cfg.image_size)
-    if cfg.blur is None:
-        cfg.blur = not small
+    """A copy of cfg with every option left as None chosen: by image size (train.PRETRAIN_DEFAULTS),
+    and the warm-up by the run's length."""
+    by_size = train.pretrain_defaults(cfg.image_size)
+    cfg = dataclasses.replace(cfg, eval_data=cfg.eval_data or None,
+                              **{name: value for name, value in by_size.items() if getattr(cfg, name) is None})
     if cfg.warmup_epochs is None:
         cfg.warmup_epochs = min(10.0, cfg.epochs / 10)
     return cfg
@@ -361,7 +359,8 @@ def pretraining_views(ckpt: dict, source: str | os.PathLike | None = None,
         config = None
     blur = config.get("blur") if isinstance(config, dict) else None
     return train.matched_views(checkpoints.pretrain_augmentation(ckpt), size, crop=True, flip=True, color=True,
-                               blur=size > 64 if blur is None else bool(blur), source=source, stage=stage)
+                               blur=train.pretrain_defaults(size)["blur"] if blur is None else bool(blur),
+                               source=source, stage=stage)
 
 
 def diagnostic_subset(queries: data.ImageSet) -> tuple[data.ImageSet, int]:
@@ -434,7 +433,8 @@ def representation_report(model: models.SimCLRModel, bank: data.ImageSet | Seque
     bank = [bank] if isinstance(bank, data.ImageSet) else list(bank)
     size = size or queries.image_size
     if views is None:
-        views = train.matched_views(None, size, crop=True, flip=True, color=True, blur=size > 64)
+        views = train.matched_views(None, size, crop=True, flip=True, color=True,
+                                    blur=train.pretrain_defaults(size)["blur"])
     was_training = model.training
     model.eval()
     bank_h, bank_z = (torch.cat(f) for f in zip(*(_h_and_z(model, s, rt, size) for s in bank)))
@@ -479,16 +479,17 @@ def _split_size(split: str):
 
 
 @dataclass
-class FrozenEvalConfig(options.StageConfig):
-    """What an evaluation of a frozen pretraining checkpoint reads: the checkpoint and a labeled task."""
-    checkpoint: str = option(None, "a pretraining checkpoint.pt", required=True)
+class CheckpointTaskConfig(options.StageConfig):
+    """What a stage that starts from a pretraining checkpoint reads (linear-eval, knn, finetune): the
+    checkpoint and a labeled task."""
+    checkpoint: str | None = option(None, "a pretraining checkpoint.pt", required=True)
     data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
     train_images: int | None = _split_size("train")
     test_images: int | None = _split_size("test")
 
 
 @dataclass
-class LinearEvalConfig(FrozenEvalConfig):
+class LinearEvalConfig(CheckpointTaskConfig):
     """Linear evaluation of a pretraining checkpoint on a labeled task."""
     epochs: int = option(100, "epochs of the linear layer on cached features", allowed=options.POSITIVE)
     lr: float = option(0.1, "learning rate (SGD, momentum 0.9, cosine)", allowed=options.POSITIVE)
@@ -528,7 +529,7 @@ def linear_eval(cfg: LinearEvalConfig, out: str | os.PathLike | None = None, res
 
 
 @dataclass
-class KnnConfig(FrozenEvalConfig):
+class KnnConfig(CheckpointTaskConfig):
     """kNN evaluation of a pretraining checkpoint on a labeled task's test (or val) split."""
     split: str = option("test", "queries: test (bank: every training image, val included) or val (bank: train)",
                         choices=["test", "val"])
@@ -570,15 +571,11 @@ def knn_eval(cfg: KnnConfig) -> dict:
 
 
 @dataclass
-class FinetuneConfig(options.StageConfig):
+class FinetuneConfig(CheckpointTaskConfig, train.MatchedViewOptions, train.OptimiserOptions, train.LoopOptions):
     """Fine-tuning from a pretraining checkpoint (SimCLR v2 section 2.2). `checkpoint=None` with
     `arch` and `image_size` trains the same network from random initialisation (a supervised baseline)."""
-    checkpoint: str | None = option(None, "a pretraining checkpoint.pt", required=True)
     from_scratch: bool = option(False, "train the checkpoint's architecture from random initialisation instead "
                                 "(a supervised reference: same network, same image size, no pretraining)", flag=True)
-    data: str = option("shapes5", "labeled task: an embedded name, a dataset name or a folder")
-    train_images: int | None = _split_size("train")
-    test_images: int | None = _split_size("test")
     fraction: float = option(1.0, "fraction of training labels (0.01, 0.1, 1)", allowed=options.FRACTION)
     val_images: int | None = option(None, "keep at most this many val images (class-proportional, at least one per "
                                     "class) to pick the best epoch; the others are left out, not moved into train. "
@@ -589,18 +586,9 @@ class FinetuneConfig(options.StageConfig):
     flip: bool = option(True, "use flip augmentation while fine-tuning")
     color: bool = option(False, "use color augmentation while fine-tuning")
     blur: bool = option(False, "use blur augmentation while fine-tuning")
-    crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image (default: the "
-                                          "encoder's pretraining setting)", allowed=options.FRACTION)
-    strength: float | None = option(None, "colour distortion strength when --color is on (default: the encoder's "
-                                    "pretraining setting)", allowed=options.NON_NEGATIVE)
     epochs: int = option(30, "passes over the labeled subset", allowed=options.POSITIVE)
     batch_size: int = option(128, "labeled images per step", allowed=options.POSITIVE)
     lr: float = option(0.05, "peak learning rate (warm-up, then cosine)", allowed=options.POSITIVE)
-    optimizer: str = option("sgd", "optimiser", choices=["lars", "sgd"])
-    weight_decay: float = option(0.0, "weight decay (not on biases and BN)", allowed=options.NON_NEGATIVE)
-    momentum: float = option(0.9, "momentum of SGD / LARS", allowed=options.MOMENTUM)
-    log_every: int = option(20, "steps between log lines (host syncs)", allowed=options.AT_LEAST_1)
-    compile: str = train.compile_option()
     data_seed: int | None = option(None, "seed of the task's images and splits (default: --seed; run_all.py's "
                                    "studies draw every task from seed 0 and vary only --seed)")
     arch: dict | None = None   # the network to train from scratch when checkpoint is None
@@ -728,26 +716,48 @@ def _timed(fn: Callable[[], None], device: torch.device, steps: int, warmup: int
     return time.perf_counter() - start
 
 
-def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, width: float = 1.0,
-          steps: int = 20, warmup: int = 5, device: str = "auto", compile: bool = False,
-          blur: bool | None = None, precision: str = "auto") -> dict:
+@dataclass
+class BenchConfig(EncoderOptions, options.StageConfig):
+    """What bench times: pretraining's step (see `bench_step`) for one network, image size and batch, on
+    StageConfig's --device (its other options mean nothing here and are not flags of bench)."""
+    size: int = option(32, "image size in pixels", allowed=options.Range(8))
+    batch: int = option(512, "source images per step (two views each)", allowed=options.Range(2))
+    steps: int = option(20, "timed steps (after 5 warm-up steps)", allowed=options.AT_LEAST_1)
+    # Not LoopOptions' compile or StageConfig's precision: bench can time both settings in one run, and
+    # it runs too few steps for a compile to pay back, so it stays eager unless asked.
+    compile: str = option("off", "torch.compile the model", choices=["off", "on", "both"])
+    precision: str = option("auto", "autocast (see pretrain --precision); both: fp32, then bf16, in one run",
+                            choices=[*options.PRECISIONS, "both"])
+
+
+def bench(cfg: BenchConfig) -> list[dict]:
+    """bench_step's throughputs for each compile setting and precision that cfg asks for."""
+    options.validate(cfg)
+    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[cfg.compile]
+    precisions = ["fp32", "bf16"] if cfg.precision == "both" else [cfg.precision]
+    return [bench_step(cfg, compile, precision) for precision in precisions for compile in compile_modes]
+
+
+def bench_step(cfg: BenchConfig, compile: bool, precision: str, warmup: int = 5) -> dict:
     """Pretraining throughput in source images/s (each is two views): the network alone on batches
     already augmented, the augmentation alone, and the whole step from uint8 images on the device.
-    The step is run_all.py's small-image pretraining: a 3-layer head, crops from 40% of the image,
-    colour strength 1.0 (0.5 and SimCLR's 8% crops above 64 px), NT-Xent at T 0.5, LARS."""
-    rt = train.runtime(device, precision)
+    The step is that of run_all.py's presets on the embedded world: a 3-layer head, the views of
+    train.PRETRAIN_DEFAULTS['embedded'] (colour strength 1.0, crops from 40% of the image) with the
+    stem and blur of the image size, NT-Xent at T 0.5, LARS."""
+    rt = train.runtime(cfg.device, precision)
     dev, precision = rt.device, rt.precision
     torch.manual_seed(0)
-    blur = size > 64 if blur is None else blur
-    arch = dict(encoder=model_name, width=width, cifar_stem=size <= 64, head_layers=3, head_hidden=None, out_dim=128)
+    views = {**train.pretrain_defaults(cfg.size), **train.PRETRAIN_DEFAULTS["embedded"]}
+    arch = dict(encoder=cfg.model, width=cfg.width, cifar_stem=views["cifar_stem"], head_layers=3, head_hidden=None,
+                out_dim=128)
     model = checkpoints.build_simclr_model(arch).to(dev)
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compile else model
     optimizer = train.make_optimizer(model, "lars", 0.1, 1e-6)
-    augmentation = augment.SimCLRAugment(size, blur=blur, strength=1.0 if size <= 64 else 0.5,
-                                         scale=(0.4 if size <= 64 else 0.08, 1.0))
-    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, device=dev)
+    augmentation = augment.SimCLRAugment(cfg.size, blur=views["blur"], strength=views["strength"],
+                                         scale=(views["crop_min_scale"], 1.0))
+    images = torch.randint(0, 256, (cfg.batch, 3, cfg.size, cfg.size), dtype=torch.uint8, device=dev)
     g = torch.Generator(device=dev).manual_seed(0)
     loss_fn = contrastive_loss_fn(step_model, augmentation, 0.5, train.Distributed())
     fixed_views = torch.cat([augmentation(images, g), augmentation(images, g)])
@@ -772,11 +782,11 @@ def bench(model_name: str = "resnet18", size: int = 32, batch_size: int = 512, w
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    t_net = _timed(network_step, dev, steps, warmup)
-    t_aug = _timed(augment_only, dev, steps, warmup)
-    t_full = _timed(full_step, dev, steps, warmup)
-    n = steps * batch_size
-    result = dict(model=model_name, size=size, batch=batch_size, width=width, device=str(dev), compile=compile,
+    t_net = _timed(network_step, dev, cfg.steps, warmup)
+    t_aug = _timed(augment_only, dev, cfg.steps, warmup)
+    t_full = _timed(full_step, dev, cfg.steps, warmup)
+    n = cfg.steps * cfg.batch
+    result = dict(model=cfg.model, size=cfg.size, batch=cfg.batch, width=cfg.width, device=str(dev), compile=compile,
                   precision=precision,
                   threads=torch.get_num_threads(), network_img_s=n / t_net, end_to_end_img_s=n / t_full,
                   augment_img_s=n / t_aug, ratio=t_net / t_full,
@@ -808,18 +818,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_run(f)
 
     b = sub.add_parser("bench", help="pretraining throughput", formatter_class=options.HelpFormatter)
-    b.add_argument("--model", default="resnet18", choices=models.MODEL_NAMES, help="encoder")
-    b.add_argument("--size", type=options.bounded(int, options.Range(8), "size"), default=32, help="image size in pixels")
-    b.add_argument("--batch", type=options.bounded(int, options.Range(2), "batch"), default=512,
-                   help="source images per step (two views each)")
-    b.add_argument("--width", type=options.bounded(float, options.POSITIVE, "width"), default=1.0,
-                   help="channel multiplier")
-    b.add_argument("--steps", type=options.bounded(int, options.AT_LEAST_1, "steps"), default=20,
-                   help="timed steps (after 5 warm-up steps)")
-    b.add_argument("--compile", choices=["off", "on", "both"], default="off", help="torch.compile the model")
-    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    b.add_argument("--precision", choices=[*options.PRECISIONS, "both"], default="auto",
-                   help="autocast (see pretrain --precision); both: fp32, then bf16, in one run")
+    options.add_options(b, BenchConfig, only=("model", "size", "batch", "width", "steps", "compile", "device",
+                                              "precision"))
     return parser
 
 
@@ -833,10 +833,7 @@ def run_command(args: argparse.Namespace) -> None:
     elif args.command == "finetune":
         finetune(options.from_args(FinetuneConfig, args), args.out, resume=args.resume, overwrite=args.overwrite)
     elif args.command == "bench":
-        modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-        precisions = ["fp32", "bf16"] if args.precision == "both" else [args.precision]
-        rows = [bench(args.model, args.size, args.batch, args.width, args.steps, device=args.device, compile=c,
-                      precision=p) for p in precisions for c in modes]
+        rows = bench(options.from_args(BenchConfig, args))
         if rows[0]["device"] == "cpu":
             native = train.cpu_has_native_bf16()
             print(f"CPU: {'computes bf16 natively (AMX or AVX512-BF16)' if native else 'no native bf16 (emulated: slower than fp32)'}; "

@@ -1494,6 +1494,73 @@ def test_a_config_out_of_range_is_refused_from_python_too(tmp_path):
         simclr.finetune(simclr.FinetuneConfig(checkpoint="missing.pt", batch_size=1), tmp_path / "f")
 
 
+# --- each option declared once --------------------------------------------------------------------
+
+
+COMMAND_LINES = (simclr, distill, transfer, run_all, study1_length, data)
+
+
+def _option_declarations(parsers: Sequence[argparse.ArgumentParser], call_sites: dict
+                         ) -> dict[tuple, tuple[str, str, str | None]]:
+    """Every option declaration behind `parsers`, by where it is written -> (flag, default, help). A
+    config field counts once, in the class whose own body declares it (options.add_options records
+    that class), however many configs inherit it and parsers add it; an add_argument call written
+    out counts once per line of source (`call_sites`, filled as the parsers were built)."""
+    found = {}
+    for parser in parsers:
+        for sub in _subparsers(parser).values():
+            for a in sub._actions:
+                if a.dest == "help":
+                    continue
+                owner = getattr(a, "declared_by", None)
+                where = (owner.__module__, owner.__qualname__, a.dest) if owner else call_sites[a]
+                found[where] = (a.option_strings[0] if a.option_strings else a.dest, repr(a.default), a.help)
+    return found
+
+
+def _declared_more_than_once(found: dict[tuple, tuple[str, str, str | None]]) -> dict[str, list[tuple]]:
+    """Flags declared in two places with the same default and the same help: one option written twice."""
+    places: dict[tuple, list[tuple]] = {}
+    for where, declaration in found.items():
+        places.setdefault(declaration, []).append(where)
+    return {declaration[0]: wheres for declaration, wheres in places.items() if len(wheres) > 1}
+
+
+def _recording_call_sites(monkeypatch) -> dict:
+    """{action: (file, line) of the add_argument call that made it}, for parsers built from now on."""
+    call_sites = {}
+    add_argument = argparse._ActionsContainer.add_argument
+
+    def recorded(self, *args, **kwargs):
+        action = add_argument(self, *args, **kwargs)
+        caller = sys._getframe(1)
+        call_sites[action] = (Path(caller.f_code.co_filename).name, caller.f_lineno)
+        return action
+    monkeypatch.setattr(argparse._ActionsContainer, "add_argument", recorded)
+    return call_sites
+
+
+def test_each_option_is_declared_once_across_the_command_lines(monkeypatch):
+    call_sites = _recording_call_sites(monkeypatch)
+    parsers = [m.build_parser() for m in COMMAND_LINES]
+    found = _option_declarations(parsers, call_sites)
+    print(f"{len(found)} option declarations of {len({flag for flag, _, _ in found.values()})} names behind "
+          f"{len(COMMAND_LINES)} command lines")
+    assert not _declared_more_than_once(found)
+    # An option counts where it is written, not where it is used: StageConfig's --device (every stage
+    # and bench) and add_run's --resume (seven commands) are one declaration each.
+    assert [flag for flag, _, _ in found.values()].count("--device") == 1
+    assert [flag for flag, _, _ in found.values()].count("--resume") == 1
+    # The rule catches a repeat: a config that writes LoopOptions' --log-every out again.
+
+    @dataclasses.dataclass
+    class WritesLogEveryAgain:
+        log_every: int = options.option(20, "steps between log lines (host syncs)", allowed=options.AT_LEAST_1)
+    again = argparse.ArgumentParser()
+    options.add_options(again, WritesLogEveryAgain)
+    assert list(_declared_more_than_once(_option_declarations([*parsers, again], call_sites))) == ["--log-every"]
+
+
 # --- an interrupt outside a training loop (options.main) -----------------------------------------
 
 
@@ -3266,6 +3333,20 @@ def test_pretrain_release_writes_a_small_checkpoint_with_the_same_bytes_each_tim
                 if "knn_top1" in r] == [1, 2]
         checkpoints.load_pretrained("enc.pt")
     assert digests[0] == digests[1]
+
+
+def test_bench_times_the_embedded_worlds_pretraining_step(monkeypatch):
+    """At 32 px bench's step has run_all's views on the embedded world (colour strength 1.0, crops from
+    40%, no blur), the CIFAR stem and a 3-layer head."""
+    made = {}
+    views, build = A.SimCLRAugment, checkpoints.build_simclr_model
+    monkeypatch.setattr(A, "SimCLRAugment", lambda *a, **k: made.setdefault("views", views(*a, **k)))
+    monkeypatch.setattr(checkpoints, "build_simclr_model", lambda arch: made.setdefault("arch", arch) and build(arch))
+    monkeypatch.setattr(simclr, "_timed", lambda fn, device, steps, warmup: 1.0)  # the step is built, not timed
+    [row] = simclr.bench(simclr.BenchConfig(width=0.125, batch=4, device="cpu", precision="fp32"))
+    assert (made["views"].strength, made["views"].scale, made["views"].blur) == (1.0, (0.4, 1.0), False)
+    assert made["arch"]["cifar_stem"] is True and made["arch"]["head_layers"] == 3
+    assert (row["size"], row["batch"], row["compile"], row["precision"]) == (32, 4, False, "fp32")
 
 
 @pytest.mark.slow  # two minutes on 2 cores: the world's classes take the cpu preset's budget to show

@@ -1,10 +1,13 @@
 """The shared engine of every stage: devices and precision, the optimiser by name (LARS and the
-warm-up + cosine schedule live in optim.py), the training loop, the views an encoder was pretrained
-on, and evaluation (features, accuracy, the linear probe). Run folders, checkpoints and the models
-rebuilt from them are in checkpoints.py; options and the errors users see, in options.py.
+warm-up + cosine schedule live in optim.py), the training loop, pretraining's defaults by image size,
+the views an encoder was pretrained on, and evaluation (features, accuracy, the linear probe); with
+them, the option groups the stages' configs share (OptimiserOptions, LoopOptions, PresetViewOptions,
+PresetTrainingOptions, MatchedViewOptions). Run folders, checkpoints and the models rebuilt from them
+are in checkpoints.py; options and the errors users see, in options.py.
 
 simclr.py, distill.py and transfer.py import this file; none of them imports another stage's file
-for plumbing. Nothing here is specific to contrastive learning: read simclr.py first.
+for plumbing. Apart from pretraining's defaults, nothing here is specific to contrastive learning:
+read simclr.py first.
 """
 from __future__ import annotations
 
@@ -188,12 +191,6 @@ def _cpu_compiler() -> str | None:
     return next(filter(None, (shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++"))), None)
 
 
-def compile_option() -> Any:
-    """The --compile field of every stage that trains a network (resolve_compile)."""
-    return option("auto", f"torch.compile the network (linear-aug: the frozen encoder): auto is on for CPU runs of at least "
-                  f"{COMPILE_MIN_IMAGES:,} training images (README, Speed), off elsewhere", choices=list(COMPILE_CHOICES))
-
-
 def compiled(model: nn.Module, enabled: bool = True) -> Callable[..., Any]:
     """torch.compile(model) for the training step, or `model` itself. Compiling happens at the first
     call; if it fails there (no working compiler, an unsupported operator), a warning says so and
@@ -229,6 +226,18 @@ def seed_everything(seed: int) -> None:
 # Optimisation: the optimiser a stage asks for by name (LARS and the schedule: optim.py)
 
 
+OPTIMIZERS = ("lars", "sgd")
+
+
+@dataclass
+class OptimiserOptions:
+    """The optimiser options of a stage that sets its own (pretrain, finetune). The defaults are
+    fine-tuning's: SGD with momentum and no weight decay."""
+    optimizer: str = option("sgd", "LARS (SimCLR) or SGD with momentum", choices=list(OPTIMIZERS))
+    momentum: float = option(0.9, "momentum of LARS / SGD", allowed=options.MOMENTUM)
+    weight_decay: float = option(0.0, "weight decay (not on biases and BN)", allowed=options.NON_NEGATIVE)
+
+
 def make_optimizer(module: nn.Module, name: str, lr: float, weight_decay: float,
                    momentum: float = 0.9) -> torch.optim.Optimizer:
     """'lars' (SimCLR pretraining) or 'sgd': momentum SGD with Nesterov momentum, as the official SimCLR
@@ -245,6 +254,34 @@ def make_optimizer(module: nn.Module, name: str, lr: float, weight_decay: float,
 
 # ----------------------------------------------------------------------------------------------
 # The training loop shared by pretraining, fine-tuning, distillation and transfer
+
+
+@dataclass
+class LoopOptions:
+    """The options of every stage that trains with `fit`: how often it logs, and whether it compiles
+    (resolve_compile)."""
+    log_every: int = option(20, "steps between log lines (host syncs)", allowed=options.AT_LEAST_1)
+    compile: str = option("auto", "torch.compile the network (linear-aug: the frozen encoder): auto is on for CPU runs "
+                          f"of at least {COMPILE_MIN_IMAGES:,} training images (README, Speed), off elsewhere",
+                          choices=list(COMPILE_CHOICES))
+
+
+@dataclass
+class PresetViewOptions:
+    """The augmentations of a stage with presets (distill, transfer), each the preset's when left as None."""
+    crop: bool | None = option(None, "crop augmentation; None: the preset's")
+    flip: bool | None = option(None, "flip augmentation; None: the preset's")
+    color: bool | None = option(None, "color augmentation; None: the preset's")
+
+
+@dataclass
+class PresetTrainingOptions:
+    """The length and optimiser settings of a stage with presets (distill, transfer), each the preset's
+    when left as None."""
+    epochs: int | None = option(None, "None: the preset's", allowed=options.POSITIVE)
+    batch_size: int | None = option(None, "None: the preset's", allowed=options.POSITIVE)
+    momentum: float | None = option(None, "None: the preset's", allowed=options.MOMENTUM)
+    weight_decay: float | None = option(None, "None: the preset's", allowed=options.NON_NEGATIVE)
 
 
 @dataclass
@@ -472,6 +509,58 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
 
 
 # ----------------------------------------------------------------------------------------------
+# Pretraining's defaults by image size
+#
+# Each written once with its reason, as airbench's `hyp`. SimCLR has two recipes: the official code's
+# CIFAR-10 command for small images and its ImageNet settings for large ones. simclr.resolve_defaults
+# fills a pretraining option left as None from the row of the run's image size, and pretrain --help
+# quotes the rows (default_by_size); an encoder that records no augmentation was pretrained with its
+# row's colour strength (matched_views). 'embedded' is not a size: it is what the embedded world at
+# 32 px changes in the small row, chosen on the kNN check of the cpu preset (shapes5's validation
+# split, 500 images; never the test split; RESULTS.md, "How the CPU pretraining settings were
+# chosen"). run_all's presets on that world read it, and so does simclr's bench, which times their step.
+
+SMALL_IMAGE_PX = 64  # images up to this size take the small row
+PRETRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "small": dict(  # the official CIFAR-10 command (v1 appendix B.9)
+        cifar_stem=True,    # B.9's 3x3 stride-1 stem, no max-pool: ImageNet's 7x7/2 stem and pool shrink 32 px to 8
+        base_lr=1.0,        # the CIFAR-10 command's learning rate (x batch/256, LARS)
+        weight_decay=1e-4,  # the CIFAR-10 command's
+        strength=0.5,       # B.9: colour distortion of strength 0.5 on CIFAR-10
+        blur=False,         # B.9 leaves Gaussian blur out, for CIFAR-10's small images
+    ),
+    "large": dict(  # SimCLR's ImageNet settings (v1 section 4 and appendix A)
+        cifar_stem=False,   # ResNet's own stem, made for 224 px
+        base_lr=0.3,        # v1: learning rate 0.3 x batch/256 with LARS
+        weight_decay=1e-6,  # v1's ImageNet weight decay
+        strength=1.0,       # v1 appendix A: colour distortion at full strength
+        blur=True,          # v1 appendix A: Gaussian blur on half of the views
+    ),
+    "embedded": dict(
+        strength=1.0,       # every image draws its colours at random, so colour alone tells two images apart
+                            # (SimCLR v1 section 3, Figure 6) unless the distortion is strong
+        crop_min_scale=0.4,  # the class is an outline, and at 32 px a crop of 8% (9x9 pixels) keeps only texture
+    ),
+}
+PRETRAIN_CROP_MIN_SCALE = 0.08  # SimCLR's random-resized-crop floor, the same at every size (v1 appendix A)
+
+
+def pretrain_defaults(image_size: int) -> dict[str, Any]:
+    """The row of PRETRAIN_DEFAULTS that images of `image_size` pixels take."""
+    return PRETRAIN_DEFAULTS["small" if image_size <= SMALL_IMAGE_PX else "large"]
+
+
+def default_by_size(name: str) -> str:
+    """How --help says the default of pretraining option `name`: 'on up to 64 px' for a switch,
+    '1.0 up to 64 px, else 0.3' for a number."""
+    small, large = PRETRAIN_DEFAULTS["small"][name], PRETRAIN_DEFAULTS["large"][name]
+    if isinstance(small, bool):
+        return f"{'on' if small else 'off'} up to {SMALL_IMAGE_PX} px"
+    short = lambda v: f"{v:.0e}".replace("e-0", "e-") if v < 1e-3 else repr(v)  # noqa: E731  (1e-4, not 0.0001)
+    return f"{short(small)} up to {SMALL_IMAGE_PX} px, else {short(large)}"
+
+
+# ----------------------------------------------------------------------------------------------
 # The views an encoder was pretrained on
 #
 # The seed paper's Study 1 fine-tunes with "similar data augmentation operations that were used for
@@ -480,12 +569,15 @@ def fit(model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor | None, 
 # records them in its config; each classifier trained from it carries them on
 # (checkpoints.pretrain_augmentation).
 
-PRETRAIN_CROP_MIN_SCALE = 0.08  # SimCLR's random-resized-crop floor (v1 appendix A)
 
-
-def default_strength(image_size: int) -> float:
-    """SimCLR's colour strength: 0.5 for CIFAR-sized images (v1 appendix B.9), 1.0 above 64 px."""
-    return 0.5 if image_size <= 64 else 1.0
+@dataclass
+class MatchedViewOptions:
+    """A stage's crop floor and colour strength: those its encoder was pretrained with unless given
+    (matched_views)."""
+    crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image; None: the encoder's "
+                                          "pretraining setting (distill: the teacher's)", allowed=options.FRACTION)
+    strength: float | None = option(None, "colour distortion strength; None: the encoder's pretraining setting "
+                                    "(distill: the teacher's)", allowed=options.NON_NEGATIVE)
 
 
 def matched_views(pretrain_augmentation: dict | None, image_size: int, *, crop: bool, flip: bool, color: bool,
@@ -496,7 +588,7 @@ def matched_views(pretrain_augmentation: dict | None, image_size: int, *, crop: 
     a record: pretraining's defaults for the image size, and where crop or colour is on, the run says
     so on stderr (naming `source`, the encoder's file; None: no file, nothing to say)."""
     if pretrain_augmentation is None:
-        pretrain_augmentation = dict(crop_min_scale=PRETRAIN_CROP_MIN_SCALE, strength=default_strength(image_size))
+        pretrain_augmentation = dict(crop_min_scale=PRETRAIN_CROP_MIN_SCALE, strength=pretrain_defaults(image_size)["strength"])
         if source is not None and (crop or color) and (crop_min_scale is None or strength is None):
             print(f"{stage}: '{source}' does not record the augmentation it was pretrained with; using "
                   f"pretraining's defaults for {image_size} px images (crops from "

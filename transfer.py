@@ -79,7 +79,8 @@ PRESETS: dict[str, dict] = {
 
 
 @dataclass
-class TransferConfig(options.StageConfig):
+class TransferConfig(train.PresetViewOptions, train.MatchedViewOptions, train.PresetTrainingOptions,
+                     train.LoopOptions, options.StageConfig):
     """Every setting of a transfer run; settings left as None take PRESETS[preset]'s value. The
     source options (source, arch, width, cifar_stem, normalize) are shared with extract and export."""
     source: str = option(None, "a checkpoint of this project, or a torchvision-layout ResNet/VGG state dict (.pt/.pth)",
@@ -98,20 +99,7 @@ class TransferConfig(options.StageConfig):
     head_layer: int | None = option(None, "features after this projection-head layer (0: encoder)",
                                     allowed=options.NON_NEGATIVE)
     image_size: int | None = option(None, "working size; None: the source's", allowed=options.POSITIVE)
-    crop: bool | None = option(None, "crop augmentation; None: the preset's")
-    flip: bool | None = option(None, "flip augmentation; None: the preset's")
-    color: bool | None = option(None, "color augmentation; None: the preset's")
-    crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image; None: the "
-                                          "encoder's pretraining setting", allowed=options.FRACTION)
-    strength: float | None = option(None, "colour distortion strength; None: the encoder's pretraining setting",
-                                    allowed=options.NON_NEGATIVE)
-    epochs: int | None = option(None, "None: the preset's", allowed=options.POSITIVE)
-    batch_size: int | None = option(None, "None: the preset's", allowed=options.POSITIVE)
     lr: float | None = option(None, "peak lr, used as given; None: preset's, scaled by batch", allowed=options.POSITIVE)
-    momentum: float | None = option(None, "None: the preset's", allowed=options.MOMENTUM)
-    weight_decay: float | None = option(None, "None: the preset's", allowed=options.NON_NEGATIVE)
-    log_every: int = option(20, "steps between log lines (host syncs)", allowed=options.AT_LEAST_1)
-    compile: str = train.compile_option()
 
 
 SOURCE_OPTIONS = ("source", "arch", "width", "cifar_stem", "normalize")
@@ -189,12 +177,8 @@ def resolve_settings(cfg: TransferConfig) -> TransferConfig:
     """A copy of cfg with every setting left as None taken from its preset (the learning rate
     scaled by batch / 256 where the preset says so), after checking the options."""
     options.validate(cfg)
-    if cfg.preset not in PRESETS:
-        raise UserError(f"Unknown --preset '{cfg.preset}'. Use one of: {', '.join(PRESETS)}.")
     p = PRESETS[cfg.preset]
     mode = cfg.mode or p["mode"]
-    if mode not in MODES:
-        raise UserError(f"Unknown --mode '{mode}'. Use one of: {', '.join(MODES)}.")
     if mode == "linear-cached" and any(v for v in (cfg.crop, cfg.flip, cfg.color)):
         raise UserError("--mode linear-cached computes features once on un-augmented images; augmentation needs "
                         "--mode linear-aug or finetune.")
@@ -449,21 +433,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("extract", help="features or predictions for a folder of images",
                        formatter_class=options.HelpFormatter)
-    options.add_options(e, TransferConfig, only=(*SOURCE_OPTIONS, "head_layer", "image_size", "device", "skip_bad",
-                                                "cache_dir"))
+    options.add_options(e, TransferConfig, only=(*SOURCE_OPTIONS, "head_layer", "image_size", "device", "cache_dir",
+                                                "skip_bad"))
     e.add_argument("--images", required=True, help="folder of images (searched recursively)")
     e.add_argument("--out", required=True, help="output prefix: writes <out>.npy and <out>.json")
     e.add_argument("--what", default="features", choices=["features", "predictions"],
                    help="encoder features, or class predictions of a classifier checkpoint")
     e.add_argument("--batch-size", type=options.bounded(int, options.POSITIVE, "batch-size"), default=256,
                    help="images per forward pass")
-    e.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     x = sub.add_parser("export", help="an encoder as a plain torchvision-layout state dict",
                        formatter_class=options.HelpFormatter)
     options.add_options(x, TransferConfig, only=SOURCE_OPTIONS)
     x.add_argument("--out", required=True, help="the .pt file to write (plus <out>.json with its normalisation)")
-    x.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    for command in (e, x):
+        command.add_argument("--overwrite", action="store_true", help="replace existing output files")
     return parser
 
 
