@@ -588,7 +588,8 @@ def matched_views(pretrain_augmentation: dict | None, image_size: int, *, crop: 
     a record: pretraining's defaults for the image size, and where crop or colour is on, the run says
     so on stderr (naming `source`, the encoder's file; None: no file, nothing to say)."""
     if pretrain_augmentation is None:
-        pretrain_augmentation = dict(crop_min_scale=PRETRAIN_CROP_MIN_SCALE, strength=pretrain_defaults(image_size)["strength"])
+        pretrain_augmentation = dict(crop_min_scale=PRETRAIN_CROP_MIN_SCALE,
+                                     strength=pretrain_defaults(image_size)["strength"])
         if source is not None and (crop or color) and (crop_min_scale is None or strength is None):
             print(f"{stage}: '{source}' does not record the augmentation it was pretrained with; using "
                   f"pretraining's defaults for {image_size} px images (crops from "
