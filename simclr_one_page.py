@@ -76,7 +76,7 @@ def main(steps: int | None = None) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 20 == 0 or step == total - 1:  # .item() waits for the device: only now and then
+        if step % per_epoch == 0 or step == total - 1:  # .item() waits for the device: once an epoch
             print(f"step {step:4d}/{total}  loss {loss.item():.4f}  lr {opt.param_groups[0]['lr']:.3f}  "
                   f"{(step + 1) * BATCH / (time.time() - start):.0f} img/s")
 
