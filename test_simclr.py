@@ -5,7 +5,7 @@ Contents (search for the heading; every '# ====' section, in file order):
   losses.py and models.py            NT-Xent, distillation, diagnostics (alignment, uniformity, contrastive
                                      top-1), encoders, torchvision layout, projection head
   optim.py                           LARS by hand, parameter groups, warm-up then cosine per step
-  options.py                         every numeric option of every command range-checked; interrupts outside fit
+  options.py                         every numeric option range-checked, each declared once; interrupts outside fit
   shapes.py, sources.py and data.py  the world, image folders and the cache (concurrent runs, full disk,
                                      named pipes), the decode pool (workers' signals, how it ends),
                                      CIFAR (structure), downloads (unsafe members), batches
@@ -18,7 +18,7 @@ Contents (search for the heading; every '# ====' section, in file order):
   study1_length.py                   the cifar transfer preset, Study 1 against fine-tuning length
   Every command line: bad input      one table of broken input through every script, in real processes
 
-Run: python -m pytest test_simclr.py          (default, about 2.5 minutes on 2 CPU cores; README)
+Run: python -m pytest test_simclr.py          (default, about 3 minutes on 2 CPU cores; README)
      python -m pytest test_simclr.py -m slow  (kill/resume and other slow fault cases)
 No network and no external dataset: all data is generated here or by shapes.py.
 """
