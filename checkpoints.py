@@ -143,10 +143,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 # Settings a resumed run may change: where and how fast it runs, and how often it reports. Every
-# other setting changes what the run is (README, Reliability: "Resume").
+# other setting changes what the run is (RELIABILITY_AND_SPEED.md, Reliability: "Resume").
 RESUME_MAY_DIFFER = frozenset({"device", "device_resolved", "precision", "precision_resolved", "compile",
                                "log_every", "knn_every", "checkpoint_every", "root", "cache_dir", "skip_bad",
-                               "torch", "release", "config_format"})
+                               "torch", "release", "config_format",
+                               "data_seed_resolved"})  # follows from the teacher and the seed, both compared
 # Settings added after runs had been written without them: a config.json that lacks one was made with
 # the value that reproduces what the run did (before --grayscale, SimCLRAugment's fixed 0.2).
 SETTINGS_ADDED_LATER = {"grayscale": 0.2}

@@ -246,16 +246,19 @@ class DistillData:
     image_size: int
     images: data.ImageSet
     known: np.ndarray
+    data_seed: int | None  # the seed that drew and split the task; None: the caller passed the task in
 
 
 def teacher_data_seed(teacher_ckpt: dict, default: int) -> int:
-    """The seed the teacher's task was drawn and split with: its recorded --data-seed, else its --seed
-    (what a teacher recorded without a data seed used), else `default`. With another seed the
-    validation carve (and a generated task's images) would differ, and the teacher's training images
-    would select the student's best epoch."""
+    """The seed the teacher's task was drawn and split with: its recorded --data-seed (a fine-tuned
+    teacher) or the seed its own distillation drew with (a distilled one), else its --seed (what a
+    teacher recorded without either used), else `default`. With another seed the validation carve (and
+    a generated task's images) would differ, and the teacher's training images would select the
+    student's best epoch."""
     config = json.loads(teacher_ckpt.get("config") or "{}")
-    if config.get("data_seed") is not None:
-        return int(config["data_seed"])
+    for key in ("data_seed", "data_seed_resolved"):
+        if config.get(key) is not None:
+            return int(config[key])
     return int(config.get("seed", default))
 
 
@@ -264,8 +267,8 @@ def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data
     decide the task's images."""
     teacher_ckpt_meta = checkpoints.load_checkpoint(cfg.teacher)
     image_size = int(teacher_ckpt_meta.get("image_size") or 32)
-    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root,
-                                  seed=teacher_data_seed(teacher_ckpt_meta, cfg.seed),
+    data_seed = None if task is not None else teacher_data_seed(teacher_ckpt_meta, cfg.seed)
+    task = task or data.load_task(cfg.data, image_size=image_size, root=cfg.root, seed=data_seed,
                                   cache_dir=cfg.cache_dir, skip_bad=cfg.skip_bad)
     teacher_model, teacher_ckpt = load_teacher(cfg.teacher, task, dev)
     extra = (data.load_unlabeled(cfg.extra_unlabeled, image_size=image_size, n=cfg.extra_n, root=cfg.root,
@@ -278,7 +281,7 @@ def load_data(cfg: DistillConfig, batch_size: int, dev: torch.device, task: data
     if batch_size > len(images):
         raise UserError(f"--batch-size {batch_size} is larger than the {len(images)} distillation images "
                         f"('{task.name}' train{' + ' + cfg.extra_unlabeled if extra else ''}). Use at most {len(images)}.")
-    return DistillData(teacher_model, teacher_ckpt, task, image_size, images, known)
+    return DistillData(teacher_model, teacher_ckpt, task, image_size, images, known, data_seed)
 
 
 def resolve_settings(cfg: DistillConfig) -> tuple[dict, tuple[int, ...]]:
@@ -347,12 +350,14 @@ def student_pretrain_augmentation(cfg: DistillConfig, teacher_pretrain_augmentat
 
 def announce(config: dict) -> None:
     """The run's settings in one line on stderr, as config.json records them."""
-    c, settings = config, config["effective"]
-    print(f"distill: teacher {c['teacher']} -> {c['student']} (width {c['width']}, {c['mode']}) on "
-          f"{c['distillation_images']} images of {c['task']}, T {settings['temperature']}, alpha {c['alpha']}, "
-          f"soft labels {c['soft_labels_effective']}, augment {c['augmentation']}, {settings['optimizer']} lr "
+    settings = config["effective"]
+    print(f"distill: teacher {config['teacher']} -> {config['student']} (width {config['width']}, "
+          f"{config['mode']}) on {config['distillation_images']} images of {config['task']}, "
+          f"T {settings['temperature']}, alpha {config['alpha']}, soft labels {config['soft_labels_effective']}, "
+          f"augment {config['augmentation']}, {settings['optimizer']} lr "
           f"{settings['lr']} wd {settings['weight_decay']}, {settings['epochs']} epochs x batch "
-          f"{settings['batch_size']}, device {c['device_resolved']}, {c['precision_resolved']}", file=sys.stderr)
+          f"{settings['batch_size']}, device {config['device_resolved']}, {config['precision_resolved']}",
+          file=sys.stderr)
 
 
 def teacher_logits(d: DistillData, rt: train.Runtime) -> torch.Tensor:
@@ -412,6 +417,7 @@ def distill(cfg: DistillConfig, out: str | os.PathLike, resume: bool = False, ov
                   augmentation=augmentation.describe() if augmentation else "none",
                   pretrain_augmentation=pretrain_augmentation,
                   distillation_images=len(d.images), known_labels=int((d.known >= 0).sum()),
+                  data_seed_resolved=d.data_seed,
                   device_resolved=str(rt.device), precision_resolved=rt.precision)
     run.start(config)
     announce(config)

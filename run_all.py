@@ -20,12 +20,12 @@ fine-tune -> distill):
                also probes a random encoder; a task from the encoder's own pretraining data is an in-domain
                reference, left out of the verdicts
 
-Everything lands in the run folder (--out): results.json (every number, the settings, seeds,
-versions, device, precision, wall time per stage), results.md (the tables beside the paper's
-numbers and a verdict per claim), figure2.png, figure6.png and pretraining.png (the encoder's
-pretraining curve, when its log is at hand), stages/NAME.json (one completion record per
-stage, written atomically with its results: --resume skips finished stages and reuses them) and
-runs/NAME/ (each stage's own run folder: config, log, checkpoints).
+Everything lands in the run folder (--out): stages/NAME.json (one completion record per stage,
+written atomically with its results: --resume skips finished stages and reuses them), runs/NAME/
+(each stage's own run folder: config, log, checkpoints), and what report.py makes of the results:
+results.json (every number, the settings, seeds, versions, device, precision, wall time per stage),
+results.md (the tables beside the paper's numbers and a verdict per claim), figure2.png, figure6.png
+and pretraining.png (the encoder's pretraining curve, when its log is at hand).
 
 Command line:
     python run_all.py                                  # default preset for the device, embedded data

@@ -3716,10 +3716,24 @@ def test_one_page_simclr_runs_and_starts_at_chance(monkeypatch, capsys):
         monkeypatch.setattr(page, name, value)
     top1 = page.main(steps=4)
     out = capsys.readouterr().out
-    first_loss = float(re.search(r"step +0/4 +loss ([0-9.]+)", out).group(1))
-    assert abs(first_loss - math.log(2 * 32 - 1)) < 0.3, out
-    assert re.search(r"step +3/4 ", out) and "kNN top-1, shapes5 test" in out
+    first = re.search(r"step +0/4 +loss ([0-9.]+) +lr ([0-9.]+)", out)
+    assert abs(float(first.group(1)) - math.log(2 * 32 - 1)) < 0.3, out
+    # Warm-up over one epoch of 96 // 32 = 3 steps: the first step takes a third of the peak rate.
+    assert float(first.group(2)) == pytest.approx(optim.scaled_lr(page.BASE_LR, 32) / 3, abs=1e-3)
+    assert re.search(r"step +3/4 ", out) and "kNN top-1, shapes5 test" in out  # a new epoch, reshuffled
     assert 0.0 <= top1 <= 1.0
+
+
+def test_one_page_knn_finds_each_image_in_a_bank_of_itself(monkeypatch):
+    """With the queries in the bank and one neighbour, each image's nearest is itself (cosine 1): top-1 is
+    1 whatever the encoder, and the encoder is back in training mode afterwards."""
+    import simclr_one_page as page
+    monkeypatch.setattr(page, "KNN_K", 1)
+    monkeypatch.setattr(page, "DEVICE", "cpu")
+    images, labels, classes = shapes.generate("shapes5", 20, "train")
+    encoder = models.create_model("resnet18", num_classes=0, width=0.125, cifar_stem=True)
+    assert page.knn_top1(encoder, images, labels, images, labels, len(classes)) == 1.0
+    assert encoder.training
 
 
 # ==================================================================================================
@@ -3936,9 +3950,15 @@ def test_distill_alone_validates_on_the_teachers_val_split(world, tmp_path, monk
     distill.distill(distill.DistillConfig(teacher=teacher["best"], data="shapes2", width=0.125, epochs=1,
                                           batch_size=64, crop=False, flip=False, device="cpu", seed=1,
                                           log_every=100), tmp_path / "kd")
-    teachers, students = tasks
-    assert np.array_equal(students.val.images, teachers.val.images), "distill validates on other images"
-    assert np.array_equal(students.val.labels, teachers.val.labels)
+    # A distilled student as the next teacher, with a third seed: its task is still the first teacher's.
+    student = distill.distill(distill.DistillConfig(teacher=str(tmp_path / "kd" / "best.pt"), data="shapes2",
+                                                    width=0.125, epochs=1, batch_size=64, crop=False, flip=False,
+                                                    device="cpu", seed=3, log_every=100), tmp_path / "kd2")
+    teachers, students, grandstudents = tasks
+    for task in (students, grandstudents):
+        assert np.array_equal(task.val.images, teachers.val.images), "distill validates on other images"
+        assert np.array_equal(task.val.labels, teachers.val.labels)
+    assert json.loads((tmp_path / "kd2" / "config.json").read_text())["data_seed_resolved"] == 2, student
     # The training seed alone draws other images: the check above can tell the two seeds apart.
     assert not np.array_equal(load_task("shapes2", image_size=SIZE, seed=1).val.images, teachers.val.images)
 

@@ -171,7 +171,7 @@ def runtime(device: str = "auto", precision: str = "auto") -> Runtime:
 COMPILE_CHOICES = ("auto", "on", "off")
 # torch.compile pays back its cost (30-60 s on 2 CPU cores per network and batch shape, then shared by
 # every later run of that network in the process) after about this many training images at ~1.4x
-# the eager speed on CPUs (README, Speed); 'auto' compiles runs at least this long.
+# the eager speed on CPUs (RELIABILITY_AND_SPEED.md, Speed); 'auto' compiles runs at least this long.
 COMPILE_MIN_IMAGES = 200_000
 
 
@@ -262,7 +262,8 @@ class LoopOptions:
     (resolve_compile)."""
     log_every: int = option(20, "steps between log lines (host syncs)", allowed=options.AT_LEAST_1)
     compile: str = option("auto", "torch.compile the network (linear-aug: the frozen encoder): auto is on for CPU runs "
-                          f"of at least {COMPILE_MIN_IMAGES:,} training images (README, Speed), off elsewhere",
+                          f"of at least {COMPILE_MIN_IMAGES:,} training images (RELIABILITY_AND_SPEED.md, Speed), "
+                          "off elsewhere",
                           choices=list(COMPILE_CHOICES))
 
 
@@ -574,10 +575,11 @@ def default_by_size(name: str) -> str:
 class MatchedViewOptions:
     """A stage's crop floor and colour strength: those its encoder was pretrained with unless given
     (matched_views)."""
-    crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image; None: the encoder's "
-                                          "pretraining setting (distill: the teacher's)", allowed=options.FRACTION)
-    strength: float | None = option(None, "colour distortion strength; None: the encoder's pretraining setting "
-                                    "(distill: the teacher's)", allowed=options.NON_NEGATIVE)
+    crop_min_scale: float | None = option(None, "smallest crop area as a fraction of the image, when cropping; None: "
+                                          "what the encoder (distill: the teacher's) was pretrained with",
+                                          allowed=options.FRACTION)
+    strength: float | None = option(None, "colour distortion strength, when colour is on; None: what the encoder "
+                                    "(distill: the teacher's) was pretrained with", allowed=options.NON_NEGATIVE)
 
 
 def matched_views(pretrain_augmentation: dict | None, image_size: int, *, crop: bool, flip: bool, color: bool,
